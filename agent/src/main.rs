@@ -1,0 +1,75 @@
+//! `rbdsync`: the agent daemon and its command-line client.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+
+use agent::config::AgentConfig;
+
+/// Keeps VM disks in sync with Ceph: NBD exports, dirty bitmaps, backups, migration.
+#[derive(Debug, Parser)]
+#[command(name = "rbdsync", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run the agent daemon in the foreground (logs to stderr).
+    Agent {
+        /// agent.yaml; without it the embedded example configuration is used.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Log line format.
+        #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "RBDSYNC_LOG_FORMAT")]
+        log_format: LogFormat,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RBDSYNC_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn run_agent(config: Option<PathBuf>, log_format: LogFormat) -> anyhow::Result<()> {
+    init_logging(log_format);
+    let config = match config {
+        Some(path) => AgentConfig::load(&path)?,
+        None => {
+            tracing::info!("no --config given: using the embedded example configuration");
+            AgentConfig::embedded_default()
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("Cannot start runtime")?;
+    runtime.block_on(agent::daemon::run(config))?;
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Agent { config, log_format } => run_agent(config, log_format),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("rbdsync: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,224 @@
+//! One NBD connection: negotiation, then the transmission loop.
+//!
+//! The connection task is the only reader. Validated requests run on the
+//! blocking pool; their encoded replies go through a channel to a writer
+//! task, so replies leave in completion order. A per-connection byte budget
+//! (a semaphore in 4 KiB units) bounds what can be in flight.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use proto::{Command, Decoded, ExportCatalog, ExportInfo, HandshakeConfig, Negotiated, Request, RequestDecoder, Step};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use super::session::Session;
+use crate::export::Exports;
+
+/// Budget unit: one permit per 4 KiB of request payload or reply data.
+const UNIT: u64 = 4096;
+/// In-flight budget per connection, in units (64 MiB).
+const BUDGET_UNITS: u32 = 16384;
+
+/// Errors that end a connection.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    /// Socket IO failed.
+    #[error("Connection IO failed")]
+    Io(#[from] std::io::Error),
+    /// Negotiation failed.
+    #[error("Negotiation failed")]
+    Handshake(#[from] proto::handshake::HandshakeError),
+    /// The client sent bytes that are not a request.
+    #[error("Malformed request stream: {0}")]
+    Protocol(proto::DecodeError),
+    /// The client did not finish negotiation in time.
+    #[error("Negotiation timed out")]
+    HandshakeTimeout,
+    /// The client closed the connection during negotiation.
+    #[error("Client closed the connection during negotiation")]
+    ClosedInHandshake,
+    /// The client asked for TLS, which this listener cannot do yet.
+    #[error("TLS is not available")]
+    TlsUnavailable,
+    /// The export disappeared between negotiation and transmission.
+    #[error("Export {0} was removed")]
+    ExportGone(String),
+}
+
+/// Shared settings and state every connection needs.
+#[derive(Debug)]
+pub struct ConnContext {
+    /// The export registry.
+    pub exports: Arc<Exports>,
+    /// Negotiation settings.
+    pub handshake: HandshakeConfig,
+    /// Time allowed for negotiation.
+    pub handshake_timeout: Duration,
+}
+
+struct Catalog<'a>(&'a Exports);
+
+impl ExportCatalog for Catalog<'_> {
+    fn lookup(&self, name: &str) -> Option<ExportInfo> {
+        self.0.get(name).map(|e| e.info())
+    }
+
+    fn list(&self) -> Vec<ExportInfo> {
+        self.0.list().iter().map(|e| e.info()).collect()
+    }
+
+    fn meta_contexts(&self, export: &str) -> Vec<String> {
+        self.0.get(export).map(|e| e.meta_contexts()).unwrap_or_default()
+    }
+}
+
+/// Negotiates on `stream`; `Ok(None)` if the client aborted.
+pub async fn negotiate<S>(
+    stream: &mut S,
+    ctx: &ConnContext,
+    buf: &mut BytesMut,
+) -> Result<Option<Negotiated>, ConnError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let work = async {
+        let mut hs = proto::ServerHandshake::new(ctx.handshake);
+        let mut out = BytesMut::with_capacity(256);
+        hs.greeting(&mut out);
+        loop {
+            let step = hs.handle(buf, &Catalog(&ctx.exports), &mut out);
+            if !out.is_empty() {
+                stream.write_all(&out).await?;
+                out.clear();
+            }
+            match step? {
+                Step::NeedMore => {
+                    if stream.read_buf(buf).await? == 0 {
+                        return Err(ConnError::ClosedInHandshake);
+                    }
+                }
+                Step::Done(negotiated) => return Ok(Some(*negotiated)),
+                Step::Aborted => return Ok(None),
+                Step::StartTls => return Err(ConnError::TlsUnavailable),
+            }
+        }
+    };
+    tokio::time::timeout(ctx.handshake_timeout, work).await.map_err(|_| ConnError::HandshakeTimeout)?
+}
+
+/// Serves requests until the client disconnects, the export is removed, or
+/// `shutdown` fires; then drains in-flight requests and flushes.
+pub async fn transmit<R, W>(
+    mut reader: R,
+    writer: W,
+    mut buf: BytesMut,
+    negotiated: Negotiated,
+    ctx: &ConnContext,
+    shutdown: CancellationToken,
+) -> Result<(), ConnError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let name = negotiated.export.name.clone();
+    let export = ctx.exports.get(&name).ok_or_else(|| ConnError::ExportGone(name.clone()))?;
+    let session = Arc::new(Session::new(export, &negotiated, ctx.handshake.block_sizes));
+    let (tx, rx) = mpsc::unbounded_channel();
+    let writer = tokio::spawn(write_replies(writer, rx));
+    let mut pipe = Pipeline { session: session.clone(), tx, budget: Arc::new(Semaphore::new(BUDGET_UNITS as usize)) };
+    let mut decoder = RequestDecoder::new(ctx.handshake.block_sizes.maximum);
+    let detached = session.export().detached().clone();
+    let result = loop {
+        match pump(&mut decoder, &mut buf, &mut pipe).await {
+            Ok(true) => {}
+            Ok(false) => break Ok(()),
+            Err(e) => break Err(e),
+        }
+        buf.reserve(decoder.wanted().clamp(64 << 10, 33 << 20));
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break Ok(()),
+            () = detached.cancelled() => break Ok(()),
+            read = reader.read_buf(&mut buf) => match read {
+                Ok(0) => break Ok(()),
+                Ok(_) => {}
+                Err(e) => break Err(e.into()),
+            },
+        }
+    };
+    pipe.drain().await;
+    if shutdown.is_cancelled() && !session.export().read_only() {
+        let store = session.export().store().clone();
+        let _ = tokio::task::spawn_blocking(move || store.flush()).await;
+    }
+    drop(pipe);
+    let _ = writer.await;
+    result
+}
+
+/// Decodes and dispatches every complete request in `buf`; false after DISC.
+async fn pump(decoder: &mut RequestDecoder, buf: &mut BytesMut, pipe: &mut Pipeline) -> Result<bool, ConnError> {
+    loop {
+        match decoder.decode(buf) {
+            Ok(Decoded::Request(req, _)) if req.command == Command::Disc => return Ok(false),
+            Ok(Decoded::Request(req, payload)) => pipe.dispatch(req, payload).await,
+            Ok(Decoded::Oversized(req)) => {
+                let reply = pipe.session.error_reply(&req, proto::consts::errno::EOVERFLOW, "write too large");
+                let _ = pipe.tx.send(reply);
+            }
+            Err(proto::DecodeError::Incomplete) => return Ok(true),
+            Err(e) => return Err(ConnError::Protocol(e)),
+        }
+    }
+}
+
+struct Pipeline {
+    session: Arc<Session>,
+    tx: mpsc::UnboundedSender<Vec<u8>>,
+    budget: Arc<Semaphore>,
+}
+
+impl Pipeline {
+    async fn dispatch(&mut self, req: Request, payload: Bytes) {
+        if let Err(rejection) = self.session.validate(&req) {
+            let reply = self.session.error_reply(&req, rejection.errno, rejection.message);
+            let _ = self.tx.send(reply);
+            return;
+        }
+        let units = match req.command {
+            Command::Read | Command::Write => 1 + u64::from(req.length) / UNIT,
+            _ => 1,
+        };
+        let units = u32::try_from(units).unwrap_or(BUDGET_UNITS).min(BUDGET_UNITS);
+        let Ok(permit) = self.budget.clone().acquire_many_owned(units).await else { return };
+        let (session, tx) = (self.session.clone(), self.tx.clone());
+        tokio::task::spawn_blocking(move || {
+            let reply = session.execute(&req, &payload);
+            let _ = tx.send(reply);
+            drop(permit);
+        });
+    }
+
+    /// Waits until every dispatched request has replied.
+    async fn drain(&self) {
+        let _ = self.budget.acquire_many(BUDGET_UNITS).await;
+    }
+}
+
+async fn write_replies<W: AsyncWrite + Unpin>(
+    writer: W,
+    mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
+) -> std::io::Result<()> {
+    let mut out = BufWriter::with_capacity(64 << 10, writer);
+    while let Some(reply) = rx.recv().await {
+        out.write_all(&reply).await?;
+        while let Ok(reply) = rx.try_recv() {
+            out.write_all(&reply).await?;
+        }
+        out.flush().await?;
+    }
+    out.shutdown().await
+}

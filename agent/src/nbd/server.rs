@@ -1,0 +1,220 @@
+//! Listeners and the accept loop.
+//!
+//! One task per listener accepts connections; one task per connection runs
+//! [`connection`](super::connection). A semaphore caps concurrent
+//! connections; a [`CancellationToken`] stops accepting and tells every
+//! connection to drain; a [`TaskTracker`] lets shutdown wait for them.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use super::connection::{negotiate, transmit, ConnContext, ConnError};
+use crate::config::ListenAddr;
+use crate::export::Exports;
+
+/// Server settings derived from the `nbd:` config section.
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    /// Addresses to listen on.
+    pub listen: Vec<ListenAddr>,
+    /// Negotiation settings.
+    pub handshake: proto::HandshakeConfig,
+    /// Time allowed for negotiation.
+    pub handshake_timeout: Duration,
+    /// Most concurrent connections.
+    pub max_connections: usize,
+}
+
+/// Errors starting the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// Binding a listener failed.
+    #[error("Cannot listen on {addr}")]
+    Bind {
+        /// The address.
+        addr: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A Unix socket path is served by a running process.
+    #[error("Socket {0} is in use by another process")]
+    SocketInUse(PathBuf),
+}
+
+enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener, PathBuf),
+}
+
+/// A bound NBD server, ready to run.
+pub struct NbdServer {
+    listeners: Vec<Listener>,
+    ctx: Arc<ConnContext>,
+    max_connections: usize,
+}
+
+impl NbdServer {
+    /// Binds every listener (port 0 picks a free port).
+    pub async fn bind(settings: &ServerSettings, exports: Arc<Exports>) -> Result<Self, ServerError> {
+        let mut listeners = Vec::new();
+        for addr in &settings.listen {
+            listeners.push(bind_one(addr).await?);
+        }
+        let ctx = ConnContext { exports, handshake: settings.handshake, handshake_timeout: settings.handshake_timeout };
+        Ok(Self { listeners, ctx: Arc::new(ctx), max_connections: settings.max_connections })
+    }
+
+    /// The addresses actually bound (TCP ports resolved).
+    pub fn local_addrs(&self) -> Vec<ListenAddr> {
+        self.listeners
+            .iter()
+            .filter_map(|l| match l {
+                Listener::Tcp(t) => t.local_addr().ok().map(ListenAddr::Tcp),
+                Listener::Unix(_, p) => Some(ListenAddr::Unix(p.clone())),
+            })
+            .collect()
+    }
+
+    /// Accepts until `shutdown`, then waits for every connection to drain.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let tracker = TaskTracker::new();
+        let limit = Arc::new(Semaphore::new(self.max_connections));
+        for listener in self.listeners {
+            let acceptor = Acceptor { ctx: self.ctx.clone(), limit: limit.clone(), tracker: tracker.clone() };
+            tracker.spawn(acceptor.run(listener, shutdown.clone()));
+        }
+        tracker.close();
+        tracker.wait().await;
+    }
+}
+
+async fn bind_one(addr: &ListenAddr) -> Result<Listener, ServerError> {
+    let bind_err = |source| ServerError::Bind { addr: addr.to_string(), source };
+    match addr {
+        ListenAddr::Tcp(sa) => Ok(Listener::Tcp(TcpListener::bind(sa).await.map_err(bind_err)?)),
+        ListenAddr::Unix(path) => {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).map_err(bind_err)?;
+            }
+            if path.exists() {
+                if UnixStream::connect(path).await.is_ok() {
+                    return Err(ServerError::SocketInUse(path.clone()));
+                }
+                std::fs::remove_file(path).map_err(bind_err)?;
+            }
+            Ok(Listener::Unix(UnixListener::bind(path).map_err(bind_err)?, path.clone()))
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Acceptor {
+    ctx: Arc<ConnContext>,
+    limit: Arc<Semaphore>,
+    tracker: TaskTracker,
+}
+
+impl Acceptor {
+    async fn run(self, listener: Listener, shutdown: CancellationToken) {
+        loop {
+            let accepted = tokio::select! {
+                () = shutdown.cancelled() => break,
+                accepted = accept(&listener) => accepted,
+            };
+            match accepted {
+                Ok(conn) => self.start(conn, shutdown.clone()),
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+        if let Listener::Unix(_, path) = &listener {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+
+    fn start(&self, conn: Accepted, shutdown: CancellationToken) {
+        let Ok(permit) = self.limit.clone().try_acquire_owned() else {
+            tracing::warn!(peer = %conn.peer(), "connection limit reached, closing new connection");
+            return;
+        };
+        let ctx = self.ctx.clone();
+        let span = tracing::info_span!("nbd", peer = %conn.peer());
+        self.tracker.spawn(
+            async move {
+                if let Err(e) = conn.serve(&ctx, shutdown).await {
+                    tracing::info!(error = %e, cause = ?std::error::Error::source(&e), "connection ended");
+                }
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    }
+}
+
+enum Accepted {
+    Tcp(TcpStream, String),
+    Unix(UnixStream),
+}
+
+async fn accept(listener: &Listener) -> std::io::Result<Accepted> {
+    match listener {
+        Listener::Tcp(l) => {
+            let (stream, peer) = l.accept().await?;
+            stream.set_nodelay(true)?;
+            Ok(Accepted::Tcp(stream, peer.to_string()))
+        }
+        Listener::Unix(l, _) => Ok(Accepted::Unix(l.accept().await?.0)),
+    }
+}
+
+impl Accepted {
+    fn peer(&self) -> String {
+        match self {
+            Accepted::Tcp(_, peer) => peer.clone(),
+            Accepted::Unix(_) => "unix".to_owned(),
+        }
+    }
+
+    async fn serve(self, ctx: &ConnContext, shutdown: CancellationToken) -> Result<(), ConnError> {
+        match self {
+            Accepted::Tcp(stream, _) => {
+                let (r, w) = stream.into_split();
+                serve_split(r, w, ctx, shutdown).await
+            }
+            Accepted::Unix(stream) => {
+                let (r, w) = stream.into_split();
+                serve_split(r, w, ctx, shutdown).await
+            }
+        }
+    }
+}
+
+async fn serve_split<R, W>(
+    reader: R,
+    writer: W,
+    ctx: &ConnContext,
+    shutdown: CancellationToken,
+) -> Result<(), ConnError>
+where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let mut stream = tokio::io::join(reader, writer);
+    let mut buf = BytesMut::with_capacity(64 << 10);
+    let Some(negotiated) = negotiate(&mut stream, ctx, &mut buf).await? else { return Ok(()) };
+    tracing::debug!(export = %negotiated.export.name, structured = negotiated.structured_replies, "negotiated");
+    let (reader, writer) = stream.into_inner();
+    transmit(reader, writer, buf, negotiated, ctx, shutdown).await
+}

@@ -1,0 +1,211 @@
+//! A negotiated session: request validation and execution against an export.
+//!
+//! Everything here is synchronous; [`Session::execute`] runs on the blocking
+//! pool and returns the encoded reply.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use proto::consts::{cmd_flags, errno, state, BASE_ALLOCATION};
+use proto::handshake::BlockSizes;
+use proto::reply::{self, Extent as WireExtent, OFFSET_DATA_HEADER_LEN, SIMPLE_REPLY_LEN};
+use proto::{Command, Negotiated, Request};
+
+use crate::export::Export;
+use crate::store::{ExtentKind, StoreError};
+
+/// Most extents returned in one BLOCK_STATUS chunk.
+const MAX_EXTENTS: usize = 1 << 16;
+
+/// What a selected metadata context reports.
+#[derive(Debug, Clone)]
+enum Context {
+    Allocation,
+}
+
+/// A request that failed validation, with the error to answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Rejection {
+    pub errno: u32,
+    pub message: &'static str,
+}
+
+const fn reject(errno: u32, message: &'static str) -> Rejection {
+    Rejection { errno, message }
+}
+
+/// The state of one connection after negotiation.
+#[derive(Debug)]
+pub(crate) struct Session {
+    export: Arc<Export>,
+    structured: bool,
+    contexts: Vec<(u32, Context)>,
+    alignment: u64,
+    max_payload: u32,
+}
+
+impl Session {
+    pub fn new(export: Arc<Export>, negotiated: &Negotiated, sizes: BlockSizes) -> Self {
+        let contexts = negotiated
+            .meta_contexts
+            .iter()
+            .filter_map(|c| (c.name == BASE_ALLOCATION).then_some((c.id, Context::Allocation)))
+            .collect();
+        let alignment = if negotiated.block_sizes_negotiated { u64::from(sizes.minimum) } else { 1 };
+        Self { export, structured: negotiated.structured_replies, contexts, alignment, max_payload: sizes.maximum }
+    }
+
+    pub fn export(&self) -> &Arc<Export> {
+        &self.export
+    }
+
+    /// Checks a request's meaning: command, flags, range, permissions.
+    pub fn validate(&self, req: &Request) -> Result<(), Rejection> {
+        let writes = matches!(req.command, Command::Write | Command::Trim | Command::WriteZeroes);
+        let allowed = match req.command {
+            Command::Read => cmd_flags::FUA | if self.structured { cmd_flags::DF } else { 0 },
+            Command::WriteZeroes => cmd_flags::FUA | cmd_flags::NO_HOLE | cmd_flags::FAST_ZERO,
+            Command::BlockStatus => cmd_flags::FUA | cmd_flags::REQ_ONE,
+            Command::Unknown(_) => return Err(reject(errno::EINVAL, "unknown command")),
+            _ => cmd_flags::FUA,
+        };
+        if req.flags & !allowed != 0 {
+            return Err(reject(errno::EINVAL, "flag not valid for this command"));
+        }
+        if writes && self.export.read_only() {
+            return Err(reject(errno::EPERM, "export is read-only"));
+        }
+        if matches!(req.command, Command::Read | Command::Write) && req.length > self.max_payload {
+            return Err(reject(errno::EOVERFLOW, "request exceeds the maximum payload"));
+        }
+        if req.command == Command::BlockStatus && self.contexts.is_empty() {
+            return Err(reject(errno::EINVAL, "no metadata context negotiated"));
+        }
+        if req.command == Command::Flush {
+            return Ok(());
+        }
+        if !(req.offset | u64::from(req.length)).is_multiple_of(self.alignment) {
+            return Err(reject(errno::EINVAL, "request not aligned to the minimum block size"));
+        }
+        match req.end() {
+            Some(end) if end <= self.export.size() => Ok(()),
+            _ if writes => Err(reject(errno::ENOSPC, "request past the end of the export")),
+            _ => Err(reject(errno::EINVAL, "request past the end of the export")),
+        }
+    }
+
+    /// Encodes an error reply for `req`.
+    pub fn error_reply(&self, req: &Request, errno: u32, message: &str) -> Vec<u8> {
+        let mut out = Vec::with_capacity(64);
+        if self.structured && matches!(req.command, Command::Read | Command::BlockStatus) {
+            reply::error(&mut out, req.cookie, true, errno, message);
+        } else {
+            reply::simple(&mut out, req.cookie, errno);
+        }
+        out
+    }
+
+    /// Runs a validated request and returns the encoded reply.
+    pub fn execute(&self, req: &Request, payload: &Bytes) -> Vec<u8> {
+        let fua = req.has_flag(cmd_flags::FUA);
+        let (off, len) = (req.offset, u64::from(req.length));
+        let result = match req.command {
+            Command::Read => return self.read(req),
+            Command::BlockStatus => return self.block_status(req),
+            Command::Write => self.export.write(payload, off, fua),
+            Command::Trim => self.export.discard(off, len, fua),
+            Command::WriteZeroes => self.export.write_zeroes(off, len, !req.has_flag(cmd_flags::NO_HOLE), fua),
+            Command::Flush => self.export.store().flush(),
+            Command::Cache | Command::Disc | Command::Unknown(_) => Ok(()),
+        };
+        self.status_reply(req, result)
+    }
+
+    fn status_reply(&self, req: &Request, result: Result<(), StoreError>) -> Vec<u8> {
+        match result {
+            Ok(()) => {
+                let mut out = Vec::with_capacity(SIMPLE_REPLY_LEN);
+                reply::simple(&mut out, req.cookie, 0);
+                out
+            }
+            Err(e) => self.store_error(req, &e),
+        }
+    }
+
+    fn store_error(&self, req: &Request, e: &StoreError) -> Vec<u8> {
+        tracing::warn!(export = self.export.name(), cookie = req.cookie, error = %e, "request failed");
+        self.error_reply(req, e.nbd_errno(), &e.to_string())
+    }
+
+    fn read(&self, req: &Request) -> Vec<u8> {
+        let header = if self.structured { OFFSET_DATA_HEADER_LEN } else { SIMPLE_REPLY_LEN };
+        let len = usize::try_from(req.length).unwrap_or(0);
+        let mut out = vec![0u8; header + len];
+        if let Err(e) = self.export.store().read_at(&mut out[header..], req.offset) {
+            return self.store_error(req, &e);
+        }
+        let mut head = &mut out[..header];
+        if self.structured {
+            reply::offset_data(&mut head, req.cookie, true, req.offset, req.length);
+        } else {
+            reply::simple(&mut head, req.cookie, 0);
+        }
+        out
+    }
+
+    fn block_status(&self, req: &Request) -> Vec<u8> {
+        let mut out = Vec::with_capacity(128);
+        let last = self.contexts.len().saturating_sub(1);
+        for (i, (id, context)) in self.contexts.iter().enumerate() {
+            let extents = match context {
+                Context::Allocation => self.allocation(req),
+            };
+            match extents {
+                Ok(extents) => reply::block_status(&mut out, req.cookie, i == last, *id, &extents),
+                Err(e) => return self.store_error(req, &e),
+            }
+        }
+        out
+    }
+
+    fn allocation(&self, req: &Request) -> Result<Vec<WireExtent>, StoreError> {
+        let extents = self.export.store().extents(req.offset, u64::from(req.length))?;
+        let flags = |kind| if kind == ExtentKind::Hole { state::HOLE | state::ZERO } else { 0 };
+        let runs = extents.iter().map(|e| (e.length, flags(e.kind)));
+        Ok(to_wire(runs, req.has_flag(cmd_flags::REQ_ONE)))
+    }
+}
+
+/// Merges runs of equal flags into wire extents (one if `req_one`).
+fn to_wire(runs: impl Iterator<Item = (u64, u32)>, req_one: bool) -> Vec<WireExtent> {
+    let mut out: Vec<WireExtent> = Vec::new();
+    for (length, flags) in runs {
+        let Ok(length) = u32::try_from(length) else { break };
+        let full = out.len() >= MAX_EXTENTS || (req_one && !out.is_empty());
+        match out.last_mut() {
+            Some(prev) if prev.flags == flags => prev.length = prev.length.saturating_add(length),
+            _ if full => break,
+            _ => out.push(WireExtent { length, flags }),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_merge_and_req_one_keeps_the_first() {
+        let runs = [(4096, 0), (4096, 0), (8192, 3), (512, 0)];
+        assert_eq!(
+            to_wire(runs.into_iter(), false),
+            vec![
+                WireExtent { length: 8192, flags: 0 },
+                WireExtent { length: 8192, flags: 3 },
+                WireExtent { length: 512, flags: 0 }
+            ]
+        );
+        assert_eq!(to_wire(runs.into_iter(), true), vec![WireExtent { length: 8192, flags: 0 }]);
+    }
+}

@@ -1,0 +1,304 @@
+//! Helpers shared by the black-box tests: start the real `rbdsync` binary on
+//! a throw-away configuration, and run the real NBD clients against it.
+//!
+//! The agent binary is taken from `RBDSYNC_BIN`, or else from the cargo
+//! target directory of the profile the tests were built with; the README's
+//! test command builds it first.
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+/// Path of the agent binary under test.
+pub fn agent_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("RBDSYNC_BIN") {
+        return bin.into();
+    }
+    let profile = if cfg!(debug_assertions) { "debug" } else { "release" };
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let bin = target.join(profile).join("rbdsync");
+    assert!(
+        bin.exists(),
+        "{} missing: run `cargo build --{profile} -p agent` first (tests/run.sh does)",
+        bin.display()
+    );
+    bin
+}
+
+/// One VM file for [`AgentBuilder::vm`].
+pub struct Vm {
+    /// File name in vms.d.
+    pub file: String,
+    /// YAML body.
+    pub yaml: String,
+}
+
+/// Builds an agent configuration in a temporary directory.
+pub struct AgentBuilder {
+    dir: tempfile::TempDir,
+    vms: Vec<Vm>,
+    extra: String,
+}
+
+impl Default for AgentBuilder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl AgentBuilder {
+    /// A builder with an empty vms.d.
+    pub fn new() -> Self {
+        Self { dir: tempfile::tempdir().expect("tempdir"), vms: Vec::new(), extra: String::new() }
+    }
+
+    /// Adds a VM file (`name.yaml`).
+    pub fn vm(mut self, name: &str, yaml: &str) -> Self {
+        self.vms.push(Vm { file: format!("{name}.yaml"), yaml: yaml.to_owned() });
+        self
+    }
+
+    /// Adds a VM with one raw disk `disk0` of `size` under the test directory.
+    pub fn simple_vm(self, vm: &str, size: &str) -> Self {
+        let yaml = format!(
+            "name: {vm}\ndisks:\n  - name: disk0\n    image: file:../images/{vm}-disk0.raw\n    size: {size}\n"
+        );
+        self.vm(vm, &yaml)
+    }
+
+    /// Extra top-level YAML appended to agent.yaml.
+    pub fn extra(mut self, yaml: &str) -> Self {
+        self.extra.push_str(yaml);
+        self
+    }
+
+    /// The test directory (config, images, state, sockets).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Writes the files and starts the agent; waits until it serves.
+    pub fn start(self) -> Result<Agent> {
+        let d = self.dir.path();
+        std::fs::create_dir_all(d.join("vms.d"))?;
+        for vm in &self.vms {
+            std::fs::write(d.join("vms.d").join(&vm.file), &vm.yaml)?;
+        }
+        let config = format!(
+            "node: test\nstate_dir: state\nvms_dir: vms.d\nnbd:\n  listen: [\"127.0.0.1:0\", \"unix:nbd.sock\"]\ncontrol:\n  listen: [\"unix:control.sock\"]\n{}",
+            self.extra
+        );
+        std::fs::write(d.join("agent.yaml"), config)?;
+        Agent::spawn(self.dir)
+    }
+}
+
+/// A running agent process.
+pub struct Agent {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    /// The bound TCP address.
+    pub tcp: SocketAddr,
+}
+
+impl Agent {
+    fn spawn(dir: tempfile::TempDir) -> Result<Agent> {
+        let log = std::fs::File::create(dir.path().join("agent.log"))?;
+        let child = Command::new(agent_bin())
+            .args(["agent", "--config"])
+            .arg(dir.path().join("agent.yaml"))
+            .env("RBDSYNC_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("spawn rbdsync")?;
+        let mut agent = Agent { child: Some(child), dir, tcp: "127.0.0.1:0".parse()? };
+        agent.tcp = agent.wait_ready()?;
+        Ok(agent)
+    }
+
+    fn wait_ready(&mut self) -> Result<SocketAddr> {
+        let runtime = self.dir.path().join("state/agent.json");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                bail!("agent exited early ({status}):\n{}", self.log());
+            }
+            if let Ok(text) = std::fs::read_to_string(&runtime) {
+                let v: serde_json::Value = serde_json::from_str(&text)?;
+                let tcp = v["nbd"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|a| a.as_str())
+                    .find(|a| !a.starts_with("unix:"));
+                return tcp.context("no TCP listener in agent.json")?.parse().context("bad TCP address");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        bail!("agent not ready after 20 s:\n{}", self.log())
+    }
+
+    /// Restarts a stopped agent on the same directory.
+    pub fn restart(mut self) -> Result<Agent> {
+        self.stop()?;
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir()?);
+        Agent::spawn(dir)
+    }
+
+    /// The test directory.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The Unix socket of the NBD server.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("nbd.sock")
+    }
+
+    /// `nbd+unix://` URI of an export.
+    pub fn unix_uri(&self, export: &str) -> String {
+        format!("nbd+unix:///{export}?socket={}", self.socket().display())
+    }
+
+    /// `nbd://` URI of an export over TCP.
+    pub fn tcp_uri(&self, export: &str) -> String {
+        format!("nbd://{}/{export}", self.tcp)
+    }
+
+    /// The agent's log so far.
+    pub fn log(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = std::fs::File::open(self.dir.path().join("agent.log")) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+
+    /// Sends a signal to the agent.
+    pub fn signal(&self, sig: libc::c_int) {
+        if let Some(child) = &self.child {
+            let pid = libc::pid_t::try_from(child.id()).expect("pid");
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(pid, sig) };
+        }
+    }
+
+    /// SIGTERM and wait for exit.
+    pub fn stop(&mut self) -> Result<ExitStatus> {
+        self.signal(libc::SIGTERM);
+        self.wait(Duration::from_secs(20))
+    }
+
+    /// SIGKILL and wait for exit.
+    pub fn kill9(&mut self) -> Result<ExitStatus> {
+        self.signal(libc::SIGKILL);
+        self.wait(Duration::from_secs(10))
+    }
+
+    fn wait(&mut self, limit: Duration) -> Result<ExitStatus> {
+        let Some(mut child) = self.child.take() else { bail!("agent not running") };
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                bail!("agent did not exit within {limit:?}:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Runs a command and returns its output, failing with its stderr if it fails.
+pub fn run(program: &str, args: &[&str]) -> Result<Output> {
+    let out =
+        Command::new(program).args(args).stdin(Stdio::null()).output().with_context(|| format!("spawn {program}"))?;
+    if !out.status.success() {
+        bail!(
+            "{program} {args:?} failed ({}):\nstdout: {}\nstderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(out)
+}
+
+/// Runs a command and returns its stdout as a string.
+pub fn stdout(program: &str, args: &[&str]) -> Result<String> {
+    Ok(String::from_utf8(run(program, args)?.stdout)?)
+}
+
+/// Runs an nbdsh script under the system Python (python3-libnbd).
+pub fn nbdsh(uri: &str, script: &str) -> Result<String> {
+    let out = Command::new("/usr/bin/python3")
+        .args(["-m", "nbd", "-u", uri, "-c", script])
+        .output()
+        .context("spawn nbdsh")?;
+    if !out.status.success() {
+        bail!(
+            "nbdsh failed ({}):\n{}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+/// Deterministic pseudo-random generator (xorshift64*), seeded by the test.
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator; the seed is printed so a failure can be replayed.
+    pub fn new(seed: u64) -> Self {
+        eprintln!("rng seed: {seed}");
+        Self(seed.max(1))
+    }
+
+    /// Seed from `TEST_SEED`, else a fixed default so CI runs are reproducible.
+    pub fn from_env(default_seed: u64) -> Self {
+        let seed = std::env::var("TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(default_seed);
+        Self::new(seed)
+    }
+
+    /// Next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// Uniform in `0..n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+
+    /// Fills a buffer.
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            let v = self.next_u64().to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+    }
+}
