@@ -7,13 +7,14 @@
 //! in-flight requests → flush every writable disk → remove `agent.json`.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
+use crate::bitmap::{BitmapError, DiskBitmaps};
 use crate::config::{AgentConfig, ConfigError, DiskConfig, VmConfig};
 use crate::export::{Export, Exports};
 use crate::nbd::server::ServerError;
@@ -35,6 +36,18 @@ pub enum DaemonError {
         #[source]
         source: StoreError,
     },
+    /// A disk's bitmaps could not be loaded.
+    #[error("Cannot load the bitmaps of disk {disk}")]
+    Bitmaps {
+        /// `VM/DISK`.
+        disk: String,
+        /// Cause.
+        #[source]
+        source: BitmapError,
+    },
+    /// A blocking task panicked.
+    #[error("Internal error: {0}")]
+    Panic(String),
     /// The NBD server could not start.
     #[error(transparent)]
     Server(#[from] ServerError),
@@ -49,54 +62,106 @@ pub enum DaemonError {
     },
 }
 
+impl DaemonError {
+    fn store(disk: &str) -> impl FnOnce(StoreError) -> DaemonError + '_ {
+        move |source| DaemonError::Disk { disk: disk.to_owned(), source }
+    }
+}
+
 /// The disks the agent serves, with the config each was built from.
 struct Disks {
+    state_dir: PathBuf,
     exports: Arc<Exports>,
     configs: BTreeMap<String, DiskConfig>,
 }
 
 impl Disks {
-    /// Opens every disk of `vms`; fails on the first that cannot be opened.
-    async fn open_all(vms: &[VmConfig]) -> Result<BTreeMap<String, (DiskConfig, Arc<Export>)>, DaemonError> {
-        let mut out = BTreeMap::new();
-        for vm in vms {
-            for disk in &vm.disks {
-                let name = format!("{}/{}", vm.name, disk.name);
-                let export = open_disk(&name, disk).await?;
-                out.insert(name, (disk.clone(), export));
+    /// Makes the served set equal the disks of `vms`. Removed and changed
+    /// disks are detached and closed first (their bitmaps saved), so one
+    /// image never has two owners; then new and changed disks are opened.
+    /// Returns the first disk that failed to open (the others still apply).
+    async fn apply(&mut self, vms: &[VmConfig]) -> Result<(), DaemonError> {
+        let wanted: BTreeMap<String, DiskConfig> =
+            vms.iter().flat_map(|vm| vm.disks.iter().map(|d| (format!("{}/{}", vm.name, d.name), d.clone()))).collect();
+        let stale: Vec<String> =
+            self.configs.iter().filter(|(k, c)| wanted.get(*k) != Some(*c)).map(|(k, _)| k.clone()).collect();
+        for name in stale {
+            tracing::info!(disk = %name, "detaching export");
+            self.configs.remove(&name);
+            if let Some(export) = self.exports.remove(&name) {
+                close_export(export).await;
             }
         }
-        Ok(out)
-    }
-
-    /// Makes the served set equal `wanted`: adds, replaces changed, removes gone.
-    fn apply(&mut self, wanted: BTreeMap<String, (DiskConfig, Arc<Export>)>) {
-        let gone: Vec<String> = self.configs.keys().filter(|k| !wanted.contains_key(*k)).cloned().collect();
-        for name in gone {
-            tracing::info!(disk = %name, "removing export");
-            self.exports.remove(&name);
-            self.configs.remove(&name);
-        }
-        for (name, (config, export)) in wanted {
-            if self.configs.get(&name) == Some(&config) {
+        let mut first_error = None;
+        for (name, config) in wanted {
+            if self.configs.contains_key(&name) {
                 continue;
             }
-            tracing::info!(disk = %name, image = %config.image, "serving export");
-            self.exports.insert(export);
-            self.configs.insert(name, config);
+            match open_disk(&self.state_dir, &name, &config).await {
+                Ok(export) => {
+                    tracing::info!(disk = %name, image = %config.image, "serving export");
+                    self.exports.insert(export);
+                    self.configs.insert(name, config);
+                }
+                Err(e) => {
+                    tracing::error!(disk = %name, error = %e, cause = ?std::error::Error::source(&e), "cannot open disk");
+                    first_error.get_or_insert(e);
+                }
+            }
         }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Closes every export (after the server drained its connections).
+    async fn close_all(&mut self) {
+        for export in self.exports.list() {
+            self.exports.remove(export.name());
+            close_export(export).await;
+        }
+        self.configs.clear();
     }
 }
 
-async fn open_disk(name: &str, disk: &DiskConfig) -> Result<Arc<Export>, DaemonError> {
+/// Waits for the export's connections to let go of it, then flushes the
+/// store and saves the bitmaps exactly.
+async fn close_export(export: Arc<Export>) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while Arc::strong_count(&export) > 1 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let name = export.name().to_owned();
+    let closed = tokio::task::spawn_blocking(move || {
+        if !export.read_only() {
+            export.store().flush()?;
+        }
+        let identity = export.store().identity()?;
+        export.bitmaps().close(&identity);
+        Ok::<(), StoreError>(())
+    })
+    .await;
+    match closed {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(disk = %name, error = %e, "closing disk failed"),
+        Err(e) => tracing::error!(disk = %name, error = %e, "closing disk panicked"),
+    }
+}
+
+async fn open_disk(state_dir: &Path, name: &str, disk: &DiskConfig) -> Result<Arc<Export>, DaemonError> {
     let options = OpenOptions { create_size: disk.size, read_only: disk.read_only };
-    let image = disk.image.clone();
-    let opened = tokio::task::spawn_blocking(move || store::open(&image, &options)).await;
-    let store = opened
-        .unwrap_or_else(|e| Err(StoreError::Unsupported(if e.is_panic() { "open (panicked)" } else { "open" })))
-        .map_err(|source| DaemonError::Disk { disk: name.to_owned(), source })?;
+    let (image, bitmaps) = (disk.image.clone(), disk.bitmaps.clone());
+    let dir = state_dir.join("bitmaps").join(name);
+    let disk_name = name.to_owned();
+    let opened = tokio::task::spawn_blocking(move || {
+        let store = store::open(&image, &options).map_err(DaemonError::store(&disk_name))?;
+        let identity = store.identity().map_err(DaemonError::store(&disk_name))?;
+        let tracked = DiskBitmaps::open(&dir, &disk_name, store.size(), identity, &bitmaps)
+            .map_err(|source| DaemonError::Bitmaps { disk: disk_name.clone(), source })?;
+        Ok::<_, DaemonError>((store, tracked))
+    })
+    .await;
+    let (store, tracked) = opened.unwrap_or_else(|e| Err(DaemonError::Panic(e.to_string())))?;
     let description = format!("{} ({})", name, disk.image);
-    Ok(Arc::new(Export::new(name.to_owned(), description, store, disk.read_only)))
+    Ok(Arc::new(Export::new(name.to_owned(), description, store, Arc::new(tracked), disk.read_only)))
 }
 
 /// Runs the agent until SIGTERM or SIGINT.
@@ -105,8 +170,12 @@ pub async fn run(config: AgentConfig) -> Result<(), DaemonError> {
     std::fs::create_dir_all(&config.state_dir)
         .map_err(io_err(format!("Cannot create {}", config.state_dir.display())))?;
     let vms = config.load_vms()?;
-    let mut disks = Disks { exports: Arc::new(Exports::default()), configs: BTreeMap::new() };
-    disks.apply(Disks::open_all(&vms).await?);
+    let exports = Arc::new(Exports::default());
+    let mut disks = Disks { state_dir: config.state_dir.clone(), exports, configs: BTreeMap::new() };
+    if let Err(e) = disks.apply(&vms).await {
+        disks.close_all().await;
+        return Err(e);
+    }
 
     let server = NbdServer::bind(&server_settings(&config), disks.exports.clone()).await?;
     let runtime = RuntimeFile::write(&config, &server)?;
@@ -127,7 +196,7 @@ pub async fn run(config: AgentConfig) -> Result<(), DaemonError> {
     tracing::info!("stopping: draining connections");
     shutdown.cancel();
     let _ = serving.await;
-    flush_all(&disks.exports).await;
+    disks.close_all().await;
     runtime.remove();
     tracing::info!("agent stopped");
     Ok(())
@@ -135,29 +204,12 @@ pub async fn run(config: AgentConfig) -> Result<(), DaemonError> {
 
 async fn reload(config: &AgentConfig, disks: &mut Disks) {
     tracing::info!("SIGHUP: reloading VM files");
-    let wanted = match config.load_vms() {
-        Ok(vms) => Disks::open_all(&vms).await,
+    let result = match config.load_vms() {
+        Ok(vms) => disks.apply(&vms).await,
         Err(e) => Err(e.into()),
     };
-    match wanted {
-        Ok(wanted) => disks.apply(wanted),
-        Err(e) => {
-            tracing::error!(error = %e, cause = ?std::error::Error::source(&e), "reload failed; keeping the previous configuration")
-        }
-    }
-}
-
-async fn flush_all(exports: &Exports) {
-    for export in exports.list() {
-        if export.read_only() {
-            continue;
-        }
-        let store = export.store().clone();
-        match tokio::task::spawn_blocking(move || store.flush()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::error!(disk = export.name(), error = %e, "final flush failed"),
-            Err(e) => tracing::error!(disk = export.name(), error = %e, "final flush panicked"),
-        }
+    if let Err(e) = result {
+        tracing::error!(error = %e, cause = ?std::error::Error::source(&e), "reload failed; keeping the previous configuration");
     }
 }
 

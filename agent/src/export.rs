@@ -8,11 +8,33 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
-use proto::consts::{tflags, BASE_ALLOCATION};
+use proto::consts::{tflags, BASE_ALLOCATION, QEMU_DIRTY_BITMAP_PREFIX};
 use proto::ExportInfo;
 use tokio_util::sync::CancellationToken;
 
+use crate::bitmap::{BitmapError, DiskBitmaps};
 use crate::store::{BlockStore, StoreError};
+
+/// Why a request on an export failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Marking the bitmaps failed; the write was not done.
+    #[error(transparent)]
+    Bitmap(#[from] BitmapError),
+}
+
+impl ExportError {
+    /// The NBD error number a client sees.
+    pub fn nbd_errno(&self) -> u32 {
+        match self {
+            Self::Store(e) => e.nbd_errno(),
+            Self::Bitmap(_) => proto::consts::errno::EIO,
+        }
+    }
+}
 
 /// One exported disk.
 #[derive(Debug)]
@@ -20,15 +42,27 @@ pub struct Export {
     name: String,
     description: String,
     store: Arc<dyn BlockStore>,
+    bitmaps: Arc<DiskBitmaps>,
     read_only: bool,
     detached: CancellationToken,
 }
 
 impl Export {
     /// Exports `store` as `name` (`VM/DISK`).
-    pub fn new(name: String, description: String, store: Arc<dyn BlockStore>, read_only: bool) -> Self {
+    pub fn new(
+        name: String,
+        description: String,
+        store: Arc<dyn BlockStore>,
+        bitmaps: Arc<DiskBitmaps>,
+        read_only: bool,
+    ) -> Self {
         let read_only = read_only || store.capabilities().read_only;
-        Self { name, description, store, read_only, detached: CancellationToken::new() }
+        Self { name, description, store, bitmaps, read_only, detached: CancellationToken::new() }
+    }
+
+    /// The disk's dirty bitmaps.
+    pub fn bitmaps(&self) -> &Arc<DiskBitmaps> {
+        &self.bitmaps
     }
 
     /// Export name.
@@ -74,7 +108,10 @@ impl Export {
 
     /// Metadata contexts this export offers.
     pub fn meta_contexts(&self) -> Vec<String> {
-        vec![BASE_ALLOCATION.to_owned()]
+        let bitmaps = self.bitmaps.list().into_iter().filter(|b| b.consistent);
+        std::iter::once(BASE_ALLOCATION.to_owned())
+            .chain(bitmaps.map(|b| format!("{QEMU_DIRTY_BITMAP_PREFIX}{}", b.name)))
+            .collect()
     }
 
     /// Checks that `offset..offset+length` lies inside the export.
@@ -86,25 +123,34 @@ impl Export {
         }
     }
 
-    /// Writes through the tracking path.
-    pub fn write(&self, data: &[u8], offset: u64, fua: bool) -> Result<(), StoreError> {
-        self.writable()?;
-        self.store.write_at(data, offset)?;
-        self.fua(fua)
+    /// Writes through the tracking path: bitmaps are marked (durably)
+    /// before the data reaches the store.
+    pub fn write(&self, data: &[u8], offset: u64, fua: bool) -> Result<(), ExportError> {
+        self.tracked(offset, data.len() as u64, fua, || self.store.write_at(data, offset))
     }
 
     /// Zeroes a range through the tracking path.
-    pub fn write_zeroes(&self, offset: u64, length: u64, may_unmap: bool, fua: bool) -> Result<(), StoreError> {
-        self.writable()?;
-        self.store.write_zeroes(offset, length, may_unmap)?;
-        self.fua(fua)
+    pub fn write_zeroes(&self, offset: u64, length: u64, may_unmap: bool, fua: bool) -> Result<(), ExportError> {
+        self.tracked(offset, length, fua, || self.store.write_zeroes(offset, length, may_unmap))
     }
 
     /// Discards a range through the tracking path.
-    pub fn discard(&self, offset: u64, length: u64, fua: bool) -> Result<(), StoreError> {
+    pub fn discard(&self, offset: u64, length: u64, fua: bool) -> Result<(), ExportError> {
+        self.tracked(offset, length, fua, || self.store.discard(offset, length))
+    }
+
+    fn tracked(
+        &self,
+        offset: u64,
+        length: u64,
+        fua: bool,
+        io: impl FnOnce() -> Result<(), StoreError>,
+    ) -> Result<(), ExportError> {
         self.writable()?;
-        self.store.discard(offset, length)?;
-        self.fua(fua)
+        let _section = self.bitmaps.write_section();
+        self.bitmaps.mark(offset, length)?;
+        io()?;
+        Ok(self.fua(fua)?)
     }
 
     fn writable(&self) -> Result<(), StoreError> {

@@ -13,6 +13,7 @@
 //! The registry ([`export::Exports`]) holds one `Arc<Export>` per disk;
 //! connections hold clones, so removing an export cancels its token and the
 //! last connection to finish drops the store.
+pub mod bitmap;
 pub mod config;
 pub mod daemon;
 pub mod export;

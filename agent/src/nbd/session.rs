@@ -6,12 +6,12 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use proto::consts::{cmd_flags, errno, state, BASE_ALLOCATION};
+use proto::consts::{cmd_flags, errno, state, BASE_ALLOCATION, QEMU_DIRTY_BITMAP_PREFIX};
 use proto::handshake::BlockSizes;
 use proto::reply::{self, Extent as WireExtent, OFFSET_DATA_HEADER_LEN, SIMPLE_REPLY_LEN};
 use proto::{Command, Negotiated, Request};
 
-use crate::export::Export;
+use crate::export::{Export, ExportError};
 use crate::store::{ExtentKind, StoreError};
 
 /// Most extents returned in one BLOCK_STATUS chunk.
@@ -21,6 +21,7 @@ const MAX_EXTENTS: usize = 1 << 16;
 #[derive(Debug, Clone)]
 enum Context {
     Allocation,
+    DirtyBitmap(String),
 }
 
 /// A request that failed validation, with the error to answer.
@@ -49,7 +50,14 @@ impl Session {
         let contexts = negotiated
             .meta_contexts
             .iter()
-            .filter_map(|c| (c.name == BASE_ALLOCATION).then_some((c.id, Context::Allocation)))
+            .filter_map(|c| {
+                let context = match c.name.strip_prefix(QEMU_DIRTY_BITMAP_PREFIX) {
+                    Some(bitmap) => Context::DirtyBitmap(bitmap.to_owned()),
+                    None if c.name == BASE_ALLOCATION => Context::Allocation,
+                    None => return None,
+                };
+                Some((c.id, context))
+            })
             .collect();
         let alignment = if negotiated.block_sizes_negotiated { u64::from(sizes.minimum) } else { 1 };
         Self { export, structured: negotiated.structured_replies, contexts, alignment, max_payload: sizes.maximum }
@@ -115,13 +123,13 @@ impl Session {
             Command::Write => self.export.write(payload, off, fua),
             Command::Trim => self.export.discard(off, len, fua),
             Command::WriteZeroes => self.export.write_zeroes(off, len, !req.has_flag(cmd_flags::NO_HOLE), fua),
-            Command::Flush => self.export.store().flush(),
+            Command::Flush => self.export.store().flush().map_err(ExportError::from),
             Command::Cache | Command::Disc | Command::Unknown(_) => Ok(()),
         };
         self.status_reply(req, result)
     }
 
-    fn status_reply(&self, req: &Request, result: Result<(), StoreError>) -> Vec<u8> {
+    fn status_reply(&self, req: &Request, result: Result<(), ExportError>) -> Vec<u8> {
         match result {
             Ok(()) => {
                 let mut out = Vec::with_capacity(SIMPLE_REPLY_LEN);
@@ -132,9 +140,9 @@ impl Session {
         }
     }
 
-    fn store_error(&self, req: &Request, e: &StoreError) -> Vec<u8> {
+    fn store_error(&self, req: &Request, e: &dyn NbdError) -> Vec<u8> {
         tracing::warn!(export = self.export.name(), cookie = req.cookie, error = %e, "request failed");
-        self.error_reply(req, e.nbd_errno(), &e.to_string())
+        self.error_reply(req, e.errno(), &e.to_string())
     }
 
     fn read(&self, req: &Request) -> Vec<u8> {
@@ -159,6 +167,7 @@ impl Session {
         for (i, (id, context)) in self.contexts.iter().enumerate() {
             let extents = match context {
                 Context::Allocation => self.allocation(req),
+                Context::DirtyBitmap(name) => self.dirty_bitmap(req, name),
             };
             match extents {
                 Ok(extents) => reply::block_status(&mut out, req.cookie, i == last, *id, &extents),
@@ -173,6 +182,35 @@ impl Session {
         let flags = |kind| if kind == ExtentKind::Hole { state::HOLE | state::ZERO } else { 0 };
         let runs = extents.iter().map(|e| (e.length, flags(e.kind)));
         Ok(to_wire(runs, req.has_flag(cmd_flags::REQ_ONE)))
+    }
+}
+
+impl Session {
+    fn dirty_bitmap(&self, req: &Request, name: &str) -> Result<Vec<WireExtent>, StoreError> {
+        let runs = match self.export.bitmaps().get(name) {
+            Ok(bitmap) => bitmap.extents(req.offset, u64::from(req.length)),
+            // Removed since negotiation: report nothing dirty rather than fail the request.
+            Err(_) => vec![(u64::from(req.length), false)],
+        };
+        let runs = runs.into_iter().map(|(length, dirty)| (length, if dirty { state::DIRTY } else { 0 }));
+        Ok(to_wire(runs, req.has_flag(cmd_flags::REQ_ONE)))
+    }
+}
+
+/// An error that maps to an NBD error number.
+trait NbdError: std::fmt::Display {
+    fn errno(&self) -> u32;
+}
+
+impl NbdError for StoreError {
+    fn errno(&self) -> u32 {
+        self.nbd_errno()
+    }
+}
+
+impl NbdError for ExportError {
+    fn errno(&self) -> u32 {
+        self.nbd_errno()
     }
 }
 

@@ -6,11 +6,11 @@
 
 use std::fs::{File, OpenOptions as FsOpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
-use super::{BlockStore, Capabilities, Extent, ExtentKind, OpenOptions, StoreError};
+use super::{BlockStore, Capabilities, Extent, ExtentKind, Identity, OpenOptions, StoreError};
 
 /// A raw image file.
 #[derive(Debug)]
@@ -158,6 +158,14 @@ impl BlockStore for FileStore {
             pos = hole;
         }
         Ok(out)
+    }
+
+    fn identity(&self) -> Result<Identity, StoreError> {
+        let meta = self.file.metadata().map_err(|source| StoreError::Io { op: "stat", offset: 0, source })?;
+        let secs = u64::try_from(meta.mtime()).unwrap_or(0);
+        let nanos = u64::try_from(meta.mtime_nsec()).unwrap_or(0);
+        let id = format!("file:{}:{}", meta.dev(), meta.ino());
+        Ok(Identity { id, modified_ns: secs.saturating_mul(1_000_000_000).saturating_add(nanos) })
     }
 }
 

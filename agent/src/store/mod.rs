@@ -55,6 +55,16 @@ pub struct Extent {
     pub kind: ExtentKind,
 }
 
+/// Who an image is, so state kept about it (bitmaps) can detect that the
+/// image was replaced or changed behind the agent's back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// Stable id of this image instance (a new image with the same name differs).
+    pub id: String,
+    /// Last modification time in ns since the epoch (0 if unknown).
+    pub modified_ns: u64,
+}
+
 /// Errors of every store, named after the failed operation.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -147,6 +157,8 @@ pub trait BlockStore: Send + Sync + std::fmt::Debug {
     fn flush(&self) -> Result<(), StoreError>;
     /// Allocation map of `offset..offset+length`, in order, covering it exactly.
     fn extents(&self, offset: u64, length: u64) -> Result<Vec<Extent>, StoreError>;
+    /// Identity of the image.
+    fn identity(&self) -> Result<Identity, StoreError>;
 }
 
 /// How to open an image.

@@ -1,0 +1,633 @@
+//! The bitmaps of one disk: loading, the write path, control operations
+//! and the hand-off to block jobs.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use serde::Serialize;
+
+use super::atomic::{valid_mask, AtomicBits};
+use super::persist::{BitmapFile, Header, LoadError, WORDS_PER_PAGE};
+use super::persister::{page_of, PageRequest, Persister};
+use super::BitmapError;
+use crate::config::{check_granularity, check_name, BitmapConfig};
+use crate::store::Identity;
+
+/// What `bitmap list` shows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BitmapInfo {
+    /// Name.
+    pub name: String,
+    /// Bytes per bit.
+    pub granularity: u64,
+    /// Bytes covered by dirty granules (clamped to the disk).
+    pub dirty_bytes: u64,
+    /// Writes are being recorded.
+    pub recording: bool,
+    /// In use by a job.
+    pub busy: bool,
+    /// The job holding it.
+    pub busy_job: Option<String>,
+    /// Survives restarts (always true here).
+    pub persistent: bool,
+    /// Can be trusted.
+    pub consistent: bool,
+    /// Why it cannot be trusted.
+    pub inconsistent_reason: Option<String>,
+    /// Bumped whenever bits were dropped.
+    pub generation: u64,
+    /// Random id given at creation.
+    pub uuid: String,
+}
+
+#[derive(Debug)]
+struct Meta {
+    generation: u64,
+    uuid: [u8; 16],
+    busy: Option<String>,
+    reason: Option<String>,
+}
+
+/// One named bitmap.
+#[derive(Debug)]
+pub struct Bitmap {
+    name: String,
+    granularity: u64,
+    shift: u32,
+    disk_size: u64,
+    identity: String,
+    bits: AtomicBits,
+    persisted: AtomicBits,
+    successor: ArcSwapOption<AtomicBits>,
+    enabled: AtomicBool,
+    consistent: AtomicBool,
+    meta: Mutex<Meta>,
+    file: Mutex<Option<BitmapFile>>,
+}
+
+/// The bits a job works from, frozen at its start.
+#[derive(Debug)]
+pub struct Frozen {
+    /// Granules dirty at the job's start.
+    pub bits: AtomicBits,
+    /// Bytes per bit.
+    pub granularity: u64,
+    /// Generation at the job's start.
+    pub generation: u64,
+    /// The bitmap's uuid.
+    pub uuid: String,
+}
+
+impl Bitmap {
+    fn new(name: &str, granularity: u64, disk_size: u64, identity: &Identity, meta: Meta) -> Self {
+        let len = disk_size.div_ceil(granularity);
+        Self {
+            name: name.to_owned(),
+            granularity,
+            shift: granularity.trailing_zeros(),
+            disk_size,
+            identity: identity.id.clone(),
+            bits: AtomicBits::new(len),
+            persisted: AtomicBits::new(len),
+            successor: ArcSwapOption::empty(),
+            enabled: AtomicBool::new(true),
+            consistent: AtomicBool::new(true),
+            meta: Mutex::new(meta),
+            file: Mutex::new(None),
+        }
+    }
+
+    /// Name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Bytes per bit.
+    pub fn granularity(&self) -> u64 {
+        self.granularity
+    }
+
+    /// Whether the bitmap can be trusted.
+    pub fn is_consistent(&self) -> bool {
+        self.consistent.load(SeqCst)
+    }
+
+    /// Current generation.
+    pub fn generation(&self) -> u64 {
+        self.meta().generation
+    }
+
+    /// The bitmap's uuid as text.
+    pub fn uuid(&self) -> String {
+        uuid::Uuid::from_bytes(self.meta().uuid).to_string()
+    }
+
+    fn meta(&self) -> MutexGuard<'_, Meta> {
+        self.meta.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn granules(&self, offset: u64, length: u64) -> (u64, u64) {
+        (offset >> self.shift, (offset + length.max(1) - 1) >> self.shift)
+    }
+
+    fn info(&self) -> BitmapInfo {
+        let meta = self.meta();
+        BitmapInfo {
+            name: self.name.clone(),
+            granularity: self.granularity,
+            dirty_bytes: self.dirty_bytes(),
+            recording: self.enabled.load(SeqCst),
+            busy: meta.busy.is_some(),
+            busy_job: meta.busy.clone(),
+            persistent: true,
+            consistent: self.is_consistent(),
+            inconsistent_reason: meta.reason.clone(),
+            generation: meta.generation,
+            uuid: uuid::Uuid::from_bytes(meta.uuid).to_string(),
+        }
+    }
+
+    fn dirty_bytes(&self) -> u64 {
+        let g = self.granularity;
+        self.bits.runs_from(0).map(|(f, n)| ((f + n) * g).min(self.disk_size) - f * g).sum()
+    }
+
+    /// Dirty/clean runs covering `offset..offset+length` (clamped to the
+    /// disk), as `(length, dirty)`, starting with a run at `offset`.
+    pub fn extents(&self, offset: u64, length: u64) -> Vec<(u64, bool)> {
+        let end = offset.saturating_add(length).min(self.disk_size);
+        let mut out = Vec::new();
+        let mut pos = offset;
+        for (first, n) in self.bits.runs_from(offset >> self.shift) {
+            let (start, stop) = ((first << self.shift).max(offset), ((first + n) << self.shift).min(end));
+            if start >= end {
+                break;
+            }
+            if start > pos {
+                out.push((start - pos, false));
+            }
+            out.push((stop - start, true));
+            pos = stop;
+        }
+        if pos < end {
+            out.push((end - pos, false));
+        }
+        out
+    }
+
+    /// Dirty byte ranges `(offset, length)` of the whole disk.
+    pub fn dirty_ranges(bits: &AtomicBits, granularity: u64, disk_size: u64) -> Vec<(u64, u64)> {
+        bits.runs_from(0)
+            .map(|(f, n)| (f * granularity, ((f + n) * granularity).min(disk_size) - f * granularity))
+            .collect()
+    }
+
+    fn header(&self, clean: bool, image_mtime_ns: u64) -> Header {
+        let meta = self.meta();
+        Header {
+            name: self.name.clone(),
+            granularity: self.granularity,
+            disk_size: self.disk_size,
+            generation: meta.generation,
+            uuid: meta.uuid,
+            enabled: self.enabled.load(SeqCst),
+            clean,
+            image_mtime_ns,
+            identity: self.identity.clone(),
+        }
+    }
+
+    fn write_header(&self, clean: bool, image_mtime_ns: u64) -> Result<(), BitmapError> {
+        let header = self.header(clean, image_mtime_ns);
+        let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        match file.as_mut() {
+            Some(f) => {
+                f.write_header(&header).map_err(|source| BitmapError::Persist { name: self.name.clone(), source })
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Writes back `pages` following the persister's protocol, then syncs.
+    pub(crate) fn write_pages(&self, pages: &BTreeSet<u64>) -> std::io::Result<()> {
+        let file = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(file) = file.as_ref() else { return Ok(()) };
+        let nwords = self.bits.word_count();
+        let mut written = Vec::new();
+        for &page in pages {
+            let words: Vec<u64> = (page * WORDS_PER_PAGE..((page + 1) * WORDS_PER_PAGE).min(nwords))
+                .map(|w| {
+                    let t = self.bits.word(w);
+                    self.persisted.and_not_word(w, !t);
+                    self.bits.word(w)
+                })
+                .collect();
+            file.write_page(page, &words)?;
+            written.push((page, words));
+        }
+        file.sync()?;
+        for (page, words) in written {
+            for (i, s) in words.into_iter().enumerate() {
+                self.persisted.or_word(page * WORDS_PER_PAGE + i as u64, s);
+            }
+        }
+        Ok(())
+    }
+
+    fn all_pages(self: &Arc<Self>) -> PageRequest {
+        self.page_request(0, self.bits.word_count().saturating_sub(1))
+    }
+
+    fn page_request(self: &Arc<Self>, first_word: u64, last_word: u64) -> PageRequest {
+        PageRequest { bitmap: self.clone(), first_page: page_of(first_word), last_page: page_of(last_word) }
+    }
+
+    /// Marks the bitmap untrusted, durably if possible.
+    fn set_inconsistent(&self, reason: String) {
+        tracing::error!(bitmap = %self.name, %reason, "bitmap marked inconsistent");
+        self.consistent.store(false, SeqCst);
+        self.meta().reason = Some(reason);
+    }
+
+    fn check_usable(&self) -> Result<(), BitmapError> {
+        let meta = self.meta();
+        if let Some(job) = &meta.busy {
+            return Err(BitmapError::Busy { name: self.name.clone(), job: job.clone() });
+        }
+        if !self.is_consistent() {
+            let reason = meta.reason.clone().unwrap_or_default();
+            return Err(BitmapError::Inconsistent { name: self.name.clone(), reason });
+        }
+        Ok(())
+    }
+}
+
+/// Every bitmap of one disk.
+#[derive(Debug)]
+pub struct DiskBitmaps {
+    disk: String,
+    dir: PathBuf,
+    size: u64,
+    identity: Identity,
+    list: ArcSwap<Vec<Arc<Bitmap>>>,
+    gate: RwLock<()>,
+    ops: Mutex<()>,
+    persister: Persister,
+}
+
+impl DiskBitmaps {
+    /// Loads the bitmaps in `dir` and creates the configured ones that are missing.
+    pub fn open(
+        dir: &Path,
+        disk: &str,
+        size: u64,
+        identity: Identity,
+        configured: &[BitmapConfig],
+    ) -> Result<Self, BitmapError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|source| BitmapError::Persist { name: dir.display().to_string(), source })?;
+        let me = Self {
+            disk: disk.to_owned(),
+            dir: dir.to_owned(),
+            size,
+            identity,
+            list: ArcSwap::from_pointee(Vec::new()),
+            gate: RwLock::new(()),
+            ops: Mutex::new(()),
+            persister: Persister::start(disk),
+        };
+        let mut loaded = Vec::new();
+        for path in bitmap_files(dir)? {
+            loaded.push(Arc::new(me.load(&path)));
+        }
+        me.list.store(Arc::new(loaded));
+        for b in configured {
+            match me.get(&b.name) {
+                Ok(existing) if existing.granularity != b.granularity => tracing::warn!(
+                    disk, bitmap = %b.name, existing = existing.granularity, configured = b.granularity,
+                    "configured granularity differs from the existing bitmap; keeping the existing one"
+                ),
+                Ok(_) => {}
+                Err(_) => {
+                    me.add(&b.name, b.granularity, b.enabled)?;
+                }
+            }
+        }
+        Ok(me)
+    }
+
+    fn load(&self, path: &Path) -> Bitmap {
+        let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or("?").to_owned();
+        let fresh = Meta { generation: 0, uuid: [0; 16], busy: None, reason: None };
+        let (file, header, body) = match BitmapFile::open(path) {
+            Ok(loaded) => loaded,
+            Err(e) => {
+                let granularity = 64 << 10;
+                let b = Bitmap::new(&name, granularity, self.size, &self.identity, fresh);
+                b.set_inconsistent(load_reason(&e));
+                return b;
+            }
+        };
+        let meta = Meta { generation: header.generation, uuid: header.uuid, busy: None, reason: None };
+        let b = Bitmap::new(&name, header.granularity, self.size, &self.identity, meta);
+        b.enabled.store(header.enabled, SeqCst);
+        *b.file.lock().unwrap_or_else(|p| p.into_inner()) = Some(file);
+        if let Some(reason) = self.distrust(&name, &header, &body) {
+            b.set_inconsistent(reason);
+            return b;
+        }
+        for (w, &v) in body.iter().enumerate() {
+            b.bits.or_word(w as u64, v);
+            b.persisted.or_word(w as u64, v);
+        }
+        if let Err(e) = b.write_header(false, 0) {
+            b.set_inconsistent(format!("cannot mark in use: {e}"));
+        }
+        b
+    }
+
+    /// Why a loaded file must not be trusted, if it must not.
+    fn distrust(&self, name: &str, h: &Header, body: &[u64]) -> Option<String> {
+        if h.name != name {
+            return Some(format!("file holds bitmap {:?}", h.name));
+        }
+        if h.disk_size != self.size {
+            return Some(format!("disk size changed from {} to {} bytes", h.disk_size, self.size));
+        }
+        if h.identity != self.identity.id {
+            return Some(format!("image replaced (was {}, now {})", h.identity, self.identity.id));
+        }
+        if h.clean && h.image_mtime_ns != self.identity.modified_ns {
+            return Some("image modified while the agent was not running".into());
+        }
+        let len = self.size.div_ceil(h.granularity);
+        if body.iter().enumerate().any(|(w, &v)| v & !valid_mask(len, w as u64) != 0) {
+            return Some("bits set past the end of the disk".into());
+        }
+        None
+    }
+
+    /// Disk name (`VM/DISK`).
+    pub fn disk(&self) -> &str {
+        &self.disk
+    }
+
+    /// Held by every write request across marking and the store write.
+    pub fn write_section(&self) -> RwLockReadGuard<'_, ()> {
+        self.gate.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn exclusive(&self) -> RwLockWriteGuard<'_, ()> {
+        self.gate.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn ops(&self) -> MutexGuard<'_, ()> {
+        self.ops.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Marks `offset..offset+length` dirty in every recording bitmap and
+    /// returns once the bits are durable.
+    pub fn mark(&self, offset: u64, length: u64) -> Result<(), BitmapError> {
+        let list = self.list.load();
+        let mut requests = Vec::new();
+        for b in list.iter() {
+            if !b.enabled.load(SeqCst) || !b.is_consistent() {
+                continue;
+            }
+            let (first, last) = b.granules(offset, length);
+            b.bits.set_range(first, last);
+            if let Some(successor) = b.successor.load().as_ref() {
+                successor.set_range(first, last);
+            }
+            if !b.persisted.all_set(first, last) {
+                requests.push(b.page_request(first / 64, last / 64));
+            }
+        }
+        if requests.is_empty() {
+            return Ok(());
+        }
+        let names: Vec<Arc<Bitmap>> = requests.iter().map(|r| r.bitmap.clone()).collect();
+        self.persister.sync(requests).or_else(|e| self.persist_failed(&names, e))
+    }
+
+    /// A writeback failed: the bits may not be durable. The bitmaps become
+    /// inconsistent (durably if the header can still be written); if even
+    /// that fails the write must fail, or a crash could hide it.
+    fn persist_failed(&self, bitmaps: &[Arc<Bitmap>], error: String) -> Result<(), BitmapError> {
+        for b in bitmaps {
+            let was = b.is_consistent();
+            b.set_inconsistent(format!("bitmap writeback failed: {error}"));
+            if was {
+                b.meta().generation += 1;
+                if let Err(e) = b.write_header(false, 0) {
+                    b.consistent.store(true, SeqCst);
+                    b.meta().reason = None;
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Looks a bitmap up.
+    pub fn get(&self, name: &str) -> Result<Arc<Bitmap>, BitmapError> {
+        let list = self.list.load();
+        let found = list.iter().find(|b| b.name == name).cloned();
+        found.ok_or_else(|| BitmapError::NotFound { disk: self.disk.clone(), name: name.to_owned() })
+    }
+
+    /// Every bitmap, sorted by name.
+    pub fn list(&self) -> Vec<BitmapInfo> {
+        self.list.load().iter().map(|b| b.info()).collect()
+    }
+
+    /// Adds a new, empty bitmap.
+    pub fn add(&self, name: &str, granularity: u64, enabled: bool) -> Result<BitmapInfo, BitmapError> {
+        check_name(name).map_err(BitmapError::Invalid)?;
+        check_granularity(granularity).map_err(BitmapError::Invalid)?;
+        let _ops = self.ops();
+        if self.get(name).is_ok() {
+            return Err(BitmapError::Exists(name.to_owned()));
+        }
+        let meta = Meta { generation: 1, uuid: *uuid::Uuid::new_v4().as_bytes(), busy: None, reason: None };
+        let b = Bitmap::new(name, granularity, self.size, &self.identity, meta);
+        b.enabled.store(enabled, SeqCst);
+        let path = self.dir.join(format!("{name}.bitmap"));
+        let file = BitmapFile::create(&path, &b.header(false, 0), b.bits.word_count())
+            .map_err(|source| BitmapError::Persist { name: name.to_owned(), source })?;
+        *b.file.lock().unwrap_or_else(|p| p.into_inner()) = Some(file);
+        let info = b.info();
+        self.replace_list(|list| {
+            list.push(Arc::new(b));
+            list.sort_by(|a, b| a.name.cmp(&b.name));
+        });
+        tracing::info!(disk = %self.disk, bitmap = name, granularity, enabled, "bitmap added");
+        Ok(info)
+    }
+
+    fn replace_list(&self, edit: impl FnOnce(&mut Vec<Arc<Bitmap>>)) {
+        let mut list: Vec<Arc<Bitmap>> = self.list.load().as_ref().clone();
+        edit(&mut list);
+        self.list.store(Arc::new(list));
+    }
+
+    /// Removes a bitmap and its file (allowed for inconsistent bitmaps).
+    pub fn remove(&self, name: &str) -> Result<(), BitmapError> {
+        let _ops = self.ops();
+        let b = self.get(name)?;
+        if let Some(job) = &b.meta().busy {
+            return Err(BitmapError::Busy { name: name.to_owned(), job: job.clone() });
+        }
+        self.replace_list(|list| list.retain(|x| x.name != name));
+        *b.file.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        let path = self.dir.join(format!("{name}.bitmap"));
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(BitmapError::Persist { name: name.to_owned(), source }),
+        }
+        tracing::info!(disk = %self.disk, bitmap = name, "bitmap removed");
+        Ok(())
+    }
+
+    /// Drops every bit; bumps the generation (durably, before any bit is dropped on disk).
+    pub fn clear(&self, name: &str) -> Result<BitmapInfo, BitmapError> {
+        let _ops = self.ops();
+        let b = self.get(name)?;
+        b.check_usable()?;
+        let _gate = self.exclusive();
+        self.bump_generation(&b)?;
+        b.bits.clear_all();
+        self.persister.lazy(b.all_pages());
+        Ok(b.info())
+    }
+
+    fn bump_generation(&self, b: &Bitmap) -> Result<(), BitmapError> {
+        b.meta().generation += 1;
+        b.write_header(false, 0).inspect_err(|_| b.meta().generation -= 1)
+    }
+
+    /// Starts or stops recording writes.
+    pub fn set_enabled(&self, name: &str, enabled: bool) -> Result<BitmapInfo, BitmapError> {
+        let _ops = self.ops();
+        let b = self.get(name)?;
+        b.check_usable()?;
+        let was = b.enabled.swap(enabled, SeqCst);
+        b.write_header(false, 0).inspect_err(|_| b.enabled.store(was, SeqCst))?;
+        Ok(b.info())
+    }
+
+    /// ORs `sources` into `target` (granularities may differ: a target
+    /// granule is dirty if it overlaps any dirty source granule).
+    pub fn merge(&self, target: &str, sources: &[String]) -> Result<BitmapInfo, BitmapError> {
+        let _ops = self.ops();
+        let t = self.get(target)?;
+        t.check_usable()?;
+        let sources = sources.iter().map(|s| self.get(s)).collect::<Result<Vec<_>, _>>()?;
+        for s in &sources {
+            if !s.is_consistent() {
+                let reason = s.meta().reason.clone().unwrap_or_default();
+                return Err(BitmapError::Inconsistent { name: s.name.clone(), reason });
+            }
+        }
+        let _gate = self.exclusive();
+        for s in &sources {
+            for (offset, length) in Bitmap::dirty_ranges(&s.bits, s.granularity, self.size) {
+                let (first, last) = t.granules(offset, length);
+                t.bits.set_range(first, last);
+            }
+        }
+        t.write_pages(&(0..=page_of(t.bits.word_count().saturating_sub(1))).collect())
+            .map_err(|source| BitmapError::Persist { name: target.to_owned(), source })?;
+        self.bump_generation(&t)?;
+        Ok(t.info())
+    }
+
+    /// Freezes a bitmap for a job: from now on new writes also go to a
+    /// successor; the returned copy is what the job must process.
+    pub fn begin_job(&self, name: &str, job: &str) -> Result<Frozen, BitmapError> {
+        let _ops = self.ops();
+        let b = self.get(name)?;
+        b.check_usable()?;
+        let _gate = self.exclusive();
+        b.successor.store(Some(Arc::new(AtomicBits::new(b.bits.len()))));
+        let frozen = AtomicBits::from_words(b.bits.len(), &b.bits.snapshot());
+        let mut meta = b.meta();
+        meta.busy = Some(job.to_owned());
+        Ok(Frozen {
+            bits: frozen,
+            granularity: b.granularity,
+            generation: meta.generation,
+            uuid: uuid::Uuid::from_bytes(meta.uuid).to_string(),
+        })
+    }
+
+    /// The job succeeded: drop exactly the frozen bits that were not written
+    /// again meanwhile, bump the generation; returns the new generation.
+    pub fn commit_job(&self, name: &str, frozen: &Frozen) -> Result<u64, BitmapError> {
+        let _ops = self.ops();
+        let b = self.get(name)?;
+        let _gate = self.exclusive();
+        let successor = b.successor.swap(None);
+        let result = self.bump_generation(&b);
+        if result.is_ok() {
+            for w in frozen.bits.dirty_words() {
+                let again = successor.as_ref().map_or(0, |s| s.word(w));
+                b.bits.and_not_word(w, frozen.bits.word(w) & !again);
+            }
+            self.persister.lazy(b.all_pages());
+        }
+        b.meta().busy = None;
+        result.map(|()| b.generation())
+    }
+
+    /// The job failed or was cancelled: every bit stays.
+    pub fn abort_job(&self, name: &str) {
+        let _ops = self.ops();
+        if let Ok(b) = self.get(name) {
+            b.successor.store(None);
+            b.meta().busy = None;
+        }
+    }
+
+    /// Clean shutdown: exact bitmaps on disk, marked clean with the image's mtime.
+    pub fn close(&self, image: &Identity) {
+        self.persister.stop();
+        for b in self.list.load().iter().filter(|b| b.is_consistent()) {
+            let pages = (0..=page_of(b.bits.word_count().saturating_sub(1))).collect();
+            let done = b
+                .write_pages(&pages)
+                .map_err(|e| e.to_string())
+                .and_then(|()| b.write_header(true, image.modified_ns).map_err(|e| e.to_string()));
+            if let Err(e) = done {
+                tracing::error!(disk = %self.disk, bitmap = %b.name, error = %e, "cannot save bitmap at shutdown");
+            }
+        }
+    }
+}
+
+fn bitmap_files(dir: &Path) -> Result<Vec<PathBuf>, BitmapError> {
+    let io = |source| BitmapError::Persist { name: dir.display().to_string(), source };
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io)? {
+        let path = entry.map_err(io)?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        if name.ends_with(".bitmap.tmp") {
+            let _ = std::fs::remove_file(&path);
+        } else if name.ends_with(".bitmap") {
+            out.push(path);
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn load_reason(e: &LoadError) -> String {
+    match e {
+        LoadError::Corrupt { reason, .. } => reason.clone(),
+        LoadError::Io { source, .. } => format!("cannot read: {source}"),
+    }
+}

@@ -1,0 +1,235 @@
+#![allow(clippy::cast_possible_truncation)] // small test values
+
+use std::collections::BTreeSet;
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::config::BitmapConfig;
+use crate::store::Identity;
+
+const SIZE: u64 = 8 << 20;
+
+fn identity() -> Identity {
+    Identity { id: "test:1".into(), modified_ns: 42 }
+}
+
+fn open(dir: &std::path::Path, configured: &[(&str, u64)]) -> DiskBitmaps {
+    let configured: Vec<BitmapConfig> =
+        configured.iter().map(|(n, g)| BitmapConfig::new(n, *g, true).unwrap()).collect();
+    DiskBitmaps::open(dir, "vm/disk", SIZE, identity(), &configured).unwrap()
+}
+
+/// Dirty byte ranges of a bitmap, as a set of granule-aligned offsets.
+fn dirty(b: &DiskBitmaps, name: &str) -> Vec<(u64, u64)> {
+    let bm = b.get(name).unwrap();
+    let mut pos = 0;
+    let mut out = Vec::new();
+    for (len, d) in bm.extents(0, SIZE) {
+        if d {
+            out.push((pos, len));
+        }
+        pos += len;
+    }
+    out
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Write(u64, u64),
+    Clear(usize),
+    Merge(usize, usize),
+    Enable(usize, bool),
+    Reopen,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        6 => (0..SIZE, 1u64..300_000).prop_map(|(o, l)| Op::Write(o, l.min(SIZE - o))),
+        1 => (0usize..2).prop_map(Op::Clear),
+        1 => (0usize..2, 0usize..2).prop_map(|(a, b)| Op::Merge(a, b)),
+        1 => (0usize..2, any::<bool>()).prop_map(|(a, e)| Op::Enable(a, e)),
+        1 => Just(Op::Reopen),
+    ]
+}
+
+/// Naive model: the set of dirty granules per bitmap.
+struct Model {
+    gran: [u64; 2],
+    dirty: [BTreeSet<u64>; 2],
+    enabled: [bool; 2],
+}
+
+impl Model {
+    fn ranges(&self, i: usize) -> Vec<(u64, u64)> {
+        let g = self.gran[i];
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for &k in &self.dirty[i] {
+            let (s, e) = (k * g, ((k + 1) * g).min(SIZE));
+            match out.last_mut() {
+                Some(last) if last.0 + last.1 == s => last.1 += e - s,
+                _ => out.push((s, e - s)),
+            }
+        }
+        out
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+    #[test]
+    fn bitmaps_match_a_naive_model(ops in proptest::collection::vec(op(), 1..40)) {
+        let dir = tempfile::tempdir().unwrap();
+        let names = ["a", "b"];
+        let mut disk = open(dir.path(), &[("a", 65536), ("b", 4096)]);
+        let mut m = Model { gran: [65536, 4096], dirty: [BTreeSet::new(), BTreeSet::new()], enabled: [true, true] };
+        for op in ops {
+            match op {
+                Op::Write(o, l) => {
+                    disk.mark(o, l).unwrap();
+                    for i in 0..2 {
+                        if m.enabled[i] {
+                            m.dirty[i].extend(o / m.gran[i]..=(o + l - 1) / m.gran[i]);
+                        }
+                    }
+                }
+                Op::Clear(i) => {
+                    disk.clear(names[i]).unwrap();
+                    m.dirty[i].clear();
+                }
+                Op::Merge(t, s) => {
+                    disk.merge(names[t], &[names[s].to_string()]).unwrap();
+                    let g = m.gran[t];
+                    let add: Vec<u64> = m.dirty[s].iter().flat_map(|&k| {
+                        let (start, end) = (k * m.gran[s], ((k + 1) * m.gran[s]).min(SIZE));
+                        start / g..=(end - 1) / g
+                    }).collect();
+                    m.dirty[t].extend(add);
+                }
+                Op::Enable(i, e) => {
+                    disk.set_enabled(names[i], e).unwrap();
+                    m.enabled[i] = e;
+                }
+                Op::Reopen => {
+                    disk.close(&identity());
+                    drop(disk);
+                    disk = open(dir.path(), &[]);
+                }
+            }
+            for (i, name) in names.iter().enumerate() {
+                prop_assert_eq!(dirty(&disk, name), m.ranges(i), "bitmap {}", name);
+                prop_assert!(disk.get(name).unwrap().is_consistent());
+            }
+        }
+    }
+}
+
+#[test]
+fn an_unclean_stop_keeps_every_marked_bit() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = open(dir.path(), &[("a", 65536)]);
+    let writes = [(0u64, 4096u64), (1 << 20, 1), (SIZE - 1, 1), (3 << 20, 200_000)];
+    for (o, l) in writes {
+        disk.mark(o, l).unwrap();
+    }
+    let before = dirty(&disk, "a");
+    drop(disk); // no close(): as after kill -9, only what mark() made durable is on disk
+    let disk = open(dir.path(), &[]);
+    assert!(disk.get("a").unwrap().is_consistent());
+    assert_eq!(dirty(&disk, "a"), before);
+}
+
+#[test]
+fn generation_bumps_on_clear_and_merge_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = open(dir.path(), &[("a", 65536), ("b", 65536)]);
+    let g0 = disk.get("a").unwrap().generation();
+    disk.mark(0, 4096).unwrap();
+    disk.set_enabled("a", false).unwrap();
+    disk.set_enabled("a", true).unwrap();
+    assert_eq!(disk.get("a").unwrap().generation(), g0);
+    disk.clear("a").unwrap();
+    assert_eq!(disk.get("a").unwrap().generation(), g0 + 1);
+    disk.merge("a", &["b".into()]).unwrap();
+    assert_eq!(disk.get("a").unwrap().generation(), g0 + 2);
+    disk.close(&identity());
+    drop(disk);
+    assert_eq!(open(dir.path(), &[]).get("a").unwrap().generation(), g0 + 2);
+}
+
+#[test]
+fn untrusted_files_load_inconsistent_and_can_only_be_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = open(dir.path(), &[("a", 65536), ("b", 65536)]);
+    disk.close(&identity());
+    drop(disk);
+    let path = dir.path().join("a.bitmap");
+    std::fs::write(&path, b"garbage").unwrap();
+    let disk = open(dir.path(), &[]);
+    let a = disk.list().into_iter().find(|b| b.name == "a").unwrap();
+    assert!(!a.consistent);
+    assert!(a.inconsistent_reason.as_deref().unwrap().contains("truncated"), "{a:?}");
+    assert!(matches!(disk.clear("a"), Err(BitmapError::Inconsistent { .. })));
+    assert!(matches!(disk.merge("b", &["a".into()]), Err(BitmapError::Inconsistent { .. })));
+    assert!(matches!(disk.begin_job("a", "j1"), Err(BitmapError::Inconsistent { .. })));
+    assert!(disk.get("b").unwrap().is_consistent(), "other bitmaps are not affected");
+    disk.remove("a").unwrap();
+    assert!(!path.exists());
+    disk.add("a", 65536, true).unwrap();
+    assert!(disk.get("a").unwrap().is_consistent());
+}
+
+#[test]
+fn a_changed_image_makes_bitmaps_inconsistent() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = open(dir.path(), &[("a", 65536)]);
+    disk.close(&identity());
+    drop(disk);
+    // Clean stop recorded mtime 42; the image now has another mtime.
+    let moved = Identity { id: "test:1".into(), modified_ns: 43 };
+    let disk = DiskBitmaps::open(dir.path(), "vm/disk", SIZE, moved, &[]).unwrap();
+    let reason = disk.list()[0].inconsistent_reason.clone().unwrap();
+    assert!(reason.contains("modified while the agent was not running"), "{reason}");
+    drop(disk);
+    let other = Identity { id: "test:2".into(), modified_ns: 42 };
+    let disk = DiskBitmaps::open(dir.path(), "vm/disk", SIZE, other, &[]).unwrap();
+    assert!(disk.list()[0].inconsistent_reason.clone().unwrap().contains("image replaced"));
+    drop(disk);
+    let disk = DiskBitmaps::open(dir.path(), "vm/disk", SIZE * 2, identity(), &[]).unwrap();
+    assert!(disk.list()[0].inconsistent_reason.clone().unwrap().contains("disk size changed"));
+}
+
+#[test]
+fn job_commit_keeps_writes_made_during_the_job_and_abort_keeps_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = open(dir.path(), &[("a", 65536)]);
+    disk.mark(0, 65536).unwrap();
+    disk.mark(1 << 20, 65536).unwrap();
+    let frozen = disk.begin_job("a", "job-1").unwrap();
+    assert!(matches!(disk.clear("a"), Err(BitmapError::Busy { .. })));
+    assert!(matches!(disk.remove("a"), Err(BitmapError::Busy { .. })));
+    disk.mark(1 << 20, 4096).unwrap(); // rewritten during the job: stays dirty
+    disk.mark(2 << 20, 4096).unwrap(); // new during the job: stays dirty
+    let g = disk.commit_job("a", &frozen).unwrap();
+    assert_eq!(g, frozen.generation + 1);
+    assert_eq!(dirty(&disk, "a"), vec![(1 << 20, 65536), (2 << 20, 65536)]);
+    let frozen = disk.begin_job("a", "job-2").unwrap();
+    disk.mark(5 << 20, 1).unwrap();
+    disk.abort_job("a");
+    assert_eq!(dirty(&disk, "a"), vec![(1 << 20, 65536), (2 << 20, 65536), (5 << 20, 65536)]);
+    assert_eq!(disk.get("a").unwrap().generation(), frozen.generation);
+    assert!(!disk.list()[0].busy);
+}
+
+#[test]
+fn bad_requests_get_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = open(dir.path(), &[("a", 65536)]);
+    assert!(matches!(disk.add("a", 65536, true), Err(BitmapError::Exists(_))));
+    assert!(matches!(disk.add("x", 3000, true), Err(BitmapError::Invalid(_))));
+    assert!(matches!(disk.add("x", 128 << 20, true), Err(BitmapError::Invalid(_))));
+    assert!(matches!(disk.add("../x", 65536, true), Err(BitmapError::Invalid(_))));
+    assert!(matches!(disk.clear("nope"), Err(BitmapError::NotFound { .. })));
+    assert!(matches!(disk.merge("a", &["nope".into()]), Err(BitmapError::NotFound { .. })));
+    assert_eq!(disk.list().len(), 1);
+}
