@@ -14,6 +14,7 @@ use std::time::Duration;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
+use crate::api::{self, Control};
 use crate::bitmap::{BitmapError, DiskBitmaps};
 use crate::config::{AgentConfig, ConfigError, DiskConfig, VmConfig};
 use crate::export::{Export, Exports};
@@ -45,6 +46,9 @@ pub enum DaemonError {
         #[source]
         source: BitmapError,
     },
+    /// The control API could not start.
+    #[error(transparent)]
+    Control(#[from] api::http::ServeError),
     /// A blocking task panicked.
     #[error("Internal error: {0}")]
     Panic(String),
@@ -177,9 +181,16 @@ pub async fn run(config: AgentConfig) -> Result<(), DaemonError> {
         return Err(e);
     }
 
-    let server = NbdServer::bind(&server_settings(&config), disks.exports.clone()).await?;
-    let runtime = RuntimeFile::write(&config, &server)?;
     let shutdown = CancellationToken::new();
+    let started = start_servers(&config, &disks, shutdown.clone()).await;
+    let (server, control) = match started {
+        Ok(servers) => servers,
+        Err(e) => {
+            disks.close_all().await;
+            return Err(e);
+        }
+    };
+    let runtime = RuntimeFile::write(&config, &server)?;
     let serving = tokio::spawn(server.run(shutdown.clone()));
     tracing::info!(node = %config.node, exports = disks.configs.len(), "agent started");
 
@@ -196,10 +207,22 @@ pub async fn run(config: AgentConfig) -> Result<(), DaemonError> {
     tracing::info!("stopping: draining connections");
     shutdown.cancel();
     let _ = serving.await;
+    let _ = control.await;
     disks.close_all().await;
     runtime.remove();
     tracing::info!("agent stopped");
     Ok(())
+}
+
+async fn start_servers(
+    config: &AgentConfig,
+    disks: &Disks,
+    shutdown: CancellationToken,
+) -> Result<(NbdServer, tokio::task::JoinHandle<()>), DaemonError> {
+    let server = NbdServer::bind(&server_settings(config), disks.exports.clone()).await?;
+    let control = Arc::new(Control::new(config.node.clone(), disks.exports.clone()));
+    let control = api::http::serve(&config.control.listen, control, shutdown).await?;
+    Ok((server, control))
 }
 
 async fn reload(config: &AgentConfig, disks: &mut Disks) {

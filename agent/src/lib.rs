@@ -13,7 +13,9 @@
 //! The registry ([`export::Exports`]) holds one `Arc<Export>` per disk;
 //! connections hold clones, so removing an export cancels its token and the
 //! last connection to finish drops the store.
+pub mod api;
 pub mod bitmap;
+pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod export;

@@ -6,18 +6,28 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 
+use agent::cli::{self, ClientCmd};
 use agent::config::AgentConfig;
 
 /// Keeps VM disks in sync with Ceph: NBD exports, dirty bitmaps, backups, migration.
 #[derive(Debug, Parser)]
 #[command(name = "rbdsync", version, about)]
 struct Cli {
+    /// Control API of the agent: unix:PATH or http://HOST:PORT
+    /// (default: the control socket named in /etc/rbdsync/agent.yaml).
+    #[arg(long, global = true, env = "RBDSYNC_CONTROL")]
+    control: Option<String>,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Cmd,
 }
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
+    #[command(flatten)]
+    Client(ClientCmd),
     /// Run the agent daemon in the foreground (logs to stderr).
     Agent {
         /// agent.yaml; without it the embedded example configuration is used.
@@ -60,10 +70,18 @@ fn run_agent(config: Option<PathBuf>, log_format: LogFormat) -> anyhow::Result<(
     Ok(())
 }
 
+fn run_client(control: Option<&str>, json: bool, cmd: ClientCmd) -> anyhow::Result<()> {
+    let endpoint = cli::resolve_endpoint(control).map_err(anyhow::Error::msg)?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("Cannot start runtime")?;
+    runtime.block_on(cli::run(&endpoint, json, cmd))?;
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Cmd::Agent { config, log_format } => run_agent(config, log_format),
+        Cmd::Client(cmd) => run_client(cli.control.as_deref(), cli.json, cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,164 @@
+//! HTTP routes of the control API: parse, build a [`Command`], execute,
+//! map the result. No logic lives here.
+
+use std::os::unix::fs::PermissionsExt;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use super::{ApiError, BitmapAdd, Command, Control, MergeBody};
+use crate::config::ListenAddr;
+
+/// Largest request body accepted.
+const BODY_LIMIT: usize = 64 << 10;
+
+type Ctl = State<Arc<Control>>;
+
+/// The `/v1` routes.
+pub fn router(control: Arc<Control>) -> Router {
+    Router::new()
+        .route("/v1/status", get(|s: Ctl| run(s, Command::Status)))
+        .route("/v1/disks", get(|s: Ctl| run(s, Command::Disks)))
+        .route("/v1/disks/{vm}/{disk}", get(|s: Ctl, Path((vm, d)): Path<(String, String)>| run(s, Command::Disk(format!("{vm}/{d}")))))
+        .route("/v1/disks/{vm}/{disk}/bitmaps", get(list_bitmaps).post(add_bitmap))
+        .route("/v1/disks/{vm}/{disk}/bitmaps/{name}", get(get_bitmap).delete(remove_bitmap))
+        .route("/v1/disks/{vm}/{disk}/bitmaps/{name}/{action}", post(bitmap_action))
+        .fallback(|| async { error(ApiError::NoRoute) })
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(control)
+}
+
+async fn list_bitmaps(s: Ctl, Path((vm, disk)): Path<(String, String)>) -> Response {
+    run(s, Command::BitmapList(format!("{vm}/{disk}"))).await
+}
+
+async fn add_bitmap(s: Ctl, Path((vm, disk)): Path<(String, String)>, body: Bytes) -> Response {
+    match parse::<BitmapAdd>(&body) {
+        Ok(add) => created(run(s, Command::BitmapAdd(format!("{vm}/{disk}"), add)).await),
+        Err(e) => error(e),
+    }
+}
+
+async fn get_bitmap(s: Ctl, Path((vm, disk, name)): Path<(String, String, String)>) -> Response {
+    run(s, Command::BitmapGet(format!("{vm}/{disk}"), name)).await
+}
+
+async fn remove_bitmap(s: Ctl, Path((vm, disk, name)): Path<(String, String, String)>) -> Response {
+    run(s, Command::BitmapRemove(format!("{vm}/{disk}"), name)).await
+}
+
+async fn bitmap_action(s: Ctl, Path((vm, disk, name, action)): Path<(String, String, String, String)>, body: Bytes) -> Response {
+    let disk = format!("{vm}/{disk}");
+    let command = match action.as_str() {
+        "clear" => Command::BitmapClear(disk, name),
+        "enable" => Command::BitmapEnable(disk, name, true),
+        "disable" => Command::BitmapEnable(disk, name, false),
+        "merge" => match parse::<MergeBody>(&body) {
+            Ok(m) => Command::BitmapMerge(disk, name, m.sources),
+            Err(e) => return error(e),
+        },
+        _ => return error(ApiError::NoRoute),
+    };
+    run(s, command).await
+}
+
+fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("Invalid JSON body: {e}")))
+}
+
+async fn run(State(control): Ctl, command: Command) -> Response {
+    match control.execute(command).await {
+        Ok(Value::Null) => StatusCode::NO_CONTENT.into_response(),
+        Ok(value) => Json(value).into_response(),
+        Err(e) => error(e),
+    }
+}
+
+fn created(response: Response) -> Response {
+    if response.status() == StatusCode::OK {
+        let (mut parts, body) = response.into_parts();
+        parts.status = StatusCode::CREATED;
+        return Response::from_parts(parts, body);
+    }
+    response
+}
+
+fn error(e: ApiError) -> Response {
+    let (status, _) = e.status();
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (status, Json(e.body())).into_response()
+}
+
+/// Errors starting the control API.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Binding failed.
+    #[error("Cannot listen on {addr}")]
+    Bind {
+        /// Address.
+        addr: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// TCP needs TLS and authentication, which this build does not configure yet.
+    #[error("Control API on TCP ({0}) needs TLS and a token; use a unix: socket")]
+    InsecureTcp(String),
+    /// The socket is served by another process.
+    #[error("Socket {0} is in use by another process")]
+    InUse(String),
+}
+
+/// Binds every control listener and serves until `shutdown`.
+pub async fn serve(
+    listen: &[ListenAddr],
+    control: Arc<Control>,
+    shutdown: CancellationToken,
+) -> Result<tokio::task::JoinHandle<()>, ServeError> {
+    let mut listeners = Vec::new();
+    for addr in listen {
+        let bind_err = |source| ServeError::Bind { addr: addr.to_string(), source };
+        match addr {
+            ListenAddr::Tcp(sa) => return Err(ServeError::InsecureTcp(sa.to_string())),
+            ListenAddr::Unix(path) => {
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir).map_err(bind_err)?;
+                }
+                if path.exists() {
+                    if tokio::net::UnixStream::connect(path).await.is_ok() {
+                        return Err(ServeError::InUse(path.display().to_string()));
+                    }
+                    std::fs::remove_file(path).map_err(bind_err)?;
+                }
+                let listener = tokio::net::UnixListener::bind(path).map_err(bind_err)?;
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
+                listeners.push((listener, path.clone()));
+            }
+        }
+    }
+    let app = router(control);
+    Ok(tokio::spawn(async move {
+        let mut tasks = Vec::new();
+        for (listener, path) in listeners {
+            let (app, stop) = (app.clone(), shutdown.clone());
+            tasks.push(tokio::spawn(async move {
+                let served = axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await });
+                if let Err(e) = served.await {
+                    tracing::error!(error = %e, "control API failed");
+                }
+                let _ = std::fs::remove_file(path);
+            }));
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+    }))
+}

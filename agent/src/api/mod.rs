@@ -1,0 +1,229 @@
+//! The control plane: every operation the CLI and automation can ask for.
+//!
+//! HTTP handlers ([`http`]) only parse a request into a [`Command`];
+//! [`Control::execute`] is the one place that carries commands out, and
+//! [`ApiError`] the one place that decides HTTP statuses and error codes.
+//! The CLI talks to it through [`client`].
+
+pub mod client;
+pub mod http;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::bitmap::{BitmapError, BitmapInfo};
+use crate::config::parse_size;
+use crate::export::{Export, Exports};
+
+/// One control operation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Agent status.
+    Status,
+    /// Every disk with its bitmaps.
+    Disks,
+    /// One disk.
+    Disk(String),
+    /// Bitmaps of a disk.
+    BitmapList(String),
+    /// One bitmap.
+    BitmapGet(String, String),
+    /// Add a bitmap.
+    BitmapAdd(String, BitmapAdd),
+    /// Remove a bitmap.
+    BitmapRemove(String, String),
+    /// Clear a bitmap.
+    BitmapClear(String, String),
+    /// Enable (true) or disable a bitmap.
+    BitmapEnable(String, String, bool),
+    /// Merge sources into a target bitmap.
+    BitmapMerge(String, String, Vec<String>),
+}
+
+/// Body of `POST /v1/disks/{vm}/{disk}/bitmaps`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BitmapAdd {
+    /// Bitmap name.
+    pub name: String,
+    /// Bytes per bit: a number or a size string such as `64KiB` (default 64 KiB).
+    #[serde(default)]
+    pub granularity: Option<Size>,
+    /// Create it without recording writes.
+    #[serde(default)]
+    pub disabled: bool,
+}
+
+/// A size given as a number of bytes or a string with a unit.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum Size {
+    /// Bytes.
+    Bytes(u64),
+    /// `64KiB` and the like.
+    Text(String),
+}
+
+impl Size {
+    fn bytes(&self) -> Result<u64, ApiError> {
+        match self {
+            Size::Bytes(b) => Ok(*b),
+            Size::Text(t) => parse_size(t).map_err(ApiError::BadRequest),
+        }
+    }
+}
+
+/// Body of `POST .../bitmaps/{name}/merge`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MergeBody {
+    /// Bitmaps to merge into the target.
+    pub sources: Vec<String>,
+}
+
+/// Errors of the control API.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The request is malformed or invalid.
+    #[error("{0}")]
+    BadRequest(String),
+    /// No such disk.
+    #[error("No disk {0:?}")]
+    DiskNotFound(String),
+    /// No such route.
+    #[error("No such resource")]
+    NoRoute,
+    /// A bitmap operation failed.
+    #[error(transparent)]
+    Bitmap(#[from] BitmapError),
+    /// An internal task failed.
+    #[error("Internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// HTTP status and stable error code.
+    pub fn status(&self) -> (u16, &'static str) {
+        match self {
+            Self::BadRequest(_) => (400, "bad_request"),
+            Self::DiskNotFound(_) => (404, "disk_not_found"),
+            Self::NoRoute => (404, "not_found"),
+            Self::Bitmap(e) => match e {
+                BitmapError::NotFound { .. } => (404, e.code()),
+                BitmapError::Invalid(_) => (400, e.code()),
+                BitmapError::Persist { .. } => (500, e.code()),
+                BitmapError::Exists(_)
+                | BitmapError::Busy { .. }
+                | BitmapError::Inconsistent { .. }
+                | BitmapError::Disabled(_) => (409, e.code()),
+            },
+            Self::Internal(_) => (500, "internal"),
+        }
+    }
+
+    /// The JSON error body.
+    pub fn body(&self) -> Value {
+        json!({ "error": { "code": self.status().1, "message": self.to_string() } })
+    }
+}
+
+/// What a disk looks like in the API.
+#[derive(Debug, Clone, Serialize)]
+pub struct DiskInfo {
+    /// `VM/DISK`.
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Exported read-only.
+    pub read_only: bool,
+    /// Its bitmaps.
+    pub bitmaps: Vec<BitmapInfo>,
+}
+
+/// Carries out commands against the agent's state.
+#[derive(Debug)]
+pub struct Control {
+    node: String,
+    exports: Arc<Exports>,
+    started: Instant,
+}
+
+impl Control {
+    /// Control over the given export registry.
+    pub fn new(node: String, exports: Arc<Exports>) -> Self {
+        Self { node, exports, started: Instant::now() }
+    }
+
+    fn disk(&self, name: &str) -> Result<Arc<Export>, ApiError> {
+        self.exports.get(name).ok_or_else(|| ApiError::DiskNotFound(name.to_owned()))
+    }
+
+    fn disk_info(export: &Export) -> DiskInfo {
+        DiskInfo {
+            name: export.name().to_owned(),
+            size: export.size(),
+            read_only: export.read_only(),
+            bitmaps: export.bitmaps().list(),
+        }
+    }
+
+    /// Runs one command; returns the JSON result (`null` for "no content").
+    pub async fn execute(&self, command: Command) -> Result<Value, ApiError> {
+        match command {
+            Command::Status => Ok(json!({
+                "node": self.node,
+                "version": env!("CARGO_PKG_VERSION"),
+                "pid": std::process::id(),
+                "uptime_seconds": self.started.elapsed().as_secs(),
+                "disks": self.exports.list().len(),
+            })),
+            Command::Disks => Ok(to_json(self.exports.list().iter().map(|e| Self::disk_info(e)).collect::<Vec<_>>())),
+            Command::Disk(disk) => Ok(to_json(Self::disk_info(self.disk(&disk)?.as_ref()))),
+            Command::BitmapList(disk) => Ok(to_json(self.disk(&disk)?.bitmaps().list())),
+            Command::BitmapGet(disk, name) => {
+                let list = self.disk(&disk)?.bitmaps().list();
+                let found = list.into_iter().find(|b| b.name == name);
+                let found = found.ok_or(BitmapError::NotFound { disk, name })?;
+                Ok(to_json(found))
+            }
+            other => self.bitmap_op(other).await,
+        }
+    }
+
+    /// Bitmap operations do file IO: run them on the blocking pool.
+    async fn bitmap_op(&self, command: Command) -> Result<Value, ApiError> {
+        let disk_name = match &command {
+            Command::BitmapAdd(d, _)
+            | Command::BitmapRemove(d, _)
+            | Command::BitmapClear(d, _)
+            | Command::BitmapEnable(d, _, _)
+            | Command::BitmapMerge(d, _, _) => d.clone(),
+            _ => return Err(ApiError::NoRoute),
+        };
+        let bitmaps = self.disk(&disk_name)?.bitmaps().clone();
+        let run = move || -> Result<Value, ApiError> {
+            Ok(match command {
+                Command::BitmapAdd(_, add) => {
+                    let granularity = add.granularity.as_ref().map(Size::bytes).transpose()?.unwrap_or(64 << 10);
+                    to_json(bitmaps.add(&add.name, granularity, !add.disabled)?)
+                }
+                Command::BitmapRemove(_, name) => {
+                    bitmaps.remove(&name)?;
+                    Value::Null
+                }
+                Command::BitmapClear(_, name) => to_json(bitmaps.clear(&name)?),
+                Command::BitmapEnable(_, name, on) => to_json(bitmaps.set_enabled(&name, on)?),
+                Command::BitmapMerge(_, target, sources) => to_json(bitmaps.merge(&target, &sources)?),
+                _ => return Err(ApiError::NoRoute),
+            })
+        };
+        tokio::task::spawn_blocking(run).await.map_err(|e| ApiError::Internal(e.to_string()))?
+    }
+}
+
+fn to_json<T: Serialize>(value: T) -> Value {
+    serde_json::to_value(value).unwrap_or(Value::Null)
+}

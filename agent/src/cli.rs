@@ -1,0 +1,227 @@
+//! The `rbdsync` client commands: parse arguments, call the control API,
+//! print a table (or JSON with `--json`). Exit status is non-zero on any
+//! failure.
+
+use std::path::Path;
+
+use clap::Subcommand;
+use serde_json::{json, Value};
+
+use crate::api::client::{call, ClientError, Endpoint};
+use crate::config::{format_size, parse_size, AgentConfig, ListenAddr};
+
+/// Default agent configuration read to find the control socket.
+pub const DEFAULT_AGENT_CONFIG: &str = "/etc/rbdsync/agent.yaml";
+
+/// Client subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ClientCmd {
+    /// Agent status.
+    Status,
+    /// Disks served by the agent, with their bitmaps.
+    Disks,
+    /// Dirty bitmaps of a disk.
+    #[command(subcommand)]
+    Bitmap(BitmapCmd),
+}
+
+/// `rbdsync bitmap ...`
+#[derive(Debug, Subcommand)]
+pub enum BitmapCmd {
+    /// Add a bitmap that records writes from now on.
+    Add {
+        /// Disk as VM/DISK.
+        disk: String,
+        /// Bitmap name.
+        name: String,
+        /// Bytes per bit (power of two, 4KiB to 64MiB).
+        #[arg(long, default_value = "64KiB", value_parser = parse_size)]
+        granularity: u64,
+        /// Create it disabled (not recording).
+        #[arg(long)]
+        disabled: bool,
+    },
+    /// Remove a bitmap (also allowed for inconsistent ones).
+    Remove {
+        /// Disk as VM/DISK.
+        disk: String,
+        /// Bitmap name.
+        name: String,
+    },
+    /// Forget every recorded write (bumps the generation).
+    Clear {
+        /// Disk as VM/DISK.
+        disk: String,
+        /// Bitmap name.
+        name: String,
+    },
+    /// Start recording writes.
+    Enable {
+        /// Disk as VM/DISK.
+        disk: String,
+        /// Bitmap name.
+        name: String,
+    },
+    /// Stop recording writes.
+    Disable {
+        /// Disk as VM/DISK.
+        disk: String,
+        /// Bitmap name.
+        name: String,
+    },
+    /// Merge source bitmaps into a target bitmap.
+    Merge {
+        /// Disk as VM/DISK.
+        disk: String,
+        /// Target bitmap.
+        target: String,
+        /// Source bitmaps.
+        #[arg(required = true)]
+        sources: Vec<String>,
+    },
+    /// List a disk's bitmaps.
+    List {
+        /// Disk as VM/DISK.
+        disk: String,
+    },
+}
+
+/// The control endpoint: `--control`, else `RBDSYNC_CONTROL` (clap), else
+/// the first control listener of `/etc/rbdsync/agent.yaml`, else the default socket.
+pub fn resolve_endpoint(explicit: Option<&str>) -> Result<Endpoint, String> {
+    if let Some(addr) = explicit {
+        return addr.parse();
+    }
+    let from_config = Path::new(DEFAULT_AGENT_CONFIG)
+        .exists()
+        .then(|| AgentConfig::load(Path::new(DEFAULT_AGENT_CONFIG)).ok())
+        .flatten()
+        .and_then(|c| c.control.listen.into_iter().next());
+    match from_config {
+        Some(ListenAddr::Unix(p)) => Ok(Endpoint::Unix(p)),
+        Some(ListenAddr::Tcp(a)) => Ok(Endpoint::Http(a.to_string())),
+        None => crate::config::DEFAULT_CONTROL_LISTEN.parse(),
+    }
+}
+
+fn disk_path(disk: &str) -> Result<String, ClientError> {
+    match disk.split_once('/') {
+        Some((vm, d)) if !vm.is_empty() && !d.is_empty() && !d.contains('/') => Ok(format!("/v1/disks/{vm}/{d}")),
+        _ => Err(ClientError::Http(format!("bad disk name {disk:?} (expected VM/DISK)"))),
+    }
+}
+
+/// Runs a client command; prints its result.
+pub async fn run(endpoint: &Endpoint, json_out: bool, cmd: ClientCmd) -> Result<(), ClientError> {
+    let (value, render): (Value, fn(&Value) -> String) = match cmd {
+        ClientCmd::Status => (call(endpoint, "GET", "/v1/status", None).await?, render_status),
+        ClientCmd::Disks => (call(endpoint, "GET", "/v1/disks", None).await?, render_disks),
+        ClientCmd::Bitmap(b) => bitmap(endpoint, b).await?,
+    };
+    if json_out {
+        println!("{}", serde_json::to_string_pretty(&value).unwrap_or_default());
+    } else {
+        print!("{}", render(&value));
+    }
+    Ok(())
+}
+
+async fn bitmap(endpoint: &Endpoint, cmd: BitmapCmd) -> Result<(Value, fn(&Value) -> String), ClientError> {
+    let one: fn(&Value) -> String = |v| render_bitmaps(&json!([v]));
+    Ok(match cmd {
+        BitmapCmd::Add { disk, name, granularity, disabled } => {
+            let body = json!({"name": name, "granularity": granularity, "disabled": disabled});
+            (call(endpoint, "POST", &format!("{}/bitmaps", disk_path(&disk)?), Some(body)).await?, one)
+        }
+        BitmapCmd::Remove { disk, name } => {
+            let v = call(endpoint, "DELETE", &format!("{}/bitmaps/{name}", disk_path(&disk)?), None).await?;
+            (v, |_| String::new())
+        }
+        BitmapCmd::Clear { disk, name } => (action(endpoint, &disk, &name, "clear", None).await?, one),
+        BitmapCmd::Enable { disk, name } => (action(endpoint, &disk, &name, "enable", None).await?, one),
+        BitmapCmd::Disable { disk, name } => (action(endpoint, &disk, &name, "disable", None).await?, one),
+        BitmapCmd::Merge { disk, target, sources } => {
+            (action(endpoint, &disk, &target, "merge", Some(json!({ "sources": sources }))).await?, one)
+        }
+        BitmapCmd::List { disk } => {
+            (call(endpoint, "GET", &format!("{}/bitmaps", disk_path(&disk)?), None).await?, render_bitmaps)
+        }
+    })
+}
+
+async fn action(endpoint: &Endpoint, disk: &str, name: &str, what: &str, body: Option<Value>) -> Result<Value, ClientError> {
+    call(endpoint, "POST", &format!("{}/bitmaps/{name}/{what}", disk_path(disk)?), body).await
+}
+
+fn render_status(v: &Value) -> String {
+    format!(
+        "node     {}\nversion  {}\npid      {}\nuptime   {}s\ndisks    {}\n",
+        v["node"].as_str().unwrap_or("?"),
+        v["version"].as_str().unwrap_or("?"),
+        v["pid"],
+        v["uptime_seconds"],
+        v["disks"]
+    )
+}
+
+fn size(v: &Value) -> String {
+    v.as_u64().map(format_size).unwrap_or_else(|| "?".into())
+}
+
+fn render_disks(v: &Value) -> String {
+    let rows: Vec<Vec<String>> = v
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|d| {
+            let bitmaps: Vec<&str> = d["bitmaps"].as_array().into_iter().flatten().filter_map(|b| b["name"].as_str()).collect();
+            vec![
+                d["name"].as_str().unwrap_or("?").to_owned(),
+                size(&d["size"]),
+                if d["read_only"] == true { "ro" } else { "rw" }.to_owned(),
+                bitmaps.join(","),
+            ]
+        })
+        .collect();
+    table(&["DISK", "SIZE", "MODE", "BITMAPS"], &rows)
+}
+
+fn render_bitmaps(v: &Value) -> String {
+    let rows: Vec<Vec<String>> = v
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|b| {
+            let state = if b["consistent"] != true {
+                format!("inconsistent: {}", b["inconsistent_reason"].as_str().unwrap_or("?"))
+            } else if b["busy"] == true {
+                format!("busy ({})", b["busy_job"].as_str().unwrap_or("?"))
+            } else if b["recording"] == true {
+                "recording".into()
+            } else {
+                "disabled".into()
+            };
+            vec![b["name"].as_str().unwrap_or("?").to_owned(), size(&b["granularity"]), size(&b["dirty_bytes"]), b["generation"].to_string(), state]
+        })
+        .collect();
+    table(&["NAME", "GRANULARITY", "DIRTY", "GEN", "STATE"], &rows)
+}
+
+/// Formats rows as an aligned text table.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let padded: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        padded.join("  ").trim_end().to_owned() + "\n"
+    };
+    let mut out = line(header.to_vec());
+    for row in rows {
+        out += &line(row.iter().map(String::as_str).collect());
+    }
+    out
+}

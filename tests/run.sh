@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Runs the whole rbdsync test suite on a Debian 12 machine (as root):
+# installs what the tests need, starts a throw-away Ceph cluster on
+# loopback, builds once in release, runs every test, then the lints.
+# Usage: bash tests/run.sh            (CI runs exactly this via .ci/run)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PACKAGES=(qemu-utils libnbd-bin python3-libnbd nbdkit fio jq
+          clang libclang-dev librbd-dev librados-dev ceph-mon ceph-osd ceph-common prometheus)
+
+install_packages() {
+    local missing=()
+    for p in "${PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    done
+    if ((${#missing[@]})); then
+        echo "== installing: ${missing[*]}"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    fi
+}
+
+CEPH_DIR=""
+start_ceph() {
+    CEPH_DIR=$(mktemp -d /tmp/rbdsync-ceph.XXXXXX)
+    echo "== starting Ceph test cluster in $CEPH_DIR"
+    deploy/dev/ceph-cluster.sh up "$CEPH_DIR"
+    export RBDSYNC_TEST_CEPH_CONF="$CEPH_DIR/ceph.conf"
+}
+
+stop_ceph() {
+    if [[ -n "$CEPH_DIR" ]]; then
+        deploy/dev/ceph-cluster.sh down "$CEPH_DIR" || true
+        rm -rf "$CEPH_DIR"
+    fi
+}
+
+main() {
+    local start=$SECONDS
+    install_packages
+    trap stop_ceph EXIT
+    start_ceph
+    echo "== build (release)"
+    cargo build --release --workspace --all-targets
+    echo "== tests"
+    cargo test --release --workspace -- --test-threads="${TEST_THREADS:-4}"
+    echo "== lints"
+    cargo fmt --all -- --check
+    cargo clippy --release --workspace --all-targets -- -D warnings
+    echo "== all tests passed in $((SECONDS - start)) s"
+}
+
+main "$@"
