@@ -149,7 +149,13 @@ async fn bitmap(endpoint: &Endpoint, cmd: BitmapCmd) -> Result<(Value, fn(&Value
     })
 }
 
-async fn action(endpoint: &Endpoint, disk: &str, name: &str, what: &str, body: Option<Value>) -> Result<Value, ClientError> {
+async fn action(
+    endpoint: &Endpoint,
+    disk: &str,
+    name: &str,
+    what: &str,
+    body: Option<Value>,
+) -> Result<Value, ClientError> {
     call(endpoint, "POST", &format!("{}/bitmaps/{name}/{what}", disk_path(disk)?), body).await
 }
 
@@ -174,7 +180,8 @@ fn render_disks(v: &Value) -> String {
         .into_iter()
         .flatten()
         .map(|d| {
-            let bitmaps: Vec<&str> = d["bitmaps"].as_array().into_iter().flatten().filter_map(|b| b["name"].as_str()).collect();
+            let bitmaps: Vec<&str> =
+                d["bitmaps"].as_array().into_iter().flatten().filter_map(|b| b["name"].as_str()).collect();
             vec![
                 d["name"].as_str().unwrap_or("?").to_owned(),
                 size(&d["size"]),
@@ -201,7 +208,13 @@ fn render_bitmaps(v: &Value) -> String {
             } else {
                 "disabled".into()
             };
-            vec![b["name"].as_str().unwrap_or("?").to_owned(), size(&b["granularity"]), size(&b["dirty_bytes"]), b["generation"].to_string(), state]
+            vec![
+                b["name"].as_str().unwrap_or("?").to_owned(),
+                size(&b["granularity"]),
+                size(&b["dirty_bytes"]),
+                b["generation"].to_string(),
+                state,
+            ]
         })
         .collect();
     table(&["NAME", "GRANULARITY", "DIRTY", "GEN", "STATE"], &rows)

@@ -20,7 +20,7 @@ use crate::config::{AgentConfig, ConfigError, DiskConfig, VmConfig};
 use crate::export::{Export, Exports};
 use crate::nbd::server::ServerError;
 use crate::nbd::{NbdServer, ServerSettings};
-use crate::store::{self, OpenOptions, StoreError};
+use crate::store::{OpenOptions, StoreError, Stores};
 
 /// Errors that stop the agent.
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +75,7 @@ impl DaemonError {
 /// The disks the agent serves, with the config each was built from.
 struct Disks {
     state_dir: PathBuf,
+    stores: Arc<Stores>,
     exports: Arc<Exports>,
     configs: BTreeMap<String, DiskConfig>,
 }
@@ -101,7 +102,7 @@ impl Disks {
             if self.configs.contains_key(&name) {
                 continue;
             }
-            match open_disk(&self.state_dir, &name, &config).await {
+            match open_disk(&self.stores, &self.state_dir, &name, &config).await {
                 Ok(export) => {
                     tracing::info!(disk = %name, image = %config.image, "serving export");
                     self.exports.insert(export);
@@ -150,13 +151,19 @@ async fn close_export(export: Arc<Export>) {
     }
 }
 
-async fn open_disk(state_dir: &Path, name: &str, disk: &DiskConfig) -> Result<Arc<Export>, DaemonError> {
+async fn open_disk(
+    stores: &Arc<Stores>,
+    state_dir: &Path,
+    name: &str,
+    disk: &DiskConfig,
+) -> Result<Arc<Export>, DaemonError> {
     let options = OpenOptions { create_size: disk.size, read_only: disk.read_only };
     let (image, bitmaps) = (disk.image.clone(), disk.bitmaps.clone());
     let dir = state_dir.join("bitmaps").join(name);
     let disk_name = name.to_owned();
+    let stores = stores.clone();
     let opened = tokio::task::spawn_blocking(move || {
-        let store = store::open(&image, &options).map_err(DaemonError::store(&disk_name))?;
+        let store = stores.open(&image, &options).map_err(DaemonError::store(&disk_name))?;
         let identity = store.identity().map_err(DaemonError::store(&disk_name))?;
         let tracked = DiskBitmaps::open(&dir, &disk_name, store.size(), identity, &bitmaps)
             .map_err(|source| DaemonError::Bitmaps { disk: disk_name.clone(), source })?;
@@ -175,7 +182,8 @@ pub async fn run(config: AgentConfig) -> Result<(), DaemonError> {
         .map_err(io_err(format!("Cannot create {}", config.state_dir.display())))?;
     let vms = config.load_vms()?;
     let exports = Arc::new(Exports::default());
-    let mut disks = Disks { state_dir: config.state_dir.clone(), exports, configs: BTreeMap::new() };
+    let stores = Stores::new(config.ceph.clone());
+    let mut disks = Disks { state_dir: config.state_dir.clone(), stores, exports, configs: BTreeMap::new() };
     if let Err(e) = disks.apply(&vms).await {
         disks.close_all().await;
         return Err(e);

@@ -83,7 +83,8 @@ pub async fn call(endpoint: &Endpoint, method: &str, path: &str, body: Option<Va
     let response = sender.send_request(request).await.map_err(|e| http(&e))?;
     let status = response.status().as_u16();
     let bytes = response.into_body().collect().await.map_err(|e| http(&e))?.to_bytes();
-    let value: Value = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).map_err(|e| http(&e))? };
+    let value: Value =
+        if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).map_err(|e| http(&e))? };
     if status >= 400 {
         let code = value["error"]["code"].as_str().unwrap_or("unknown").to_owned();
         let message = value["error"]["message"].as_str().map_or_else(|| format!("HTTP {status}"), str::to_owned);

@@ -27,7 +27,10 @@ pub fn router(control: Arc<Control>) -> Router {
     Router::new()
         .route("/v1/status", get(|s: Ctl| run(s, Command::Status)))
         .route("/v1/disks", get(|s: Ctl| run(s, Command::Disks)))
-        .route("/v1/disks/{vm}/{disk}", get(|s: Ctl, Path((vm, d)): Path<(String, String)>| run(s, Command::Disk(format!("{vm}/{d}")))))
+        .route(
+            "/v1/disks/{vm}/{disk}",
+            get(|s: Ctl, Path((vm, d)): Path<(String, String)>| run(s, Command::Disk(format!("{vm}/{d}")))),
+        )
         .route("/v1/disks/{vm}/{disk}/bitmaps", get(list_bitmaps).post(add_bitmap))
         .route("/v1/disks/{vm}/{disk}/bitmaps/{name}", get(get_bitmap).delete(remove_bitmap))
         .route("/v1/disks/{vm}/{disk}/bitmaps/{name}/{action}", post(bitmap_action))
@@ -55,7 +58,11 @@ async fn remove_bitmap(s: Ctl, Path((vm, disk, name)): Path<(String, String, Str
     run(s, Command::BitmapRemove(format!("{vm}/{disk}"), name)).await
 }
 
-async fn bitmap_action(s: Ctl, Path((vm, disk, name, action)): Path<(String, String, String, String)>, body: Bytes) -> Response {
+async fn bitmap_action(
+    s: Ctl,
+    Path((vm, disk, name, action)): Path<(String, String, String, String)>,
+    body: Bytes,
+) -> Response {
     let disk = format!("{vm}/{disk}");
     let command = match action.as_str() {
         "clear" => Command::BitmapClear(disk, name),

@@ -44,7 +44,7 @@ fn embedded_example_parses() {
     assert_eq!((vm.name.as_str(), vm.source.as_path()), ("demo", Path::new(EMBEDDED_SOURCE)));
     let expected = DiskConfig {
         name: "disk0".into(),
-        image: ImageUri::File("/var/lib/rbdsync/images/demo-disk0.raw".into()),
+        image: ImageUri::file("/var/lib/rbdsync/images/demo-disk0.raw"),
         size: Some(GIB),
         read_only: false,
         bitmaps: vec![BitmapConfig::new("backup", 64 * KIB, true).expect("valid bitmap")],
@@ -299,8 +299,8 @@ fn relative_paths_resolve_against_the_files_directory() {
     let ceph = config.ceph.as_ref().expect("ceph");
     assert_eq!((&ceph.conf, &ceph.keyring), (&root.join("ceph.conf"), &Some(root.join("keyring"))));
     let vms = config.load_vms().expect("valid VMs");
-    assert_eq!(vms[0].disks[0].image, ImageUri::File(root.join("a.raw")));
-    assert_eq!(vms[1].disks[0].image, ImageUri::File(root.join("vms.d/../b.raw")));
+    assert_eq!(vms[0].disks[0].image, ImageUri::file(root.join("a.raw")));
+    assert_eq!(vms[1].disks[0].image, ImageUri::file(root.join("vms.d/../b.raw")));
     assert_eq!(vms[1].source, root.join("vms.d/b.yaml"));
 }
 

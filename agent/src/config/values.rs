@@ -126,8 +126,14 @@ pub fn check_disk_size(bytes: u64) -> Result<(), String> {
 /// a config file is resolved against that file's directory.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum ImageUri {
-    /// A raw sparse file.
-    File(PathBuf),
+    /// A raw sparse file, or a snapshot of one when `snap` is set
+    /// (`file:/path@snap`; a file name must not contain `@`).
+    File {
+        /// Path of the image file.
+        path: PathBuf,
+        /// Snapshot name, if this names a snapshot.
+        snap: Option<String>,
+    },
     /// A Ceph RBD image, or a snapshot of one when `snap` is set.
     Rbd {
         /// Pool name.
@@ -143,15 +149,28 @@ impl ImageUri {
     /// The snapshot this URI names, if any.
     pub fn snap(&self) -> Option<&str> {
         match self {
-            Self::Rbd { snap, .. } => snap.as_deref(),
-            Self::File(_) => None,
+            Self::Rbd { snap, .. } | Self::File { snap, .. } => snap.as_deref(),
         }
     }
 
     /// Makes a relative `file:` path absolute by joining it to `base`.
     pub(super) fn resolve(&mut self, base: &Path) {
-        if let Self::File(path) = self {
+        if let Self::File { path, .. } = self {
             *path = base.join(&*path);
+        }
+    }
+
+    /// A `file:` URI without a snapshot.
+    pub fn file(path: impl Into<PathBuf>) -> Self {
+        Self::File { path: path.into(), snap: None }
+    }
+
+    /// The same image with snapshot `snap` (or without one for `None`).
+    pub fn with_snap(&self, snap: Option<&str>) -> Self {
+        let snap = snap.map(str::to_owned);
+        match self {
+            Self::File { path, .. } => Self::File { path: path.clone(), snap },
+            Self::Rbd { pool, image, .. } => Self::Rbd { pool: pool.clone(), image: image.clone(), snap },
         }
     }
 }
@@ -183,7 +202,18 @@ fn parse_file_uri(path: &str) -> Result<ImageUri, &'static str> {
     if path.is_empty() || path.contains('\0') {
         return Err("file: needs a path, e.g. file:/var/lib/rbdsync/images/x.raw");
     }
-    Ok(ImageUri::File(PathBuf::from(path)))
+    let name_start = path.rfind('/').map_or(0, |i| i + 1);
+    let (path, snap) = match path[name_start..].split_once('@') {
+        Some((name, snap)) => (&path[..name_start + name.len()], Some(snap)),
+        None => (path, None),
+    };
+    if let Some(snap) = snap {
+        check_rbd_part(snap)?;
+        if path.ends_with('/') {
+            return Err("file: needs a file name before @snapshot");
+        }
+    }
+    Ok(ImageUri::File { path: PathBuf::from(path), snap: snap.map(str::to_owned) })
 }
 
 fn parse_rbd_uri(spec: &str) -> Result<ImageUri, &'static str> {
@@ -214,7 +244,10 @@ fn check_rbd_part(part: &str) -> Result<(), &'static str> {
 impl fmt::Display for ImageUri {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::File(path) => write!(f, "file:{}", path.display()),
+            Self::File { path, snap } => {
+                write!(f, "file:{}", path.display())?;
+                snap.as_ref().map_or(Ok(()), |snap| write!(f, "@{snap}"))
+            }
             Self::Rbd { pool, image, snap } => {
                 write!(f, "rbd:{pool}/{image}")?;
                 snap.as_ref().map_or(Ok(()), |snap| write!(f, "@{snap}"))

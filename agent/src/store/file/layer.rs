@@ -1,0 +1,274 @@
+//! Layering for `file:` images: a child whose unwritten granules read from
+//! a parent snapshot (any store's), like an RBD clone or a qcow2 backing file.
+//!
+//! `IMAGE.owned` holds one bit per granule: set when the child's own data
+//! is authoritative there. A write to a granule the child does not own
+//! copies the rest of that granule from the parent first (copy-up), under a
+//! per-granule stripe lock that the stream (`copy_up`) takes too, so a
+//! guest write is never overwritten by older parent data.
+//!
+//! Durability: owned bits reach the disk only in `persist`, which `flush`
+//! runs after the child's data is synced. After a crash, granules written
+//! since the last flush may read from the parent again, which the NBD
+//! contract allows for unflushed writes; flushed data is never hidden.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::bitmap::AtomicBits;
+use crate::config::ImageUri;
+use crate::store::{BlockStore, Extent, StoreError};
+
+const STRIPES: u64 = 64;
+
+/// The parent side of a layered `file:` image.
+#[derive(Debug)]
+pub struct Layer {
+    parent_uri: ImageUri,
+    parent: Arc<dyn BlockStore>,
+    granularity: u64,
+    shift: u32,
+    size: u64,
+    owned: AtomicBits,
+    changed_words: AtomicBits,
+    file: File,
+    path: PathBuf,
+    stripes: Vec<Mutex<()>>,
+}
+
+fn io_err(op: &'static str, offset: u64) -> impl FnOnce(std::io::Error) -> StoreError {
+    move |source| StoreError::Io { op, offset, source }
+}
+
+/// Path of the owned map of `image`.
+pub fn owned_path(image: &Path) -> PathBuf {
+    let mut p = image.as_os_str().to_owned();
+    p.push(".owned");
+    PathBuf::from(p)
+}
+
+impl Layer {
+    /// Opens (or with `create`, creates empty) the owned map of a child.
+    pub fn open(
+        image: &Path,
+        parent_uri: ImageUri,
+        parent: Arc<dyn BlockStore>,
+        size: u64,
+        granularity: u64,
+        create: bool,
+        read_only: bool,
+    ) -> Result<Self, StoreError> {
+        let path = owned_path(image);
+        let open_err = |source| StoreError::Open { path: path.clone(), source };
+        let bits = size.div_ceil(granularity);
+        let words = bits.div_ceil(64);
+        let file = OpenOptions::new().read(true).write(!read_only).create(create).open(&path).map_err(open_err)?;
+        if create {
+            file.set_len(words * 8).map_err(open_err)?;
+            file.sync_all().map_err(open_err)?;
+        }
+        let mut raw = vec![0u8; usize::try_from(words * 8).unwrap_or(0)];
+        file.read_exact_at(&mut raw, 0).map_err(open_err)?;
+        let values: Vec<u64> =
+            raw.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect();
+        Ok(Self {
+            parent_uri,
+            parent,
+            granularity,
+            shift: granularity.trailing_zeros(),
+            size,
+            owned: AtomicBits::from_words(bits, &values),
+            changed_words: AtomicBits::new(words),
+            file,
+            path,
+            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+        })
+    }
+
+    /// The parent snapshot.
+    pub fn parent_uri(&self) -> &ImageUri {
+        &self.parent_uri
+    }
+
+    /// Whether every granule is owned (the parent is no longer needed).
+    pub fn fully_owned(&self) -> bool {
+        self.owned.len() == 0 || self.owned.all_set(0, self.owned.len() - 1)
+    }
+
+    /// Bytes not yet owned by the child.
+    pub fn unowned_bytes(&self) -> u64 {
+        self.size.saturating_sub(self.owned.count() * self.granularity).min(self.size)
+    }
+
+    fn granules(&self, offset: u64, length: u64) -> (u64, u64) {
+        (offset >> self.shift, (offset + length.max(1) - 1) >> self.shift)
+    }
+
+    fn lock(&self, first: u64, last: u64) -> Vec<MutexGuard<'_, ()>> {
+        let n = (last - first + 1).min(STRIPES);
+        let mut idx: Vec<u64> = (first..first + n).map(|g| g % STRIPES).collect();
+        idx.sort_unstable();
+        idx.dedup();
+        idx.iter().map(|&i| self.stripes[i as usize].lock().unwrap_or_else(|p| p.into_inner())).collect()
+    }
+
+    fn set_owned(&self, first: u64, last: u64) {
+        self.owned.set_range(first, last);
+        self.changed_words.set_range(first / 64, last / 64);
+    }
+
+    /// Reads through the layer: owned runs from `child`, the rest from the parent.
+    pub fn read(&self, child: &File, buf: &mut [u8], offset: u64) -> Result<(), StoreError> {
+        let mut done = 0usize;
+        let total = buf.len();
+        while done < total {
+            let pos = offset + done as u64;
+            let g = pos >> self.shift;
+            let owned = self.owned.get(g);
+            let mut end = ((g + 1) << self.shift).min(offset + buf.len() as u64);
+            while end < offset + buf.len() as u64 && self.owned.get(end >> self.shift) == owned {
+                end = (((end >> self.shift) + 1) << self.shift).min(offset + buf.len() as u64);
+            }
+            let stop = usize::try_from(end - offset).unwrap_or(total);
+            let chunk = &mut buf[done..stop];
+            if owned {
+                child.read_exact_at(chunk, pos).map_err(io_err("read", pos))?;
+            } else {
+                self.parent.read_at(chunk, pos)?;
+            }
+            done = stop;
+        }
+        Ok(())
+    }
+
+    /// Writes `data` at `offset`, copying up partial unowned granules first.
+    pub fn write(&self, child: &File, data: &[u8], offset: u64) -> Result<(), StoreError> {
+        let (first, last) = self.granules(offset, data.len() as u64);
+        if self.owned.all_set(first, last) {
+            return child.write_all_at(data, offset).map_err(io_err("write", offset));
+        }
+        let _locks = self.lock(first, last);
+        let start = first << self.shift;
+        let end = ((last + 1) << self.shift).min(self.size);
+        let mut merged = vec![0u8; usize::try_from(end - start).unwrap_or(0)];
+        self.read(child, &mut merged, start)?;
+        let at = usize::try_from(offset - start).unwrap_or(0);
+        merged[at..at + data.len()].copy_from_slice(data);
+        child.write_all_at(&merged, start).map_err(io_err("write", start))?;
+        self.set_owned(first, last);
+        Ok(())
+    }
+
+    /// Makes `offset..offset+length` read as zeroes: whole granules are
+    /// punched and owned; partial edge granules go through [`write`](Self::write).
+    pub fn zero(
+        &self,
+        child: &File,
+        offset: u64,
+        length: u64,
+        punch: &dyn Fn(u64, u64) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let end = offset + length;
+        let inner_start = offset.next_multiple_of(self.granularity).min(end);
+        let inner_end = (end & !(self.granularity - 1)).max(inner_start);
+        let inner_end = if end == self.size { end } else { inner_end };
+        for (s, e) in [(offset, inner_start), (inner_end, end)] {
+            if e > s {
+                self.write(child, &vec![0u8; usize::try_from(e - s).unwrap_or(0)], s)?;
+            }
+        }
+        if inner_end > inner_start {
+            let (first, last) = self.granules(inner_start, inner_end - inner_start);
+            let _locks = self.lock(first, last);
+            punch(inner_start, inner_end - inner_start)?;
+            self.set_owned(first, last);
+        }
+        Ok(())
+    }
+
+    /// Copies every unowned granule of the range from the parent (stream);
+    /// returns the bytes read from the parent.
+    pub fn copy_up(&self, child: &File, offset: u64, length: u64) -> Result<u64, StoreError> {
+        let (first, last) = self.granules(offset, length);
+        let mut copied = 0;
+        for g in first..=last.min(self.owned.len().saturating_sub(1)) {
+            if self.owned.get(g) {
+                continue;
+            }
+            let _lock = self.lock(g, g);
+            if self.owned.get(g) {
+                continue;
+            }
+            let start = g << self.shift;
+            let mut buf = vec![0u8; usize::try_from(self.granularity.min(self.size - start)).unwrap_or(0)];
+            self.parent.read_at(&mut buf, start)?;
+            if buf.iter().any(|&b| b != 0) {
+                child.write_all_at(&buf, start).map_err(io_err("copy up", start))?;
+            }
+            self.set_owned(g, g);
+            copied += buf.len() as u64;
+        }
+        Ok(copied)
+    }
+
+    /// Writes the changed words of the owned map durably (after the child's data is synced).
+    pub fn persist(&self) -> Result<(), StoreError> {
+        let words: Vec<u64> = self.changed_words.runs_from(0).flat_map(|(f, n)| f..f + n).collect();
+        if words.is_empty() {
+            return Ok(());
+        }
+        for &w in &words {
+            self.changed_words.and_not_word(w / 64, 1 << (w % 64));
+            let value = self.owned.word(w);
+            self.file.write_all_at(&value.to_le_bytes(), w * 8).map_err(io_err("write owned map", w * 8))?;
+        }
+        self.file.sync_data().map_err(io_err("sync owned map", 0))
+    }
+
+    /// Allocation: owned runs from the child, the rest from the parent.
+    pub fn extents(
+        &self,
+        child: &dyn Fn(u64, u64) -> Result<Vec<Extent>, StoreError>,
+        offset: u64,
+        length: u64,
+    ) -> Result<Vec<Extent>, StoreError> {
+        let end = offset.saturating_add(length).min(self.size);
+        let mut out: Vec<Extent> = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let owned = self.owned.get(pos >> self.shift);
+            let mut next = (((pos >> self.shift) + 1) << self.shift).min(end);
+            while next < end && self.owned.get(next >> self.shift) == owned {
+                next = (((next >> self.shift) + 1) << self.shift).min(end);
+            }
+            let part = if owned { child(pos, next - pos)? } else { self.parent.extents(pos, next - pos)? };
+            for e in part {
+                match out.last_mut() {
+                    Some(l) if l.kind == e.kind && l.offset + l.length == e.offset => l.length += e.length,
+                    _ => out.push(e),
+                }
+            }
+            pos = next;
+        }
+        Ok(out)
+    }
+
+    /// Own-data ranges: owned granules that the child has data in.
+    pub fn owned_ranges(&self, offset: u64, length: u64) -> Vec<(u64, u64)> {
+        let end = offset.saturating_add(length).min(self.size);
+        self.owned
+            .runs_from(offset >> self.shift)
+            .map(|(f, n)| ((f << self.shift).max(offset), ((f + n) << self.shift).min(end)))
+            .take_while(|(s, _)| *s < end)
+            .filter(|(s, e)| e > s)
+            .map(|(s, e)| (s, e - s))
+            .collect()
+    }
+
+    /// Path of the owned map.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
