@@ -18,6 +18,8 @@ use crate::api::{self, Control};
 use crate::bitmap::{BitmapError, DiskBitmaps};
 use crate::config::{AgentConfig, ConfigError, DiskConfig, VmConfig};
 use crate::export::{Export, Exports};
+use crate::jobs::backup::BackupEnv;
+use crate::jobs::JobManager;
 use crate::nbd::server::ServerError;
 use crate::nbd::{NbdServer, ServerSettings};
 use crate::store::{OpenOptions, StoreError, Stores};
@@ -189,9 +191,18 @@ pub async fn run(config: AgentConfig) -> Result<(), DaemonError> {
         return Err(e);
     }
 
+    let jobs = JobManager::load(&config.state_dir.join("jobs"))
+        .map_err(io_err(format!("Cannot read {}", config.state_dir.join("jobs").display())))?;
+    let env = BackupEnv {
+        stores: disks.stores.clone(),
+        scratch_dir: config.state_dir.join("scratch"),
+        node: config.node.clone(),
+    };
+    let control = Arc::new(Control::new(config.node.clone(), disks.exports.clone(), jobs.clone(), env));
+    control.set_vms(vms);
     let shutdown = CancellationToken::new();
-    let started = start_servers(&config, &disks, shutdown.clone()).await;
-    let (server, control) = match started {
+    let started = start_servers(&config, control.clone(), &disks, shutdown.clone()).await;
+    let (server, control_task) = match started {
         Ok(servers) => servers,
         Err(e) => {
             disks.close_all().await;
@@ -209,13 +220,14 @@ pub async fn run(config: AgentConfig) -> Result<(), DaemonError> {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = hup.recv() => reload(&config, &mut disks).await,
+            _ = hup.recv() => reload(&config, &mut disks, &control).await,
         }
     }
-    tracing::info!("stopping: draining connections");
+    tracing::info!("stopping: cancelling jobs, draining connections");
+    jobs.shutdown().await;
     shutdown.cancel();
     let _ = serving.await;
-    let _ = control.await;
+    let _ = control_task.await;
     disks.close_all().await;
     runtime.remove();
     tracing::info!("agent stopped");
@@ -224,19 +236,23 @@ pub async fn run(config: AgentConfig) -> Result<(), DaemonError> {
 
 async fn start_servers(
     config: &AgentConfig,
+    control: Arc<Control>,
     disks: &Disks,
     shutdown: CancellationToken,
 ) -> Result<(NbdServer, tokio::task::JoinHandle<()>), DaemonError> {
     let server = NbdServer::bind(&server_settings(config), disks.exports.clone()).await?;
-    let control = Arc::new(Control::new(config.node.clone(), disks.exports.clone()));
     let control = api::http::serve(&config.control.listen, control, shutdown).await?;
     Ok((server, control))
 }
 
-async fn reload(config: &AgentConfig, disks: &mut Disks) {
+async fn reload(config: &AgentConfig, disks: &mut Disks, control: &Control) {
     tracing::info!("SIGHUP: reloading VM files");
     let result = match config.load_vms() {
-        Ok(vms) => disks.apply(&vms).await,
+        Ok(vms) => {
+            let applied = disks.apply(&vms).await;
+            control.set_vms(vms);
+            applied
+        }
         Err(e) => Err(e.into()),
     };
     if let Err(e) = result {

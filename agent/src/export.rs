@@ -12,7 +12,10 @@ use proto::consts::{tflags, BASE_ALLOCATION, QEMU_DIRTY_BITMAP_PREFIX};
 use proto::ExportInfo;
 use tokio_util::sync::CancellationToken;
 
-use crate::bitmap::{BitmapError, DiskBitmaps};
+use arc_swap::ArcSwap;
+
+use crate::bitmap::{BitmapError, DiskBitmaps, Drained};
+use crate::jobs::pit::PointInTime;
 use crate::store::{BlockStore, StoreError};
 
 /// Why a request on an export failed.
@@ -43,6 +46,7 @@ pub struct Export {
     description: String,
     store: Arc<dyn BlockStore>,
     bitmaps: Arc<DiskBitmaps>,
+    hooks: ArcSwap<Vec<Arc<PointInTime>>>,
     read_only: bool,
     detached: CancellationToken,
 }
@@ -57,7 +61,29 @@ impl Export {
         read_only: bool,
     ) -> Self {
         let read_only = read_only || store.capabilities().read_only;
-        Self { name, description, store, bitmaps, read_only, detached: CancellationToken::new() }
+        Self {
+            name,
+            description,
+            store,
+            bitmaps,
+            hooks: ArcSwap::default(),
+            read_only,
+            detached: CancellationToken::new(),
+        }
+    }
+
+    /// Installs a point-in-time view; call inside [`DiskBitmaps::drained`].
+    pub fn add_hook(&self, _: &Drained, hook: Arc<PointInTime>) {
+        self.hooks.rcu(|hooks| {
+            let mut v = hooks.as_ref().clone();
+            v.push(hook.clone());
+            v
+        });
+    }
+
+    /// Removes a point-in-time view.
+    pub fn remove_hook(&self, hook: &Arc<PointInTime>) {
+        self.hooks.rcu(|hooks| hooks.iter().filter(|h| !Arc::ptr_eq(h, hook)).cloned().collect::<Vec<_>>());
     }
 
     /// The disk's dirty bitmaps.
@@ -149,6 +175,9 @@ impl Export {
         self.writable()?;
         let _section = self.bitmaps.write_section();
         self.bitmaps.mark(offset, length)?;
+        for hook in self.hooks.load().iter() {
+            hook.before_write(offset, length)?;
+        }
         io()?;
         Ok(self.fua(fua)?)
     }

@@ -19,5 +19,6 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod export;
+pub mod jobs;
 pub mod nbd;
 pub mod store;

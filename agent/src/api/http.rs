@@ -5,7 +5,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -14,7 +14,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use super::{ApiError, BitmapAdd, Command, Control, MergeBody};
+use super::{ApiError, BitmapAdd, Command, Control, JobAction, MergeBody, Size, StartJob};
 use crate::config::ListenAddr;
 
 /// Largest request body accepted.
@@ -34,6 +34,9 @@ pub fn router(control: Arc<Control>) -> Router {
         .route("/v1/disks/{vm}/{disk}/bitmaps", get(list_bitmaps).post(add_bitmap))
         .route("/v1/disks/{vm}/{disk}/bitmaps/{name}", get(get_bitmap).delete(remove_bitmap))
         .route("/v1/disks/{vm}/{disk}/bitmaps/{name}/{action}", post(bitmap_action))
+        .route("/v1/jobs", get(list_jobs).post(start_job))
+        .route("/v1/jobs/{id}", get(|s: Ctl, Path(id): Path<String>| run(s, Command::Job(id))))
+        .route("/v1/jobs/{id}/{action}", post(job_action))
         .fallback(|| async { error(ApiError::NoRoute) })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(control)
@@ -75,6 +78,44 @@ async fn bitmap_action(
         _ => return error(ApiError::NoRoute),
     };
     run(s, command).await
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct ListQuery {
+    #[serde(default)]
+    all: bool,
+}
+
+async fn list_jobs(s: Ctl, Query(q): Query<ListQuery>) -> Response {
+    run(s, Command::Jobs(q.all)).await
+}
+
+async fn start_job(s: Ctl, body: Bytes) -> Response {
+    match parse::<StartJob>(&body) {
+        Ok(start) => created(run(s, Command::StartJob(start)).await),
+        Err(e) => error(e),
+    }
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SpeedBody {
+    speed: Size,
+}
+
+async fn job_action(s: Ctl, Path((id, action)): Path<(String, String)>, body: Bytes) -> Response {
+    let action = match action.as_str() {
+        "pause" => JobAction::Pause,
+        "resume" => JobAction::Resume,
+        "cancel" => JobAction::Cancel,
+        "complete" => JobAction::Complete,
+        "speed" => match parse::<SpeedBody>(&body).and_then(|b| b.speed.bytes()) {
+            Ok(speed) => JobAction::SetSpeed(speed),
+            Err(e) => return error(e),
+        },
+        _ => return error(ApiError::NoRoute),
+    };
+    run(s, Command::JobAction(id, action)).await
 }
 
 fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {

@@ -7,6 +7,9 @@
 
 pub mod client;
 pub mod http;
+mod jobs;
+
+pub use jobs::{JobAction, StartJob};
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -14,9 +17,13 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use arc_swap::ArcSwap;
+
 use crate::bitmap::{BitmapError, BitmapInfo};
-use crate::config::parse_size;
+use crate::config::{parse_size, VmConfig};
 use crate::export::{Export, Exports};
+use crate::jobs::backup::BackupEnv;
+use crate::jobs::{JobControlError, JobManager};
 
 /// One control operation.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,6 +48,14 @@ pub enum Command {
     BitmapEnable(String, String, bool),
     /// Merge sources into a target bitmap.
     BitmapMerge(String, String, Vec<String>),
+    /// Start a job (backup of a disk or VM, verify).
+    StartJob(StartJob),
+    /// Jobs (`true`: concluded ones too).
+    Jobs(bool),
+    /// One job.
+    Job(String),
+    /// Control a job.
+    JobAction(String, JobAction),
 }
 
 /// Body of `POST /v1/disks/{vm}/{disk}/bitmaps`.
@@ -68,7 +83,8 @@ pub enum Size {
 }
 
 impl Size {
-    fn bytes(&self) -> Result<u64, ApiError> {
+    /// The size in bytes.
+    pub fn bytes(&self) -> Result<u64, ApiError> {
         match self {
             Size::Bytes(b) => Ok(*b),
             Size::Text(t) => parse_size(t).map_err(ApiError::BadRequest),
@@ -99,6 +115,9 @@ pub enum ApiError {
     /// A bitmap operation failed.
     #[error(transparent)]
     Bitmap(#[from] BitmapError),
+    /// A job request failed.
+    #[error(transparent)]
+    Job(#[from] JobControlError),
     /// An internal task failed.
     #[error("Internal error: {0}")]
     Internal(String),
@@ -119,6 +138,11 @@ impl ApiError {
                 | BitmapError::Busy { .. }
                 | BitmapError::Inconsistent { .. }
                 | BitmapError::Disabled(_) => (409, e.code()),
+            },
+            Self::Job(e) => match e {
+                JobControlError::NotFound(_) => (404, "job_not_found"),
+                JobControlError::State(..) => (409, "job_state"),
+                JobControlError::Busy { .. } => (409, "disk_busy"),
             },
             Self::Internal(_) => (500, "internal"),
         }
@@ -148,13 +172,21 @@ pub struct DiskInfo {
 pub struct Control {
     node: String,
     exports: Arc<Exports>,
+    jobs: Arc<JobManager>,
+    env: BackupEnv,
+    vms: ArcSwap<Vec<VmConfig>>,
     started: Instant,
 }
 
 impl Control {
-    /// Control over the given export registry.
-    pub fn new(node: String, exports: Arc<Exports>) -> Self {
-        Self { node, exports, started: Instant::now() }
+    /// Control over the agent's exports and jobs.
+    pub fn new(node: String, exports: Arc<Exports>, jobs: Arc<JobManager>, env: BackupEnv) -> Self {
+        Self { node, exports, jobs, env, vms: ArcSwap::default(), started: Instant::now() }
+    }
+
+    /// The VM configuration in force (after startup and each reload).
+    pub fn set_vms(&self, vms: Vec<VmConfig>) {
+        self.vms.store(Arc::new(vms));
     }
 
     fn disk(&self, name: &str) -> Result<Arc<Export>, ApiError> {
@@ -189,6 +221,10 @@ impl Control {
                 let found = found.ok_or(BitmapError::NotFound { disk, name })?;
                 Ok(to_json(found))
             }
+            Command::StartJob(start) => self.start_job(start),
+            Command::Jobs(all) => Ok(to_json(self.jobs.list(all))),
+            Command::Job(id) => Ok(to_json(self.jobs.get(&id)?.record())),
+            Command::JobAction(id, action) => self.job_action(&id, action),
             other => self.bitmap_op(other).await,
         }
     }
@@ -224,6 +260,6 @@ impl Control {
     }
 }
 
-fn to_json<T: Serialize>(value: T) -> Value {
+pub(crate) fn to_json<T: Serialize>(value: T) -> Value {
     serde_json::to_value(value).unwrap_or(Value::Null)
 }

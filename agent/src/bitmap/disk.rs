@@ -68,6 +68,10 @@ pub struct Bitmap {
     file: Mutex<Option<BitmapFile>>,
 }
 
+/// Proof that writes are drained (see [`DiskBitmaps::drained`]).
+#[derive(Debug)]
+pub struct Drained(());
+
 /// The bits a job works from, frozen at its start.
 #[derive(Debug)]
 pub struct Frozen {
@@ -546,13 +550,20 @@ impl DiskBitmaps {
         Ok(t.info())
     }
 
+    /// Runs `f` with every in-flight write drained and new writes held:
+    /// the atomic moment for job hand-offs (begin/commit) and for
+    /// installing point-in-time hooks.
+    pub fn drained<R>(&self, f: impl FnOnce(&Drained) -> R) -> R {
+        let _ops = self.ops();
+        let _gate = self.exclusive();
+        f(&Drained(()))
+    }
+
     /// Freezes a bitmap for a job: from now on new writes also go to a
     /// successor; the returned copy is what the job must process.
-    pub fn begin_job(&self, name: &str, job: &str) -> Result<Frozen, BitmapError> {
-        let _ops = self.ops();
+    pub fn begin_job(&self, _: &Drained, name: &str, job: &str) -> Result<Frozen, BitmapError> {
         let b = self.get(name)?;
         b.check_usable()?;
-        let _gate = self.exclusive();
         b.successor.store(Some(Arc::new(AtomicBits::new(b.bits.len()))));
         let frozen = AtomicBits::from_words(b.bits.len(), &b.bits.snapshot());
         let mut meta = b.meta();
@@ -567,10 +578,8 @@ impl DiskBitmaps {
 
     /// The job succeeded: drop exactly the frozen bits that were not written
     /// again meanwhile, bump the generation; returns the new generation.
-    pub fn commit_job(&self, name: &str, frozen: &Frozen) -> Result<u64, BitmapError> {
-        let _ops = self.ops();
+    pub fn commit_job(&self, _: &Drained, name: &str, frozen: &Frozen) -> Result<u64, BitmapError> {
         let b = self.get(name)?;
-        let _gate = self.exclusive();
         let successor = b.successor.swap(None);
         let result = self.bump_generation(&b);
         if result.is_ok() {
@@ -584,12 +593,20 @@ impl DiskBitmaps {
         result.map(|()| b.generation())
     }
 
-    /// The job failed or was cancelled: every bit stays.
-    pub fn abort_job(&self, name: &str) {
-        let _ops = self.ops();
+    /// The job failed or was cancelled: every bit stays. Only acts if
+    /// `job` holds the bitmap.
+    pub fn abort_job(&self, name: &str, job: &str) {
+        self.drained(|d| self.abort_job_drained(d, name, job));
+    }
+
+    /// [`abort_job`](Self::abort_job) inside [`drained`](Self::drained).
+    pub fn abort_job_drained(&self, _: &Drained, name: &str, job: &str) {
         if let Ok(b) = self.get(name) {
-            b.successor.store(None);
-            b.meta().busy = None;
+            let mut meta = b.meta();
+            if meta.busy.as_deref() == Some(job) {
+                b.successor.store(None);
+                meta.busy = None;
+            }
         }
     }
 

@@ -32,7 +32,7 @@ pub mod persist;
 mod persister;
 
 pub use atomic::AtomicBits;
-pub use disk::{Bitmap, BitmapInfo, DiskBitmaps, Frozen};
+pub use disk::{Bitmap, BitmapInfo, DiskBitmaps, Drained, Frozen};
 
 /// Errors of bitmap operations, named after what was wrong.
 #[derive(Debug, thiserror::Error)]

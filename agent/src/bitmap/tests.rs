@@ -171,7 +171,7 @@ fn untrusted_files_load_inconsistent_and_can_only_be_removed() {
     assert!(a.inconsistent_reason.as_deref().unwrap().contains("truncated"), "{a:?}");
     assert!(matches!(disk.clear("a"), Err(BitmapError::Inconsistent { .. })));
     assert!(matches!(disk.merge("b", &["a".into()]), Err(BitmapError::Inconsistent { .. })));
-    assert!(matches!(disk.begin_job("a", "j1"), Err(BitmapError::Inconsistent { .. })));
+    assert!(matches!(disk.drained(|d| disk.begin_job(d, "a", "j1")), Err(BitmapError::Inconsistent { .. })));
     assert!(disk.get("b").unwrap().is_consistent(), "other bitmaps are not affected");
     disk.remove("a").unwrap();
     assert!(!path.exists());
@@ -205,17 +205,17 @@ fn job_commit_keeps_writes_made_during_the_job_and_abort_keeps_everything() {
     let disk = open(dir.path(), &[("a", 65536)]);
     disk.mark(0, 65536).unwrap();
     disk.mark(1 << 20, 65536).unwrap();
-    let frozen = disk.begin_job("a", "job-1").unwrap();
+    let frozen = disk.drained(|d| disk.begin_job(d, "a", "job-1")).unwrap();
     assert!(matches!(disk.clear("a"), Err(BitmapError::Busy { .. })));
     assert!(matches!(disk.remove("a"), Err(BitmapError::Busy { .. })));
     disk.mark(1 << 20, 4096).unwrap(); // rewritten during the job: stays dirty
     disk.mark(2 << 20, 4096).unwrap(); // new during the job: stays dirty
-    let g = disk.commit_job("a", &frozen).unwrap();
+    let g = disk.drained(|d| disk.commit_job(d, "a", &frozen)).unwrap();
     assert_eq!(g, frozen.generation + 1);
     assert_eq!(dirty(&disk, "a"), vec![(1 << 20, 65536), (2 << 20, 65536)]);
-    let frozen = disk.begin_job("a", "job-2").unwrap();
+    let frozen = disk.drained(|d| disk.begin_job(d, "a", "job-2")).unwrap();
     disk.mark(5 << 20, 1).unwrap();
-    disk.abort_job("a");
+    disk.abort_job("a", "job-2");
     assert_eq!(dirty(&disk, "a"), vec![(1 << 20, 65536), (2 << 20, 65536), (5 << 20, 65536)]);
     assert_eq!(disk.get("a").unwrap().generation(), frozen.generation);
     assert!(!disk.list()[0].busy);

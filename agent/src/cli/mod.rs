@@ -2,6 +2,8 @@
 //! print a table (or JSON with `--json`). Exit status is non-zero on any
 //! failure.
 
+mod jobs;
+
 use std::path::Path;
 
 use clap::Subcommand;
@@ -23,6 +25,19 @@ pub enum ClientCmd {
     /// Dirty bitmaps of a disk.
     #[command(subcommand)]
     Bitmap(BitmapCmd),
+    /// Back up a disk (VM/DISK) or all disks of a VM (VM) as one group.
+    Backup(jobs::BackupArgs),
+    /// Compare a disk, as it is now, with an image or snapshot.
+    Verify(jobs::VerifyArgs),
+    /// List jobs.
+    Jobs {
+        /// Include concluded jobs.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Show or control one job.
+    #[command(subcommand)]
+    Job(jobs::JobCmd),
 }
 
 /// `rbdsync bitmap ...`
@@ -117,6 +132,12 @@ pub async fn run(endpoint: &Endpoint, json_out: bool, cmd: ClientCmd) -> Result<
         ClientCmd::Status => (call(endpoint, "GET", "/v1/status", None).await?, render_status),
         ClientCmd::Disks => (call(endpoint, "GET", "/v1/disks", None).await?, render_disks),
         ClientCmd::Bitmap(b) => bitmap(endpoint, b).await?,
+        ClientCmd::Backup(args) => return jobs::backup(endpoint, json_out, args).await,
+        ClientCmd::Verify(args) => return jobs::verify(endpoint, json_out, args).await,
+        ClientCmd::Jobs { all } => {
+            (call(endpoint, "GET", &format!("/v1/jobs?all={all}"), None).await?, jobs::render_jobs)
+        }
+        ClientCmd::Job(cmd) => return jobs::job(endpoint, json_out, cmd).await,
     };
     if json_out {
         println!("{}", serde_json::to_string_pretty(&value).unwrap_or_default());

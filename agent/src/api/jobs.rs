@@ -1,0 +1,173 @@
+//! Job commands of the control API: start backups and verifies, control jobs.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::{to_json, ApiError, Control, Size};
+use crate::config::DiskConfig;
+use crate::export::Export;
+use crate::jobs::backup::{self, BackupParams, Group, SyncMode};
+use crate::jobs::verify::{self, VerifyParams};
+
+/// Body of `POST /v1/jobs`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum StartJob {
+    /// Back up a disk (`VM/DISK`) or every disk of a VM (`VM`) as a group.
+    Backup {
+        /// `VM/DISK` or `VM`.
+        disk: String,
+        /// `full` or `incremental` (default: incremental when a bitmap is
+        /// known, falling back to full with the reason; else full).
+        #[serde(default)]
+        sync: Option<SyncMode>,
+        /// Bitmap (default: the disk's `backup.bitmap`).
+        #[serde(default)]
+        bitmap: Option<String>,
+        /// Target image (default: the disk's `backup.target`).
+        #[serde(default)]
+        target: Option<String>,
+        /// Speed limit, bytes/s.
+        #[serde(default)]
+        speed: Option<Size>,
+        /// Fall back to full when incremental is impossible.
+        #[serde(default)]
+        auto: bool,
+    },
+    /// Compare a disk at this moment with an image or snapshot.
+    Verify {
+        /// `VM/DISK`.
+        disk: String,
+        /// `rbd:pool/img@snap`, `file:/x@snap`, ...
+        against: String,
+        /// Speed limit, bytes/s.
+        #[serde(default)]
+        speed: Option<Size>,
+    },
+}
+
+/// A request to an existing job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobAction {
+    /// Pause.
+    Pause,
+    /// Resume.
+    Resume,
+    /// Cancel.
+    Cancel,
+    /// Complete a ready job.
+    Complete,
+    /// Change the speed limit (bytes/s).
+    SetSpeed(u64),
+}
+
+impl Control {
+    pub(super) fn job_action(&self, id: &str, action: JobAction) -> Result<Value, ApiError> {
+        let record = match action {
+            JobAction::Pause => self.jobs.pause(id)?,
+            JobAction::Resume => self.jobs.resume(id)?,
+            JobAction::Cancel => self.jobs.cancel(id)?,
+            JobAction::Complete => self.jobs.complete(id)?,
+            JobAction::SetSpeed(speed) => self.jobs.set_speed(id, speed)?,
+        };
+        Ok(to_json(record))
+    }
+
+    fn disk_config(&self, disk: &str) -> Option<DiskConfig> {
+        let (vm, name) = disk.split_once('/')?;
+        let vms = self.vms.load();
+        let vm = vms.iter().find(|v| v.name == vm)?;
+        vm.disks.iter().find(|d| d.name == name).cloned()
+    }
+
+    pub(super) fn start_job(&self, start: StartJob) -> Result<Value, ApiError> {
+        match start {
+            StartJob::Backup { disk, sync, bitmap, target, speed, auto } => {
+                let speed = speed.as_ref().map(Size::bytes).transpose()?.unwrap_or(0);
+                let disks: Vec<String> = if disk.contains('/') {
+                    vec![disk.clone()]
+                } else {
+                    let vms = self.vms.load();
+                    let vm = vms.iter().find(|v| v.name == disk).ok_or_else(|| ApiError::DiskNotFound(disk.clone()))?;
+                    vm.disks.iter().map(|d| format!("{}/{}", vm.name, d.name)).collect()
+                };
+                if disks.len() > 1 && (target.is_some()) {
+                    return Err(ApiError::BadRequest(
+                        "--target applies to one disk; back up the disks one by one".into(),
+                    ));
+                }
+                let mut plans = Vec::new();
+                for disk in &disks {
+                    plans.push(self.backup_plan(disk, sync, bitmap.clone(), target.clone(), auto)?);
+                }
+                let group = (plans.len() > 1).then(|| Group::new(plans.len()));
+                let mut started = Vec::new();
+                for (export, params) in plans {
+                    let (env, group, name) = (self.env.clone(), group.clone(), export.name().to_owned());
+                    let job = self.jobs.start("backup", &name, to_json(&params), speed, move |handle| {
+                        backup::run(handle, env, export, params, group)
+                    })?;
+                    started.push(job.record());
+                }
+                Ok(if started.len() == 1 { to_json(&started[0]) } else { to_json(started) })
+            }
+            StartJob::Verify { disk, against, speed } => {
+                let speed = speed.as_ref().map(Size::bytes).transpose()?.unwrap_or(0);
+                let export = self.disk(&disk)?;
+                let params = VerifyParams { against };
+                let env = self.env.clone();
+                let job = self.jobs.start("verify", &disk, to_json(&params), speed, move |handle| {
+                    verify::run(handle, env, export, params)
+                })?;
+                Ok(to_json(job.record()))
+            }
+        }
+    }
+
+    /// Resolves defaults and checks what can be checked before starting.
+    fn backup_plan(
+        &self,
+        disk: &str,
+        sync: Option<SyncMode>,
+        bitmap: Option<String>,
+        target: Option<String>,
+        auto: bool,
+    ) -> Result<(Arc<Export>, BackupParams), ApiError> {
+        let export = self.disk(disk)?;
+        let defaults = self.disk_config(disk).and_then(|d| d.backup);
+        let target = target.or_else(|| defaults.as_ref().map(|b| b.target.to_string())).ok_or_else(|| {
+            ApiError::BadRequest(format!("No backup target for {disk}: pass --target or set backup.target"))
+        })?;
+        let target_uri: crate::config::ImageUri = target.parse().map_err(ApiError::BadRequest)?;
+        if target_uri.snap().is_some() {
+            return Err(ApiError::BadRequest(format!("Backup target {target} names a snapshot; give the image")));
+        }
+        let bitmap = bitmap.or_else(|| defaults.as_ref().and_then(|b| b.bitmap.clone()));
+        let (sync, auto) = match (sync, &bitmap) {
+            (Some(SyncMode::Incremental), None) => {
+                return Err(ApiError::BadRequest("Incremental backup needs a bitmap (--bitmap NAME)".into()))
+            }
+            (Some(s), _) => (s, auto),
+            (None, Some(_)) => (SyncMode::Incremental, true),
+            (None, None) => (SyncMode::Full, auto),
+        };
+        if let Some(name) = &bitmap {
+            let list = export.bitmaps().list();
+            let info = list
+                .iter()
+                .find(|b| &b.name == name)
+                .ok_or_else(|| crate::bitmap::BitmapError::NotFound { disk: disk.to_owned(), name: name.clone() })?;
+            if !info.consistent {
+                let reason = info.inconsistent_reason.clone().unwrap_or_default();
+                return Err(crate::bitmap::BitmapError::Inconsistent { name: name.clone(), reason }.into());
+            }
+            if let Some(job) = &info.busy_job {
+                return Err(crate::bitmap::BitmapError::Busy { name: name.clone(), job: job.clone() }.into());
+            }
+        }
+        let keep = defaults.as_ref().and_then(|b| b.keep);
+        Ok((export, BackupParams { sync, bitmap, target, auto, keep }))
+    }
+}

@@ -1,0 +1,499 @@
+//! Backup jobs: a disk's content at the job's start copied to a target
+//! image, ending in a snapshot that records which bitmap state it matches.
+//!
+//! ```text
+//!  prepare   open/create target; refuse a target that belongs to another disk,
+//!            is smaller or larger; find the chain's latest backup snapshot; for
+//!            incremental, prove bitmap (uuid, generation) == latest snapshot's
+//!  freeze    writes drained: bitmap hand-off (successor) + point-in-time view
+//!  copy      chunks of the frozen view → target (holes stay holes), throttled
+//!  finish    flush target, record metadata, snapshot, retention, and only then
+//!            commit the bitmap (drop the copied bits, generation + 1)
+//!  on error  abort the hand-off: the bitmap keeps old bits + new writes
+//! ```
+//! A VM backup runs one job per disk in a [`Group`]: every disk snapshots,
+//! then all commit, or all drop their new snapshot and keep their bits.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tokio::sync::watch;
+
+use super::pit::PointInTime;
+use super::{unix_now, JobError, JobHandle};
+use crate::bitmap::{AtomicBits, Frozen};
+use crate::config::ImageUri;
+use crate::export::Export;
+use crate::store::{BlockStore, OpenOptions, StoreError, Stores};
+
+/// Largest chunk copied at once (one RBD object).
+pub const CHUNK: u64 = 4 << 20;
+/// Chunks in flight at once.
+const PARALLEL: usize = 4;
+/// Image metadata key naming the disk a target belongs to.
+pub const DISK_KEY: &str = "rbdsync.disk";
+/// Prefix of the metadata key describing a backup snapshot.
+pub const SNAP_KEY_PREFIX: &str = "rbdsync.snap.";
+
+/// `full` or `incremental`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SyncMode {
+    /// Everything.
+    Full,
+    /// Only what the bitmap says changed since the latest backup.
+    Incremental,
+}
+
+/// Parameters of one disk's backup.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupParams {
+    /// Full or incremental.
+    pub sync: SyncMode,
+    /// Bitmap tied to the chain (required for incremental).
+    pub bitmap: Option<String>,
+    /// Target image (no snapshot).
+    pub target: String,
+    /// Fall back to a full backup when an incremental is impossible.
+    pub auto: bool,
+    /// Backup snapshots to keep.
+    pub keep: Option<u32>,
+}
+
+/// What each backup snapshot records (image metadata `rbdsync.snap.NAME`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapMeta {
+    /// Disk (`VM/DISK`).
+    pub disk: String,
+    /// Agent node that took it.
+    pub node: String,
+    /// Full or incremental.
+    pub sync: SyncMode,
+    /// Bitmap whose state this snapshot is the base of.
+    pub bitmap: Option<String>,
+    /// That bitmap's uuid.
+    pub bitmap_uuid: Option<String>,
+    /// The bitmap generation that holds exactly the writes after this snapshot.
+    pub generation: Option<u64>,
+    /// Previous backup snapshot in the chain.
+    pub previous: Option<String>,
+    /// Unix time of the job's start (the point in time).
+    pub point_in_time: u64,
+    /// Disk size.
+    pub size: u64,
+    /// Bytes written to the target.
+    pub bytes_written: u64,
+}
+
+/// Shared services a backup needs.
+#[derive(Debug, Clone)]
+pub struct BackupEnv {
+    /// Image stores.
+    pub stores: Arc<Stores>,
+    /// Where scratch files go.
+    pub scratch_dir: PathBuf,
+    /// This agent's node name.
+    pub node: String,
+}
+
+/// A set of backups that commit together.
+#[derive(Debug)]
+pub struct Group {
+    pending: AtomicUsize,
+    failed: Mutex<bool>,
+    decided: watch::Sender<Option<bool>>,
+}
+
+impl Group {
+    /// A group of `n` members.
+    pub fn new(n: usize) -> Arc<Self> {
+        Arc::new(Self { pending: AtomicUsize::new(n), failed: Mutex::new(false), decided: watch::channel(None).0 })
+    }
+
+    /// Reports a member's outcome and waits for the group's: true = commit.
+    async fn arrive(&self, ok: bool) -> bool {
+        if !ok {
+            *self.failed.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        }
+        if self.pending.fetch_sub(1, SeqCst) == 1 {
+            let failed = *self.failed.lock().unwrap_or_else(|p| p.into_inner());
+            let _ = self.decided.send(Some(!failed));
+        }
+        let mut rx = self.decided.subscribe();
+        let decided = rx.wait_for(Option::is_some).await.map(|d| *d);
+        decided.ok().flatten().unwrap_or(false)
+    }
+}
+
+fn store_err(context: &'static str) -> impl FnOnce(StoreError) -> JobError {
+    move |e| JobError::from_err(context, &e)
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, JobError> + Send + 'static) -> Result<T, JobError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| JobError::Failed(format!("internal error: {e}")))?
+}
+
+/// The chain as found on the target.
+#[derive(Debug)]
+struct Chain {
+    target: Arc<dyn BlockStore>,
+    fresh: bool,
+    latest: Option<(String, SnapMeta)>,
+}
+
+/// Backup snapshots of a target with their metadata, oldest first.
+pub fn backup_snapshots(target: &dyn BlockStore) -> Result<Vec<(String, SnapMeta)>, StoreError> {
+    let meta = target.list_meta()?;
+    let mut out = Vec::new();
+    for s in target.list_snapshots()? {
+        if let Some(m) = meta.get(&format!("{SNAP_KEY_PREFIX}{}", s.name)).and_then(|v| serde_json::from_str(v).ok()) {
+            out.push((s.name, m));
+        }
+    }
+    Ok(out)
+}
+
+fn open_target(env: &BackupEnv, disk: &str, size: u64, uri: &ImageUri) -> Result<Chain, JobError> {
+    if uri.snap().is_some() {
+        return Err(JobError::Failed(format!("Backup target {uri} names a snapshot; give the image")));
+    }
+    let (target, fresh) = if env.stores.exists(uri).map_err(store_err("Cannot reach the backup target"))? {
+        (env.stores.open(uri, &OpenOptions::default()).map_err(store_err("Cannot open the backup target"))?, false)
+    } else {
+        let t = env.stores.create(uri, size).map_err(store_err("Cannot create the backup target"))?;
+        t.set_meta(DISK_KEY, disk).map_err(store_err("Cannot label the backup target"))?;
+        (t, true)
+    };
+    if target.size() != size {
+        return Err(JobError::Failed(format!(
+            "Backup target {uri} has {} bytes but disk {disk} has {size}; refusing",
+            target.size()
+        )));
+    }
+    let owner = target.get_meta(DISK_KEY).map_err(store_err("Cannot read target metadata"))?;
+    match owner.as_deref() {
+        Some(d) if d == disk => {}
+        Some(other) => {
+            return Err(JobError::Failed(format!("Backup target {uri} belongs to disk {other}, not {disk}; refusing")))
+        }
+        None => {
+            let empty = target.list_snapshots().map_err(store_err("Cannot list target snapshots"))?.is_empty()
+                && target.changed_extents(None, 0, size).map_err(store_err("Cannot read target"))?.is_empty();
+            if !empty {
+                return Err(JobError::Failed(format!(
+                    "Backup target {uri} holds data not written by rbdsync; refusing"
+                )));
+            }
+            target.set_meta(DISK_KEY, disk).map_err(store_err("Cannot label the backup target"))?;
+        }
+    }
+    let backups = backup_snapshots(target.as_ref()).map_err(store_err("Cannot read the backup chain"))?;
+    Ok(Chain { target, fresh, latest: backups.last().cloned() })
+}
+
+/// Why an incremental backup cannot build on the chain, if it cannot.
+fn chain_mismatch(chain: &Chain, disk: &str, bitmap: &str, uuid: &str, generation: u64) -> Option<String> {
+    let Some((snap, meta)) = &chain.latest else { return Some("the target has no backup yet".into()) };
+    if meta.disk != disk {
+        return Some(format!("latest backup {snap} is of disk {}", meta.disk));
+    }
+    if meta.bitmap.as_deref() != Some(bitmap) || meta.bitmap_uuid.as_deref() != Some(uuid) {
+        return Some(format!("latest backup {snap} was taken against another bitmap ({:?})", meta.bitmap));
+    }
+    if meta.generation != Some(generation) {
+        return Some(format!(
+            "bitmap {bitmap} is at generation {generation} but latest backup {snap} expects {:?} (cleared, merged or a backup was lost)",
+            meta.generation
+        ));
+    }
+    None
+}
+
+/// Everything the copy and finish phases need.
+struct Frozen2 {
+    pit: Arc<PointInTime>,
+    frozen: Option<Frozen>,
+    mode: SyncMode,
+    note: Option<String>,
+}
+
+/// Runs one disk's backup; `group` is set for VM backups.
+pub async fn run(
+    job: JobHandle,
+    env: BackupEnv,
+    export: Arc<Export>,
+    params: BackupParams,
+    group: Option<Arc<Group>>,
+) -> Result<Value, JobError> {
+    let started = unix_now();
+    let target_uri: ImageUri = params.target.parse().map_err(JobError::Failed)?;
+    let disk = export.name().to_owned();
+    let size = export.size();
+    let chain = {
+        let (env, disk, uri) = (env.clone(), disk.clone(), target_uri.clone());
+        blocking(move || open_target(&env, &disk, size, &uri)).await
+    };
+    let chain = match chain {
+        Ok(c) => c,
+        Err(e) => return finish_group(group, Err(e)).await,
+    };
+    let frozen = freeze(&job, &env, &export, &params, &chain);
+    let state = match frozen {
+        Ok(s) => s,
+        Err(e) => return finish_group(group, Err(e)).await,
+    };
+    let copied = copy(&job, &state, &chain, size).await;
+    let result = match copied {
+        Ok(written) => finish(&job, &env, &export, &params, &chain, &state, written, started, group).await,
+        Err(e) => finish_group(group, Err(e)).await,
+    };
+    export.remove_hook(&state.pit);
+    if result.is_err() {
+        if let Some(bitmap) = &params.bitmap {
+            export.bitmaps().abort_job(bitmap, &job.id());
+        }
+    }
+    result
+}
+
+async fn finish_group(group: Option<Arc<Group>>, result: Result<Value, JobError>) -> Result<Value, JobError> {
+    if let Some(g) = group {
+        g.arrive(false).await;
+    }
+    result
+}
+
+fn freeze(
+    job: &JobHandle,
+    env: &BackupEnv,
+    export: &Arc<Export>,
+    params: &BackupParams,
+    chain: &Chain,
+) -> Result<Frozen2, JobError> {
+    let bitmaps = export.bitmaps();
+    let scratch = env.scratch_dir.join(format!("{}.pit", job.id()));
+    let (source, disk, id) = (export.store().clone(), export.name(), job.id());
+    if params.sync == SyncMode::Incremental && params.bitmap.is_none() {
+        return Err(JobError::Failed("Incremental backup needs a bitmap (--bitmap NAME)".into()));
+    }
+    let failed = |e: &dyn std::fmt::Display| JobError::Failed(e.to_string());
+    bitmaps.drained(|d| {
+        let (mut mode, mut note) = (params.sync, None);
+        if let (SyncMode::Incremental, Some(name)) = (mode, &params.bitmap) {
+            let b = bitmaps.get(name).map_err(|e| failed(&e))?;
+            if let Some(why) = chain_mismatch(chain, disk, name, &b.uuid(), b.generation()) {
+                if !params.auto {
+                    return Err(JobError::Failed(format!(
+                        "Cannot back up incrementally: {why}; run a full backup (or pass --auto)"
+                    )));
+                }
+                tracing::warn!(reason = %why, "incremental backup impossible; falling back to full (--auto)");
+                note = Some(format!("full instead of incremental: {why}"));
+                mode = SyncMode::Full;
+            }
+        }
+        let frozen = match &params.bitmap {
+            Some(name) => Some(bitmaps.begin_job(d, name, &id).map_err(|e| failed(&e))?),
+            None => None,
+        };
+        let pit = match (mode, &frozen) {
+            (SyncMode::Incremental, Some(f)) => {
+                let needed = AtomicBits::from_words(f.bits.len(), &f.bits.snapshot());
+                PointInTime::new(source.clone(), f.granularity, needed, &scratch)
+            }
+            (_, f) => PointInTime::whole(source.clone(), f.as_ref().map_or(64 << 10, |f| f.granularity), &scratch),
+        };
+        let pit = match pit {
+            Ok(p) => Arc::new(p),
+            Err(e) => {
+                if let Some(name) = &params.bitmap {
+                    bitmaps.abort_job_drained(d, name, &id);
+                }
+                return Err(JobError::from_err("Cannot create the point-in-time view", &e));
+            }
+        };
+        export.add_hook(d, pit.clone());
+        Ok(Frozen2 { pit, frozen, mode, note })
+    })
+}
+
+/// Byte ranges the job copies: dirty granules (incremental) or everything.
+fn plan(state: &Frozen2, size: u64) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    let mut push = |start: u64, len: u64| {
+        let mut pos = start;
+        while pos < start + len {
+            let n = CHUNK.min(start + len - pos);
+            out.push((pos, n));
+            pos += n;
+        }
+    };
+    match (state.mode, &state.frozen) {
+        (SyncMode::Incremental, Some(f)) => {
+            for (offset, length) in crate::bitmap::Bitmap::dirty_ranges(&f.bits, f.granularity, size) {
+                push(offset, length);
+            }
+        }
+        _ => push(0, size),
+    }
+    out
+}
+
+async fn copy(job: &JobHandle, state: &Frozen2, chain: &Chain, size: u64) -> Result<u64, JobError> {
+    let chunks = plan(state, size);
+    job.set_total(chunks.iter().map(|c| c.1).sum());
+    let mut written = 0;
+    let mut tasks = tokio::task::JoinSet::new();
+    for (offset, length) in chunks {
+        job.checkpoint().await?;
+        job.throttle(length).await?;
+        while tasks.len() >= PARALLEL {
+            written += join_one(&mut tasks, job).await?;
+        }
+        let (pit, target, fresh) = (state.pit.clone(), chain.target.clone(), chain.fresh);
+        tasks.spawn_blocking(move || copy_chunk(&pit, target.as_ref(), fresh, offset, length).map(|w| (w, length)));
+    }
+    while !tasks.is_empty() {
+        written += join_one(&mut tasks, job).await?;
+    }
+    Ok(written)
+}
+
+async fn join_one(
+    tasks: &mut tokio::task::JoinSet<Result<(u64, u64), StoreError>>,
+    job: &JobHandle,
+) -> Result<u64, JobError> {
+    match tasks.join_next().await {
+        Some(Ok(Ok((written, length)))) => {
+            job.progress(length);
+            Ok(written)
+        }
+        Some(Ok(Err(e))) => Err(JobError::from_err("Copy failed", &e)),
+        Some(Err(e)) => Err(JobError::Failed(format!("internal error: {e}"))),
+        None => Ok(0),
+    }
+}
+
+/// Copies one chunk of the frozen view; zero chunks become holes. Returns bytes written.
+fn copy_chunk(
+    pit: &PointInTime,
+    target: &dyn BlockStore,
+    fresh: bool,
+    offset: u64,
+    length: u64,
+) -> Result<u64, StoreError> {
+    let mut buf = vec![0u8; usize::try_from(length).unwrap_or(0)];
+    pit.read(&mut buf, offset)?;
+    let written = if buf.iter().all(|&b| b == 0) {
+        if !fresh {
+            target.write_zeroes(offset, length, true)?;
+        }
+        0
+    } else {
+        target.write_at(&buf, offset)?;
+        length
+    };
+    pit.release(offset, length);
+    Ok(written)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn finish(
+    job: &JobHandle,
+    env: &BackupEnv,
+    export: &Arc<Export>,
+    params: &BackupParams,
+    chain: &Chain,
+    state: &Frozen2,
+    written: u64,
+    started: u64,
+    group: Option<Arc<Group>>,
+) -> Result<Value, JobError> {
+    job.checkpoint().await?;
+    let snap = format!("rbdsync-{}-{}", started, job.id());
+    let meta = SnapMeta {
+        disk: export.name().to_owned(),
+        node: env.node.clone(),
+        sync: state.mode,
+        bitmap: params.bitmap.clone(),
+        bitmap_uuid: state.frozen.as_ref().map(|f| f.uuid.clone()),
+        generation: state.frozen.as_ref().map(|f| f.generation + 1),
+        previous: chain.latest.as_ref().map(|(n, _)| n.clone()),
+        point_in_time: started,
+        size: export.size(),
+        bytes_written: written,
+    };
+    let target = chain.target.clone();
+    let (snap2, meta_json) = (snap.clone(), serde_json::to_string(&meta).unwrap_or_default());
+    blocking(move || {
+        target.flush().map_err(store_err("Cannot flush the backup target"))?;
+        target
+            .set_meta(&format!("{SNAP_KEY_PREFIX}{snap2}"), &meta_json)
+            .map_err(store_err("Cannot record the backup"))?;
+        target.create_snapshot(&snap2).map_err(store_err("Cannot snapshot the backup target"))
+    })
+    .await?;
+    if let Some(g) = group {
+        if !g.arrive(true).await {
+            let target = chain.target.clone();
+            let snap2 = snap.clone();
+            let _ = blocking(move || drop_snapshot(target.as_ref(), &snap2).map_err(store_err("cleanup"))).await;
+            return Err(JobError::Failed("Another disk of the VM failed; this disk's backup was rolled back".into()));
+        }
+    }
+    let generation = match (&params.bitmap, &state.frozen) {
+        (Some(name), Some(frozen)) => {
+            let bitmaps = export.bitmaps().clone();
+            let (name, frozen_bits) = (name.clone(), frozen);
+            Some(
+                bitmaps
+                    .drained(|d| bitmaps.commit_job(d, &name, frozen_bits))
+                    .map_err(|e| JobError::Failed(e.to_string()))?,
+            )
+        }
+        _ => None,
+    };
+    let removed = match params.keep {
+        Some(keep) => {
+            let (target, snap2) = (chain.target.clone(), snap.clone());
+            blocking(move || retention(target.as_ref(), keep, &snap2).map_err(store_err("Retention failed"))).await?
+        }
+        None => Vec::new(),
+    };
+    Ok(json!({
+        "target": params.target,
+        "snapshot": snap,
+        "sync": state.mode,
+        "note": state.note,
+        "bytes_written": written,
+        "scratch_bytes": state.pit.scratch_bytes(),
+        "bitmap_generation": generation,
+        "removed_snapshots": removed,
+    }))
+}
+
+fn drop_snapshot(target: &dyn BlockStore, snap: &str) -> Result<(), StoreError> {
+    target.remove_snapshot(snap)?;
+    target.remove_meta(&format!("{SNAP_KEY_PREFIX}{snap}"))
+}
+
+/// Removes the oldest backup snapshots beyond `keep` (never `newest`).
+fn retention(target: &dyn BlockStore, keep: u32, newest: &str) -> Result<Vec<String>, StoreError> {
+    let backups = backup_snapshots(target)?;
+    let excess = backups.len().saturating_sub(usize::try_from(keep.max(1)).unwrap_or(usize::MAX));
+    let mut removed = Vec::new();
+    for (name, _) in backups.into_iter().take(excess) {
+        if name == newest {
+            continue;
+        }
+        match drop_snapshot(target, &name) {
+            Ok(()) => removed.push(name),
+            Err(StoreError::Busy(..)) => tracing::warn!(snapshot = %name, "keeping backup snapshot in use by a clone"),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(removed)
+}
