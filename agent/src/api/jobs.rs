@@ -82,7 +82,8 @@ impl Control {
         vm.disks.iter().find(|d| d.name == name).cloned()
     }
 
-    pub(super) fn start_job(&self, start: StartJob) -> Result<Value, ApiError> {
+    /// Starts the job(s); a backup answers once its point in time is fixed.
+    pub(super) async fn start_job(&self, start: StartJob) -> Result<Value, ApiError> {
         match start {
             StartJob::Backup { disk, sync, bitmap, target, speed, auto } => {
                 let speed = speed.as_ref().map(Size::bytes).transpose()?.unwrap_or(0);
@@ -106,11 +107,18 @@ impl Control {
                 let mut started = Vec::new();
                 for (export, params) in plans {
                     let (env, group, name) = (self.env.clone(), group.clone(), export.name().to_owned());
+                    let (tx, rx) = tokio::sync::oneshot::channel();
                     let job = self.jobs.start("backup", &name, to_json(&params), speed, move |handle| {
-                        backup::run(handle, env, export, params, group)
+                        backup::run(handle, env, export, params, group, tx)
                     })?;
-                    started.push(job.record());
+                    started.push((job, rx));
                 }
+                let mut records = Vec::new();
+                for (job, frozen) in started {
+                    let _ = frozen.await;
+                    records.push(job.record());
+                }
+                let started = records;
                 Ok(if started.len() == 1 { to_json(&started[0]) } else { to_json(started) })
             }
             StartJob::Verify { disk, against, speed } => {

@@ -221,7 +221,7 @@ impl Control {
                 let found = found.ok_or(BitmapError::NotFound { disk, name })?;
                 Ok(to_json(found))
             }
-            Command::StartJob(start) => self.start_job(start),
+            Command::StartJob(start) => self.start_job(start).await,
             Command::Jobs(all) => Ok(to_json(self.jobs.list(all))),
             Command::Job(id) => Ok(to_json(self.jobs.get(&id)?.record())),
             Command::JobAction(id, action) => self.job_action(&id, action),

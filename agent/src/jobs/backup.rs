@@ -220,13 +220,16 @@ struct Frozen2 {
     note: Option<String>,
 }
 
-/// Runs one disk's backup; `group` is set for VM backups.
+/// Runs one disk's backup; `group` is set for VM backups. `frozen` fires
+/// once the point in time is fixed (dropped unfired if the job fails first),
+/// so the API can answer only then.
 pub async fn run(
     job: JobHandle,
     env: BackupEnv,
     export: Arc<Export>,
     params: BackupParams,
     group: Option<Arc<Group>>,
+    frozen: tokio::sync::oneshot::Sender<()>,
 ) -> Result<Value, JobError> {
     let started = unix_now();
     let target_uri: ImageUri = params.target.parse().map_err(JobError::Failed)?;
@@ -240,11 +243,12 @@ pub async fn run(
         Ok(c) => c,
         Err(e) => return finish_group(group, Err(e)).await,
     };
-    let frozen = freeze(&job, &env, &export, &params, &chain);
-    let state = match frozen {
+    let frozen_state = freeze(&job, &env, &export, &params, &chain);
+    let state = match frozen_state {
         Ok(s) => s,
         Err(e) => return finish_group(group, Err(e)).await,
     };
+    let _ = frozen.send(());
     let copied = copy(&job, &state, &chain, size).await;
     let result = match copied {
         Ok(written) => finish(&job, &env, &export, &params, &chain, &state, written, started, group).await,
