@@ -6,7 +6,8 @@
 //! no write can bypass the tracking.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 
 use proto::consts::{tflags, BASE_ALLOCATION, QEMU_DIRTY_BITMAP_PREFIX};
 use proto::ExportInfo;
@@ -15,7 +16,6 @@ use tokio_util::sync::CancellationToken;
 use arc_swap::ArcSwap;
 
 use crate::bitmap::{BitmapError, DiskBitmaps, Drained};
-use crate::jobs::pit::PointInTime;
 use crate::store::{BlockStore, StoreError};
 
 /// Why a request on an export failed.
@@ -46,8 +46,9 @@ pub struct Export {
     description: String,
     store: Arc<dyn BlockStore>,
     bitmaps: Arc<DiskBitmaps>,
-    hooks: ArcSwap<Vec<Arc<PointInTime>>>,
-    read_only: bool,
+    hooks: ArcSwap<Vec<Arc<dyn WriteHook>>>,
+    read_only: AtomicBool,
+    barrier: WriteBarrier,
     detached: CancellationToken,
 }
 
@@ -67,13 +68,15 @@ impl Export {
             store,
             bitmaps,
             hooks: ArcSwap::default(),
-            read_only,
+            read_only: AtomicBool::new(read_only),
+            barrier: WriteBarrier::default(),
             detached: CancellationToken::new(),
         }
     }
 
-    /// Installs a point-in-time view; call inside [`DiskBitmaps::drained`].
-    pub fn add_hook(&self, _: &Drained, hook: Arc<PointInTime>) {
+    /// Installs a write hook; call inside [`DiskBitmaps::drained`] so no
+    /// write is half-way through when it starts seeing writes.
+    pub fn add_hook(&self, _: &Drained, hook: Arc<dyn WriteHook>) {
         self.hooks.rcu(|hooks| {
             let mut v = hooks.as_ref().clone();
             v.push(hook.clone());
@@ -81,9 +84,24 @@ impl Export {
         });
     }
 
-    /// Removes a point-in-time view.
-    pub fn remove_hook(&self, hook: &Arc<PointInTime>) {
-        self.hooks.rcu(|hooks| hooks.iter().filter(|h| !Arc::ptr_eq(h, hook)).cloned().collect::<Vec<_>>());
+    /// Removes a write hook.
+    pub fn remove_hook<H: WriteHook + 'static>(&self, hook: &Arc<H>) {
+        let target = Arc::as_ptr(hook).cast::<()>();
+        self.hooks
+            .rcu(|hooks| hooks.iter().filter(|h| Arc::as_ptr(h).cast::<()>() != target).cloned().collect::<Vec<_>>());
+    }
+
+    /// Holds new writes and waits for in-flight ones (cut-over); writes
+    /// resume when the guard drops.
+    pub async fn quiesce(self: &Arc<Self>) -> QuiesceGuard {
+        let me = self.clone();
+        let _ = tokio::task::spawn_blocking(move || me.barrier.close()).await;
+        QuiesceGuard(self.clone())
+    }
+
+    /// Makes the export refuse writes from now on (after a cut-over).
+    pub fn set_read_only(&self) {
+        self.read_only.store(true, SeqCst);
     }
 
     /// The disk's dirty bitmaps.
@@ -103,7 +121,7 @@ impl Export {
 
     /// Whether writes are refused.
     pub fn read_only(&self) -> bool {
-        self.read_only
+        self.read_only.load(SeqCst)
     }
 
     /// Size in bytes.
@@ -121,7 +139,7 @@ impl Export {
         let caps = self.store.capabilities();
         let mut flags = tflags::HAS_FLAGS | tflags::SEND_FLUSH | tflags::SEND_FUA | tflags::SEND_DF;
         flags |= tflags::SEND_CACHE | tflags::CAN_MULTI_CONN;
-        if self.read_only {
+        if self.read_only() {
             flags |= tflags::READ_ONLY;
         } else {
             flags |= tflags::SEND_WRITE_ZEROES | tflags::SEND_FAST_ZERO;
@@ -152,38 +170,47 @@ impl Export {
     /// Writes through the tracking path: bitmaps are marked (durably)
     /// before the data reaches the store.
     pub fn write(&self, data: &[u8], offset: u64, fua: bool) -> Result<(), ExportError> {
-        self.tracked(offset, data.len() as u64, fua, || self.store.write_at(data, offset))
+        self.tracked(offset, WriteData::Data(data), fua, || self.store.write_at(data, offset))
     }
 
     /// Zeroes a range through the tracking path.
     pub fn write_zeroes(&self, offset: u64, length: u64, may_unmap: bool, fua: bool) -> Result<(), ExportError> {
-        self.tracked(offset, length, fua, || self.store.write_zeroes(offset, length, may_unmap))
+        self.tracked(offset, WriteData::Zeroes(length), fua, || self.store.write_zeroes(offset, length, may_unmap))
     }
 
     /// Discards a range through the tracking path.
     pub fn discard(&self, offset: u64, length: u64, fua: bool) -> Result<(), ExportError> {
-        self.tracked(offset, length, fua, || self.store.discard(offset, length))
+        self.tracked(offset, WriteData::Zeroes(length), fua, || self.store.discard(offset, length))
     }
 
+    /// The write path: barrier → bitmaps (durable) → before-hooks
+    /// (copy-before-write, mirror tracking) → store → after-hooks (active
+    /// mirror) → FUA.
     fn tracked(
         &self,
         offset: u64,
-        length: u64,
+        data: WriteData<'_>,
         fua: bool,
         io: impl FnOnce() -> Result<(), StoreError>,
     ) -> Result<(), ExportError> {
+        let _entered = self.barrier.enter();
         self.writable()?;
+        let length = data.len();
         let _section = self.bitmaps.write_section();
         self.bitmaps.mark(offset, length)?;
-        for hook in self.hooks.load().iter() {
+        let hooks = self.hooks.load();
+        for hook in hooks.iter() {
             hook.before_write(offset, length)?;
         }
         io()?;
+        for hook in hooks.iter() {
+            hook.after_write(offset, &data)?;
+        }
         Ok(self.fua(fua)?)
     }
 
     fn writable(&self) -> Result<(), StoreError> {
-        if self.read_only {
+        if self.read_only() {
             return Err(StoreError::ReadOnly);
         }
         Ok(())
@@ -194,6 +221,98 @@ impl Export {
             self.store.flush()?;
         }
         Ok(())
+    }
+}
+
+/// What a write carries, for hooks that need the data.
+#[derive(Debug, Clone, Copy)]
+pub enum WriteData<'a> {
+    /// A WRITE's payload.
+    Data(&'a [u8]),
+    /// WRITE_ZEROES or TRIM of this many bytes.
+    Zeroes(u64),
+}
+
+impl WriteData<'_> {
+    /// Bytes covered.
+    pub fn len(&self) -> u64 {
+        match self {
+            WriteData::Data(d) => d.len() as u64,
+            WriteData::Zeroes(n) => *n,
+        }
+    }
+
+    /// Whether it covers nothing.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Something that must see every write of an export (jobs install these).
+pub trait WriteHook: Send + Sync + std::fmt::Debug {
+    /// Before the write reaches the store (the old data is still there).
+    fn before_write(&self, _offset: u64, _length: u64) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// After the write reached the store, before it is acknowledged.
+    fn after_write(&self, _offset: u64, _data: &WriteData<'_>) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
+/// Lets a cut-over hold new writes and wait for in-flight ones.
+#[derive(Debug, Default)]
+struct WriteBarrier {
+    state: Mutex<(bool, u64)>,
+    changed: Condvar,
+}
+
+impl WriteBarrier {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (bool, u64)> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Enters a write (waits while closed); the guard leaves it.
+    fn enter(&self) -> Entered<'_> {
+        let mut s = self.lock();
+        while s.0 {
+            s = self.changed.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+        s.1 += 1;
+        Entered(self)
+    }
+
+    /// Closes the barrier and waits until no write is inside.
+    fn close(&self) {
+        let mut s = self.lock();
+        s.0 = true;
+        while s.1 > 0 {
+            s = self.changed.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    fn open(&self) {
+        self.lock().0 = false;
+        self.changed.notify_all();
+    }
+}
+
+struct Entered<'a>(&'a WriteBarrier);
+
+impl Drop for Entered<'_> {
+    fn drop(&mut self) {
+        self.0.lock().1 -= 1;
+        self.0.changed.notify_all();
+    }
+}
+
+/// Writes to the export are held while this lives.
+#[derive(Debug)]
+pub struct QuiesceGuard(Arc<Export>);
+
+impl Drop for QuiesceGuard {
+    fn drop(&mut self) {
+        self.0.barrier.open();
     }
 }
 

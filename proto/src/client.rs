@@ -232,3 +232,208 @@ mod tests {
         }
     }
 }
+
+/// What the client learned from negotiation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientNegotiated {
+    /// Export size.
+    pub size: u64,
+    /// Transmission flags.
+    pub flags: u16,
+    /// Structured replies are on.
+    pub structured_replies: bool,
+    /// Block sizes, if the server sent them (minimum, preferred, maximum).
+    pub block_sizes: Option<(u32, u32, u32)>,
+}
+
+/// Why client negotiation failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClientError {
+    /// The server's bytes are not a fixed-newstyle negotiation.
+    #[error("invalid server negotiation: {0}")]
+    Invalid(&'static str),
+    /// The server refused an option.
+    #[error("server refused {option}: error {code:#x}: {message}")]
+    Refused {
+        /// Option code.
+        option: u32,
+        /// `NBD_REP_ERR_*`.
+        code: u32,
+        /// Server's message.
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ClientPhase {
+    Greeting,
+    Replies,
+}
+
+/// Client side of fixed-newstyle negotiation: structured replies (if
+/// wanted), then `NBD_OPT_GO` for one export.
+#[derive(Debug)]
+pub struct ClientHandshake {
+    export: String,
+    want_structured: bool,
+    phase: ClientPhase,
+    structured: bool,
+    size: Option<(u64, u16)>,
+    block_sizes: Option<(u32, u32, u32)>,
+}
+
+impl ClientHandshake {
+    /// Negotiation for `export`.
+    pub fn new(export: &str, want_structured: bool) -> Self {
+        Self {
+            export: export.to_owned(),
+            want_structured,
+            phase: ClientPhase::Greeting,
+            structured: false,
+            size: None,
+            block_sizes: None,
+        }
+    }
+
+    /// Consumes server bytes, appends what to send; `Some` once done.
+    pub fn handle(
+        &mut self,
+        input: &mut BytesMut,
+        out: &mut BytesMut,
+    ) -> Result<Option<ClientNegotiated>, ClientError> {
+        use crate::consts::{client_flags, handshake_flags, info, opt, rep, IHAVEOPT, NBD_MAGIC, OPTION_REPLY_MAGIC};
+        use bytes::BufMut;
+        if self.phase == ClientPhase::Greeting {
+            if input.len() < 18 {
+                return Ok(None);
+            }
+            if input.get_u64() != NBD_MAGIC || input.get_u64() != IHAVEOPT {
+                return Err(ClientError::Invalid("greeting magic"));
+            }
+            let flags = input.get_u16();
+            if flags & handshake_flags::FIXED_NEWSTYLE == 0 {
+                return Err(ClientError::Invalid("server is not fixed newstyle"));
+            }
+            let mut cflags = client_flags::FIXED_NEWSTYLE;
+            if flags & handshake_flags::NO_ZEROES != 0 {
+                cflags |= client_flags::NO_ZEROES;
+            }
+            out.put_u32(cflags);
+            if self.want_structured {
+                put_option(out, opt::STRUCTURED_REPLY, &[]);
+            }
+            let mut go = BytesMut::new();
+            go.put_u32(u32::try_from(self.export.len()).map_err(|_| ClientError::Invalid("export name too long"))?);
+            go.put_slice(self.export.as_bytes());
+            go.put_u16(1);
+            go.put_u16(info::BLOCK_SIZE);
+            put_option(out, opt::GO, &go);
+            self.phase = ClientPhase::Replies;
+        }
+        loop {
+            if input.len() < 20 {
+                return Ok(None);
+            }
+            let len = usize::try_from(u32::from_be_bytes([input[16], input[17], input[18], input[19]]))
+                .map_err(|_| ClientError::Invalid("reply length"))?;
+            if len > 1 << 20 {
+                return Err(ClientError::Invalid("option reply too long"));
+            }
+            if input.len() < 20 + len {
+                return Ok(None);
+            }
+            if input.get_u64() != OPTION_REPLY_MAGIC {
+                return Err(ClientError::Invalid("option reply magic"));
+            }
+            let option = input.get_u32();
+            let reply = input.get_u32();
+            input.advance(4);
+            let mut data = input.split_to(len).freeze();
+            if reply & rep::ERR_BIT != 0 {
+                if option == opt::STRUCTURED_REPLY {
+                    continue;
+                }
+                let message = String::from_utf8_lossy(&data).into_owned();
+                return Err(ClientError::Refused { option, code: reply, message });
+            }
+            match (option, reply) {
+                (opt::STRUCTURED_REPLY, rep::ACK) => self.structured = true,
+                (opt::GO, rep::INFO) if data.len() >= 2 => match data.get_u16() {
+                    info::EXPORT if data.len() >= 10 => self.size = Some((data.get_u64(), data.get_u16())),
+                    info::BLOCK_SIZE if data.len() >= 12 => {
+                        self.block_sizes = Some((data.get_u32(), data.get_u32(), data.get_u32()));
+                    }
+                    _ => {}
+                },
+                (opt::GO, rep::ACK) => {
+                    let (size, flags) =
+                        self.size.ok_or(ClientError::Invalid("GO acknowledged without NBD_INFO_EXPORT"))?;
+                    return Ok(Some(ClientNegotiated {
+                        size,
+                        flags,
+                        structured_replies: self.structured,
+                        block_sizes: self.block_sizes,
+                    }));
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+fn put_option(out: &mut BytesMut, option: u32, data: &[u8]) {
+    use bytes::BufMut;
+    out.put_u64(crate::consts::IHAVEOPT);
+    out.put_u32(option);
+    out.put_u32(u32::try_from(data.len()).unwrap_or(u32::MAX));
+    out.put_slice(data);
+}
+
+#[cfg(test)]
+mod handshake_tests {
+    use super::*;
+    use crate::handshake::{ExportCatalog, ExportInfo, HandshakeConfig, ServerHandshake, Step};
+
+    struct One;
+    impl ExportCatalog for One {
+        fn lookup(&self, name: &str) -> Option<ExportInfo> {
+            (name == "vm/d").then(|| ExportInfo { name: name.into(), description: String::new(), size: 8192, flags: 1 })
+        }
+        fn list(&self) -> Vec<ExportInfo> {
+            vec![]
+        }
+        fn meta_contexts(&self, _: &str) -> Vec<String> {
+            vec![]
+        }
+    }
+
+    /// Runs our client against our server, feeding bytes both ways.
+    fn converse(export: &str) -> Result<ClientNegotiated, ClientError> {
+        let mut server = ServerHandshake::new(HandshakeConfig::default());
+        let mut client = ClientHandshake::new(export, true);
+        let (mut to_client, mut to_server) = (BytesMut::new(), BytesMut::new());
+        server.greeting(&mut to_client);
+        for _ in 0..10 {
+            if let Some(done) = client.handle(&mut to_client, &mut to_server)? {
+                return Ok(done);
+            }
+            match server.handle(&mut to_server, &One, &mut to_client) {
+                Ok(Step::NeedMore) | Ok(Step::Done(_)) => {}
+                other => panic!("{other:?}"),
+            }
+        }
+        panic!("no progress")
+    }
+
+    #[test]
+    fn client_and_server_agree() {
+        let n = converse("vm/d").unwrap();
+        assert_eq!((n.size, n.structured_replies, n.block_sizes), (8192, true, Some((512, 4096, 32 << 20))));
+    }
+
+    #[test]
+    fn unknown_export_is_refused_with_the_servers_message() {
+        let err = converse("nope").unwrap_err();
+        assert!(matches!(err, ClientError::Refused { code, .. } if code == crate::consts::rep::ERR_UNKNOWN), "{err}");
+    }
+}

@@ -103,6 +103,12 @@ struct SpeedBody {
     speed: Size,
 }
 
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CopyModeBody {
+    copy_mode: crate::jobs::mirror::CopyMode,
+}
+
 async fn job_action(s: Ctl, Path((id, action)): Path<(String, String)>, body: Bytes) -> Response {
     let action = match action.as_str() {
         "pause" => JobAction::Pause,
@@ -111,6 +117,10 @@ async fn job_action(s: Ctl, Path((id, action)): Path<(String, String)>, body: By
         "complete" => JobAction::Complete,
         "speed" => match parse::<SpeedBody>(&body).and_then(|b| b.speed.bytes()) {
             Ok(speed) => JobAction::SetSpeed(speed),
+            Err(e) => return error(e),
+        },
+        "copy-mode" => match parse::<CopyModeBody>(&body) {
+            Ok(b) => JobAction::SetCopyMode(b.copy_mode),
             Err(e) => return error(e),
         },
         _ => return error(ApiError::NoRoute),

@@ -9,7 +9,9 @@ use super::{to_json, ApiError, Control, Size};
 use crate::config::DiskConfig;
 use crate::export::Export;
 use crate::jobs::backup::{self, BackupParams, Group, SyncMode};
+use crate::jobs::mirror::{self, CopyMode, MirrorParams, MirrorSync};
 use crate::jobs::verify::{self, VerifyParams};
+use crate::nbd::client::NbdUri;
 
 /// Body of `POST /v1/jobs`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -36,6 +38,27 @@ pub enum StartJob {
         #[serde(default)]
         auto: bool,
     },
+    /// Mirror a disk to another agent's NBD export.
+    Mirror {
+        /// `VM/DISK`.
+        disk: String,
+        /// `nbd://HOST:PORT/EXPORT` or `nbd+unix:///EXPORT?socket=PATH`.
+        target: String,
+        /// `full`, `top` or `incremental`.
+        sync: MirrorSync,
+        /// Bitmap (required for incremental).
+        #[serde(default)]
+        bitmap: Option<String>,
+        /// `background` (default) or `write-blocking`.
+        #[serde(default)]
+        copy_mode: Option<CopyMode>,
+        /// Ready below this many dirty bytes (default 16 MiB).
+        #[serde(default)]
+        ready_threshold: Option<Size>,
+        /// Speed limit, bytes/s.
+        #[serde(default)]
+        speed: Option<Size>,
+    },
     /// Compare a disk at this moment with an image or snapshot.
     Verify {
         /// `VM/DISK`.
@@ -61,6 +84,8 @@ pub enum JobAction {
     Complete,
     /// Change the speed limit (bytes/s).
     SetSpeed(u64),
+    /// Change a mirror's copy mode.
+    SetCopyMode(CopyMode),
 }
 
 impl Control {
@@ -71,6 +96,7 @@ impl Control {
             JobAction::Cancel => self.jobs.cancel(id)?,
             JobAction::Complete => self.jobs.complete(id)?,
             JobAction::SetSpeed(speed) => self.jobs.set_speed(id, speed)?,
+            JobAction::SetCopyMode(mode) => self.jobs.set_setting(id, "copy_mode", to_json(mode))?,
         };
         Ok(to_json(record))
     }
@@ -121,6 +147,31 @@ impl Control {
                 let started = records;
                 Ok(if started.len() == 1 { to_json(&started[0]) } else { to_json(started) })
             }
+            StartJob::Mirror { disk, target, sync, bitmap, copy_mode, ready_threshold, speed } => {
+                let speed = speed.as_ref().map(Size::bytes).transpose()?.unwrap_or(0);
+                if sync == MirrorSync::Incremental && bitmap.is_none() {
+                    return Err(ApiError::BadRequest(
+                        "Incremental mode must specify the bitmap name (--bitmap)".into(),
+                    ));
+                }
+                target.parse::<NbdUri>().map_err(ApiError::BadRequest)?;
+                let export = self.disk(&disk)?;
+                if let Some(name) = &bitmap {
+                    self.check_bitmap(&export, name)?;
+                }
+                let ready_threshold = ready_threshold.as_ref().map(Size::bytes).transpose()?.unwrap_or(16 << 20);
+                let params = MirrorParams {
+                    target,
+                    sync,
+                    bitmap,
+                    copy_mode: copy_mode.unwrap_or(CopyMode::Background),
+                    ready_threshold,
+                };
+                let job = self.jobs.start("mirror", &disk, to_json(&params), speed, move |handle| {
+                    mirror::run(handle, export, params)
+                })?;
+                Ok(to_json(job.record()))
+            }
             StartJob::Verify { disk, against, speed } => {
                 let speed = speed.as_ref().map(Size::bytes).transpose()?.unwrap_or(0);
                 let export = self.disk(&disk)?;
@@ -162,20 +213,29 @@ impl Control {
             (None, None) => (SyncMode::Full, auto),
         };
         if let Some(name) = &bitmap {
+            self.check_bitmap(&export, name)?;
+        }
+        let keep = defaults.as_ref().and_then(|b| b.keep);
+        Ok((export, BackupParams { sync, bitmap, target, auto, keep }))
+    }
+
+    /// A bitmap a job can use: exists, consistent, not busy.
+    fn check_bitmap(&self, export: &Export, name: &str) -> Result<(), ApiError> {
+        let disk = export.name();
+        {
             let list = export.bitmaps().list();
             let info = list
                 .iter()
                 .find(|b| &b.name == name)
-                .ok_or_else(|| crate::bitmap::BitmapError::NotFound { disk: disk.to_owned(), name: name.clone() })?;
+                .ok_or_else(|| crate::bitmap::BitmapError::NotFound { disk: disk.to_owned(), name: name.to_owned() })?;
             if !info.consistent {
                 let reason = info.inconsistent_reason.clone().unwrap_or_default();
-                return Err(crate::bitmap::BitmapError::Inconsistent { name: name.clone(), reason }.into());
+                return Err(crate::bitmap::BitmapError::Inconsistent { name: name.to_owned(), reason }.into());
             }
             if let Some(job) = &info.busy_job {
-                return Err(crate::bitmap::BitmapError::Busy { name: name.clone(), job: job.clone() }.into());
+                return Err(crate::bitmap::BitmapError::Busy { name: name.to_owned(), job: job.clone() }.into());
             }
         }
-        let keep = defaults.as_ref().and_then(|b| b.keep);
-        Ok((export, BackupParams { sync, bitmap, target, auto, keep }))
+        Ok(())
     }
 }

@@ -41,6 +41,34 @@ enum Sync {
     Incremental,
 }
 
+/// `rbdsync mirror`.
+#[derive(Debug, Args)]
+pub struct MirrorArgs {
+    /// VM/DISK.
+    disk: String,
+    /// Destination export: nbd://HOST:PORT/EXPORT or nbd+unix:///EXPORT?socket=PATH.
+    #[arg(long)]
+    target: String,
+    /// full, top or incremental (incremental copies only the bitmap's dirty blocks).
+    #[arg(long, value_parser = ["full", "top", "incremental"])]
+    sync: String,
+    /// Bitmap seeding an incremental mirror.
+    #[arg(long)]
+    bitmap: Option<String>,
+    /// background or write-blocking.
+    #[arg(long, value_parser = ["background", "write-blocking"], default_value = "background")]
+    copy_mode: String,
+    /// Ready once fewer dirty bytes remain (default 16MiB).
+    #[arg(long, value_parser = parse_size)]
+    ready_threshold: Option<u64>,
+    /// Speed limit in bytes/s.
+    #[arg(long, value_parser = parse_size)]
+    speed: Option<u64>,
+    /// Wait until the mirror is ready (or ends); exit non-zero if it failed.
+    #[arg(long)]
+    wait: bool,
+}
+
 /// `rbdsync verify`.
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
@@ -93,6 +121,14 @@ pub enum JobCmd {
         #[arg(value_parser = parse_size)]
         speed: u64,
     },
+    /// Switch a mirror between background and write-blocking copying.
+    SetCopyMode {
+        /// Job id.
+        id: String,
+        /// background or write-blocking.
+        #[arg(value_parser = ["background", "write-blocking"])]
+        mode: String,
+    },
     /// Wait for a job, showing progress; exit non-zero unless it succeeds.
     Wait {
         /// Job id.
@@ -111,6 +147,25 @@ pub async fn backup(endpoint: &Endpoint, json_out: bool, a: BackupArgs) -> Resul
     });
     let started = call(endpoint, "POST", "/v1/jobs", Some(body)).await?;
     finish(endpoint, json_out, started, a.wait).await
+}
+
+pub async fn mirror(endpoint: &Endpoint, json_out: bool, a: MirrorArgs) -> Result<(), ClientError> {
+    let body = json!({
+        "kind": "mirror", "disk": a.disk, "target": a.target, "sync": a.sync, "bitmap": a.bitmap,
+        "copy_mode": a.copy_mode, "ready_threshold": a.ready_threshold, "speed": a.speed,
+    });
+    let started = call(endpoint, "POST", "/v1/jobs", Some(body)).await?;
+    if !a.wait {
+        print_jobs(json_out, &[started]);
+        return Ok(());
+    }
+    let id = started["id"].as_str().unwrap_or_default().to_owned();
+    let j = wait_until(endpoint, &id, json_out, |j| j["state"] == "ready").await?;
+    print_jobs(json_out, std::slice::from_ref(&j));
+    if j["state"] == "concluded" {
+        return check_success(&[j]);
+    }
+    Ok(())
 }
 
 pub async fn verify(endpoint: &Endpoint, json_out: bool, a: VerifyArgs) -> Result<(), ClientError> {
@@ -161,9 +216,19 @@ fn check_success(jobs: &[Value]) -> Result<(), ClientError> {
     Ok(())
 }
 
-/// Polls a job until it concludes, with a progress bar on a terminal and
-/// plain progress lines otherwise.
+/// Polls a job until it concludes.
 async fn wait_for(endpoint: &Endpoint, id: &str, quiet: bool) -> Result<Value, ClientError> {
+    wait_until(endpoint, id, quiet, |_| false).await
+}
+
+/// Polls a job until it concludes or `stop` holds, with a progress bar on a
+/// terminal and plain progress lines otherwise.
+pub async fn wait_until(
+    endpoint: &Endpoint,
+    id: &str,
+    quiet: bool,
+    stop: impl Fn(&Value) -> bool,
+) -> Result<Value, ClientError> {
     let tty = std::io::stderr().is_terminal() && !quiet;
     let bar = indicatif::ProgressBar::new(0);
     if tty {
@@ -182,7 +247,7 @@ async fn wait_for(endpoint: &Endpoint, id: &str, quiet: bool) -> Result<Value, C
         let (done, total) = (j["bytes_done"].as_u64().unwrap_or(0), j["bytes_total"].as_u64().unwrap_or(0));
         bar.set_length(total);
         bar.set_position(done);
-        if j["state"] == "concluded" {
+        if j["state"] == "concluded" || stop(&j) {
             bar.finish_and_clear();
             return Ok(j);
         }
@@ -217,6 +282,7 @@ pub async fn job(endpoint: &Endpoint, json_out: bool, cmd: JobCmd) -> Result<(),
         JobCmd::Cancel { id } => (id, "cancel", None),
         JobCmd::Complete { id } => (id, "complete", None),
         JobCmd::SetSpeed { id, speed } => (id, "speed", Some(json!({ "speed": speed }))),
+        JobCmd::SetCopyMode { id, mode } => (id, "copy-mode", Some(json!({ "copy_mode": mode }))),
     };
     let j = call(endpoint, "POST", &format!("/v1/jobs/{id}/{action}"), body).await?;
     print_jobs(json_out, &[j]);

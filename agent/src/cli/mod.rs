@@ -27,6 +27,8 @@ pub enum ClientCmd {
     Bitmap(BitmapCmd),
     /// Back up a disk (VM/DISK) or all disks of a VM (VM) as one group.
     Backup(jobs::BackupArgs),
+    /// Mirror a disk to another agent's NBD export (full, top or incremental).
+    Mirror(jobs::MirrorArgs),
     /// Compare a disk, as it is now, with an image or snapshot.
     Verify(jobs::VerifyArgs),
     /// List jobs.
@@ -134,6 +136,7 @@ pub async fn run(endpoint: &Endpoint, json_out: bool, cmd: ClientCmd) -> Result<
         ClientCmd::Bitmap(b) => bitmap(endpoint, b).await?,
         ClientCmd::Backup(args) => return jobs::backup(endpoint, json_out, args).await,
         ClientCmd::Verify(args) => return jobs::verify(endpoint, json_out, args).await,
+        ClientCmd::Mirror(args) => return jobs::mirror(endpoint, json_out, args).await,
         ClientCmd::Jobs { all } => {
             (call(endpoint, "GET", &format!("/v1/jobs?all={all}"), None).await?, jobs::render_jobs)
         }

@@ -18,6 +18,7 @@
 //! ("interrupted"), so history survives restarts.
 
 pub mod backup;
+pub mod mirror;
 pub mod pit;
 pub mod throttle;
 pub mod verify;
@@ -142,6 +143,7 @@ pub struct Job {
     samples: Mutex<Vec<(Instant, u64)>>,
     bytes: AtomicU64,
     file: PathBuf,
+    settings: watch::Sender<Value>,
 }
 
 impl Job {
@@ -266,6 +268,11 @@ impl JobHandle {
     pub fn is_cancelled(&self) -> bool {
         self.0.cancel.is_cancelled()
     }
+
+    /// Job-specific settings changed at runtime (e.g. a mirror's copy mode).
+    pub fn settings(&self) -> Value {
+        self.0.settings.borrow().clone()
+    }
 }
 
 /// Errors of job control requests.
@@ -350,6 +357,7 @@ impl JobManager {
             done: watch::channel(false).0,
             samples: Mutex::new(Vec::new()),
             file,
+            settings: watch::channel(Value::Null).0,
         })
     }
 
@@ -476,6 +484,18 @@ impl JobManager {
         job.bucket.lock().unwrap_or_else(|p| p.into_inner()).set_rate(speed, job.epoch.elapsed());
         job.lock().speed = speed;
         job.persist();
+        Ok(job.record())
+    }
+
+    /// Changes a job-specific setting of a running job.
+    pub fn set_setting(&self, id: &str, key: &str, value: Value) -> Result<JobRecord, JobControlError> {
+        let job = self.live(id)?;
+        job.settings.send_modify(|s| {
+            if !s.is_object() {
+                *s = Value::Object(Default::default());
+            }
+            s[key] = value;
+        });
         Ok(job.record())
     }
 

@@ -144,6 +144,12 @@ impl PointInTime {
     }
 }
 
+impl crate::export::WriteHook for PointInTime {
+    fn before_write(&self, offset: u64, length: u64) -> Result<(), StoreError> {
+        PointInTime::before_write(self, offset, length)
+    }
+}
+
 impl Drop for PointInTime {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.scratch_path);

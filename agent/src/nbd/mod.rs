@@ -11,6 +11,7 @@
 //! In-flight work per connection is bounded by a byte budget, so a client
 //! cannot make the agent buffer more than that.
 
+pub mod client;
 pub mod connection;
 pub mod server;
 mod session;

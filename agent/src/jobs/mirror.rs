@@ -1,0 +1,388 @@
+//! Mirror jobs: copy a disk to another agent's export over NBD while
+//! clients keep writing, converge, and cut over.
+//!
+//! ```text
+//!  seed      incremental: the bitmap's bits (frozen at the start; the bitmap
+//!            itself is never consumed) · full: every granule · top: allocated ones
+//!  track     a hook marks every new write dirty (before it reaches the store)
+//!  copy      passes over the dirty set: lock granules, clear bits, read, send
+//!  ready     remaining dirty bytes below the threshold
+//!  blocking  write-blocking mode: a write is acknowledged only after it was
+//!            also written to the destination; switched to automatically when
+//!            background passes stop shrinking the dirty set
+//!  complete  hold writes → copy the rest → flush destination → source
+//!            read-only → release; downtime = hold → done
+//! ```
+//! Granule locks are held from reading a granule until the destination
+//! acknowledged it, and an active-mirror write takes the same locks, so an
+//! older copy can never land after a newer write.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tokio::sync::Mutex as AsyncMutex;
+
+use super::{JobError, JobHandle, JobState};
+use crate::bitmap::AtomicBits;
+use crate::export::{Export, WriteData, WriteHook};
+use crate::nbd::client::{NbdClient, NbdUri};
+use crate::store::{ExtentKind, StoreError};
+
+/// Largest piece sent in one request.
+const PIECE: u64 = 4 << 20;
+/// Pieces in flight.
+const PARALLEL: usize = 8;
+const STRIPES: u64 = 256;
+/// Background passes that may fail to shrink the dirty set before the
+/// mirror switches itself to write-blocking.
+const STALLED_PASSES: u32 = 3;
+
+/// What to seed the copy with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MirrorSync {
+    /// Every granule.
+    Full,
+    /// Allocated granules only.
+    Top,
+    /// The granules a bitmap marks dirty (the destination already holds the rest).
+    Incremental,
+}
+
+/// How guest writes reach the destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CopyMode {
+    /// Copied by the job's passes.
+    Background,
+    /// Written to both sides before the write is acknowledged.
+    WriteBlocking,
+}
+
+/// Parameters of a mirror job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MirrorParams {
+    /// `nbd://HOST:PORT/EXPORT` or `nbd+unix:///EXPORT?socket=PATH`.
+    pub target: String,
+    /// Seed.
+    pub sync: MirrorSync,
+    /// Bitmap (required for incremental).
+    pub bitmap: Option<String>,
+    /// Initial copy mode.
+    pub copy_mode: CopyMode,
+    /// Ready once fewer dirty bytes than this remain.
+    pub ready_threshold: u64,
+}
+
+/// The mirror's view of the export's writes.
+#[derive(Debug)]
+pub struct Tracker {
+    dirty: AtomicBits,
+    shift: u32,
+    size: u64,
+    locks: Vec<Arc<AsyncMutex<()>>>,
+    blocking: AtomicBool,
+    client: Arc<NbdClient>,
+    runtime: tokio::runtime::Handle,
+    sent: AtomicU64,
+}
+
+impl Tracker {
+    fn granules(&self, offset: u64, length: u64) -> (u64, u64) {
+        (offset >> self.shift, (offset + length.max(1) - 1) >> self.shift)
+    }
+
+    fn stripes(&self, first: u64, last: u64) -> Vec<Arc<AsyncMutex<()>>> {
+        let mut idx: Vec<u64> = (first..=last.min(first + STRIPES - 1)).map(|g| g % STRIPES).collect();
+        idx.sort_unstable();
+        idx.dedup();
+        idx.into_iter().map(|i| self.locks[i as usize].clone()).collect()
+    }
+
+    /// Dirty bytes left.
+    fn remaining(&self) -> u64 {
+        (self.dirty.count() << self.shift).min(self.size)
+    }
+}
+
+impl WriteHook for Tracker {
+    fn before_write(&self, offset: u64, length: u64) -> Result<(), StoreError> {
+        let (first, last) = self.granules(offset, length);
+        self.dirty.set_range(first, last);
+        Ok(())
+    }
+
+    /// Write-blocking: forward the write under the granule locks, then drop
+    /// the dirty bits of granules it covered completely.
+    fn after_write(&self, offset: u64, data: &WriteData<'_>) -> Result<(), StoreError> {
+        if !self.blocking.load(SeqCst) {
+            return Ok(());
+        }
+        let (first, last) = self.granules(offset, data.len());
+        let locks = self.stripes(first, last);
+        let guards: Vec<_> = locks.iter().map(|l| l.blocking_lock()).collect();
+        let sent = self.runtime.block_on(async {
+            match data {
+                WriteData::Data(d) => self.client.write(offset, Bytes::copy_from_slice(d), false).await,
+                WriteData::Zeroes(n) => zero(&self.client, offset, *n).await,
+            }
+        });
+        sent.map_err(|e| StoreError::Io { op: "active mirror", offset, source: std::io::Error::other(e.to_string()) })?;
+        self.sent.fetch_add(data.len(), SeqCst);
+        let g = 1u64 << self.shift;
+        let (full_first, end) = (offset.div_ceil(g), (offset + data.len()) / g);
+        for gr in full_first..end {
+            self.dirty.and_not_word(gr / 64, 1 << (gr % 64));
+        }
+        drop(guards);
+        Ok(())
+    }
+}
+
+async fn zero(client: &NbdClient, offset: u64, length: u64) -> Result<(), crate::nbd::client::NbdClientError> {
+    let mut pos = offset;
+    while pos < offset + length {
+        let n = (offset + length - pos).min(1 << 30);
+        client.write_zeroes(pos, u32::try_from(n).unwrap_or(1 << 30)).await?;
+        pos += n;
+    }
+    Ok(())
+}
+
+fn err(context: &str) -> impl FnOnce(&dyn std::fmt::Display) -> JobError + '_ {
+    move |e| JobError::Failed(format!("{context}: {e}"))
+}
+
+/// Runs the mirror until completed, cancelled or failed.
+pub async fn run(job: JobHandle, export: Arc<Export>, params: MirrorParams) -> Result<Value, JobError> {
+    let uri: NbdUri = params.target.parse().map_err(JobError::Failed)?;
+    let client =
+        Arc::new(NbdClient::connect(&uri).await.map_err(|e| JobError::from_err("Cannot reach the mirror target", &e))?);
+    if client.size() != export.size() {
+        return Err(JobError::Failed(format!("Mirror target has {} bytes, disk has {}", client.size(), export.size())));
+    }
+    let tracker = start_tracking(&job, &export, &params, client.clone())?;
+    let result = mirror(&job, &export, &params, &tracker).await;
+    export.remove_hook(&tracker);
+    if let Some(bitmap) = &params.bitmap {
+        export.bitmaps().abort_job(bitmap, &job.id());
+    }
+    let result = result?;
+    if let Ok(c) = Arc::try_unwrap(client) {
+        c.disconnect().await;
+    }
+    Ok(result)
+}
+
+/// Seeds the dirty set and installs the tracker atomically with respect to writes.
+fn start_tracking(
+    job: &JobHandle,
+    export: &Arc<Export>,
+    params: &MirrorParams,
+    client: Arc<NbdClient>,
+) -> Result<Arc<Tracker>, JobError> {
+    let bitmaps = export.bitmaps();
+    let size = export.size();
+    if params.sync == MirrorSync::Incremental && params.bitmap.is_none() {
+        return Err(JobError::Failed("Incremental mirror needs a bitmap".into()));
+    }
+    bitmaps.drained(|d| {
+        let (granularity, seed) = match (&params.bitmap, params.sync) {
+            (Some(name), MirrorSync::Incremental) => {
+                let frozen = bitmaps.begin_job(d, name, &job.id()).map_err(|e| err("Bitmap")(&e))?;
+                (frozen.granularity, Some(frozen.bits))
+            }
+            (Some(name), _) => (bitmaps.get(name).map_err(|e| err("Bitmap")(&e))?.granularity(), None),
+            (None, _) => (64 << 10, None),
+        };
+        let len = size.div_ceil(granularity);
+        let dirty = match (seed, params.sync) {
+            (Some(bits), _) => bits,
+            (None, MirrorSync::Top) => {
+                let bits = AtomicBits::new(len);
+                let extents = export.store().extents(0, size).map_err(|e| err("Allocation map")(&e))?;
+                for e in extents.iter().filter(|e| e.kind == ExtentKind::Data) {
+                    bits.set_range(e.offset / granularity, (e.offset + e.length - 1) / granularity);
+                }
+                bits
+            }
+            (None, _) => {
+                let bits = AtomicBits::new(len);
+                bits.set_all();
+                bits
+            }
+        };
+        let tracker = Arc::new(Tracker {
+            dirty,
+            shift: granularity.trailing_zeros(),
+            size,
+            locks: (0..STRIPES).map(|_| Arc::new(AsyncMutex::new(()))).collect(),
+            blocking: AtomicBool::new(params.copy_mode == CopyMode::WriteBlocking),
+            client,
+            runtime: tokio::runtime::Handle::current(),
+            sent: AtomicU64::new(0),
+        });
+        export.add_hook(d, tracker.clone());
+        Ok(tracker)
+    })
+}
+
+async fn mirror(
+    job: &JobHandle,
+    export: &Arc<Export>,
+    params: &MirrorParams,
+    t: &Arc<Tracker>,
+) -> Result<Value, JobError> {
+    let started = Instant::now();
+    let initial = t.remaining();
+    job.set_total(initial);
+    let (mut passes, mut stalled, mut best) = (0u32, 0u32, u64::MAX);
+    let mut switched_at = None;
+    loop {
+        job.checkpoint().await?;
+        if let Some(mode) =
+            job.settings().get("copy_mode").and_then(|m| serde_json::from_value::<CopyMode>(m.clone()).ok())
+        {
+            t.blocking.store(mode == CopyMode::WriteBlocking, SeqCst);
+        }
+        pass(job, export, t).await?;
+        passes += 1;
+        let left = t.remaining();
+        job.set_total(t.sent.load(SeqCst) + left);
+        if left <= params.ready_threshold {
+            job.set_state(JobState::Ready);
+        }
+        if job.is_completion_requested() {
+            break;
+        }
+        if left >= best && left > params.ready_threshold && !t.blocking.load(SeqCst) {
+            stalled += 1;
+            if stalled >= STALLED_PASSES {
+                tracing::warn!(remaining = left, "mirror not converging; switching to write-blocking");
+                t.blocking.store(true, SeqCst);
+                switched_at = Some(passes);
+            }
+        } else {
+            stalled = 0;
+        }
+        best = best.min(left);
+        if left == 0 || left <= params.ready_threshold {
+            tokio::select! {
+                () = job.completion_requested() => break,
+                () = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        }
+    }
+    job.set_state(JobState::Completing);
+    let cutover = Instant::now();
+    let guard = export.quiesce().await;
+    let held = Instant::now();
+    while t.remaining() > 0 {
+        pass(job, export, t).await?;
+    }
+    t.client.flush().await.map_err(|e| JobError::from_err("Flushing the destination failed", &e))?;
+    export.set_read_only();
+    drop(guard);
+    let downtime = cutover.elapsed();
+    Ok(json!({
+        "target": params.target,
+        "initial_dirty_bytes": initial,
+        "bytes_sent": t.sent.load(SeqCst),
+        "disk_size": export.size(),
+        "passes": passes,
+        "switched_to_write_blocking_after_pass": switched_at,
+        "duration_ms": started.elapsed().as_millis() as u64,
+        "downtime_ms": downtime.as_millis() as u64,
+        "drain_ms": held.duration_since(cutover).as_millis() as u64,
+    }))
+}
+
+/// One pass over the dirty set.
+async fn pass(job: &JobHandle, export: &Arc<Export>, t: &Arc<Tracker>) -> Result<(), JobError> {
+    let g = 1u64 << t.shift;
+    let runs: Vec<(u64, u64)> = t.dirty.runs_from(0).collect();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (first, count) in runs {
+        let mut start = first;
+        while start < first + count {
+            let n = (first + count - start).min(PIECE / g).max(1);
+            job.checkpoint().await?;
+            job.throttle(n * g).await?;
+            while tasks.len() >= PARALLEL {
+                join(&mut tasks, job).await?;
+            }
+            tasks.spawn(copy_piece(export.clone(), t.clone(), start, start + n - 1));
+            start += n;
+        }
+    }
+    while !tasks.is_empty() {
+        join(&mut tasks, job).await?;
+    }
+    Ok(())
+}
+
+async fn join(tasks: &mut tokio::task::JoinSet<Result<u64, JobError>>, job: &JobHandle) -> Result<(), JobError> {
+    match tasks.join_next().await {
+        Some(Ok(Ok(bytes))) => {
+            job.progress(bytes);
+            Ok(())
+        }
+        Some(Ok(Err(e))) => Err(e),
+        Some(Err(e)) => Err(JobError::Failed(format!("internal error: {e}"))),
+        None => Ok(()),
+    }
+}
+
+/// Copies granules `first..=last` under their locks; returns bytes sent.
+async fn copy_piece(export: Arc<Export>, t: Arc<Tracker>, first: u64, last: u64) -> Result<u64, JobError> {
+    let locks = t.stripes(first, last);
+    let mut guards = Vec::with_capacity(locks.len());
+    for l in &locks {
+        guards.push(l.clone().lock_owned().await);
+    }
+    let mut todo = Vec::new();
+    for g in first..=last {
+        if t.dirty.get(g) {
+            t.dirty.and_not_word(g / 64, 1 << (g % 64));
+            todo.push(g);
+        }
+    }
+    let Some((&lo, &hi)) = todo.first().zip(todo.last()) else { return Ok(0) };
+    let start = lo << t.shift;
+    let end = ((hi + 1) << t.shift).min(t.size);
+    let store = export.store().clone();
+    let len = usize::try_from(end - start).unwrap_or(0);
+    let read = tokio::task::spawn_blocking(move || {
+        let mut buf = vec![0u8; len];
+        store.read_at(&mut buf, start).map(|()| buf)
+    })
+    .await
+    .map_err(|e| JobError::Failed(e.to_string()))?;
+    let data = match read {
+        Ok(d) => d,
+        Err(e) => {
+            todo.iter().for_each(|&g| {
+                t.dirty.set_range(g, g);
+            });
+            return Err(JobError::from_err("Reading the source failed", &e));
+        }
+    };
+    let sent = if data.iter().all(|&b| b == 0) {
+        zero(&t.client, start, end - start).await
+    } else {
+        t.client.write(start, Bytes::from(data), false).await
+    };
+    if let Err(e) = sent {
+        todo.iter().for_each(|&g| {
+            t.dirty.set_range(g, g);
+        });
+        return Err(JobError::from_err("Writing to the destination failed", &e));
+    }
+    t.sent.fetch_add(end - start, SeqCst);
+    drop(guards);
+    Ok(end - start)
+}

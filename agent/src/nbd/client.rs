@@ -1,0 +1,317 @@
+//! A pipelined NBD client (tokio driver around `proto`'s client side): the
+//! mirror's transport to another agent.
+//!
+//! One writer task sends requests in order; one reader task decodes replies
+//! and completes each request's oneshot by cookie, so many requests can be
+//! in flight at once. A semaphore bounds them.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use std::sync::{Arc, Mutex};
+
+use bytes::{Bytes, BytesMut};
+use proto::client::{ClientHandshake, ClientNegotiated, ReplyDecoder, ReplyEvent};
+use proto::consts::cmd_flags;
+use proto::{Command, Request};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+/// Requests in flight per connection.
+const IN_FLIGHT: usize = 64;
+
+/// Where an NBD export is: `nbd://HOST:PORT/EXPORT` or `nbd+unix:///EXPORT?socket=PATH`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NbdUri {
+    /// TCP `host:port`, or None for a Unix socket.
+    pub tcp: Option<String>,
+    /// Unix socket path.
+    pub socket: Option<PathBuf>,
+    /// Export name.
+    pub export: String,
+}
+
+impl std::str::FromStr for NbdUri {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(rest) = s.strip_prefix("nbd+unix:///") {
+            let (export, query) =
+                rest.split_once("?socket=").ok_or_else(|| format!("{s}: nbd+unix needs ?socket=PATH"))?;
+            return Ok(Self { tcp: None, socket: Some(PathBuf::from(query)), export: export.to_owned() });
+        }
+        let rest = s
+            .strip_prefix("nbd://")
+            .ok_or_else(|| format!("{s}: expected nbd://HOST:PORT/EXPORT or nbd+unix:///EXPORT?socket=PATH"))?;
+        let (host, export) = rest.split_once('/').ok_or_else(|| format!("{s}: no export name"))?;
+        let host = if host.contains(':') { host.to_owned() } else { format!("{host}:10809") };
+        Ok(Self { tcp: Some(host), socket: None, export: export.to_owned() })
+    }
+}
+
+impl std::fmt::Display for NbdUri {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (&self.tcp, &self.socket) {
+            (Some(h), _) => write!(f, "nbd://{h}/{}", self.export),
+            (None, Some(p)) => write!(f, "nbd+unix:///{}?socket={}", self.export, p.display()),
+            _ => write!(f, "nbd:?"),
+        }
+    }
+}
+
+/// Errors of the NBD client.
+#[derive(Debug, thiserror::Error)]
+pub enum NbdClientError {
+    /// Connecting or socket IO failed.
+    #[error("NBD connection to {0} failed")]
+    Io(String, #[source] std::io::Error),
+    /// Negotiation failed.
+    #[error("NBD negotiation with {0} failed")]
+    Handshake(String, #[source] proto::client::ClientError),
+    /// The server's replies are not NBD.
+    #[error("NBD protocol error from server: {0}")]
+    Protocol(proto::DecodeError),
+    /// The server answered a request with an error.
+    #[error("NBD server error {errno} at offset {offset}: {message}")]
+    Server {
+        /// NBD errno.
+        errno: u32,
+        /// Request offset.
+        offset: u64,
+        /// Server's message, if any.
+        message: String,
+    },
+    /// The connection is closed.
+    #[error("NBD connection closed")]
+    Closed,
+}
+
+type Reply = oneshot::Sender<Result<Bytes, NbdClientError>>;
+
+struct Pending {
+    request: Request,
+    payload: Bytes,
+    reply: Reply,
+}
+
+#[derive(Default)]
+struct InFlight {
+    map: HashMap<u64, (Request, BytesMut, Reply, Option<NbdClientError>)>,
+}
+
+/// A connected client.
+#[derive(Debug)]
+pub struct NbdClient {
+    tx: mpsc::Sender<Pending>,
+    info: ClientNegotiated,
+    slots: Arc<Semaphore>,
+    uri: NbdUri,
+}
+
+impl NbdClient {
+    /// Connects and negotiates.
+    pub async fn connect(uri: &NbdUri) -> Result<Self, NbdClientError> {
+        let name = uri.to_string();
+        let io = |e| NbdClientError::Io(name.clone(), e);
+        match (&uri.tcp, &uri.socket) {
+            (Some(addr), _) => {
+                let s = tokio::net::TcpStream::connect(addr).await.map_err(io)?;
+                s.set_nodelay(true).map_err(io)?;
+                let (r, w) = s.into_split();
+                Self::start(uri, r, w).await
+            }
+            (None, Some(path)) => {
+                let (r, w) = tokio::net::UnixStream::connect(path).await.map_err(io)?.into_split();
+                Self::start(uri, r, w).await
+            }
+            _ => Err(NbdClientError::Closed),
+        }
+    }
+
+    async fn start<R, W>(uri: &NbdUri, mut r: R, mut w: W) -> Result<Self, NbdClientError>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        let name = uri.to_string();
+        let io = |e| NbdClientError::Io(name.clone(), e);
+        let mut hs = ClientHandshake::new(&uri.export, true);
+        let (mut input, mut out) = (BytesMut::with_capacity(4096), BytesMut::new());
+        let info = loop {
+            let done = hs.handle(&mut input, &mut out).map_err(|e| NbdClientError::Handshake(name.clone(), e))?;
+            if !out.is_empty() {
+                w.write_all(&out).await.map_err(io)?;
+                out.clear();
+            }
+            if let Some(info) = done {
+                break info;
+            }
+            if r.read_buf(&mut input).await.map_err(io)? == 0 {
+                return Err(NbdClientError::Io(name.clone(), std::io::ErrorKind::UnexpectedEof.into()));
+            }
+        };
+        let inflight = Arc::new(Mutex::new(InFlight::default()));
+        let (tx, rx) = mpsc::channel(IN_FLIGHT);
+        tokio::spawn(send_loop(w, rx, inflight.clone()));
+        tokio::spawn(receive_loop(r, input, inflight));
+        Ok(Self { tx, info, slots: Arc::new(Semaphore::new(IN_FLIGHT)), uri: uri.clone() })
+    }
+
+    /// Export size.
+    pub fn size(&self) -> u64 {
+        self.info.size
+    }
+
+    /// Where it is connected.
+    pub fn uri(&self) -> &NbdUri {
+        &self.uri
+    }
+
+    async fn call(
+        &self,
+        command: Command,
+        flags: u16,
+        offset: u64,
+        length: u32,
+        payload: Bytes,
+    ) -> Result<Bytes, NbdClientError> {
+        let _slot = self.slots.acquire().await.map_err(|_| NbdClientError::Closed)?;
+        let (reply, rx) = oneshot::channel();
+        let request = Request { cookie: 0, command, flags, offset, length };
+        self.tx.send(Pending { request, payload, reply }).await.map_err(|_| NbdClientError::Closed)?;
+        rx.await.map_err(|_| NbdClientError::Closed)?
+    }
+
+    /// Writes `data` at `offset` (FUA if `fua`).
+    pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), NbdClientError> {
+        let len = u32::try_from(data.len()).map_err(|_| NbdClientError::Closed)?;
+        let flags = if fua { cmd_flags::FUA } else { 0 };
+        self.call(Command::Write, flags, offset, len, data).await.map(drop)
+    }
+
+    /// Zeroes a range (may punch holes).
+    pub async fn write_zeroes(&self, offset: u64, length: u32) -> Result<(), NbdClientError> {
+        self.call(Command::WriteZeroes, 0, offset, length, Bytes::new()).await.map(drop)
+    }
+
+    /// Reads a range.
+    pub async fn read(&self, offset: u64, length: u32) -> Result<Bytes, NbdClientError> {
+        self.call(Command::Read, 0, offset, length, Bytes::new()).await
+    }
+
+    /// Flushes the server.
+    pub async fn flush(&self) -> Result<(), NbdClientError> {
+        self.call(Command::Flush, 0, 0, 0, Bytes::new()).await.map(drop)
+    }
+
+    /// Sends NBD_CMD_DISC (after in-flight requests were answered).
+    pub async fn disconnect(self) {
+        let _ = self.slots.acquire_many(u32::try_from(IN_FLIGHT).unwrap_or(1)).await;
+        let (reply, _rx) = oneshot::channel();
+        let request = Request { cookie: 0, command: Command::Disc, flags: 0, offset: 0, length: 0 };
+        let _ = self.tx.send(Pending { request, payload: Bytes::new(), reply }).await;
+    }
+}
+
+async fn send_loop<W: AsyncWrite + Unpin>(mut w: W, mut rx: mpsc::Receiver<Pending>, inflight: Arc<Mutex<InFlight>>) {
+    static COOKIES: AtomicU64 = AtomicU64::new(1);
+    let mut buf = BytesMut::new();
+    while let Some(mut p) = rx.recv().await {
+        p.request.cookie = COOKIES.fetch_add(1, SeqCst);
+        buf.clear();
+        p.request.encode(&mut buf);
+        let disc = p.request.command == Command::Disc;
+        if !disc {
+            let data = BytesMut::new();
+            inflight
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .map
+                .insert(p.request.cookie, (p.request, data, p.reply, None));
+        }
+        let sent = async {
+            w.write_all(&buf).await?;
+            if !p.payload.is_empty() {
+                w.write_all(&p.payload).await?;
+            }
+            w.flush().await
+        };
+        if sent.await.is_err() || disc {
+            break;
+        }
+    }
+    fail_all(&inflight);
+}
+
+async fn receive_loop<R: AsyncRead + Unpin>(mut r: R, mut buf: BytesMut, inflight: Arc<Mutex<InFlight>>) {
+    let mut decoder = ReplyDecoder::new(64 << 20);
+    loop {
+        let event = {
+            let map = inflight.clone();
+            let read_len = move |cookie: u64| {
+                let m = map.lock().unwrap_or_else(|e| e.into_inner());
+                m.map.get(&cookie).filter(|e| e.0.command == Command::Read).map(|e| e.0.length)
+            };
+            decoder.decode(&mut buf, &read_len)
+        };
+        match event {
+            Ok(ev) => complete(&inflight, ev),
+            Err(proto::DecodeError::Incomplete) => match r.read_buf(&mut buf).await {
+                Ok(n) if n > 0 => {}
+                _ => break,
+            },
+            Err(e) => {
+                tracing::error!(error = %e, "NBD client: bad reply stream");
+                break;
+            }
+        }
+    }
+    fail_all(&inflight);
+}
+
+fn complete(inflight: &Mutex<InFlight>, ev: ReplyEvent) {
+    let mut m = inflight.lock().unwrap_or_else(|e| e.into_inner());
+    let cookie = ev.cookie();
+    let done = ev.is_done();
+    let Some(entry) = m.map.get_mut(&cookie) else { return };
+    match ev {
+        ReplyEvent::Simple { errno: 0, data, .. } => entry.1.extend_from_slice(&data),
+        ReplyEvent::Simple { errno, .. } => entry.3 = Some(server_error(errno, entry.0.offset, String::new())),
+        ReplyEvent::Data { offset, data, .. } => place(entry, offset, &data),
+        ReplyEvent::Hole { offset, length, .. } => place(entry, offset, &vec![0; usize::try_from(length).unwrap_or(0)]),
+        ReplyEvent::Error { errno, message, .. } => entry.3 = Some(server_error(errno, entry.0.offset, message)),
+        ReplyEvent::BlockStatus { .. } | ReplyEvent::None { .. } => {}
+    }
+    if done {
+        if let Some((_, data, reply, err)) = m.map.remove(&cookie) {
+            let _ = reply.send(match err {
+                Some(e) => Err(e),
+                None => Ok(data.freeze()),
+            });
+        }
+    }
+}
+
+fn place(entry: &mut (Request, BytesMut, Reply, Option<NbdClientError>), offset: u64, data: &[u8]) {
+    let len = usize::try_from(entry.0.length).unwrap_or(0);
+    if entry.1.len() < len {
+        entry.1.resize(len, 0);
+    }
+    let at = usize::try_from(offset.saturating_sub(entry.0.offset)).unwrap_or(usize::MAX);
+    if at.saturating_add(data.len()) <= len {
+        entry.1[at..at + data.len()].copy_from_slice(data);
+    } else {
+        entry.3 = Some(NbdClientError::Protocol(proto::DecodeError::Invalid("chunk outside the request")));
+    }
+}
+
+fn server_error(errno: u32, offset: u64, message: String) -> NbdClientError {
+    NbdClientError::Server { errno, offset, message }
+}
+
+fn fail_all(inflight: &Mutex<InFlight>) {
+    let mut m = inflight.lock().unwrap_or_else(|e| e.into_inner());
+    for (_, (_, _, reply, _)) in m.map.drain() {
+        let _ = reply.send(Err(NbdClientError::Closed));
+    }
+}
