@@ -14,10 +14,11 @@ use std::time::Duration;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
-use crate::api::{self, Control};
+use crate::api::migrations::ReloadRequest;
+use crate::api::{self, Control, MigrationEnv};
 use crate::bitmap::{BitmapError, DiskBitmaps};
 use crate::config::{AgentConfig, ConfigError, DiskConfig, VmConfig};
-use crate::export::{Export, Exports};
+use crate::export::{Export, Exports, Incoming};
 use crate::jobs::backup::BackupEnv;
 use crate::jobs::JobManager;
 use crate::nbd::server::ServerError;
@@ -78,6 +79,7 @@ impl DaemonError {
 struct Disks {
     state_dir: PathBuf,
     stores: Arc<Stores>,
+    incoming: Arc<Incoming>,
     exports: Arc<Exports>,
     configs: BTreeMap<String, DiskConfig>,
 }
@@ -106,7 +108,10 @@ impl Disks {
             }
             match open_disk(&self.stores, &self.state_dir, &name, &config).await {
                 Ok(export) => {
-                    tracing::info!(disk = %name, image = %config.image, "serving export");
+                    if let Some(token) = self.incoming.token(&name) {
+                        export.set_incoming(&token);
+                    }
+                    tracing::info!(disk = %name, image = %config.image, incoming = export.incoming().is_some(), "serving export");
                     self.exports.insert(export);
                     self.configs.insert(name, config);
                 }
@@ -185,7 +190,14 @@ pub async fn run(config: AgentConfig) -> Result<(), DaemonError> {
     let vms = config.load_vms()?;
     let exports = Arc::new(Exports::default());
     let stores = Stores::new(config.ceph.clone());
-    let mut disks = Disks { state_dir: config.state_dir.clone(), stores, exports, configs: BTreeMap::new() };
+    let incoming = Arc::new(Incoming::default());
+    let mut disks = Disks {
+        state_dir: config.state_dir.clone(),
+        stores,
+        incoming: incoming.clone(),
+        exports,
+        configs: BTreeMap::new(),
+    };
     if let Err(e) = disks.apply(&vms).await {
         disks.close_all().await;
         return Err(e);
@@ -210,6 +222,15 @@ pub async fn run(config: AgentConfig) -> Result<(), DaemonError> {
         }
     };
     let runtime = RuntimeFile::write(&config, &server)?;
+    let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel::<ReloadRequest>(4);
+    control.set_migration_env(MigrationEnv {
+        vms_dir: config.vms_dir.clone(),
+        images_dir: config.state_dir.join("images"),
+        incoming,
+        reload: reload_tx,
+        nbd: arc_swap::ArcSwap::from_pointee(server.local_addrs().iter().map(|a| a.to_string()).collect()),
+        records: Default::default(),
+    });
     let serving = tokio::spawn(server.run(shutdown.clone()));
     tracing::info!(node = %config.node, exports = disks.configs.len(), "agent started");
 
@@ -220,7 +241,12 @@ pub async fn run(config: AgentConfig) -> Result<(), DaemonError> {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = hup.recv() => reload(&config, &mut disks, &control).await,
+            _ = hup.recv() => {
+                let _ = reload(&config, &mut disks, &control).await;
+            }
+            Some(reply) = reload_rx.recv() => {
+                let _ = reply.send(reload(&config, &mut disks, &control).await.map_err(|e| format!("{e}: {:?}", std::error::Error::source(&e))));
+            }
         }
     }
     tracing::info!("stopping: cancelling jobs, draining connections");
@@ -245,7 +271,7 @@ async fn start_servers(
     Ok((server, control))
 }
 
-async fn reload(config: &AgentConfig, disks: &mut Disks, control: &Control) {
+async fn reload(config: &AgentConfig, disks: &mut Disks, control: &Control) -> Result<(), DaemonError> {
     tracing::info!("SIGHUP: reloading VM files");
     let result = match config.load_vms() {
         Ok(vms) => {
@@ -255,9 +281,10 @@ async fn reload(config: &AgentConfig, disks: &mut Disks, control: &Control) {
         }
         Err(e) => Err(e.into()),
     };
-    if let Err(e) = result {
-        tracing::error!(error = %e, cause = ?std::error::Error::source(&e), "reload failed; keeping the previous configuration");
+    if let Err(e) = &result {
+        tracing::error!(error = %e, cause = ?std::error::Error::source(e), "reload failed; keeping the previous configuration");
     }
+    result
 }
 
 fn server_settings(config: &AgentConfig) -> ServerSettings {

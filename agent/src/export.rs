@@ -49,6 +49,7 @@ pub struct Export {
     hooks: ArcSwap<Vec<Arc<dyn WriteHook>>>,
     read_only: AtomicBool,
     barrier: WriteBarrier,
+    incoming: Mutex<Option<String>>,
     detached: CancellationToken,
 }
 
@@ -70,6 +71,7 @@ impl Export {
             hooks: ArcSwap::default(),
             read_only: AtomicBool::new(read_only),
             barrier: WriteBarrier::default(),
+            incoming: Mutex::new(None),
             detached: CancellationToken::new(),
         }
     }
@@ -97,6 +99,22 @@ impl Export {
         let me = self.clone();
         let _ = tokio::task::spawn_blocking(move || me.barrier.close()).await;
         QuiesceGuard(self.clone())
+    }
+
+    /// Hides the export as a migration target: only clients that name
+    /// `migration/TOKEN/VM/DISK` reach it, until [`activate`](Self::activate).
+    pub fn set_incoming(&self, token: &str) {
+        *self.incoming.lock().unwrap_or_else(|p| p.into_inner()) = Some(token.to_owned());
+    }
+
+    /// Ends the incoming state: the export is served under its own name.
+    pub fn activate(&self) {
+        *self.incoming.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// The migration token while the export is an incoming target.
+    pub fn incoming(&self) -> Option<String> {
+        self.incoming.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Makes the export refuse writes from now on (after a cut-over).
@@ -224,6 +242,11 @@ impl Export {
     }
 }
 
+/// Compares secrets without leaking where they differ through timing.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 /// What a write carries, for hooks that need the data.
 #[derive(Debug, Clone, Copy)]
 pub enum WriteData<'a> {
@@ -322,7 +345,22 @@ pub struct Exports {
     map: RwLock<BTreeMap<String, Arc<Export>>>,
 }
 
+/// Export names that reach an incoming migration target.
+pub const MIGRATION_PREFIX: &str = "migration/";
+
 impl Exports {
+    /// Resolves a name a client asked for: `VM/DISK` for served exports,
+    /// `migration/TOKEN/VM/DISK` for an incoming migration target.
+    pub fn resolve(&self, name: &str) -> Option<Arc<Export>> {
+        if let Some(rest) = name.strip_prefix(MIGRATION_PREFIX) {
+            let (token, disk) = rest.split_once('/')?;
+            let export = self.get(disk)?;
+            let expected = export.incoming()?;
+            return constant_time_eq(expected.as_bytes(), token.as_bytes()).then_some(export);
+        }
+        self.get(name).filter(|e| e.incoming().is_none())
+    }
+
     /// Looks an export up.
     pub fn get(&self, name: &str) -> Option<Arc<Export>> {
         self.read().get(name).cloned()
@@ -356,5 +394,28 @@ impl Exports {
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, Arc<Export>>> {
         self.map.write().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Disks being prepared as incoming migration targets, with their tokens;
+/// consulted when an export is created so it is never visible by its own
+/// name before the migration activates it.
+#[derive(Debug, Default)]
+pub struct Incoming(Mutex<std::collections::HashMap<String, String>>);
+
+impl Incoming {
+    /// Marks `disk` incoming with `token`.
+    pub fn insert(&self, disk: &str, token: &str) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).insert(disk.to_owned(), token.to_owned());
+    }
+
+    /// Forgets `disk`.
+    pub fn remove(&self, disk: &str) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).remove(disk);
+    }
+
+    /// The token of `disk`, if it is incoming.
+    pub fn token(&self, disk: &str) -> Option<String> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).get(disk).cloned()
     }
 }

@@ -32,11 +32,15 @@ pub fn router(control: Arc<Control>) -> Router {
             get(|s: Ctl, Path((vm, d)): Path<(String, String)>| run(s, Command::Disk(format!("{vm}/{d}")))),
         )
         .route("/v1/disks/{vm}/{disk}/bitmaps", get(list_bitmaps).post(add_bitmap))
+        .route("/v1/disks/{vm}/{disk}/chain", get(chain))
         .route("/v1/disks/{vm}/{disk}/bitmaps/{name}", get(get_bitmap).delete(remove_bitmap))
         .route("/v1/disks/{vm}/{disk}/bitmaps/{name}/{action}", post(bitmap_action))
         .route("/v1/jobs", get(list_jobs).post(start_job))
         .route("/v1/jobs/{id}", get(|s: Ctl, Path(id): Path<String>| run(s, Command::Job(id))))
         .route("/v1/jobs/{id}/{action}", post(job_action))
+        .route("/v1/migrations", get(|s: Ctl| run(s, Command::Migrations)).post(prepare_migration))
+        .route("/v1/migrations/{id}", get(|s: Ctl, Path(id): Path<String>| run(s, Command::Migration(id))))
+        .route("/v1/migrations/{id}/{action}", post(migration_action))
         .fallback(|| async { error(ApiError::NoRoute) })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(control)
@@ -126,6 +130,36 @@ async fn job_action(s: Ctl, Path((id, action)): Path<(String, String)>, body: By
         _ => return error(ApiError::NoRoute),
     };
     run(s, Command::JobAction(id, action)).await
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct ChainQuery {
+    bitmap: Option<String>,
+}
+
+async fn chain(s: Ctl, Path((vm, disk)): Path<(String, String)>, Query(q): Query<ChainQuery>) -> Response {
+    run(s, Command::Chain(format!("{vm}/{disk}"), q.bitmap)).await
+}
+
+async fn prepare_migration(s: Ctl, body: Bytes) -> Response {
+    match parse::<super::Prepare>(&body) {
+        Ok(p) => created(run(s, Command::PrepareMigration(p)).await),
+        Err(e) => error(e),
+    }
+}
+
+async fn migration_action(s: Ctl, Path((id, action)): Path<(String, String)>, body: Bytes) -> Response {
+    let command = match action.as_str() {
+        "complete" => {
+            match if body.is_empty() { Ok(super::Complete::default()) } else { parse::<super::Complete>(&body) } {
+                Ok(c) => Command::CompleteMigration(id, c),
+                Err(e) => return error(e),
+            }
+        }
+        "abort" => Command::AbortMigration(id),
+        _ => return error(ApiError::NoRoute),
+    };
+    run(s, command).await
 }
 
 fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {

@@ -185,6 +185,58 @@ impl Control {
         }
     }
 
+    /// The disk's backup chain and whether `bitmap` (default: the disk's
+    /// backup bitmap) holds exactly the writes since its latest snapshot.
+    pub(super) async fn chain(&self, disk: &str, bitmap: Option<String>) -> Result<Value, ApiError> {
+        let export = self.disk(disk)?;
+        let defaults = self.disk_config(disk).and_then(|d| d.backup);
+        let target = defaults
+            .as_ref()
+            .map(|b| b.target.clone())
+            .ok_or_else(|| ApiError::BadRequest(format!("Disk {disk} has no backup target configured")))?;
+        let bitmap = bitmap.or_else(|| defaults.as_ref().and_then(|b| b.bitmap.clone()));
+        let stores = self.env.stores.clone();
+        let t = target.clone();
+        let snaps = tokio::task::spawn_blocking(move || {
+            let img = stores.open(&t, &crate::store::OpenOptions::default())?;
+            backup::backup_snapshots(img.as_ref())
+        })
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(|e| ApiError::BadRequest(format!("Cannot read the backup chain of {disk} at {target}: {e}")))?;
+        let latest = snaps.last().cloned();
+        let state = bitmap
+            .as_ref()
+            .and_then(|name| export.bitmaps().get(name).ok())
+            .map(|b| (b.name().to_owned(), b.uuid(), b.generation(), b.is_consistent()));
+        let reason = match (&latest, &state) {
+            (None, _) => Some("the backup target has no backup snapshot".to_owned()),
+            (_, None) => Some(format!("no bitmap {:?} on {disk}", bitmap)),
+            (_, Some((_, _, _, false))) => Some("the bitmap is inconsistent".to_owned()),
+            (Some((snap, meta)), Some((name, uuid, generation, true))) => {
+                if meta.disk != disk
+                    || meta.bitmap.as_deref() != Some(name.as_str())
+                    || meta.bitmap_uuid.as_deref() != Some(uuid.as_str())
+                    || meta.generation != Some(*generation)
+                {
+                    Some(format!("bitmap {name} (generation {generation}) does not belong to snapshot {snap} (recorded {:?} generation {:?})", meta.bitmap, meta.generation))
+                } else {
+                    None
+                }
+            }
+        };
+        Ok(serde_json::json!({
+            "disk": disk,
+            "target": target.to_string(),
+            "latest": latest.as_ref().map(|(n, _)| n),
+            "backing": latest.as_ref().map(|(n, _)| target.with_snap(Some(n)).to_string()),
+            "bitmap": state.as_ref().map(|s| s.0.clone()),
+            "matches": reason.is_none(),
+            "reason": reason,
+            "size": export.size(),
+        }))
+    }
+
     /// Resolves defaults and checks what can be checked before starting.
     fn backup_plan(
         &self,

@@ -8,8 +8,10 @@
 pub mod client;
 pub mod http;
 mod jobs;
+pub mod migrations;
 
 pub use jobs::{JobAction, StartJob};
+pub use migrations::{Complete, MigrationEnv, Prepare};
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -56,6 +58,18 @@ pub enum Command {
     Job(String),
     /// Control a job.
     JobAction(String, JobAction),
+    /// Prepare an incoming migration (destination).
+    PrepareMigration(Prepare),
+    /// Activate an incoming migration and start streaming.
+    CompleteMigration(String, Complete),
+    /// Undo a prepared incoming migration.
+    AbortMigration(String),
+    /// Incoming migrations.
+    Migrations,
+    /// One incoming migration.
+    Migration(String),
+    /// A disk's backup chain against a bitmap.
+    Chain(String, Option<String>),
 }
 
 /// Body of `POST /v1/disks/{vm}/{disk}/bitmaps`.
@@ -112,6 +126,12 @@ pub enum ApiError {
     /// No such route.
     #[error("No such resource")]
     NoRoute,
+    /// No such resource (named).
+    #[error("{0}")]
+    NotFound(String),
+    /// The request conflicts with the current state.
+    #[error("{0}")]
+    Conflict(String),
     /// A bitmap operation failed.
     #[error(transparent)]
     Bitmap(#[from] BitmapError),
@@ -129,7 +149,8 @@ impl ApiError {
         match self {
             Self::BadRequest(_) => (400, "bad_request"),
             Self::DiskNotFound(_) => (404, "disk_not_found"),
-            Self::NoRoute => (404, "not_found"),
+            Self::NoRoute | Self::NotFound(_) => (404, "not_found"),
+            Self::Conflict(_) => (409, "conflict"),
             Self::Bitmap(e) => match e {
                 BitmapError::NotFound { .. } => (404, e.code()),
                 BitmapError::Invalid(_) => (400, e.code()),
@@ -175,13 +196,32 @@ pub struct Control {
     jobs: Arc<JobManager>,
     env: BackupEnv,
     vms: ArcSwap<Vec<VmConfig>>,
+    migrations: std::sync::OnceLock<MigrationEnv>,
     started: Instant,
 }
 
 impl Control {
     /// Control over the agent's exports and jobs.
     pub fn new(node: String, exports: Arc<Exports>, jobs: Arc<JobManager>, env: BackupEnv) -> Self {
-        Self { node, exports, jobs, env, vms: ArcSwap::default(), started: Instant::now() }
+        Self {
+            node,
+            exports,
+            jobs,
+            env,
+            vms: ArcSwap::default(),
+            migrations: Default::default(),
+            started: Instant::now(),
+        }
+    }
+
+    /// Enables the migration endpoints (once the servers are bound).
+    pub fn set_migration_env(&self, env: MigrationEnv) {
+        let _ = self.migrations.set(env);
+    }
+
+    /// An export by name, incoming ones included.
+    fn disk_any(&self, name: &str) -> Result<Arc<Export>, ApiError> {
+        self.exports.get(name).ok_or_else(|| ApiError::DiskNotFound(name.to_owned()))
     }
 
     /// The VM configuration in force (after startup and each reload).
@@ -190,7 +230,7 @@ impl Control {
     }
 
     fn disk(&self, name: &str) -> Result<Arc<Export>, ApiError> {
-        self.exports.get(name).ok_or_else(|| ApiError::DiskNotFound(name.to_owned()))
+        self.exports.get(name).filter(|e| e.incoming().is_none()).ok_or_else(|| ApiError::DiskNotFound(name.to_owned()))
     }
 
     fn disk_info(export: &Export) -> DiskInfo {
@@ -225,6 +265,12 @@ impl Control {
             Command::Jobs(all) => Ok(to_json(self.jobs.list(all))),
             Command::Job(id) => Ok(to_json(self.jobs.get(&id)?.record())),
             Command::JobAction(id, action) => self.job_action(&id, action),
+            Command::PrepareMigration(p) => self.prepare_migration(p).await,
+            Command::CompleteMigration(id, c) => self.complete_migration(&id, c).await,
+            Command::AbortMigration(id) => self.abort_migration(&id).await,
+            Command::Migrations => self.list_migrations(),
+            Command::Migration(id) => self.record(&id),
+            Command::Chain(disk, bitmap) => self.chain(&disk, bitmap).await,
             other => self.bitmap_op(other).await,
         }
     }

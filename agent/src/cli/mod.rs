@@ -3,6 +3,7 @@
 //! failure.
 
 mod jobs;
+mod migrate;
 
 use std::path::Path;
 
@@ -31,6 +32,8 @@ pub enum ClientCmd {
     Mirror(jobs::MirrorArgs),
     /// Compare a disk, as it is now, with an image or snapshot.
     Verify(jobs::VerifyArgs),
+    /// Migrate a VM to another agent: incremental mirror seeded from the bitmap, cut-over, stream.
+    Migrate(migrate::MigrateArgs),
     /// List jobs.
     Jobs {
         /// Include concluded jobs.
@@ -137,6 +140,7 @@ pub async fn run(endpoint: &Endpoint, json_out: bool, cmd: ClientCmd) -> Result<
         ClientCmd::Backup(args) => return jobs::backup(endpoint, json_out, args).await,
         ClientCmd::Verify(args) => return jobs::verify(endpoint, json_out, args).await,
         ClientCmd::Mirror(args) => return jobs::mirror(endpoint, json_out, args).await,
+        ClientCmd::Migrate(args) => return migrate::migrate(endpoint, json_out, args).await,
         ClientCmd::Jobs { all } => {
             (call(endpoint, "GET", &format!("/v1/jobs?all={all}"), None).await?, jobs::render_jobs)
         }

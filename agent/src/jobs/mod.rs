@@ -20,6 +20,7 @@
 pub mod backup;
 pub mod mirror;
 pub mod pit;
+pub mod stream;
 pub mod throttle;
 pub mod verify;
 
@@ -126,7 +127,8 @@ pub struct JobRecord {
     pub summary: Value,
 }
 
-fn unix_now() -> u64 {
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 

@@ -11,6 +11,7 @@ use super::pit::PointInTime;
 use super::{JobError, JobHandle};
 use crate::config::ImageUri;
 use crate::export::Export;
+use crate::nbd::client::{NbdClient, NbdUri};
 use crate::store::{BlockStore, OpenOptions, StoreError};
 
 /// Comparison granularity inside a chunk (the reported extents' unit).
@@ -27,13 +28,20 @@ pub struct VerifyParams {
 
 /// Compares the disk (frozen at the job's start) with `params.against`.
 pub async fn run(job: JobHandle, env: BackupEnv, export: Arc<Export>, params: VerifyParams) -> Result<Value, JobError> {
-    let uri: ImageUri = params.against.parse().map_err(JobError::Failed)?;
-    let stores = env.stores.clone();
-    let other =
+    let other: Arc<dyn BlockStore> = if params.against.starts_with("nbd") {
+        let uri: NbdUri = params.against.parse().map_err(JobError::Failed)?;
+        let client = NbdClient::connect(&uri)
+            .await
+            .map_err(|e| JobError::from_err("Cannot reach the export to verify against", &e))?;
+        Arc::new(NbdReader { client, runtime: tokio::runtime::Handle::current() })
+    } else {
+        let uri: ImageUri = params.against.parse().map_err(JobError::Failed)?;
+        let stores = env.stores.clone();
         tokio::task::spawn_blocking(move || stores.open(&uri, &OpenOptions { create_size: None, read_only: true }))
             .await
             .map_err(|e| JobError::Failed(e.to_string()))?
-            .map_err(|e| JobError::from_err("Cannot open the image to verify against", &e))?;
+            .map_err(|e| JobError::from_err("Cannot open the image to verify against", &e))?
+    };
     let size = export.size();
     if other.size() != size {
         return Err(JobError::Failed(format!("{} has {} bytes, disk has {size}", params.against, other.size())));
@@ -90,6 +98,50 @@ async fn compare(
         pos += n;
     }
     Ok(out)
+}
+
+/// A remote NBD export read as a (read-only) store, for verification.
+#[derive(Debug)]
+struct NbdReader {
+    client: NbdClient,
+    runtime: tokio::runtime::Handle,
+}
+
+impl BlockStore for NbdReader {
+    fn size(&self) -> u64 {
+        self.client.size()
+    }
+    fn capabilities(&self) -> crate::store::Capabilities {
+        crate::store::Capabilities { read_only: true, ..Default::default() }
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), StoreError> {
+        let len = u32::try_from(buf.len()).map_err(|_| StoreError::Unsupported("reads over 4 GiB"))?;
+        let data = self.runtime.block_on(self.client.read(offset, len)).map_err(|e| StoreError::Io {
+            op: "nbd read",
+            offset,
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        buf.copy_from_slice(&data);
+        Ok(())
+    }
+    fn write_at(&self, _: &[u8], _: u64) -> Result<(), StoreError> {
+        Err(StoreError::ReadOnly)
+    }
+    fn write_zeroes(&self, _: u64, _: u64, _: bool) -> Result<(), StoreError> {
+        Err(StoreError::ReadOnly)
+    }
+    fn discard(&self, _: u64, _: u64) -> Result<(), StoreError> {
+        Err(StoreError::ReadOnly)
+    }
+    fn flush(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+    fn extents(&self, offset: u64, length: u64) -> Result<Vec<crate::store::Extent>, StoreError> {
+        Ok(vec![crate::store::Extent { offset, length, kind: crate::store::ExtentKind::Data }])
+    }
+    fn identity(&self) -> Result<crate::store::Identity, StoreError> {
+        Ok(crate::store::Identity { id: self.client.uri().to_string(), modified_ns: 0 })
+    }
 }
 
 fn compare_chunk(

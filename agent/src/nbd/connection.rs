@@ -63,15 +63,19 @@ struct Catalog<'a>(&'a Exports);
 
 impl ExportCatalog for Catalog<'_> {
     fn lookup(&self, name: &str) -> Option<ExportInfo> {
-        self.0.get(name).map(|e| e.info())
+        self.0.resolve(name).map(|e| {
+            let mut info = e.info();
+            info.name = name.to_owned();
+            info
+        })
     }
 
     fn list(&self) -> Vec<ExportInfo> {
-        self.0.list().iter().map(|e| e.info()).collect()
+        self.0.list().iter().filter(|e| e.incoming().is_none()).map(|e| e.info()).collect()
     }
 
     fn meta_contexts(&self, export: &str) -> Vec<String> {
-        self.0.get(export).map(|e| e.meta_contexts()).unwrap_or_default()
+        self.0.resolve(export).map(|e| e.meta_contexts()).unwrap_or_default()
     }
 }
 
@@ -124,7 +128,7 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let name = negotiated.export.name.clone();
-    let export = ctx.exports.get(&name).ok_or_else(|| ConnError::ExportGone(name.clone()))?;
+    let export = ctx.exports.resolve(&name).ok_or_else(|| ConnError::ExportGone(name.clone()))?;
     let session = Arc::new(Session::new(export, &negotiated, ctx.handshake.block_sizes));
     let (tx, rx) = mpsc::unbounded_channel();
     let writer = tokio::spawn(write_replies(writer, rx));

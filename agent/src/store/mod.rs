@@ -250,6 +250,16 @@ pub trait BlockStore: Send + Sync + std::fmt::Debug {
     fn flatten(&self, _progress: &mut dyn FnMut(u64, u64)) -> Result<(), StoreError> {
         Err(StoreError::Unsupported("flatten"))
     }
+    /// Copies every region of `offset..offset+length` still read from the
+    /// parent into this image (safe against concurrent writes); returns the
+    /// bytes read from the parent. The stream job's unit of work.
+    fn copy_from_parent(&self, _offset: u64, _length: u64) -> Result<u64, StoreError> {
+        Err(StoreError::Unsupported("chunked copy from the parent"))
+    }
+    /// Drops the parent once nothing is read from it any more.
+    fn detach_parent(&self) -> Result<(), StoreError> {
+        Err(StoreError::Unsupported("detaching the parent"))
+    }
     /// Reads a metadata value.
     fn get_meta(&self, _key: &str) -> Result<Option<String>, StoreError> {
         Err(StoreError::Unsupported("metadata"))

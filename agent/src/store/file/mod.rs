@@ -243,33 +243,6 @@ impl FileStore {
         }
         Ok(())
     }
-
-    /// Copies unowned granules of the range from the parent (the stream
-    /// job's unit of work); returns bytes read from the parent (0 if not layered).
-    pub fn copy_from_parent(&self, offset: u64, length: u64) -> Result<u64, StoreError> {
-        self.check_writable()?;
-        match self.layer.load_full() {
-            Some(layer) => layer.copy_up(&self.file, offset, length),
-            None => Ok(0),
-        }
-    }
-
-    /// Detaches the parent once every granule is owned; durable.
-    pub fn detach_parent(&self) -> Result<(), StoreError> {
-        let Some(layer) = self.layer.load_full() else { return Ok(()) };
-        if !layer.fully_owned() {
-            return Err(StoreError::Busy(
-                self.path.display().to_string(),
-                format!("{} bytes still read from the parent", layer.unowned_bytes()),
-            ));
-        }
-        self.flush()?;
-        let parent = layer.parent_uri().clone();
-        self.edit_sidecar(|s| s.parent = None)?;
-        self.layer.store(None);
-        let _ = std::fs::remove_file(layer.path());
-        snapshot::register_child(&parent, &self.path, false)
-    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -425,6 +398,33 @@ impl BlockStore for FileStore {
             progress(pos, size);
         }
         self.detach_parent()
+    }
+
+    /// Copies unowned granules of the range from the parent (the stream
+    /// job's unit of work); returns bytes read from the parent (0 if not layered).
+    fn copy_from_parent(&self, offset: u64, length: u64) -> Result<u64, StoreError> {
+        self.check_writable()?;
+        match self.layer.load_full() {
+            Some(layer) => layer.copy_up(&self.file, offset, length),
+            None => Ok(0),
+        }
+    }
+
+    /// Detaches the parent once every granule is owned; durable.
+    fn detach_parent(&self) -> Result<(), StoreError> {
+        let Some(layer) = self.layer.load_full() else { return Ok(()) };
+        if !layer.fully_owned() {
+            return Err(StoreError::Busy(
+                self.path.display().to_string(),
+                format!("{} bytes still read from the parent", layer.unowned_bytes()),
+            ));
+        }
+        self.flush()?;
+        let parent = layer.parent_uri().clone();
+        self.edit_sidecar(|s| s.parent = None)?;
+        self.layer.store(None);
+        let _ = std::fs::remove_file(layer.path());
+        snapshot::register_child(&parent, &self.path, false)
     }
 
     fn get_meta(&self, key: &str) -> Result<Option<String>, StoreError> {

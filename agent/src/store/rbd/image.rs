@@ -210,9 +210,7 @@ impl Image {
         // SAFETY: open image; valid out-pointer.
         let rc = unsafe { sys::rbd_get_modify_timestamp(self.handle, &mut ts) };
         check(rc, "rbd_get_modify_timestamp", &self.spec)?;
-        let secs = u64::try_from(ts.tv_sec).unwrap_or(0);
-        let nanos = u64::try_from(ts.tv_nsec).unwrap_or(0);
-        Ok(secs.saturating_mul(1_000_000_000).saturating_add(nanos))
+        Ok(super::snap::timespec_ns(&ts))
     }
 
     /// Changes the size (shrinking discards the tail).

@@ -32,8 +32,6 @@ mod snap;
 mod store;
 
 #[cfg(test)]
-mod bench_tmp;
-#[cfg(test)]
 mod tests;
 #[cfg(test)]
 mod tests_layering;

@@ -63,6 +63,15 @@ impl Image {
         }
     }
 
+    /// Creation time of snapshot `snap_id`, ns since the epoch.
+    pub(super) fn snap_timestamp_ns(&self, snap_id: u64) -> Result<u64, StoreError> {
+        let mut ts = sys::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: open image; valid out-pointer.
+        let rc = unsafe { sys::rbd_snap_get_timestamp(self.raw(), snap_id, &mut ts) };
+        check(rc, "rbd_snap_get_timestamp", self.spec())?;
+        Ok(timespec_ns(&ts))
+    }
+
     /// Images layered on the snapshot this handle is opened at (`pool/image`,
     /// including children in the trash).
     pub(super) fn children(&self) -> Result<Vec<String>, StoreError> {
@@ -180,6 +189,13 @@ impl Image {
             return Ok(keys.into_iter().zip(values).collect());
         }
     }
+}
+
+/// A `timespec` as ns since the epoch (0 before it).
+pub(super) fn timespec_ns(ts: &sys::timespec) -> u64 {
+    let secs = u64::try_from(ts.tv_sec).unwrap_or(0);
+    let nanos = u64::try_from(ts.tv_nsec).unwrap_or(0);
+    secs.saturating_mul(1_000_000_000).saturating_add(nanos)
 }
 
 /// The text before the first NUL.

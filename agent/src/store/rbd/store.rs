@@ -147,13 +147,19 @@ impl BlockStore for RbdStore {
         Ok(allocation_map(&diff, offset, end))
     }
 
+    /// `rbd:IMAGE_ID` and the image's modify timestamp (updated by librbd at
+    /// most every `rbd_mtime_update_interval`, 60 s by default); a snapshot
+    /// view is `rbd:IMAGE_ID@SNAP_ID` with the snapshot's creation time, so a
+    /// snapshot re-created under the same name has another identity.
     fn identity(&self) -> Result<Identity, StoreError> {
-        let mut id = format!("rbd:{}", self.image.id()?);
-        if let Some(snap) = &self.snap {
-            id.push('@');
-            id.push_str(snap);
-        }
-        Ok(Identity { id, modified_ns: self.image.modify_timestamp_ns()? })
+        let image_id = self.image.id()?;
+        let Some(name) = &self.snap else {
+            return Ok(Identity { id: format!("rbd:{image_id}"), modified_ns: self.image.modify_timestamp_ns()? });
+        };
+        let snaps = self.image.snap_list()?;
+        let snap =
+            snaps.iter().find(|s| &s.name == name).ok_or_else(|| StoreError::NotFound(self.image.spec().to_owned()))?;
+        Ok(Identity { id: format!("rbd:{image_id}@{}", snap.id), modified_ns: self.image.snap_timestamp_ns(snap.id)? })
     }
 
     fn resize(&self, size: u64) -> Result<(), StoreError> {

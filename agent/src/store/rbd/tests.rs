@@ -263,6 +263,12 @@ fn snapshot_views_are_read_only() {
     }
     let (head, snap) = (store.identity().unwrap(), view.identity().unwrap());
     assert!(head.id.starts_with("rbd:") && snap.id.starts_with(&head.id) && snap.id != head.id);
+    assert!(snap.modified_ns > 0);
+    // The same name re-created is another snapshot.
+    drop((view, by_name));
+    store.remove_snapshot("s").unwrap();
+    store.create_snapshot("s").unwrap();
+    assert_ne!(store.open_snapshot("s").unwrap().identity().unwrap().id, snap.id);
 }
 
 #[test]

@@ -1,0 +1,292 @@
+//! Incoming migrations (the destination side of `rbdsync migrate`).
+//!
+//! `prepare` creates each disk as a child layered on the given backup
+//! snapshot, writes the VM file, and serves the disks hidden: only
+//! `migration/TOKEN/VM/DISK` reaches them, so only the source (which got the
+//! one-time token) can write. `complete` serves them under their own names
+//! and starts the stream jobs; `abort` removes what `prepare` created.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::sync::{mpsc, oneshot};
+
+use super::{to_json, ApiError, Control, Size};
+use crate::config::{check_name, ImageUri};
+use crate::export::{Incoming, MIGRATION_PREFIX};
+use crate::jobs::stream::{self, StreamParams};
+use crate::jobs::unix_now;
+
+/// Asks the daemon to re-read the VM files; answers with the outcome.
+pub type ReloadRequest = oneshot::Sender<Result<(), String>>;
+
+/// What the migration endpoints need from the daemon.
+#[derive(Debug)]
+pub struct MigrationEnv {
+    /// Where VM files are written.
+    pub vms_dir: Option<PathBuf>,
+    /// Where destination images go by default.
+    pub images_dir: PathBuf,
+    /// Incoming tokens by disk.
+    pub incoming: Arc<Incoming>,
+    /// Triggers a reload of the VM files.
+    pub reload: mpsc::Sender<ReloadRequest>,
+    /// NBD addresses this agent serves on.
+    pub nbd: ArcSwap<Vec<String>>,
+    /// Migrations by id.
+    pub records: Mutex<BTreeMap<String, Value>>,
+}
+
+/// Body of `POST /v1/migrations`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Prepare {
+    /// VM name.
+    pub vm: String,
+    /// Its disks.
+    pub disks: Vec<IncomingDisk>,
+}
+
+/// One disk of an incoming migration.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct IncomingDisk {
+    /// Disk name.
+    pub name: String,
+    /// Backup snapshot to layer on (`rbd:pool/img@snap` or `file:/x@snap`).
+    pub backing: String,
+    /// Destination image (default `file:STATE_DIR/images/VM-DISK.raw`).
+    #[serde(default)]
+    pub image: Option<String>,
+}
+
+/// Body of `POST /v1/migrations/{id}/complete`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Complete {
+    /// Start a stream job per disk (default true).
+    #[serde(default)]
+    pub stream: Option<bool>,
+    /// Stream speed limit, bytes/s.
+    #[serde(default)]
+    pub speed: Option<Size>,
+}
+
+impl Control {
+    fn migration_env(&self) -> Result<&MigrationEnv, ApiError> {
+        self.migrations.get().ok_or_else(|| ApiError::Internal("migrations are not ready".into()))
+    }
+
+    async fn reload(&self) -> Result<(), ApiError> {
+        let env = self.migration_env()?;
+        let (tx, rx) = oneshot::channel();
+        env.reload.send(tx).await.map_err(|_| ApiError::Internal("agent is stopping".into()))?;
+        rx.await.map_err(|_| ApiError::Internal("agent is stopping".into()))?.map_err(ApiError::Internal)
+    }
+
+    /// Creates the layered disks and serves them hidden behind a token.
+    pub(super) async fn prepare_migration(&self, req: Prepare) -> Result<Value, ApiError> {
+        let env = self.migration_env()?;
+        check_name(&req.vm).map_err(ApiError::BadRequest)?;
+        let vms_dir = env
+            .vms_dir
+            .clone()
+            .ok_or_else(|| ApiError::BadRequest("This agent has no vms_dir to add a VM to".into()))?;
+        let vm_file = vms_dir.join(format!("{}.yaml", req.vm));
+        let taken = self.vms.load().iter().any(|v| v.name == req.vm) || vm_file.exists();
+        if taken {
+            return Err(ApiError::Conflict(format!("VM {} already exists on this agent", req.vm)));
+        }
+        if req.disks.is_empty() {
+            return Err(ApiError::BadRequest("A migration needs at least one disk".into()));
+        }
+        let mut plan = Vec::new();
+        for d in &req.disks {
+            check_name(&d.name).map_err(ApiError::BadRequest)?;
+            let backing: ImageUri = d.backing.parse().map_err(ApiError::BadRequest)?;
+            if backing.snap().is_none() {
+                return Err(ApiError::BadRequest(format!("Backing {} must name a snapshot", d.backing)));
+            }
+            let image = match &d.image {
+                Some(i) => i.parse().map_err(ApiError::BadRequest)?,
+                None => ImageUri::file(env.images_dir.join(format!("{}-{}.raw", req.vm, d.name))),
+            };
+            plan.push((d.name.clone(), backing, image));
+        }
+        let token = uuid::Uuid::new_v4().simple().to_string();
+        let id = format!("migration-{}-{}", req.vm, &token[..8]);
+        let stores = self.env.stores.clone();
+        let created = {
+            let plan = plan.clone();
+            tokio::task::spawn_blocking(move || create_children(&stores, &plan))
+                .await
+                .map_err(|e| ApiError::Internal(e.to_string()))?
+        };
+        created.map_err(ApiError::BadRequest)?;
+        for (name, _, _) in &plan {
+            env.incoming.insert(&format!("{}/{}", req.vm, name), &token);
+        }
+        let yaml = vm_yaml(&req.vm, &plan);
+        let write = std::fs::create_dir_all(&vms_dir).and_then(|()| write_file(&vm_file, &yaml));
+        if let Err(e) = write.map_err(|e| ApiError::Internal(format!("Cannot write {}: {e}", vm_file.display()))) {
+            self.undo(&req.vm, &plan, None).await;
+            return Err(e);
+        }
+        if let Err(e) = self.reload().await {
+            self.undo(&req.vm, &plan, Some(&vm_file)).await;
+            return Err(e);
+        }
+        let exports: Vec<Value> = plan
+            .iter()
+            .map(|(name, backing, image)| {
+                serde_json::json!({
+                    "disk": format!("{}/{}", req.vm, name),
+                    "export": format!("{MIGRATION_PREFIX}{token}/{}/{}", req.vm, name),
+                    "backing": backing.to_string(),
+                    "image": image.to_string(),
+                })
+            })
+            .collect();
+        let record = serde_json::json!({
+            "id": id, "vm": req.vm, "state": "prepared", "created_at": unix_now(),
+            "disks": exports, "nbd": env.nbd.load().as_ref().clone(), "stream_jobs": [],
+        });
+        env.records.lock().unwrap_or_else(|p| p.into_inner()).insert(id.clone(), record.clone());
+        tracing::info!(migration = %id, vm = %req.vm, "incoming migration prepared");
+        let mut answer = record;
+        answer["token"] = Value::String(token);
+        Ok(answer)
+    }
+
+    async fn undo(&self, vm: &str, plan: &[(String, ImageUri, ImageUri)], vm_file: Option<&PathBuf>) {
+        if let Ok(env) = self.migration_env() {
+            for (name, _, _) in plan {
+                env.incoming.remove(&format!("{vm}/{name}"));
+            }
+        }
+        if let Some(f) = vm_file {
+            let _ = std::fs::remove_file(f);
+            let _ = self.reload().await;
+        }
+        let stores = self.env.stores.clone();
+        let images: Vec<ImageUri> = plan.iter().map(|p| p.2.clone()).collect();
+        let _ = tokio::task::spawn_blocking(move || images.iter().for_each(|i| drop(stores.remove(i)))).await;
+    }
+
+    pub(super) fn record(&self, id: &str) -> Result<Value, ApiError> {
+        let env = self.migration_env()?;
+        let records = env.records.lock().unwrap_or_else(|p| p.into_inner());
+        records.get(id).cloned().ok_or_else(|| ApiError::NotFound(format!("No migration {id:?}")))
+    }
+
+    /// Serves the disks under their own names and starts streaming.
+    pub(super) async fn complete_migration(&self, id: &str, req: Complete) -> Result<Value, ApiError> {
+        let env = self.migration_env()?;
+        let mut record = self.record(id)?;
+        if record["state"] != "prepared" {
+            return Err(ApiError::Conflict(format!("Migration {id} is {}", record["state"])));
+        }
+        let speed = req.speed.as_ref().map(Size::bytes).transpose()?.unwrap_or(0);
+        let disks: Vec<String> = record["disks"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|d| d["disk"].as_str().map(str::to_owned))
+            .collect();
+        let mut jobs = Vec::new();
+        for disk in &disks {
+            let export = self.disk_any(disk)?;
+            export.activate();
+            env.incoming.remove(disk);
+            if req.stream.unwrap_or(true) {
+                let params = StreamParams { chunk: 4 << 20 };
+                let job = self
+                    .jobs
+                    .start("stream", disk, to_json(&params), speed, move |h| stream::run(h, export, params))?;
+                jobs.push(job.record().id);
+            }
+        }
+        record["state"] = "active".into();
+        record["stream_jobs"] = to_json(&jobs);
+        record["activated_at"] = unix_now().into();
+        env.records.lock().unwrap_or_else(|p| p.into_inner()).insert(id.to_owned(), record.clone());
+        tracing::info!(migration = %id, "incoming migration activated");
+        Ok(record)
+    }
+
+    /// Removes what `prepare` created (only before `complete`).
+    pub(super) async fn abort_migration(&self, id: &str) -> Result<Value, ApiError> {
+        let env = self.migration_env()?;
+        let mut record = self.record(id)?;
+        if record["state"] != "prepared" {
+            return Err(ApiError::Conflict(format!(
+                "Migration {id} is {}; only a prepared one can be aborted",
+                record["state"]
+            )));
+        }
+        let vm = record["vm"].as_str().unwrap_or_default().to_owned();
+        let plan: Vec<(String, ImageUri, ImageUri)> = record["disks"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|d| {
+                let name = d["disk"].as_str()?.split('/').nth(1)?.to_owned();
+                Some((name, d["backing"].as_str()?.parse().ok()?, d["image"].as_str()?.parse().ok()?))
+            })
+            .collect();
+        let vm_file = env.vms_dir.as_ref().map(|d| d.join(format!("{vm}.yaml")));
+        self.undo(&vm, &plan, vm_file.as_ref()).await;
+        record["state"] = "aborted".into();
+        env.records.lock().unwrap_or_else(|p| p.into_inner()).insert(id.to_owned(), record.clone());
+        Ok(record)
+    }
+
+    /// Every migration this agent received.
+    pub(super) fn list_migrations(&self) -> Result<Value, ApiError> {
+        let env = self.migration_env()?;
+        let records = env.records.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(Value::Array(records.values().cloned().collect()))
+    }
+}
+
+fn create_children(stores: &Arc<crate::store::Stores>, plan: &[(String, ImageUri, ImageUri)]) -> Result<(), String> {
+    let mut done: Vec<&ImageUri> = Vec::new();
+    for (_, backing, image) in plan {
+        let exists = stores.exists(image).map_err(|e| e.to_string())?;
+        let result = if exists {
+            Err(format!("Destination image {image} already exists; refusing to overwrite it"))
+        } else {
+            stores
+                .clone_image(backing, image)
+                .map(drop)
+                .map_err(|e| format!("Cannot create {image} over {backing}: {e}"))
+        };
+        if let Err(e) = result {
+            for i in done {
+                let _ = stores.remove(i);
+            }
+            return Err(e);
+        }
+        done.push(image);
+    }
+    Ok(())
+}
+
+fn vm_yaml(vm: &str, plan: &[(String, ImageUri, ImageUri)]) -> String {
+    let mut y = format!("# Written by rbdsync for an incoming migration.\nname: {vm}\ndisks:\n");
+    for (name, _, image) in plan {
+        y.push_str(&format!("  - name: {name}\n    image: \"{image}\"\n"));
+    }
+    y
+}
+
+fn write_file(path: &std::path::Path, body: &str) -> std::io::Result<()> {
+    let tmp = path.with_extension("yaml.tmp");
+    std::fs::write(&tmp, body)?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, path)
+}

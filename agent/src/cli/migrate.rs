@@ -1,0 +1,282 @@
+//! `rbdsync migrate VM --to DEST`: the whole incremental migration,
+//! orchestrated from the CLI against both agents' control APIs.
+//!
+//! 1. source: each disk's backup chain must match its bitmap (the bitmap
+//!    holds exactly the writes since the latest backup snapshot);
+//! 2. destination: prepare (disks layered on those snapshots, hidden behind a token);
+//! 3. source: incremental mirrors seeded from the bitmaps, until all are ready;
+//! 4. all mirrors switch to write-blocking, then complete (source read-only);
+//! 5. optionally verify destination against source;
+//! 6. destination: activate and stream the rest from the backups.
+//!
+//! Any failure before step 4 cancels the mirrors and aborts the destination:
+//! the source stays authoritative with every bitmap bit.
+
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use serde_json::{json, Value};
+
+use super::jobs::human;
+use crate::api::client::{call, ClientError, Endpoint};
+use crate::config::parse_size;
+
+/// `rbdsync migrate`.
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// VM to migrate (all its disks).
+    vm: String,
+    /// Destination agent's control address (unix:PATH or http://HOST:PORT).
+    #[arg(long)]
+    to: String,
+    /// Bitmap seeding the mirrors (default: each disk's backup.bitmap).
+    #[arg(long)]
+    bitmap: Option<String>,
+    /// Mirror and stream speed limit, bytes/s.
+    #[arg(long, value_parser = parse_size)]
+    speed: Option<u64>,
+    /// Cut over once fewer dirty bytes than this remain on every disk.
+    #[arg(long, value_parser = parse_size, default_value = "16MiB")]
+    ready_threshold: u64,
+    /// Compare destination and source at cut-over (reads both disks in full).
+    #[arg(long)]
+    verify: bool,
+    /// Do not start the stream jobs on the destination.
+    #[arg(long)]
+    no_stream: bool,
+}
+
+fn fail(message: String) -> ClientError {
+    ClientError::Api { status: 0, code: "migration_failed".into(), message }
+}
+
+fn say(json_out: bool, msg: &str) {
+    if !json_out {
+        eprintln!("migrate: {msg}");
+    }
+}
+
+/// Picks an NBD address of the destination reachable from here.
+fn nbd_uri(addrs: &Value, dest: &Endpoint, export: &str) -> Result<String, ClientError> {
+    let addrs: Vec<&str> = addrs.as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+    if let Some(tcp) = addrs.iter().find(|a| !a.starts_with("unix:")) {
+        let host = match (tcp.rsplit_once(':'), dest) {
+            (Some((ip, port)), Endpoint::Http(h)) if ip == "0.0.0.0" || ip == "[::]" => {
+                format!("{}:{port}", h.rsplit_once(':').map_or(h.as_str(), |x| x.0))
+            }
+            _ => (*tcp).to_owned(),
+        };
+        return Ok(format!("nbd://{host}/{export}"));
+    }
+    let unix = addrs
+        .iter()
+        .find_map(|a| a.strip_prefix("unix:"))
+        .ok_or_else(|| fail("the destination serves NBD nowhere".into()))?;
+    Ok(format!("nbd+unix:///{export}?socket={unix}"))
+}
+
+pub async fn migrate(source: &Endpoint, json_out: bool, a: MigrateArgs) -> Result<(), ClientError> {
+    let dest: Endpoint = a.to.parse().map_err(fail)?;
+    let started = Instant::now();
+    let disks: Vec<Value> = call(source, "GET", "/v1/disks", None).await?.as_array().cloned().unwrap_or_default();
+    let disks: Vec<Value> = disks
+        .into_iter()
+        .filter(|d| d["name"].as_str().is_some_and(|n| n.starts_with(&format!("{}/", a.vm))))
+        .collect();
+    if disks.is_empty() {
+        return Err(fail(format!("no disks of VM {} on the source", a.vm)));
+    }
+    let mut plan = Vec::new();
+    for d in &disks {
+        let name = d["name"].as_str().unwrap_or_default();
+        let query = a.bitmap.as_ref().map(|b| format!("?bitmap={b}")).unwrap_or_default();
+        let chain = call(source, "GET", &format!("/v1/disks/{name}/chain{query}"), None).await?;
+        if chain["matches"] != true {
+            return Err(fail(format!(
+                "{name}: cannot mirror incrementally: {}",
+                chain["reason"].as_str().unwrap_or("?")
+            )));
+        }
+        plan.push(chain);
+    }
+    let prepare = json!({
+        "vm": a.vm,
+        "disks": plan.iter().map(|c| json!({
+            "name": c["disk"].as_str().unwrap_or_default().split('/').nth(1),
+            "backing": c["backing"],
+        })).collect::<Vec<_>>(),
+    });
+    say(json_out, &format!("preparing {} disk(s) on the destination", plan.len()));
+    let prep = call(&dest, "POST", "/v1/migrations", Some(prepare)).await?;
+    let id = prep["id"].as_str().unwrap_or_default().to_owned();
+    let mut mirrors = Vec::new();
+    let started_mirrors = start_mirrors(source, &dest, &a, &plan, &prep, &mut mirrors).await;
+    let converged = match started_mirrors {
+        Ok(()) => converge(source, json_out, &mirrors).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = converged {
+        for (_, job) in &mirrors {
+            let _ = call(source, "POST", &format!("/v1/jobs/{job}/cancel"), None).await;
+        }
+        let _ = call(&dest, "POST", &format!("/v1/migrations/{id}/abort"), None).await;
+        return Err(fail(format!("{e}; mirrors cancelled, destination cleaned up, the source is unchanged")));
+    }
+    let results = cut_over(source, json_out, &mirrors).await?;
+    if a.verify {
+        verify(source, json_out, &prep, &dest).await?;
+    }
+    let complete = json!({ "stream": !a.no_stream, "speed": a.speed });
+    let active = call(&dest, "POST", &format!("/v1/migrations/{id}/complete"), Some(complete)).await?;
+    let summary = summarize(&a.vm, &id, &results, &active, a.verify, started.elapsed());
+    if json_out {
+        println!("{}", serde_json::to_string_pretty(&summary).unwrap_or_default());
+    } else {
+        print_summary(&summary);
+    }
+    Ok(())
+}
+
+async fn start_mirrors(
+    source: &Endpoint,
+    dest: &Endpoint,
+    a: &MigrateArgs,
+    plan: &[Value],
+    prep: &Value,
+    mirrors: &mut Vec<(String, String)>,
+) -> Result<(), ClientError> {
+    for (chain, target) in plan.iter().zip(prep["disks"].as_array().into_iter().flatten()) {
+        let disk = chain["disk"].as_str().unwrap_or_default().to_owned();
+        let uri = nbd_uri(&prep["nbd"], dest, target["export"].as_str().unwrap_or_default())?;
+        let body = json!({
+            "kind": "mirror", "disk": disk, "target": uri, "sync": "incremental", "bitmap": chain["bitmap"],
+            "ready_threshold": a.ready_threshold, "speed": a.speed,
+        });
+        let job = call(source, "POST", "/v1/jobs", Some(body)).await?;
+        mirrors.push((disk, job["id"].as_str().unwrap_or_default().to_owned()));
+    }
+    Ok(())
+}
+
+async fn job(source: &Endpoint, id: &str) -> Result<Value, ClientError> {
+    call(source, "GET", &format!("/v1/jobs/{id}"), None).await
+}
+
+/// Waits until every mirror is ready.
+async fn converge(source: &Endpoint, json_out: bool, mirrors: &[(String, String)]) -> Result<(), ClientError> {
+    let mut last = Instant::now();
+    loop {
+        let mut ready = 0;
+        for (disk, id) in mirrors {
+            let j = job(source, id).await?;
+            if j["state"] == "concluded" {
+                return Err(fail(format!("mirror of {disk} ended: {}", j["error"].as_str().unwrap_or("?"))));
+            }
+            if j["state"] == "ready" {
+                ready += 1;
+            }
+        }
+        if ready == mirrors.len() {
+            return Ok(());
+        }
+        if last.elapsed() > Duration::from_secs(2) {
+            say(json_out, &format!("{ready}/{} mirrors ready", mirrors.len()));
+            last = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Switches every mirror to write-blocking, completes them, waits for the results.
+async fn cut_over(
+    source: &Endpoint,
+    json_out: bool,
+    mirrors: &[(String, String)],
+) -> Result<Vec<(String, Value)>, ClientError> {
+    for (_, id) in mirrors {
+        call(source, "POST", &format!("/v1/jobs/{id}/copy-mode"), Some(json!({"copy_mode": "write-blocking"}))).await?;
+    }
+    say(json_out, "all mirrors ready; cutting over");
+    for (_, id) in mirrors {
+        call(source, "POST", &format!("/v1/jobs/{id}/complete"), None).await?;
+    }
+    let mut out = Vec::new();
+    for (disk, id) in mirrors {
+        let j = loop {
+            let j = job(source, id).await?;
+            if j["state"] == "concluded" {
+                break j;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        if j["result"] != "success" {
+            return Err(fail(format!("cut-over of {disk} failed: {}", j["error"].as_str().unwrap_or("?"))));
+        }
+        out.push((disk.clone(), j));
+    }
+    Ok(out)
+}
+
+/// Compares each source disk (now read-only) with its destination.
+async fn verify(source: &Endpoint, json_out: bool, prep: &Value, dest: &Endpoint) -> Result<(), ClientError> {
+    for d in prep["disks"].as_array().into_iter().flatten() {
+        let disk = d["disk"].as_str().unwrap_or_default();
+        let uri = nbd_uri(&prep["nbd"], dest, d["export"].as_str().unwrap_or_default())?;
+        say(json_out, &format!("verifying {disk}"));
+        let j = call(source, "POST", "/v1/jobs", Some(json!({"kind": "verify", "disk": disk, "against": uri}))).await?;
+        let id = j["id"].as_str().unwrap_or_default().to_owned();
+        let done = loop {
+            let j = job(source, &id).await?;
+            if j["state"] == "concluded" {
+                break j;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        if done["result"] != "success" {
+            return Err(fail(format!("verification of {disk} failed: {}", done["error"].as_str().unwrap_or("?"))));
+        }
+    }
+    Ok(())
+}
+
+fn summarize(vm: &str, id: &str, results: &[(String, Value)], active: &Value, verified: bool, took: Duration) -> Value {
+    let disks: Vec<Value> = results
+        .iter()
+        .map(|(disk, j)| {
+            let s = &j["summary"];
+            json!({
+                "disk": disk,
+                "disk_size": s["disk_size"], "bytes_sent": s["bytes_sent"], "initial_dirty_bytes": s["initial_dirty_bytes"],
+                "downtime_ms": s["downtime_ms"], "mirror_ms": s["duration_ms"], "passes": s["passes"],
+            })
+        })
+        .collect();
+    let downtime = results.iter().filter_map(|(_, j)| j["summary"]["downtime_ms"].as_u64()).max();
+    json!({
+        "vm": vm, "migration": id, "disks": disks, "max_downtime_ms": downtime, "verified": verified,
+        "duration_ms": took.as_millis() as u64, "stream_jobs": active["stream_jobs"],
+    })
+}
+
+fn print_summary(s: &Value) {
+    println!(
+        "migrated {} ({}) in {} ms; downtime {} ms; verified: {}",
+        s["vm"].as_str().unwrap_or("?"),
+        s["migration"].as_str().unwrap_or("?"),
+        s["duration_ms"],
+        s["max_downtime_ms"],
+        s["verified"]
+    );
+    for d in s["disks"].as_array().into_iter().flatten() {
+        let (sent, size) = (d["bytes_sent"].as_u64().unwrap_or(0), d["disk_size"].as_u64().unwrap_or(0));
+        println!(
+            "  {}: sent {} of {} ({:.1}%), downtime {} ms",
+            d["disk"].as_str().unwrap_or("?"),
+            human(sent),
+            human(size),
+            sent as f64 * 100.0 / size.max(1) as f64,
+            d["downtime_ms"]
+        );
+    }
+    println!("  stream jobs on the destination: {}", s["stream_jobs"]);
+}
