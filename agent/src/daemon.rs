@@ -191,6 +191,8 @@ pub async fn run(config: AgentConfig) -> Result<(), DaemonError> {
     let exports = Arc::new(Exports::default());
     let stores = Stores::new(config.ceph.clone());
     let incoming = Arc::new(Incoming::default());
+    let migrations_dir = config.state_dir.join("migrations");
+    let migration_records = MigrationEnv::load_records(&migrations_dir, &incoming);
     let mut disks = Disks {
         state_dir: config.state_dir.clone(),
         stores,
@@ -229,7 +231,8 @@ pub async fn run(config: AgentConfig) -> Result<(), DaemonError> {
         incoming,
         reload: reload_tx,
         nbd: arc_swap::ArcSwap::from_pointee(server.local_addrs().iter().map(|a| a.to_string()).collect()),
-        records: Default::default(),
+        records: std::sync::Mutex::new(migration_records),
+        dir: migrations_dir,
     });
     let serving = tokio::spawn(server.run(shutdown.clone()));
     tracing::info!(node = %config.node, exports = disks.configs.len(), "agent started");

@@ -37,8 +37,43 @@ pub struct MigrationEnv {
     pub reload: mpsc::Sender<ReloadRequest>,
     /// NBD addresses this agent serves on.
     pub nbd: ArcSwap<Vec<String>>,
-    /// Migrations by id.
+    /// Migrations by id (with their tokens), persisted in `dir`.
     pub records: Mutex<BTreeMap<String, Value>>,
+    /// `STATE_DIR/migrations`.
+    pub dir: PathBuf,
+}
+
+impl MigrationEnv {
+    /// Loads persisted migrations; prepared ones get their disks hidden
+    /// again (so a restart never exposes a half-copied destination).
+    pub fn load_records(dir: &std::path::Path, incoming: &Incoming) -> BTreeMap<String, Value> {
+        let mut out = BTreeMap::new();
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let Ok(text) = std::fs::read_to_string(entry.path()) else { continue };
+            let Ok(record) = serde_json::from_str::<Value>(&text) else { continue };
+            let Some(id) = record["id"].as_str().map(str::to_owned) else { continue };
+            if record["state"] == "prepared" {
+                let token = record["token"].as_str().unwrap_or_default();
+                for d in record["disks"].as_array().into_iter().flatten() {
+                    if let Some(disk) = d["disk"].as_str() {
+                        incoming.insert(disk, token);
+                    }
+                }
+            }
+            out.insert(id, record);
+        }
+        out
+    }
+
+    fn save(&self, record: &Value) {
+        let Some(id) = record["id"].as_str() else { return };
+        let path = self.dir.join(format!("{id}.json"));
+        let write = std::fs::create_dir_all(&self.dir).and_then(|()| write_file(&path, &record.to_string()));
+        if let Err(e) = write {
+            tracing::error!(migration = id, error = %e, "cannot persist migration record");
+        }
+        self.records.lock().unwrap_or_else(|p| p.into_inner()).insert(id.to_owned(), record.clone());
+    }
 }
 
 /// Body of `POST /v1/migrations`.
@@ -97,6 +132,18 @@ impl Control {
             .clone()
             .ok_or_else(|| ApiError::BadRequest("This agent has no vms_dir to add a VM to".into()))?;
         let vm_file = vms_dir.join(format!("{}.yaml", req.vm));
+        let stale: Vec<String> = {
+            let records = env.records.lock().unwrap_or_else(|p| p.into_inner());
+            records
+                .values()
+                .filter(|r| r["vm"] == req.vm.as_str() && r["state"] == "prepared")
+                .filter_map(|r| r["id"].as_str().map(str::to_owned))
+                .collect()
+        };
+        for id in stale {
+            tracing::warn!(migration = %id, "aborting an earlier, never activated migration of the same VM");
+            self.abort_migration(&id).await?;
+        }
         let taken = self.vms.load().iter().any(|v| v.name == req.vm) || vm_file.exists();
         if taken {
             return Err(ApiError::Conflict(format!("VM {} already exists on this agent", req.vm)));
@@ -152,14 +199,12 @@ impl Control {
             })
             .collect();
         let record = serde_json::json!({
-            "id": id, "vm": req.vm, "state": "prepared", "created_at": unix_now(),
+            "id": id, "vm": req.vm, "state": "prepared", "created_at": unix_now(), "token": token,
             "disks": exports, "nbd": env.nbd.load().as_ref().clone(), "stream_jobs": [],
         });
-        env.records.lock().unwrap_or_else(|p| p.into_inner()).insert(id.clone(), record.clone());
+        env.save(&record);
         tracing::info!(migration = %id, vm = %req.vm, "incoming migration prepared");
-        let mut answer = record;
-        answer["token"] = Value::String(token);
-        Ok(answer)
+        Ok(record)
     }
 
     async fn undo(&self, vm: &str, plan: &[(String, ImageUri, ImageUri)], vm_file: Option<&PathBuf>) {
@@ -177,16 +222,22 @@ impl Control {
         let _ = tokio::task::spawn_blocking(move || images.iter().for_each(|i| drop(stores.remove(i)))).await;
     }
 
-    pub(super) fn record(&self, id: &str) -> Result<Value, ApiError> {
+    /// A migration record as stored (with its token).
+    fn stored(&self, id: &str) -> Result<Value, ApiError> {
         let env = self.migration_env()?;
         let records = env.records.lock().unwrap_or_else(|p| p.into_inner());
         records.get(id).cloned().ok_or_else(|| ApiError::NotFound(format!("No migration {id:?}")))
     }
 
+    /// A migration record as shown (without its token).
+    pub(super) fn record(&self, id: &str) -> Result<Value, ApiError> {
+        Ok(redact(self.stored(id)?))
+    }
+
     /// Serves the disks under their own names and starts streaming.
     pub(super) async fn complete_migration(&self, id: &str, req: Complete) -> Result<Value, ApiError> {
         let env = self.migration_env()?;
-        let mut record = self.record(id)?;
+        let mut record = self.stored(id)?;
         if record["state"] != "prepared" {
             return Err(ApiError::Conflict(format!("Migration {id} is {}", record["state"])));
         }
@@ -213,9 +264,9 @@ impl Control {
         record["state"] = "active".into();
         record["stream_jobs"] = to_json(&jobs);
         record["activated_at"] = unix_now().into();
-        env.records.lock().unwrap_or_else(|p| p.into_inner()).insert(id.to_owned(), record.clone());
+        env.save(&record);
         tracing::info!(migration = %id, "incoming migration activated");
-        Ok(record)
+        Ok(redact(record))
     }
 
     /// Removes what `prepare` created (only before `complete`).
@@ -241,16 +292,29 @@ impl Control {
         let vm_file = env.vms_dir.as_ref().map(|d| d.join(format!("{vm}.yaml")));
         self.undo(&vm, &plan, vm_file.as_ref()).await;
         record["state"] = "aborted".into();
-        env.records.lock().unwrap_or_else(|p| p.into_inner()).insert(id.to_owned(), record.clone());
-        Ok(record)
+        env.save(&record);
+        Ok(redact(record))
     }
 
     /// Every migration this agent received.
     pub(super) fn list_migrations(&self) -> Result<Value, ApiError> {
         let env = self.migration_env()?;
         let records = env.records.lock().unwrap_or_else(|p| p.into_inner());
-        Ok(Value::Array(records.values().cloned().collect()))
+        Ok(Value::Array(records.values().cloned().map(redact).collect()))
     }
+}
+
+/// A record without its secret token (the token is only returned by `prepare`).
+fn redact(mut record: Value) -> Value {
+    if let Some(o) = record.as_object_mut() {
+        o.remove("token");
+    }
+    for d in record["disks"].as_array_mut().into_iter().flatten() {
+        if let Some(o) = d.as_object_mut() {
+            o.remove("export");
+        }
+    }
+    record
 }
 
 fn create_children(stores: &Arc<crate::store::Stores>, plan: &[(String, ImageUri, ImageUri)]) -> Result<(), String> {
