@@ -21,6 +21,7 @@ use crate::config::{AgentConfig, ConfigError, DiskConfig, VmConfig};
 use crate::export::{Export, Exports, Incoming};
 use crate::jobs::backup::BackupEnv;
 use crate::jobs::JobManager;
+use crate::metrics::{self, Metrics};
 use crate::nbd::server::ServerError;
 use crate::nbd::{NbdServer, ServerSettings};
 use crate::store::{OpenOptions, StoreError, Stores};
@@ -215,7 +216,7 @@ pub async fn run(config: AgentConfig) -> Result<(), DaemonError> {
     let control = Arc::new(Control::new(config.node.clone(), disks.exports.clone(), jobs.clone(), env));
     control.set_vms(vms);
     let shutdown = CancellationToken::new();
-    let started = start_servers(&config, control.clone(), &disks, shutdown.clone()).await;
+    let started = start_servers(&config, control.clone(), &jobs, &disks, shutdown.clone()).await;
     let (server, control_task) = match started {
         Ok(servers) => servers,
         Err(e) => {
@@ -266,11 +267,18 @@ pub async fn run(config: AgentConfig) -> Result<(), DaemonError> {
 async fn start_servers(
     config: &AgentConfig,
     control: Arc<Control>,
+    jobs: &Arc<JobManager>,
     disks: &Disks,
     shutdown: CancellationToken,
 ) -> Result<(NbdServer, tokio::task::JoinHandle<()>), DaemonError> {
-    let server = NbdServer::bind(&server_settings(config), disks.exports.clone()).await?;
-    let control = api::http::serve(&config.control.listen, control, shutdown).await?;
+    let metrics = Metrics::new();
+    let server = NbdServer::bind(&server_settings(config), disks.exports.clone(), metrics.clone()).await?;
+    let control = api::http::serve(&config.control.listen, control, shutdown.clone()).await?;
+    if let Some(m) = &config.metrics {
+        metrics::serve(m.listen, metrics, disks.exports.clone(), jobs.clone(), shutdown)
+            .await
+            .map_err(|source| DaemonError::Io { what: format!("Cannot serve metrics on {}", m.listen), source })?;
+    }
     Ok((server, control))
 }
 

@@ -20,5 +20,6 @@ pub mod config;
 pub mod daemon;
 pub mod export;
 pub mod jobs;
+pub mod metrics;
 pub mod nbd;
 pub mod store;

@@ -17,6 +17,9 @@ use tokio_util::sync::CancellationToken;
 use super::{ApiError, BitmapAdd, Command, Control, JobAction, MergeBody, Size, StartJob};
 use crate::config::ListenAddr;
 
+/// The committed OpenAPI document (`agent/openapi.json`).
+pub const OPENAPI: &str = include_str!("../../openapi.json");
+
 /// Largest request body accepted.
 const BODY_LIMIT: usize = 64 << 10;
 
@@ -25,6 +28,10 @@ type Ctl = State<Arc<Control>>;
 /// The `/v1` routes.
 pub fn router(control: Arc<Control>) -> Router {
     Router::new()
+        .route(
+            "/v1/openapi.json",
+            get(|| async { ([(axum::http::header::CONTENT_TYPE, "application/json")], OPENAPI) }),
+        )
         .route("/v1/status", get(|s: Ctl| run(s, Command::Status)))
         .route("/v1/disks", get(|s: Ctl| run(s, Command::Disks)))
         .route(

@@ -467,9 +467,15 @@ async fn finish(
         }
         None => Vec::new(),
     };
+    let target = chain.target.clone();
+    let chain_length =
+        blocking(move || backup_snapshots(target.as_ref()).map(|v| v.len()).map_err(store_err("Cannot list backups")))
+            .await
+            .unwrap_or(0);
     Ok(json!({
         "target": params.target,
         "snapshot": snap,
+        "chain_length": chain_length,
         "sync": state.mode,
         "note": state.note,
         "bytes_written": written,

@@ -57,6 +57,8 @@ pub struct ConnContext {
     pub handshake: HandshakeConfig,
     /// Time allowed for negotiation.
     pub handshake_timeout: Duration,
+    /// Metrics registry.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 struct Catalog<'a>(&'a Exports);
@@ -129,7 +131,8 @@ where
 {
     let name = negotiated.export.name.clone();
     let export = ctx.exports.resolve(&name).ok_or_else(|| ConnError::ExportGone(name.clone()))?;
-    let session = Arc::new(Session::new(export, &negotiated, ctx.handshake.block_sizes));
+    let metrics = ctx.metrics.nbd(export.name());
+    let session = Arc::new(Session::new(export, &negotiated, ctx.handshake.block_sizes, metrics));
     let (tx, rx) = mpsc::unbounded_channel();
     let writer = tokio::spawn(write_replies(writer, rx));
     let mut pipe = Pipeline { session: session.clone(), tx, budget: Arc::new(Semaphore::new(BUDGET_UNITS as usize)) };
@@ -188,6 +191,7 @@ struct Pipeline {
 impl Pipeline {
     async fn dispatch(&mut self, req: Request, payload: Bytes) {
         if let Err(rejection) = self.session.validate(&req) {
+            self.session.rejected(&req);
             let reply = self.session.error_reply(&req, rejection.errno, rejection.message);
             let _ = self.tx.send(reply);
             return;

@@ -65,12 +65,21 @@ pub struct NbdServer {
 
 impl NbdServer {
     /// Binds every listener (port 0 picks a free port).
-    pub async fn bind(settings: &ServerSettings, exports: Arc<Exports>) -> Result<Self, ServerError> {
+    pub async fn bind(
+        settings: &ServerSettings,
+        exports: Arc<Exports>,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Result<Self, ServerError> {
         let mut listeners = Vec::new();
         for addr in &settings.listen {
             listeners.push(bind_one(addr).await?);
         }
-        let ctx = ConnContext { exports, handshake: settings.handshake, handshake_timeout: settings.handshake_timeout };
+        let ctx = ConnContext {
+            exports,
+            handshake: settings.handshake,
+            handshake_timeout: settings.handshake_timeout,
+            metrics,
+        };
         Ok(Self { listeners, ctx: Arc::new(ctx), max_connections: settings.max_connections })
     }
 

@@ -12,6 +12,7 @@ use proto::reply::{self, Extent as WireExtent, OFFSET_DATA_HEADER_LEN, SIMPLE_RE
 use proto::{Command, Negotiated, Request};
 
 use crate::export::{Export, ExportError};
+use crate::metrics::NbdMetrics;
 use crate::store::{ExtentKind, StoreError};
 
 /// Most extents returned in one BLOCK_STATUS chunk.
@@ -43,10 +44,11 @@ pub(crate) struct Session {
     contexts: Vec<(u32, Context)>,
     alignment: u64,
     max_payload: u32,
+    metrics: NbdMetrics,
 }
 
 impl Session {
-    pub fn new(export: Arc<Export>, negotiated: &Negotiated, sizes: BlockSizes) -> Self {
+    pub fn new(export: Arc<Export>, negotiated: &Negotiated, sizes: BlockSizes, metrics: NbdMetrics) -> Self {
         let contexts = negotiated
             .meta_contexts
             .iter()
@@ -60,7 +62,14 @@ impl Session {
             })
             .collect();
         let alignment = if negotiated.block_sizes_negotiated { u64::from(sizes.minimum) } else { 1 };
-        Self { export, structured: negotiated.structured_replies, contexts, alignment, max_payload: sizes.maximum }
+        Self {
+            export,
+            structured: negotiated.structured_replies,
+            contexts,
+            alignment,
+            max_payload: sizes.maximum,
+            metrics,
+        }
     }
 
     pub fn export(&self) -> &Arc<Export> {
@@ -113,8 +122,22 @@ impl Session {
         out
     }
 
-    /// Runs a validated request and returns the encoded reply.
+    /// Runs a validated request, records its metrics, returns the encoded reply.
     pub fn execute(&self, req: &Request, payload: &Bytes) -> Vec<u8> {
+        let started = self.metrics.start();
+        let reply = self.run(req, payload);
+        let bytes = if matches!(req.command, Command::Read | Command::Write) { u64::from(req.length) } else { 0 };
+        self.metrics.done(op_index(req.command), bytes, reply_ok(&reply), started);
+        reply
+    }
+
+    /// Records a request refused before execution.
+    pub fn rejected(&self, req: &Request) {
+        let started = self.metrics.start();
+        self.metrics.done(op_index(req.command), 0, false, started);
+    }
+
+    fn run(&self, req: &Request, payload: &Bytes) -> Vec<u8> {
         let fua = req.has_flag(cmd_flags::FUA);
         let (off, len) = (req.offset, u64::from(req.length));
         let result = match req.command {
@@ -194,6 +217,29 @@ impl Session {
         };
         let runs = runs.into_iter().map(|(length, dirty)| (length, if dirty { state::DIRTY } else { 0 }));
         Ok(to_wire(runs, req.has_flag(cmd_flags::REQ_ONE)))
+    }
+}
+
+/// Index into [`crate::metrics::OPS`].
+fn op_index(c: Command) -> usize {
+    match c {
+        Command::Read => 0,
+        Command::Write => 1,
+        Command::Flush => 2,
+        Command::Trim => 3,
+        Command::WriteZeroes => 4,
+        Command::Cache => 5,
+        Command::BlockStatus => 6,
+        _ => 7,
+    }
+}
+
+/// Whether an encoded reply reports success.
+fn reply_ok(reply: &[u8]) -> bool {
+    match reply.get(..8) {
+        Some(h) if h[..4] == proto::consts::SIMPLE_REPLY_MAGIC.to_be_bytes() => h[4..8] == [0; 4],
+        Some(h) => u16::from_be_bytes([h[6], h[7]]) & 0x8000 == 0,
+        None => false,
     }
 }
 

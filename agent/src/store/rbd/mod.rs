@@ -20,6 +20,16 @@
 //! ops and the initial connect), so an unreachable cluster or a full pool
 //! fails a request instead of hanging it.
 //!
+//! librbd behaviour the store relies on (checked against the dev cluster):
+//! - discard uses `rbd_write_zeroes` (flags 0): `rbd_discard` leaves ranges
+//!   smaller than `rbd_discard_granularity_bytes` (64 KiB) unchanged.
+//! - `extents` is `rbd_diff_iterate2` from nothing, parent included: an
+//!   object reports data from its start to its last written byte; whole
+//!   unwritten objects and object tails are holes.
+//! - removing a snapshot with clone-v2 children would succeed (librbd moves
+//!   it to the trash namespace), so `remove_snapshot` checks
+//!   `rbd_list_children3` first and answers [`StoreError::Busy`].
+//!
 //! Errors: `-errno` results become [`StoreError::NotFound`] (ENOENT),
 //! [`StoreError::Exists`] (EEXIST), [`StoreError::Busy`] (EBUSY, ENOTEMPTY)
 //! or [`StoreError::Ceph`] naming the C function and its pool/image.
