@@ -101,6 +101,7 @@ fn data_path(f: &Fixture) {
     assert_eq!(kind(4096), ExtentKind::Data);
     assert_eq!(kind(6 << 20), ExtentKind::Hole);
     assert!(img.identity().unwrap().id.len() > 3);
+    drop(img);
     f.destroy("data");
 }
 
@@ -124,6 +125,7 @@ fn snapshots(f: &Fixture) {
     img.remove_snapshot("s2").unwrap();
     assert!(matches!(img.remove_snapshot("s2"), Err(StoreError::NotFound(_))));
     assert_eq!(img.list_snapshots().unwrap().len(), 1);
+    drop((img, s1, via_uri));
     f.destroy("snap");
 }
 
@@ -162,6 +164,7 @@ fn layering(f: &Fixture) {
     assert_eq!(read(child.as_ref(), 4 << 20, 1 << 20), vec![0; 1 << 20]);
     parent.remove_snapshot("base").unwrap();
     assert_eq!(read(child.as_ref(), 0, 1 << 20), expect, "flattened child does not need the parent");
+    drop((child, parent));
     f.destroy("child");
     f.destroy("parent");
 }
@@ -183,6 +186,7 @@ fn flatten_under_concurrent_writes(f: &Fixture) {
     for i in 0..64u64 {
         assert_eq!(read(child.as_ref(), i * 65536 + 512, 4096), pattern(i as u8, 4096), "write {i} was overwritten");
     }
+    drop(child);
     f.destroy("fchild");
     f.destroy("fparent");
 }
@@ -201,6 +205,7 @@ fn changed_extents(f: &Fixture) {
     assert!(total <= 8 << 20 >> 1, "{changed:?}");
     let all = img.changed_extents(None, 0, 8 << 20).unwrap();
     assert!(all.iter().any(|&(s, l)| s == 0 || (s < 4096 && s + l > 0)), "{all:?}");
+    drop(img);
     f.destroy("diff");
 }
 
@@ -214,6 +219,7 @@ fn metadata(f: &Fixture) {
     assert_eq!(all.get("rbdsync.j").map(String::as_str), Some("{\"gen\":3}"));
     img.remove_meta("rbdsync.k").unwrap();
     assert_eq!(img.get_meta("rbdsync.k").unwrap(), None);
+    drop(img);
     f.destroy("meta");
 }
 
@@ -230,6 +236,7 @@ fn errors(f: &Fixture) {
     assert!(matches!(img.open_snapshot("nope"), Err(StoreError::NotFound(_))));
     let wrong_size = f.stores.open(&(f.name)("err"), &OpenOptions { create_size: Some(2 << 20), read_only: false });
     assert!(matches!(wrong_size, Err(StoreError::SizeMismatch { .. })));
+    drop(img);
     f.destroy("err");
     assert!(!f.stores.exists(&(f.name)("err")).unwrap());
 }
@@ -257,6 +264,7 @@ fn file_child_layers_on_an_rbd_snapshot() {
     child.flatten(&mut |_, _| {}).unwrap();
     drop(parent);
     rbd.destroy("xparent");
+    assert!(!rbd.stores.exists(&(rbd.name)("xparent")).unwrap(), "parent removed after flatten");
     let mut expect = pattern(5, 1 << 20);
     expect[..512].copy_from_slice(&pattern(9, 512));
     assert_eq!(read(child.as_ref(), 0, 1 << 20), expect);
