@@ -93,6 +93,16 @@ impl Export {
             .rcu(|hooks| hooks.iter().filter(|h| Arc::as_ptr(h).cast::<()>() != target).cloned().collect::<Vec<_>>());
     }
 
+    /// Whether a job hook watches writes (they may then block on IO).
+    pub fn has_hooks(&self) -> bool {
+        !self.hooks.load().is_empty()
+    }
+
+    /// Whether a write here would mark no new bit (so it needs no bitmap sync).
+    pub fn bitmaps_clean_for(&self, offset: u64, length: u64) -> bool {
+        self.bitmaps.all_durable(offset, length)
+    }
+
     /// Holds new writes and waits for in-flight ones (cut-over); writes
     /// resume when the guard drops.
     pub async fn quiesce(self: &Arc<Self>) -> QuiesceGuard {

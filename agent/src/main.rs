@@ -56,7 +56,19 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// Keeps request-sized buffers (up to the 32 MiB NBD payload) on the heap
+/// so freed ones are reused, instead of glibc mapping and unmapping fresh,
+/// page-faulting memory for every large request.
+fn tune_allocator() {
+    // SAFETY: mallopt only adjusts glibc allocator parameters; called once at startup before threads exist.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
+    }
+}
+
 fn run_agent(config: Option<PathBuf>, log_format: LogFormat) -> anyhow::Result<()> {
+    tune_allocator();
     init_logging(log_format);
     let config = match config {
         Some(path) => AgentConfig::load(&path)?,
@@ -65,7 +77,12 @@ fn run_agent(config: Option<PathBuf>, log_format: LogFormat) -> anyhow::Result<(
             AgentConfig::embedded_default()
         }
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("Cannot start runtime")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads(128)
+        .thread_keep_alive(std::time::Duration::from_secs(2))
+        .build()
+        .context("Cannot start runtime")?;
     runtime.block_on(agent::daemon::run(config))?;
     Ok(())
 }

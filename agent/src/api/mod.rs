@@ -309,3 +309,6 @@ impl Control {
 pub(crate) fn to_json<T: Serialize>(value: T) -> Value {
     serde_json::to_value(value).unwrap_or(Value::Null)
 }
+
+#[cfg(test)]
+mod openapi_tests;

@@ -436,6 +436,15 @@ impl DiskBitmaps {
         Ok(())
     }
 
+    /// Whether every recording bitmap already has `offset..offset+length`
+    /// durably dirty (a write there would not wait for a bitmap sync).
+    pub fn all_durable(&self, offset: u64, length: u64) -> bool {
+        self.list.load().iter().filter(|b| b.enabled.load(SeqCst) && b.is_consistent()).all(|b| {
+            let (first, last) = b.granules(offset, length);
+            b.persisted.all_set(first, last)
+        })
+    }
+
     /// Looks a bitmap up.
     pub fn get(&self, name: &str) -> Result<Arc<Bitmap>, BitmapError> {
         let list = self.list.load();

@@ -201,6 +201,10 @@ impl Pipeline {
             _ => 1,
         };
         let units = u32::try_from(units).unwrap_or(BUDGET_UNITS).min(BUDGET_UNITS);
+        if self.session.inline(&req) {
+            let _ = self.tx.send(self.session.execute(&req, &payload));
+            return;
+        }
         let Ok(permit) = self.budget.clone().acquire_many_owned(units).await else { return };
         let (session, tx) = (self.session.clone(), self.tx.clone());
         tokio::task::spawn_blocking(move || {

@@ -131,6 +131,18 @@ impl Session {
         reply
     }
 
+    /// Whether `req` may run on the connection's own task: a page-cache
+    /// read or write of a plain file image, without FUA. Everything that
+    /// can block for long (flush, FUA, layered or remote images, jobs'
+    /// copy-before-write hooks) goes to the blocking pool.
+    pub fn inline(&self, req: &Request) -> bool {
+        matches!(req.command, Command::Read | Command::Write | Command::BlockStatus | Command::Cache)
+            && !req.has_flag(cmd_flags::FUA)
+            && self.export.store().capabilities().inline_io
+            && !self.export.has_hooks()
+            && (req.command != Command::Write || self.export.bitmaps_clean_for(req.offset, u64::from(req.length)))
+    }
+
     /// Records a request refused before execution.
     pub fn rejected(&self, req: &Request) {
         let started = self.metrics.start();

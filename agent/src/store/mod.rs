@@ -40,6 +40,9 @@ pub struct Capabilities {
     pub layering: bool,
     /// Key/value metadata.
     pub metadata: bool,
+    /// Reads and writes are memory-speed syscalls (page cache): the NBD
+    /// server may run them on its own task instead of a blocking thread.
+    pub inline_io: bool,
 }
 
 /// Allocation state of a range.

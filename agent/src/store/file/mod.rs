@@ -274,6 +274,7 @@ impl BlockStore for FileStore {
             snapshots: self.snapshot_of.is_none(),
             layering: true,
             metadata: true,
+            inline_io: self.layer.load().is_none(),
         }
     }
 

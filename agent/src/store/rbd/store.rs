@@ -90,6 +90,7 @@ impl BlockStore for RbdStore {
             snapshots: true,
             layering: true,
             metadata: true,
+            inline_io: false,
         }
     }
 
