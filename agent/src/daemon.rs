@@ -81,6 +81,7 @@ struct Disks {
     state_dir: PathBuf,
     stores: Arc<Stores>,
     incoming: Arc<Incoming>,
+    jobs: Arc<JobManager>,
     exports: Arc<Exports>,
     configs: BTreeMap<String, DiskConfig>,
 }
@@ -96,6 +97,10 @@ impl Disks {
         let stale: Vec<String> =
             self.configs.iter().filter(|(k, c)| wanted.get(*k) != Some(*c)).map(|(k, _)| k.clone()).collect();
         for name in stale {
+            if let Some(job) = self.jobs.active_on(&name) {
+                tracing::warn!(disk = %name, %job, "disk removed or changed in the VM files but job {job} runs on it; keeping it until the job ends (reload again then)");
+                continue;
+            }
             tracing::info!(disk = %name, "detaching export");
             self.configs.remove(&name);
             if let Some(export) = self.exports.remove(&name) {
@@ -194,10 +199,13 @@ pub async fn run(config: AgentConfig) -> Result<(), DaemonError> {
     let incoming = Arc::new(Incoming::default());
     let migrations_dir = config.state_dir.join("migrations");
     let migration_records = MigrationEnv::load_records(&migrations_dir, &incoming);
+    let jobs = JobManager::load(&config.state_dir.join("jobs"))
+        .map_err(io_err(format!("Cannot read {}", config.state_dir.join("jobs").display())))?;
     let mut disks = Disks {
         state_dir: config.state_dir.clone(),
         stores,
         incoming: incoming.clone(),
+        jobs: jobs.clone(),
         exports,
         configs: BTreeMap::new(),
     };
@@ -206,8 +214,6 @@ pub async fn run(config: AgentConfig) -> Result<(), DaemonError> {
         return Err(e);
     }
 
-    let jobs = JobManager::load(&config.state_dir.join("jobs"))
-        .map_err(io_err(format!("Cannot read {}", config.state_dir.join("jobs").display())))?;
     let env = BackupEnv {
         stores: disks.stores.clone(),
         scratch_dir: config.state_dir.join("scratch"),
