@@ -23,6 +23,7 @@ use crate::jobs::backup::BackupEnv;
 use crate::jobs::JobManager;
 use crate::metrics::{self, Metrics};
 use crate::nbd::server::ServerError;
+use crate::nbd::tls::Tls;
 use crate::nbd::{NbdServer, ServerSettings};
 use crate::store::{OpenOptions, StoreError, Stores};
 
@@ -50,6 +51,9 @@ pub enum DaemonError {
         #[source]
         source: BitmapError,
     },
+    /// NBD TLS material is unusable.
+    #[error(transparent)]
+    Tls(crate::nbd::tls::TlsError),
     /// The control API could not start.
     #[error(transparent)]
     Control(#[from] api::http::ServeError),
@@ -223,7 +227,7 @@ pub async fn run(config: AgentConfig) -> Result<(), DaemonError> {
     control.set_vms(vms);
     let shutdown = CancellationToken::new();
     let started = start_servers(&config, control.clone(), &jobs, &disks, shutdown.clone()).await;
-    let (server, control_task) = match started {
+    let (server, control_task, tls) = match started {
         Ok(servers) => servers,
         Err(e) => {
             disks.close_all().await;
@@ -253,6 +257,9 @@ pub async fn run(config: AgentConfig) -> Result<(), DaemonError> {
             _ = int.recv() => break,
             _ = hup.recv() => {
                 let _ = reload(&config, &mut disks, &control).await;
+                if let Err(e) = tls.reload() {
+                    tracing::error!(error = %e, "TLS reload failed; keeping the previous certificates");
+                }
             }
             Some(reply) = reload_rx.recv() => {
                 let _ = reply.send(reload(&config, &mut disks, &control).await.map_err(|e| format!("{e}: {:?}", std::error::Error::source(&e))));
@@ -276,16 +283,17 @@ async fn start_servers(
     jobs: &Arc<JobManager>,
     disks: &Disks,
     shutdown: CancellationToken,
-) -> Result<(NbdServer, tokio::task::JoinHandle<()>), DaemonError> {
+) -> Result<(NbdServer, tokio::task::JoinHandle<()>, Arc<Tls>), DaemonError> {
     let metrics = Metrics::new();
-    let server = NbdServer::bind(&server_settings(config), disks.exports.clone(), metrics.clone()).await?;
+    let tls = Arc::new(Tls::load(config.nbd.tls.as_ref()).map_err(DaemonError::Tls)?);
+    let server = NbdServer::bind(&server_settings(config), disks.exports.clone(), metrics.clone(), tls.clone()).await?;
     let control = api::http::serve(&config.control.listen, control, shutdown.clone()).await?;
     if let Some(m) = &config.metrics {
         metrics::serve(m.listen, metrics, disks.exports.clone(), jobs.clone(), shutdown)
             .await
             .map_err(|source| DaemonError::Io { what: format!("Cannot serve metrics on {}", m.listen), source })?;
     }
-    Ok((server, control))
+    Ok((server, control, tls))
 }
 
 async fn reload(config: &AgentConfig, disks: &mut Disks, control: &Control) -> Result<(), DaemonError> {

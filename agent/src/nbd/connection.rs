@@ -40,9 +40,12 @@ pub enum ConnError {
     /// The client closed the connection during negotiation.
     #[error("Client closed the connection during negotiation")]
     ClosedInHandshake,
-    /// The client asked for TLS, which this listener cannot do yet.
+    /// The client asked for TLS, which this listener cannot do.
     #[error("TLS is not available")]
     TlsUnavailable,
+    /// The TLS handshake failed.
+    #[error("TLS handshake failed")]
+    Tls(#[source] std::io::Error),
     /// The export disappeared between negotiation and transmission.
     #[error("Export {0} was removed")]
     ExportGone(String),
@@ -59,6 +62,8 @@ pub struct ConnContext {
     pub handshake_timeout: Duration,
     /// Metrics registry.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// TLS setup of the listener.
+    pub tls: Arc<super::tls::Tls>,
 }
 
 struct Catalog<'a>(&'a Exports);
@@ -81,38 +86,49 @@ impl ExportCatalog for Catalog<'_> {
     }
 }
 
-/// Negotiates on `stream`; `Ok(None)` if the client aborted.
+/// How a negotiation round ended.
+#[derive(Debug)]
+pub enum Negotiation {
+    /// Transmission begins.
+    Done(Box<Negotiated>),
+    /// Upgrade the socket to TLS, then negotiate again.
+    StartTls,
+    /// The client aborted.
+    Aborted,
+}
+
+/// Runs negotiation on `stream` (sending the greeting first if `greet`).
 pub async fn negotiate<S>(
     stream: &mut S,
+    hs: &mut proto::ServerHandshake,
     ctx: &ConnContext,
     buf: &mut BytesMut,
-) -> Result<Option<Negotiated>, ConnError>
+    greet: bool,
+) -> Result<Negotiation, ConnError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let work = async {
-        let mut hs = proto::ServerHandshake::new(ctx.handshake);
-        let mut out = BytesMut::with_capacity(256);
+    let mut out = BytesMut::with_capacity(256);
+    if greet {
         hs.greeting(&mut out);
-        loop {
-            let step = hs.handle(buf, &Catalog(&ctx.exports), &mut out);
-            if !out.is_empty() {
-                stream.write_all(&out).await?;
-                out.clear();
-            }
-            match step? {
-                Step::NeedMore => {
-                    if stream.read_buf(buf).await? == 0 {
-                        return Err(ConnError::ClosedInHandshake);
-                    }
-                }
-                Step::Done(negotiated) => return Ok(Some(*negotiated)),
-                Step::Aborted => return Ok(None),
-                Step::StartTls => return Err(ConnError::TlsUnavailable),
-            }
+    }
+    loop {
+        let step = hs.handle(buf, &Catalog(&ctx.exports), &mut out);
+        if !out.is_empty() {
+            stream.write_all(&out).await?;
+            out.clear();
         }
-    };
-    tokio::time::timeout(ctx.handshake_timeout, work).await.map_err(|_| ConnError::HandshakeTimeout)?
+        match step? {
+            Step::NeedMore => {
+                if stream.read_buf(buf).await? == 0 {
+                    return Err(ConnError::ClosedInHandshake);
+                }
+            }
+            Step::Done(negotiated) => return Ok(Negotiation::Done(negotiated)),
+            Step::Aborted => return Ok(Negotiation::Aborted),
+            Step::StartTls => return Ok(Negotiation::StartTls),
+        }
+    }
 }
 
 /// Serves requests until the client disconnects, the export is removed, or

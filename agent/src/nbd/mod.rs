@@ -15,5 +15,6 @@ pub mod client;
 pub mod connection;
 pub mod server;
 mod session;
+pub mod tls;
 
 pub use server::{NbdServer, ServerSettings};

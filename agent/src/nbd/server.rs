@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use super::connection::{negotiate, transmit, ConnContext, ConnError};
+use super::connection::{negotiate, transmit, ConnContext, ConnError, Negotiation};
 use crate::config::ListenAddr;
 use crate::export::Exports;
 
@@ -69,17 +69,15 @@ impl NbdServer {
         settings: &ServerSettings,
         exports: Arc<Exports>,
         metrics: Arc<crate::metrics::Metrics>,
+        tls: Arc<super::tls::Tls>,
     ) -> Result<Self, ServerError> {
         let mut listeners = Vec::new();
         for addr in &settings.listen {
             listeners.push(bind_one(addr).await?);
         }
-        let ctx = ConnContext {
-            exports,
-            handshake: settings.handshake,
-            handshake_timeout: settings.handshake_timeout,
-            metrics,
-        };
+        let mut handshake = settings.handshake;
+        handshake.tls = tls.policy();
+        let ctx = ConnContext { exports, handshake, handshake_timeout: settings.handshake_timeout, metrics, tls };
         Ok(Self { listeners, ctx: Arc::new(ctx), max_connections: settings.max_connections })
     }
 
@@ -198,32 +196,64 @@ impl Accepted {
 
     async fn serve(self, ctx: &ConnContext, shutdown: CancellationToken) -> Result<(), ConnError> {
         match self {
-            Accepted::Tcp(stream, _) => {
-                let (r, w) = stream.into_split();
-                serve_split(r, w, ctx, shutdown).await
-            }
-            Accepted::Unix(stream) => {
-                let (r, w) = stream.into_split();
-                serve_split(r, w, ctx, shutdown).await
-            }
+            Accepted::Tcp(stream, _) => serve_conn(stream, ctx, shutdown, |s| box_split(s.into_split())).await,
+            Accepted::Unix(stream) => serve_conn(stream, ctx, shutdown, |s| box_split(s.into_split())).await,
         }
     }
 }
 
-async fn serve_split<R, W>(
-    reader: R,
-    writer: W,
-    ctx: &ConnContext,
-    shutdown: CancellationToken,
-) -> Result<(), ConnError>
+type BoxRead = Box<dyn AsyncRead + Unpin + Send>;
+type BoxWrite = Box<dyn AsyncWrite + Unpin + Send>;
+
+fn box_split<R, W>((r, w): (R, W)) -> (BoxRead, BoxWrite)
 where
-    R: AsyncRead + Unpin + Send,
+    R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let mut stream = tokio::io::join(reader, writer);
+    (Box::new(r), Box::new(w))
+}
+
+fn in_time<T>(r: Result<T, tokio::time::error::Elapsed>) -> Result<T, ConnError> {
+    r.map_err(|_| ConnError::HandshakeTimeout)
+}
+
+/// Negotiates (upgrading to TLS on STARTTLS), then transmits. The whole
+/// negotiation, TLS handshake included, must finish within the timeout.
+async fn serve_conn<S>(
+    mut stream: S,
+    ctx: &ConnContext,
+    shutdown: CancellationToken,
+    split: fn(S) -> (BoxRead, BoxWrite),
+) -> Result<(), ConnError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let deadline = tokio::time::Instant::now() + ctx.handshake_timeout;
+    let mut hs = proto::ServerHandshake::new(ctx.handshake);
     let mut buf = BytesMut::with_capacity(64 << 10);
-    let Some(negotiated) = negotiate(&mut stream, ctx, &mut buf).await? else { return Ok(()) };
-    tracing::debug!(export = %negotiated.export.name, structured = negotiated.structured_replies, "negotiated");
-    let (reader, writer) = stream.into_inner();
-    transmit(reader, writer, buf, negotiated, ctx, shutdown).await
+    let first =
+        in_time(tokio::time::timeout_at(deadline, negotiate(&mut stream, &mut hs, ctx, &mut buf, true)).await)??;
+    match first {
+        Negotiation::Aborted => Ok(()),
+        Negotiation::Done(negotiated) => {
+            tracing::debug!(export = %negotiated.export.name, structured = negotiated.structured_replies, "negotiated");
+            let (reader, writer) = split(stream);
+            transmit(reader, writer, buf, *negotiated, ctx, shutdown).await
+        }
+        Negotiation::StartTls => {
+            if !buf.is_empty() {
+                return Err(ConnError::Protocol(proto::DecodeError::Invalid("data after STARTTLS")));
+            }
+            let acceptor = ctx.tls.acceptor().ok_or(ConnError::TlsUnavailable)?;
+            let mut tls =
+                in_time(tokio::time::timeout_at(deadline, acceptor.accept(stream)).await)?.map_err(ConnError::Tls)?;
+            hs.tls_started();
+            let round =
+                in_time(tokio::time::timeout_at(deadline, negotiate(&mut tls, &mut hs, ctx, &mut buf, false)).await)??;
+            let Negotiation::Done(negotiated) = round else { return Ok(()) };
+            tracing::debug!(export = %negotiated.export.name, "negotiated over TLS");
+            let (reader, writer) = tokio::io::split(tls);
+            transmit(reader, writer, buf, *negotiated, ctx, shutdown).await
+        }
+    }
 }
