@@ -19,6 +19,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod export;
+pub mod fuzzing;
 pub mod jobs;
 pub mod metrics;
 pub mod nbd;
