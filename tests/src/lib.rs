@@ -302,3 +302,74 @@ impl Rng {
         }
     }
 }
+
+/// The extents of metadata context `context` of the export at `uri`, as
+/// `nbdinfo --map=CONTEXT --json` reports them: `(offset, length, type)`,
+/// with neighbours of equal type merged (servers split runs differently).
+pub fn map_extents(uri: &str, context: &str) -> Result<Vec<(u64, u64, u64)>> {
+    let json = stdout("nbdinfo", &[&format!("--map={context}"), "--json", uri])?;
+    let list: Vec<serde_json::Value> = serde_json::from_str(&json).with_context(|| format!("nbdinfo --map: {json}"))?;
+    let mut out: Vec<(u64, u64, u64)> = Vec::new();
+    for e in &list {
+        let field = |k: &str| e[k].as_u64().with_context(|| format!("extent without {k}: {e}"));
+        let (offset, length, kind) = (field("offset")?, field("length")?, field("type")?);
+        match out.last_mut() {
+            Some(last) if last.2 == kind && last.0 + last.1 == offset => last.1 += length,
+            Some(last) if last.0 + last.1 != offset => bail!("extents not contiguous at {offset}: {json}"),
+            _ => out.push((offset, length, kind)),
+        }
+    }
+    Ok(out)
+}
+
+/// The metadata contexts the export at `uri` offers (`nbdinfo --json`), sorted.
+pub fn export_contexts(uri: &str) -> Result<Vec<String>> {
+    let json = stdout("nbdinfo", &["--json", uri])?;
+    let v: serde_json::Value = serde_json::from_str(&json)?;
+    let export = &v["exports"][0];
+    let mut out: Vec<String> = export["contexts"]
+        .as_array()
+        .with_context(|| format!("no contexts in {json}"))?
+        .iter()
+        .map(|c| c.as_str().unwrap_or_default().to_owned())
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+impl Agent {
+    /// Starts the agent again on the same directory after [`Agent::stop`] or
+    /// [`Agent::kill9`] (`restart` stops a running agent itself). A runtime
+    /// file left behind by a killed agent is removed first, so readiness is
+    /// that of the new process; the old log is kept as `agent.prev.log`.
+    pub fn respawn(mut self) -> Result<Agent> {
+        if self.child.is_some() {
+            bail!("respawn: the agent is still running");
+        }
+        let _ = std::fs::remove_file(self.dir.path().join("state/agent.json"));
+        let _ = std::fs::rename(self.dir.path().join("agent.log"), self.dir.path().join("agent.prev.log"));
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir()?);
+        Agent::spawn(dir)
+    }
+}
+
+impl AgentBuilder {
+    /// Like [`AgentBuilder::start`], with `nbd_keys` added to the `nbd:`
+    /// section (YAML lines indented by two spaces, e.g.
+    /// `"  tls: {mode: required, cert: pki/server-cert.pem, key: pki/server-key.pem}\n  handshake_timeout_secs: 2\n"`);
+    /// `listen` stays `["127.0.0.1:0", "unix:nbd.sock"]`. Relative paths are
+    /// relative to the test directory.
+    pub fn start_with_nbd(self, nbd_keys: &str) -> Result<Agent> {
+        let d = self.dir.path();
+        std::fs::create_dir_all(d.join("vms.d"))?;
+        for vm in &self.vms {
+            std::fs::write(d.join("vms.d").join(&vm.file), &vm.yaml)?;
+        }
+        let config = format!(
+            "node: test\nstate_dir: state\nvms_dir: vms.d\nnbd:\n  listen: [\"127.0.0.1:0\", \"unix:nbd.sock\"]\n{nbd_keys}control:\n  listen: [\"unix:control.sock\"]\n{}",
+            self.extra
+        );
+        std::fs::write(d.join("agent.yaml"), config)?;
+        Agent::spawn(self.dir)
+    }
+}
