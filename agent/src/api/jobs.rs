@@ -278,7 +278,7 @@ impl Control {
             let list = export.bitmaps().list();
             let info = list
                 .iter()
-                .find(|b| &b.name == name)
+                .find(|b| b.name == name)
                 .ok_or_else(|| crate::bitmap::BitmapError::NotFound { disk: disk.to_owned(), name: name.to_owned() })?;
             if !info.consistent {
                 let reason = info.inconsistent_reason.clone().unwrap_or_default();

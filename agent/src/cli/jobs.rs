@@ -317,7 +317,7 @@ pub fn render_jobs(v: &Value) -> String {
                 None => j["state"].as_str().unwrap_or("?").to_owned(),
             };
             let (done, total) = (j["bytes_done"].as_u64().unwrap_or(0), j["bytes_total"].as_u64().unwrap_or(0));
-            let pct = if total > 0 { format!("{}%", done * 100 / total) } else { "-".into() };
+            let pct = (done * 100).checked_div(total).map_or_else(|| "-".to_owned(), |p| format!("{p}%"));
             let detail = j["error"]
                 .as_str()
                 .map(str::to_owned)

@@ -254,7 +254,7 @@ fn summarize(vm: &str, id: &str, results: &[(String, Value)], active: &Value, ve
     let downtime = results.iter().filter_map(|(_, j)| j["summary"]["downtime_ms"].as_u64()).max();
     json!({
         "vm": vm, "migration": id, "disks": disks, "max_downtime_ms": downtime, "verified": verified,
-        "duration_ms": took.as_millis() as u64, "stream_jobs": active["stream_jobs"],
+        "duration_ms": crate::jobs::millis(took), "stream_jobs": active["stream_jobs"],
     })
 }
 

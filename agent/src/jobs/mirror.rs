@@ -100,7 +100,7 @@ impl Tracker {
         let mut idx: Vec<u64> = (first..=last.min(first + STRIPES - 1)).map(|g| g % STRIPES).collect();
         idx.sort_unstable();
         idx.dedup();
-        idx.into_iter().map(|i| self.locks[i as usize].clone()).collect()
+        idx.into_iter().map(|i| self.locks[usize::try_from(i).unwrap_or(0)].clone()).collect()
     }
 
     /// Dirty bytes left.
@@ -295,9 +295,9 @@ async fn mirror(
         "disk_size": export.size(),
         "passes": passes,
         "switched_to_write_blocking_after_pass": switched_at,
-        "duration_ms": started.elapsed().as_millis() as u64,
-        "downtime_ms": downtime.as_millis() as u64,
-        "drain_ms": held.duration_since(cutover).as_millis() as u64,
+        "duration_ms": super::millis(started.elapsed()),
+        "downtime_ms": super::millis(downtime),
+        "drain_ms": super::millis(held.duration_since(cutover)),
     }))
 }
 

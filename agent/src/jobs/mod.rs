@@ -127,6 +127,17 @@ pub struct JobRecord {
     pub summary: Value,
 }
 
+/// A non-negative float as u64 (`as` saturates; NaN becomes 0).
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+fn saturating_u64(x: f64) -> u64 {
+    x as u64
+}
+
+/// Milliseconds of a duration, saturating.
+pub fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 /// Seconds since the Unix epoch.
 pub fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
@@ -167,7 +178,7 @@ impl Job {
     fn rate(&self) -> u64 {
         let samples = self.samples.lock().unwrap_or_else(|p| p.into_inner());
         match (samples.first(), samples.last()) {
-            (Some(a), Some(b)) if b.0 > a.0 => ((b.1 - a.1) as f64 / (b.0 - a.0).as_secs_f64()) as u64,
+            (Some(a), Some(b)) if b.0 > a.0 => saturating_u64((b.1 - a.1) as f64 / (b.0 - a.0).as_secs_f64()),
             _ => 0,
         }
     }

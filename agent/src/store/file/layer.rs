@@ -94,7 +94,7 @@ impl Layer {
 
     /// Whether every granule is owned (the parent is no longer needed).
     pub fn fully_owned(&self) -> bool {
-        self.owned.len() == 0 || self.owned.all_set(0, self.owned.len() - 1)
+        self.owned.is_empty() || self.owned.all_set(0, self.owned.len() - 1)
     }
 
     /// Bytes not yet owned by the child.
@@ -111,7 +111,9 @@ impl Layer {
         let mut idx: Vec<u64> = (first..first + n).map(|g| g % STRIPES).collect();
         idx.sort_unstable();
         idx.dedup();
-        idx.iter().map(|&i| self.stripes[i as usize].lock().unwrap_or_else(|p| p.into_inner())).collect()
+        idx.iter()
+            .map(|&i| self.stripes[usize::try_from(i).unwrap_or(0)].lock().unwrap_or_else(|p| p.into_inner()))
+            .collect()
     }
 
     fn set_owned(&self, first: u64, last: u64) {

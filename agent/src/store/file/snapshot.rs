@@ -138,7 +138,7 @@ pub(super) fn changed_extents(
     let size = store.size().min(base.size());
     let mut out: Vec<(u64, u64)> = Vec::new();
     const CHUNK: u64 = 64 << 10;
-    let (mut a, mut b) = (vec![0u8; CHUNK as usize], vec![0u8; CHUNK as usize]);
+    let (mut a, mut b) = (vec![0u8; 64 << 10], vec![0u8; 64 << 10]);
     let mut checked_to = 0;
     for (start, len) in candidates {
         let mut pos = (start / CHUNK * CHUNK).max(checked_to);
