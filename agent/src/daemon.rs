@@ -218,7 +218,15 @@ pub async fn run(config: AgentConfig) -> Result<(), DaemonError> {
         return Err(e);
     }
 
+    let tls = match Tls::load(config.nbd.tls.as_ref()) {
+        Ok(t) => Arc::new(t),
+        Err(e) => {
+            disks.close_all().await;
+            return Err(DaemonError::Tls(e));
+        }
+    };
     let env = BackupEnv {
+        tls: tls.clone(),
         stores: disks.stores.clone(),
         scratch_dir: config.state_dir.join("scratch"),
         node: config.node.clone(),
@@ -226,8 +234,8 @@ pub async fn run(config: AgentConfig) -> Result<(), DaemonError> {
     let control = Arc::new(Control::new(config.node.clone(), disks.exports.clone(), jobs.clone(), env));
     control.set_vms(vms);
     let shutdown = CancellationToken::new();
-    let started = start_servers(&config, control.clone(), &jobs, &disks, shutdown.clone()).await;
-    let (server, control_task, tls) = match started {
+    let started = start_servers(&config, control.clone(), &jobs, &disks, tls.clone(), shutdown.clone()).await;
+    let (server, control_task) = match started {
         Ok(servers) => servers,
         Err(e) => {
             disks.close_all().await;
@@ -242,6 +250,7 @@ pub async fn run(config: AgentConfig) -> Result<(), DaemonError> {
         incoming,
         reload: reload_tx,
         nbd: arc_swap::ArcSwap::from_pointee(server.local_addrs().iter().map(|a| a.to_string()).collect()),
+        nbd_tls: tls.policy() != proto::TlsPolicy::Unavailable,
         records: std::sync::Mutex::new(migration_records),
         dir: migrations_dir,
     });
@@ -282,10 +291,10 @@ async fn start_servers(
     control: Arc<Control>,
     jobs: &Arc<JobManager>,
     disks: &Disks,
+    tls: Arc<Tls>,
     shutdown: CancellationToken,
-) -> Result<(NbdServer, tokio::task::JoinHandle<()>, Arc<Tls>), DaemonError> {
+) -> Result<(NbdServer, tokio::task::JoinHandle<()>), DaemonError> {
     let metrics = Metrics::new();
-    let tls = Arc::new(Tls::load(config.nbd.tls.as_ref()).map_err(DaemonError::Tls)?);
     let server = NbdServer::bind(&server_settings(config), disks.exports.clone(), metrics.clone(), tls.clone()).await?;
     let control = api::http::serve(&config.control.listen, control, shutdown.clone()).await?;
     if let Some(m) = &config.metrics {
@@ -293,7 +302,7 @@ async fn start_servers(
             .await
             .map_err(|source| DaemonError::Io { what: format!("Cannot serve metrics on {}", m.listen), source })?;
     }
-    Ok((server, control, tls))
+    Ok((server, control))
 }
 
 async fn reload(config: &AgentConfig, disks: &mut Disks, control: &Control) -> Result<(), DaemonError> {

@@ -267,7 +267,20 @@ pub enum ClientError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ClientPhase {
     Greeting,
+    AwaitTls,
     Replies,
+}
+
+/// What the client driver must do next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientStep {
+    /// Send `out`, read more, call again.
+    NeedMore,
+    /// Send `out`, run a TLS client handshake on the socket, call
+    /// [`ClientHandshake::tls_started`], then carry on.
+    StartTls,
+    /// Negotiation finished.
+    Done(ClientNegotiated),
 }
 
 /// Client side of fixed-newstyle negotiation: structured replies (if
@@ -276,6 +289,7 @@ enum ClientPhase {
 pub struct ClientHandshake {
     export: String,
     want_structured: bool,
+    want_tls: bool,
     phase: ClientPhase,
     structured: bool,
     size: Option<(u64, u16)>,
@@ -283,11 +297,12 @@ pub struct ClientHandshake {
 }
 
 impl ClientHandshake {
-    /// Negotiation for `export`.
-    pub fn new(export: &str, want_structured: bool) -> Self {
+    /// Negotiation for `export`; with `want_tls` it starts with STARTTLS.
+    pub fn new(export: &str, want_structured: bool, want_tls: bool) -> Self {
         Self {
             export: export.to_owned(),
             want_structured,
+            want_tls,
             phase: ClientPhase::Greeting,
             structured: false,
             size: None,
@@ -295,17 +310,34 @@ impl ClientHandshake {
         }
     }
 
-    /// Consumes server bytes, appends what to send; `Some` once done.
-    pub fn handle(
-        &mut self,
-        input: &mut BytesMut,
-        out: &mut BytesMut,
-    ) -> Result<Option<ClientNegotiated>, ClientError> {
+    /// TLS is up: sends the remaining options.
+    pub fn tls_started(&mut self, out: &mut BytesMut) -> Result<(), ClientError> {
+        self.phase = ClientPhase::Replies;
+        self.send_options(out)
+    }
+
+    fn send_options(&mut self, out: &mut BytesMut) -> Result<(), ClientError> {
+        use crate::consts::{info, opt};
+        use bytes::BufMut;
+        if self.want_structured {
+            put_option(out, opt::STRUCTURED_REPLY, &[]);
+        }
+        let mut go = BytesMut::new();
+        go.put_u32(u32::try_from(self.export.len()).map_err(|_| ClientError::Invalid("export name too long"))?);
+        go.put_slice(self.export.as_bytes());
+        go.put_u16(1);
+        go.put_u16(info::BLOCK_SIZE);
+        put_option(out, opt::GO, &go);
+        Ok(())
+    }
+
+    /// Consumes server bytes, appends what to send, and says what to do next.
+    pub fn handle(&mut self, input: &mut BytesMut, out: &mut BytesMut) -> Result<ClientStep, ClientError> {
         use crate::consts::{client_flags, handshake_flags, info, opt, rep, IHAVEOPT, NBD_MAGIC, OPTION_REPLY_MAGIC};
         use bytes::BufMut;
         if self.phase == ClientPhase::Greeting {
             if input.len() < 18 {
-                return Ok(None);
+                return Ok(ClientStep::NeedMore);
             }
             if input.get_u64() != NBD_MAGIC || input.get_u64() != IHAVEOPT {
                 return Err(ClientError::Invalid("greeting magic"));
@@ -319,20 +351,17 @@ impl ClientHandshake {
                 cflags |= client_flags::NO_ZEROES;
             }
             out.put_u32(cflags);
-            if self.want_structured {
-                put_option(out, opt::STRUCTURED_REPLY, &[]);
+            if self.want_tls {
+                put_option(out, opt::STARTTLS, &[]);
+                self.phase = ClientPhase::AwaitTls;
+            } else {
+                self.send_options(out)?;
+                self.phase = ClientPhase::Replies;
             }
-            let mut go = BytesMut::new();
-            go.put_u32(u32::try_from(self.export.len()).map_err(|_| ClientError::Invalid("export name too long"))?);
-            go.put_slice(self.export.as_bytes());
-            go.put_u16(1);
-            go.put_u16(info::BLOCK_SIZE);
-            put_option(out, opt::GO, &go);
-            self.phase = ClientPhase::Replies;
         }
         loop {
             if input.len() < 20 {
-                return Ok(None);
+                return Ok(ClientStep::NeedMore);
             }
             let len = usize::try_from(u32::from_be_bytes([input[16], input[17], input[18], input[19]]))
                 .map_err(|_| ClientError::Invalid("reply length"))?;
@@ -340,7 +369,7 @@ impl ClientHandshake {
                 return Err(ClientError::Invalid("option reply too long"));
             }
             if input.len() < 20 + len {
-                return Ok(None);
+                return Ok(ClientStep::NeedMore);
             }
             if input.get_u64() != OPTION_REPLY_MAGIC {
                 return Err(ClientError::Invalid("option reply magic"));
@@ -349,6 +378,16 @@ impl ClientHandshake {
             let reply = input.get_u32();
             input.advance(4);
             let mut data = input.split_to(len).freeze();
+            if self.phase == ClientPhase::AwaitTls {
+                if option == opt::STARTTLS && reply == rep::ACK {
+                    if !input.is_empty() {
+                        return Err(ClientError::Invalid("data after the STARTTLS reply"));
+                    }
+                    return Ok(ClientStep::StartTls);
+                }
+                let message = String::from_utf8_lossy(&data).into_owned();
+                return Err(ClientError::Refused { option, code: reply, message });
+            }
             if reply & rep::ERR_BIT != 0 {
                 if option == opt::STRUCTURED_REPLY {
                     continue;
@@ -368,7 +407,7 @@ impl ClientHandshake {
                 (opt::GO, rep::ACK) => {
                     let (size, flags) =
                         self.size.ok_or(ClientError::Invalid("GO acknowledged without NBD_INFO_EXPORT"))?;
-                    return Ok(Some(ClientNegotiated {
+                    return Ok(ClientStep::Done(ClientNegotiated {
                         size,
                         flags,
                         structured_replies: self.structured,
@@ -410,11 +449,11 @@ mod handshake_tests {
     /// Runs our client against our server, feeding bytes both ways.
     fn converse(export: &str) -> Result<ClientNegotiated, ClientError> {
         let mut server = ServerHandshake::new(HandshakeConfig::default());
-        let mut client = ClientHandshake::new(export, true);
+        let mut client = ClientHandshake::new(export, true, false);
         let (mut to_client, mut to_server) = (BytesMut::new(), BytesMut::new());
         server.greeting(&mut to_client);
         for _ in 0..10 {
-            if let Some(done) = client.handle(&mut to_client, &mut to_server)? {
+            if let ClientStep::Done(done) = client.handle(&mut to_client, &mut to_server)? {
                 return Ok(done);
             }
             match server.handle(&mut to_server, &One, &mut to_client) {

@@ -160,6 +160,7 @@ impl Control {
                     self.check_bitmap(&export, name)?;
                 }
                 let ready_threshold = ready_threshold.as_ref().map(Size::bytes).transpose()?.unwrap_or(16 << 20);
+                let tls = self.env.tls.client();
                 let params = MirrorParams {
                     target,
                     sync,
@@ -168,7 +169,7 @@ impl Control {
                     ready_threshold,
                 };
                 let job = self.jobs.start("mirror", &disk, to_json(&params), speed, move |handle| {
-                    mirror::run(handle, export, params)
+                    mirror::run(handle, export, params, tls)
                 })?;
                 Ok(to_json(job.record()))
             }

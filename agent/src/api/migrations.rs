@@ -37,6 +37,8 @@ pub struct MigrationEnv {
     pub reload: mpsc::Sender<ReloadRequest>,
     /// NBD addresses this agent serves on.
     pub nbd: ArcSwap<Vec<String>>,
+    /// Whether the source should connect with TLS (`nbds://`).
+    pub nbd_tls: bool,
     /// Migrations by id (with their tokens), persisted in `dir`.
     pub records: Mutex<BTreeMap<String, Value>>,
     /// `STATE_DIR/migrations`.
@@ -200,7 +202,7 @@ impl Control {
             .collect();
         let record = serde_json::json!({
             "id": id, "vm": req.vm, "state": "prepared", "created_at": unix_now(), "token": token,
-            "disks": exports, "nbd": env.nbd.load().as_ref().clone(), "stream_jobs": [],
+            "disks": exports, "nbd": env.nbd.load().as_ref().clone(), "nbd_tls": env.nbd_tls, "stream_jobs": [],
         });
         env.save(&record);
         tracing::info!(migration = %id, vm = %req.vm, "incoming migration prepared");

@@ -57,8 +57,9 @@ fn say(json_out: bool, msg: &str) {
 }
 
 /// Picks an NBD address of the destination reachable from here.
-fn nbd_uri(addrs: &Value, dest: &Endpoint, export: &str) -> Result<String, ClientError> {
-    let addrs: Vec<&str> = addrs.as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+fn nbd_uri(prep: &Value, dest: &Endpoint, export: &str) -> Result<String, ClientError> {
+    let s = if prep["nbd_tls"] == true { "s" } else { "" };
+    let addrs: Vec<&str> = prep["nbd"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
     if let Some(tcp) = addrs.iter().find(|a| !a.starts_with("unix:")) {
         let host = match (tcp.rsplit_once(':'), dest) {
             (Some((ip, port)), Endpoint::Http(h)) if ip == "0.0.0.0" || ip == "[::]" => {
@@ -66,13 +67,13 @@ fn nbd_uri(addrs: &Value, dest: &Endpoint, export: &str) -> Result<String, Clien
             }
             _ => (*tcp).to_owned(),
         };
-        return Ok(format!("nbd://{host}/{export}"));
+        return Ok(format!("nbd{s}://{host}/{export}"));
     }
     let unix = addrs
         .iter()
         .find_map(|a| a.strip_prefix("unix:"))
         .ok_or_else(|| fail("the destination serves NBD nowhere".into()))?;
-    Ok(format!("nbd+unix:///{export}?socket={unix}"))
+    Ok(format!("nbd{s}+unix:///{export}?socket={unix}"))
 }
 
 pub async fn migrate(source: &Endpoint, json_out: bool, a: MigrateArgs) -> Result<(), ClientError> {
@@ -147,7 +148,7 @@ async fn start_mirrors(
 ) -> Result<(), ClientError> {
     for (chain, target) in plan.iter().zip(prep["disks"].as_array().into_iter().flatten()) {
         let disk = chain["disk"].as_str().unwrap_or_default().to_owned();
-        let uri = nbd_uri(&prep["nbd"], dest, target["export"].as_str().unwrap_or_default())?;
+        let uri = nbd_uri(prep, dest, target["export"].as_str().unwrap_or_default())?;
         let body = json!({
             "kind": "mirror", "disk": disk, "target": uri, "sync": "incremental", "bitmap": chain["bitmap"],
             "ready_threshold": a.ready_threshold, "speed": a.speed,
@@ -221,7 +222,7 @@ async fn cut_over(
 async fn verify(source: &Endpoint, json_out: bool, prep: &Value, dest: &Endpoint) -> Result<(), ClientError> {
     for d in prep["disks"].as_array().into_iter().flatten() {
         let disk = d["disk"].as_str().unwrap_or_default();
-        let uri = nbd_uri(&prep["nbd"], dest, d["export"].as_str().unwrap_or_default())?;
+        let uri = nbd_uri(prep, dest, d["export"].as_str().unwrap_or_default())?;
         say(json_out, &format!("verifying {disk}"));
         let j = call(source, "POST", "/v1/jobs", Some(json!({"kind": "verify", "disk": disk, "against": uri}))).await?;
         let id = j["id"].as_str().unwrap_or_default().to_owned();

@@ -97,6 +97,8 @@ pub struct BackupEnv {
     pub scratch_dir: PathBuf,
     /// This agent's node name.
     pub node: String,
+    /// TLS for outgoing NBD connections (`nbds://` mirror targets).
+    pub tls: Arc<crate::nbd::tls::Tls>,
 }
 
 /// A set of backups that commit together.

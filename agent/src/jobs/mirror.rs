@@ -158,10 +158,18 @@ fn err(context: &str) -> impl FnOnce(&dyn std::fmt::Display) -> JobError + '_ {
 }
 
 /// Runs the mirror until completed, cancelled or failed.
-pub async fn run(job: JobHandle, export: Arc<Export>, params: MirrorParams) -> Result<Value, JobError> {
+pub async fn run(
+    job: JobHandle,
+    export: Arc<Export>,
+    params: MirrorParams,
+    tls: Option<Arc<rustls::ClientConfig>>,
+) -> Result<Value, JobError> {
     let uri: NbdUri = params.target.parse().map_err(JobError::Failed)?;
-    let client =
-        Arc::new(NbdClient::connect(&uri).await.map_err(|e| JobError::from_err("Cannot reach the mirror target", &e))?);
+    let client = Arc::new(
+        NbdClient::connect(&uri, tls.as_ref())
+            .await
+            .map_err(|e| JobError::from_err("Cannot reach the mirror target", &e))?,
+    );
     if client.size() != export.size() {
         return Err(JobError::Failed(format!("Mirror target has {} bytes, disk has {}", client.size(), export.size())));
     }

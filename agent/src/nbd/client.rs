@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
-use proto::client::{ClientHandshake, ClientNegotiated, ReplyDecoder, ReplyEvent};
+use proto::client::{ClientHandshake, ClientNegotiated, ClientStep, ReplyDecoder, ReplyEvent};
 use proto::consts::cmd_flags;
 use proto::{Command, Request};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -23,6 +23,8 @@ const IN_FLIGHT: usize = 64;
 /// Where an NBD export is: `nbd://HOST:PORT/EXPORT` or `nbd+unix:///EXPORT?socket=PATH`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NbdUri {
+    /// `nbds://` / `nbds+unix://`: STARTTLS is required.
+    pub tls: bool,
     /// TCP `host:port`, or None for a Unix socket.
     pub tcp: Option<String>,
     /// Unix socket path.
@@ -35,25 +37,30 @@ impl std::str::FromStr for NbdUri {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        if let Some(rest) = s.strip_prefix("nbd+unix:///") {
+        let (tls, rest) = match s.strip_prefix("nbds") {
+            Some(r) => (true, format!("nbd{r}")),
+            None => (false, s.to_owned()),
+        };
+        if let Some(rest) = rest.strip_prefix("nbd+unix:///") {
             let (export, query) =
                 rest.split_once("?socket=").ok_or_else(|| format!("{s}: nbd+unix needs ?socket=PATH"))?;
-            return Ok(Self { tcp: None, socket: Some(PathBuf::from(query)), export: export.to_owned() });
+            return Ok(Self { tls, tcp: None, socket: Some(PathBuf::from(query)), export: export.to_owned() });
         }
-        let rest = s
+        let rest = rest
             .strip_prefix("nbd://")
-            .ok_or_else(|| format!("{s}: expected nbd://HOST:PORT/EXPORT or nbd+unix:///EXPORT?socket=PATH"))?;
+            .ok_or_else(|| format!("{s}: expected nbd[s]://HOST:PORT/EXPORT or nbd[s]+unix:///EXPORT?socket=PATH"))?;
         let (host, export) = rest.split_once('/').ok_or_else(|| format!("{s}: no export name"))?;
         let host = if host.contains(':') { host.to_owned() } else { format!("{host}:10809") };
-        Ok(Self { tcp: Some(host), socket: None, export: export.to_owned() })
+        Ok(Self { tls, tcp: Some(host), socket: None, export: export.to_owned() })
     }
 }
 
 impl std::fmt::Display for NbdUri {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = if self.tls { "s" } else { "" };
         match (&self.tcp, &self.socket) {
-            (Some(h), _) => write!(f, "nbd://{h}/{}", self.export),
-            (None, Some(p)) => write!(f, "nbd+unix:///{}?socket={}", self.export, p.display()),
+            (Some(h), _) => write!(f, "nbd{s}://{h}/{}", self.export),
+            (None, Some(p)) => write!(f, "nbd{s}+unix:///{}?socket={}", self.export, p.display()),
             _ => write!(f, "nbd:?"),
         }
     }
@@ -84,9 +91,49 @@ pub enum NbdClientError {
     /// The connection is closed.
     #[error("NBD connection closed")]
     Closed,
+    /// An `nbds://` target but no TLS configured on this agent.
+    #[error("{0} needs TLS, but this agent has no nbd.tls section")]
+    NoTls(String),
+    /// The TLS handshake failed.
+    #[error("TLS with {0} failed")]
+    Tls(String, #[source] std::io::Error),
 }
 
 type Reply = oneshot::Sender<Result<Bytes, NbdClientError>>;
+type BoxRead = Box<dyn AsyncRead + Unpin + Send>;
+type BoxWrite = Box<dyn AsyncWrite + Unpin + Send>;
+
+fn box_split<R, W>((r, w): (R, W)) -> (BoxRead, BoxWrite)
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    (Box::new(r), Box::new(w))
+}
+
+/// Runs negotiation until it finishes or asks for TLS.
+async fn round<S: AsyncRead + AsyncWrite + Unpin>(
+    name: &str,
+    hs: &mut ClientHandshake,
+    stream: &mut S,
+    input: &mut BytesMut,
+) -> Result<ClientStep, NbdClientError> {
+    let io = |e| NbdClientError::Io(name.to_owned(), e);
+    let mut out = BytesMut::new();
+    loop {
+        let step = hs.handle(input, &mut out).map_err(|e| NbdClientError::Handshake(name.to_owned(), e))?;
+        if !out.is_empty() {
+            stream.write_all(&out).await.map_err(io)?;
+            out.clear();
+        }
+        if step != ClientStep::NeedMore {
+            return Ok(step);
+        }
+        if stream.read_buf(input).await.map_err(io)? == 0 {
+            return Err(NbdClientError::Io(name.to_owned(), std::io::ErrorKind::UnexpectedEof.into()));
+        }
+    }
+}
 
 struct Pending {
     request: Request,
@@ -109,52 +156,78 @@ pub struct NbdClient {
 }
 
 impl NbdClient {
-    /// Connects and negotiates.
-    pub async fn connect(uri: &NbdUri) -> Result<Self, NbdClientError> {
+    /// Connects and negotiates; `nbds://` URIs need `tls` (trust roots and
+    /// the client certificate to present).
+    pub async fn connect(uri: &NbdUri, tls: Option<&Arc<rustls::ClientConfig>>) -> Result<Self, NbdClientError> {
         let name = uri.to_string();
         let io = |e| NbdClientError::Io(name.clone(), e);
+        let tls = match (uri.tls, tls) {
+            (true, Some(c)) => Some(c.clone()),
+            (true, None) => return Err(NbdClientError::NoTls(name)),
+            (false, _) => None,
+        };
         match (&uri.tcp, &uri.socket) {
             (Some(addr), _) => {
                 let s = tokio::net::TcpStream::connect(addr).await.map_err(io)?;
                 s.set_nodelay(true).map_err(io)?;
-                let (r, w) = s.into_split();
-                Self::start(uri, r, w).await
+                let host = addr.rsplit_once(':').map_or(addr.as_str(), |h| h.0).trim_matches(['[', ']']).to_owned();
+                Self::negotiate(uri, s, tls, host, |s| box_split(s.into_split())).await
             }
             (None, Some(path)) => {
-                let (r, w) = tokio::net::UnixStream::connect(path).await.map_err(io)?.into_split();
-                Self::start(uri, r, w).await
+                let s = tokio::net::UnixStream::connect(path).await.map_err(io)?;
+                Self::negotiate(uri, s, tls, "localhost".to_owned(), |s| box_split(s.into_split())).await
             }
             _ => Err(NbdClientError::Closed),
         }
     }
 
-    async fn start<R, W>(uri: &NbdUri, mut r: R, mut w: W) -> Result<Self, NbdClientError>
+    async fn negotiate<S>(
+        uri: &NbdUri,
+        mut stream: S,
+        tls: Option<Arc<rustls::ClientConfig>>,
+        host: String,
+        split: fn(S) -> (BoxRead, BoxWrite),
+    ) -> Result<Self, NbdClientError>
     where
-        R: AsyncRead + Unpin + Send + 'static,
-        W: AsyncWrite + Unpin + Send + 'static,
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let name = uri.to_string();
-        let io = |e| NbdClientError::Io(name.clone(), e);
-        let mut hs = ClientHandshake::new(&uri.export, true);
-        let (mut input, mut out) = (BytesMut::with_capacity(4096), BytesMut::new());
-        let info = loop {
-            let done = hs.handle(&mut input, &mut out).map_err(|e| NbdClientError::Handshake(name.clone(), e))?;
-            if !out.is_empty() {
-                w.write_all(&out).await.map_err(io)?;
-                out.clear();
+        let mut hs = ClientHandshake::new(&uri.export, true, tls.is_some());
+        let mut input = BytesMut::with_capacity(4096);
+        match round(&name, &mut hs, &mut stream, &mut input).await? {
+            ClientStep::Done(info) => {
+                let (r, w) = split(stream);
+                Ok(Self::start(uri, r, w, input, info))
             }
-            if let Some(info) = done {
-                break info;
+            ClientStep::StartTls => {
+                let config = tls.ok_or(NbdClientError::NoTls(name.clone()))?;
+                let server = rustls_pki_types::ServerName::try_from(host)
+                    .map_err(|e| NbdClientError::Tls(name.clone(), std::io::Error::other(e)))?;
+                let mut tls = tokio_rustls::TlsConnector::from(config)
+                    .connect(server, stream)
+                    .await
+                    .map_err(|e| NbdClientError::Tls(name.clone(), e))?;
+                let mut out = BytesMut::new();
+                hs.tls_started(&mut out).map_err(|e| NbdClientError::Handshake(name.clone(), e))?;
+                tls.write_all(&out).await.map_err(|e| NbdClientError::Io(name.clone(), e))?;
+                match round(&name, &mut hs, &mut tls, &mut input).await? {
+                    ClientStep::Done(info) => {
+                        let (r, w) = tokio::io::split(tls);
+                        Ok(Self::start(uri, Box::new(r), Box::new(w), input, info))
+                    }
+                    _ => Err(NbdClientError::Closed),
+                }
             }
-            if r.read_buf(&mut input).await.map_err(io)? == 0 {
-                return Err(NbdClientError::Io(name.clone(), std::io::ErrorKind::UnexpectedEof.into()));
-            }
-        };
+            ClientStep::NeedMore => Err(NbdClientError::Closed),
+        }
+    }
+
+    fn start(uri: &NbdUri, r: BoxRead, w: BoxWrite, input: BytesMut, info: ClientNegotiated) -> Self {
         let inflight = Arc::new(Mutex::new(InFlight::default()));
         let (tx, rx) = mpsc::channel(IN_FLIGHT);
         tokio::spawn(send_loop(w, rx, inflight.clone()));
         tokio::spawn(receive_loop(r, input, inflight));
-        Ok(Self { tx, info, slots: Arc::new(Semaphore::new(IN_FLIGHT)), uri: uri.clone() })
+        Self { tx, info, slots: Arc::new(Semaphore::new(IN_FLIGHT)), uri: uri.clone() }
     }
 
     /// Export size.

@@ -39,6 +39,7 @@ pub struct Tls {
     policy: proto::TlsPolicy,
     config: Option<TlsConfig>,
     server: ArcSwap<Option<Arc<ServerConfig>>>,
+    client: ArcSwap<Option<Arc<rustls::ClientConfig>>>,
 }
 
 impl Tls {
@@ -49,11 +50,16 @@ impl Tls {
             Some(TlsMode::Optional) => proto::TlsPolicy::Optional,
             Some(TlsMode::Required) => proto::TlsPolicy::Required,
         };
-        let server = match config.filter(|c| c.mode != TlsMode::Off) {
-            Some(c) => Some(Arc::new(server_config(c)?)),
-            None => None,
+        let (server, client) = match config.filter(|c| c.mode != TlsMode::Off) {
+            Some(c) => (Some(Arc::new(server_config(c)?)), client_config(c)?.map(Arc::new)),
+            None => (None, None),
         };
-        Ok(Self { policy, config: config.cloned(), server: ArcSwap::from_pointee(server) })
+        Ok(Self {
+            policy,
+            config: config.cloned(),
+            server: ArcSwap::from_pointee(server),
+            client: ArcSwap::from_pointee(client),
+        })
     }
 
     /// The negotiation policy.
@@ -66,10 +72,19 @@ impl Tls {
         self.server.load().as_ref().as_ref().map(|c| TlsAcceptor::from(c.clone()))
     }
 
+    /// The client configuration for outgoing `nbds://` mirrors: trusts
+    /// `client_ca` (the agents' shared CA) and presents this agent's own
+    /// certificate. None without `client_ca`.
+    pub fn client(&self) -> Option<Arc<rustls::ClientConfig>> {
+        self.client.load().as_ref().clone()
+    }
+
     /// Re-reads certificate, key and CA (SIGHUP); keeps the old ones on error.
     pub fn reload(&self) -> Result<(), TlsError> {
         if let Some(c) = self.config.as_ref().filter(|c| c.mode != TlsMode::Off) {
-            self.server.store(Arc::new(Some(Arc::new(server_config(c)?))));
+            let (server, client) = (server_config(c)?, client_config(c)?);
+            self.server.store(Arc::new(Some(Arc::new(server))));
+            self.client.store(Arc::new(client.map(Arc::new)));
             tracing::info!("NBD TLS certificates reloaded");
         }
         Ok(())
@@ -89,6 +104,23 @@ fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
         return Err(TlsError::Pem { path: path.display().to_string(), message: "no certificate in the file".into() });
     }
     Ok(certs)
+}
+
+/// Builds the client configuration used for outgoing mirrors.
+pub fn client_config(c: &TlsConfig) -> Result<Option<rustls::ClientConfig>, TlsError> {
+    let Some(ca) = &c.client_ca else { return Ok(None) };
+    let mut roots = RootCertStore::empty();
+    for cert in certs(ca)? {
+        roots.add(cert).map_err(|e| TlsError::Config(format!("{}: {e}", ca.display())))?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(certs(&c.cert)?, PrivateKeyDer::from_pem_file(&c.key).map_err(pem_err(&c.key))?)
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    Ok(Some(config))
 }
 
 /// Builds a rustls server configuration from the config section.
