@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PACKAGES=(qemu-utils libnbd-bin python3-libnbd nbdkit fio jq curl openssl
-          clang libclang-dev librbd-dev librados-dev ceph-mon ceph-osd ceph-common prometheus)
+          clang libclang-dev librbd-dev librados-dev ceph-mon ceph-osd ceph-common prometheus systemd)
 
 install_packages() {
     local missing=()

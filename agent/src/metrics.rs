@@ -154,7 +154,7 @@ impl Metrics {
         r.register("bitmap_granularity_bytes", "Bytes per bitmap bit", m.bitmap_granularity.clone());
         r.register("bitmap_consistent", "1 if the bitmap can be trusted", m.bitmap_consistent.clone());
         r.register("job_bytes_done", "Bytes processed by a running job", m.job_done.clone());
-        r.register("job_bytes_total", "Bytes a running job has to process", m.job_total.clone());
+        r.register("job_bytes_to_process", "Bytes a running job has to process", m.job_total.clone());
         r.register("job_rate_bytes_per_second", "Current rate of a running job", m.job_rate.clone());
         r.register("job_state", "1 for the state a running job is in", m.job_state.clone());
         r.register(
@@ -231,6 +231,10 @@ impl Metrics {
         }
         self.job_state.clear();
         self.jobs_concluded.clear();
+        for f in [&self.backup_last, &self.backup_bytes, &self.backup_chain, &self.mirror_sent] {
+            f.clear();
+        }
+        self.downtime.clear();
         for r in jobs.list(true) {
             if r.state != JobState::Concluded {
                 let l = JobLabel { job: r.id.clone(), kind: r.kind.clone(), disk: r.disk.clone() };

@@ -5,7 +5,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::RawQuery;
+use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -49,6 +51,7 @@ pub fn router(control: Arc<Control>) -> Router {
         .route("/v1/migrations/{id}", get(|s: Ctl, Path(id): Path<String>| run(s, Command::Migration(id))))
         .route("/v1/migrations/{id}/{action}", post(migration_action))
         .fallback(|| async { error(ApiError::NoRoute) })
+        .method_not_allowed_fallback(|| async { error(ApiError::MethodNotAllowed) })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(control)
 }
@@ -57,8 +60,8 @@ async fn list_bitmaps(s: Ctl, Path((vm, disk)): Path<(String, String)>) -> Respo
     run(s, Command::BitmapList(format!("{vm}/{disk}"))).await
 }
 
-async fn add_bitmap(s: Ctl, Path((vm, disk)): Path<(String, String)>, body: Bytes) -> Response {
-    match parse::<BitmapAdd>(&body) {
+async fn add_bitmap(s: Ctl, Path((vm, disk)): Path<(String, String)>, body: Result<Bytes, BytesRejection>) -> Response {
+    match body_of(body).and_then(|b| parse::<BitmapAdd>(&b)) {
         Ok(add) => created(run(s, Command::BitmapAdd(format!("{vm}/{disk}"), add)).await),
         Err(e) => error(e),
     }
@@ -75,8 +78,12 @@ async fn remove_bitmap(s: Ctl, Path((vm, disk, name)): Path<(String, String, Str
 async fn bitmap_action(
     s: Ctl,
     Path((vm, disk, name, action)): Path<(String, String, String, String)>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    let body = match body_of(body) {
+        Ok(b) => b,
+        Err(e) => return error(e),
+    };
     let disk = format!("{vm}/{disk}");
     let command = match action.as_str() {
         "clear" => Command::BitmapClear(disk, name),
@@ -91,18 +98,38 @@ async fn bitmap_action(
     run(s, command).await
 }
 
-#[derive(Debug, serde::Deserialize)]
-struct ListQuery {
-    #[serde(default)]
-    all: bool,
+/// `name=value` pairs of a query string (no percent-decoding: values here are names and flags).
+fn query_params(q: &Option<String>) -> Vec<(String, String)> {
+    q.as_deref()
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| p.split_once('=').map_or((p.to_owned(), String::new()), |(k, v)| (k.to_owned(), v.to_owned())))
+        .collect()
 }
 
-async fn list_jobs(s: Ctl, Query(q): Query<ListQuery>) -> Response {
-    run(s, Command::Jobs(q.all)).await
+async fn list_jobs(s: Ctl, RawQuery(q): RawQuery) -> Response {
+    let mut all = false;
+    for (k, v) in query_params(&q) {
+        match (k.as_str(), v.as_str()) {
+            ("all", "true" | "1" | "") => all = true,
+            ("all", "false" | "0") => all = false,
+            _ => return error(ApiError::BadRequest(format!("Bad query parameter {k}={v} (expected all=true|false)"))),
+        }
+    }
+    run(s, Command::Jobs(all)).await
 }
 
-async fn start_job(s: Ctl, body: Bytes) -> Response {
-    match parse::<StartJob>(&body) {
+/// The request body, or the error for one that could not be read (too large).
+fn body_of(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|e| match e.status().as_u16() {
+        413 => ApiError::TooLarge(BODY_LIMIT),
+        _ => ApiError::BadRequest(format!("Cannot read the request body: {e}")),
+    })
+}
+
+async fn start_job(s: Ctl, body: Result<Bytes, BytesRejection>) -> Response {
+    match body_of(body).and_then(|b| parse::<StartJob>(&b)) {
         Ok(start) => created(run(s, Command::StartJob(start)).await),
         Err(e) => error(e),
     }
@@ -120,7 +147,15 @@ struct CopyModeBody {
     copy_mode: crate::jobs::mirror::CopyMode,
 }
 
-async fn job_action(s: Ctl, Path((id, action)): Path<(String, String)>, body: Bytes) -> Response {
+async fn job_action(
+    s: Ctl,
+    Path((id, action)): Path<(String, String)>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let body = match body_of(body) {
+        Ok(b) => b,
+        Err(e) => return error(e),
+    };
     let action = match action.as_str() {
         "pause" => JobAction::Pause,
         "resume" => JobAction::Resume,
@@ -139,23 +174,33 @@ async fn job_action(s: Ctl, Path((id, action)): Path<(String, String)>, body: By
     run(s, Command::JobAction(id, action)).await
 }
 
-#[derive(Debug, serde::Deserialize)]
-struct ChainQuery {
-    bitmap: Option<String>,
+async fn chain(s: Ctl, Path((vm, disk)): Path<(String, String)>, RawQuery(q): RawQuery) -> Response {
+    let mut bitmap = None;
+    for (k, v) in query_params(&q) {
+        match k.as_str() {
+            "bitmap" if !v.is_empty() => bitmap = Some(v),
+            _ => return error(ApiError::BadRequest(format!("Bad query parameter {k}={v} (expected bitmap=NAME)"))),
+        }
+    }
+    run(s, Command::Chain(format!("{vm}/{disk}"), bitmap)).await
 }
 
-async fn chain(s: Ctl, Path((vm, disk)): Path<(String, String)>, Query(q): Query<ChainQuery>) -> Response {
-    run(s, Command::Chain(format!("{vm}/{disk}"), q.bitmap)).await
-}
-
-async fn prepare_migration(s: Ctl, body: Bytes) -> Response {
-    match parse::<super::Prepare>(&body) {
+async fn prepare_migration(s: Ctl, body: Result<Bytes, BytesRejection>) -> Response {
+    match body_of(body).and_then(|b| parse::<super::Prepare>(&b)) {
         Ok(p) => created(run(s, Command::PrepareMigration(p)).await),
         Err(e) => error(e),
     }
 }
 
-async fn migration_action(s: Ctl, Path((id, action)): Path<(String, String)>, body: Bytes) -> Response {
+async fn migration_action(
+    s: Ctl,
+    Path((id, action)): Path<(String, String)>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let body = match body_of(body) {
+        Ok(b) => b,
+        Err(e) => return error(e),
+    };
     let command = match action.as_str() {
         "complete" => {
             match if body.is_empty() { Ok(super::Complete::default()) } else { parse::<super::Complete>(&body) } {

@@ -126,6 +126,12 @@ pub enum ApiError {
     /// No such route.
     #[error("No such resource")]
     NoRoute,
+    /// The route exists but not with this method.
+    #[error("Method not allowed on this resource")]
+    MethodNotAllowed,
+    /// The request body is over the limit.
+    #[error("Request body larger than {0} bytes")]
+    TooLarge(usize),
     /// No such resource (named).
     #[error("{0}")]
     NotFound(String),
@@ -150,6 +156,8 @@ impl ApiError {
             Self::BadRequest(_) => (400, "bad_request"),
             Self::DiskNotFound(_) => (404, "disk_not_found"),
             Self::NoRoute | Self::NotFound(_) => (404, "not_found"),
+            Self::MethodNotAllowed => (405, "method_not_allowed"),
+            Self::TooLarge(_) => (413, "body_too_large"),
             Self::Conflict(_) => (409, "conflict"),
             Self::Bitmap(e) => match e {
                 BitmapError::NotFound { .. } => (404, e.code()),

@@ -383,7 +383,11 @@ async fn join_one(
     }
 }
 
-/// Copies one chunk of the frozen view; zero chunks become holes. Returns bytes written.
+/// Zero detection unit inside a chunk: runs of all-zero units are not
+/// written (a fresh target keeps its holes) or are zeroed cheaply.
+const ZERO_UNIT: usize = 64 << 10;
+
+/// Copies one chunk of the frozen view; returns the data bytes written.
 fn copy_chunk(
     pit: &PointInTime,
     target: &dyn BlockStore,
@@ -393,15 +397,23 @@ fn copy_chunk(
 ) -> Result<u64, StoreError> {
     let mut buf = vec![0u8; usize::try_from(length).unwrap_or(0)];
     pit.read(&mut buf, offset)?;
-    let written = if buf.iter().all(|&b| b == 0) {
-        if !fresh {
-            target.write_zeroes(offset, length, true)?;
+    let mut written = 0;
+    let mut at = 0;
+    while at < buf.len() {
+        let zero = buf[at..(at + ZERO_UNIT).min(buf.len())].iter().all(|&b| b == 0);
+        let mut end = (at + ZERO_UNIT).min(buf.len());
+        while end < buf.len() && buf[end..(end + ZERO_UNIT).min(buf.len())].iter().all(|&b| b == 0) == zero {
+            end = (end + ZERO_UNIT).min(buf.len());
         }
-        0
-    } else {
-        target.write_at(&buf, offset)?;
-        length
-    };
+        let pos = offset + at as u64;
+        if !zero {
+            target.write_at(&buf[at..end], pos)?;
+            written += (end - at) as u64;
+        } else if !fresh {
+            target.write_zeroes(pos, (end - at) as u64, true)?;
+        }
+        at = end;
+    }
     pit.release(offset, length);
     Ok(written)
 }
