@@ -11,7 +11,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use proto::{Command, Decoded, ExportCatalog, ExportInfo, HandshakeConfig, Negotiated, Request, RequestDecoder, Step};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::session::Session;
@@ -151,7 +151,19 @@ where
     let session = Arc::new(Session::new(export, &negotiated, ctx.handshake.block_sizes, metrics));
     let (tx, rx) = mpsc::unbounded_channel();
     let writer = tokio::spawn(write_replies(writer, rx));
-    let mut pipe = Pipeline { session: session.clone(), tx, budget: Arc::new(Semaphore::new(BUDGET_UNITS as usize)) };
+    let stop = CancellationToken::new();
+    let budget = Arc::new(Semaphore::new(BUDGET_UNITS as usize));
+    let mut pipe = Pipeline { session: session.clone(), tx, budget, stop: stop.clone() };
+    let watch = {
+        let (stop, shutdown, detached) = (stop.clone(), shutdown.clone(), session.export().detached().clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                () = shutdown.cancelled() => stop.cancel(),
+                () = detached.cancelled() => stop.cancel(),
+                () = stop.cancelled() => {}
+            }
+        })
+    };
     let mut decoder = RequestDecoder::new(ctx.handshake.block_sizes.maximum);
     let detached = session.export().detached().clone();
     let result = loop {
@@ -178,7 +190,12 @@ where
         let _ = tokio::task::spawn_blocking(move || store.flush()).await;
     }
     drop(pipe);
-    let _ = writer.await;
+    stop.cancel();
+    let _ = watch.await;
+    let aborter = writer.abort_handle();
+    if tokio::time::timeout(DRAIN_LIMIT, writer).await.is_err() {
+        aborter.abort();
+    }
     result
 }
 
@@ -190,7 +207,7 @@ async fn pump(decoder: &mut RequestDecoder, buf: &mut BytesMut, pipe: &mut Pipel
             Ok(Decoded::Request(req, payload)) => pipe.dispatch(req, payload).await,
             Ok(Decoded::Oversized(req)) => {
                 let reply = pipe.session.error_reply(&req, proto::consts::errno::EOVERFLOW, "write too large");
-                let _ = pipe.tx.send(reply);
+                pipe.send_small(reply).await;
             }
             Err(proto::DecodeError::Incomplete) => return Ok(true),
             Err(e) => return Err(ConnError::Protocol(e)),
@@ -198,10 +215,16 @@ async fn pump(decoder: &mut RequestDecoder, buf: &mut BytesMut, pipe: &mut Pipel
     }
 }
 
+/// A reply with the budget it holds until it has been written to the socket,
+/// so a client that stops reading stops the server from reading more.
+type Outgoing = (Vec<u8>, Option<OwnedSemaphorePermit>);
+
 struct Pipeline {
     session: Arc<Session>,
-    tx: mpsc::UnboundedSender<Vec<u8>>,
+    tx: mpsc::UnboundedSender<Outgoing>,
     budget: Arc<Semaphore>,
+    /// Cancelled on shutdown or export removal: a reader waiting for budget stops waiting.
+    stop: CancellationToken,
 }
 
 impl Pipeline {
@@ -209,7 +232,7 @@ impl Pipeline {
         if let Err(rejection) = self.session.validate(&req) {
             self.session.rejected(&req);
             let reply = self.session.error_reply(&req, rejection.errno, rejection.message);
-            let _ = self.tx.send(reply);
+            self.send_small(reply).await;
             return;
         }
         let units = match req.command {
@@ -217,36 +240,56 @@ impl Pipeline {
             _ => 1,
         };
         let units = u32::try_from(units).unwrap_or(BUDGET_UNITS).min(BUDGET_UNITS);
+        let permit = tokio::select! {
+            p = self.budget.clone().acquire_many_owned(units) => p,
+            () = self.stop.cancelled() => return,
+        };
+        let Ok(permit) = permit else { return };
         if self.session.inline(&req) {
-            let _ = self.tx.send(self.session.execute(&req, &payload));
+            let _ = self.tx.send((self.session.execute(&req, &payload), Some(permit)));
             return;
         }
-        let Ok(permit) = self.budget.clone().acquire_many_owned(units).await else { return };
         let (session, tx) = (self.session.clone(), self.tx.clone());
         tokio::task::spawn_blocking(move || {
             let reply = session.execute(&req, &payload);
-            let _ = tx.send(reply);
-            drop(permit);
+            let _ = tx.send((reply, Some(permit)));
         });
     }
 
-    /// Waits until every dispatched request has replied.
+    /// Queues an error reply, charged one budget unit like any request.
+    async fn send_small(&self, reply: Vec<u8>) {
+        let permit = tokio::select! {
+            p = self.budget.clone().acquire_owned() => p.ok(),
+            () = self.stop.cancelled() => return,
+        };
+        let _ = self.tx.send((reply, permit));
+    }
+
+    /// Waits until every reply was written (bounded: a client that stopped
+    /// reading does not hold a shutdown forever).
     async fn drain(&self) {
-        let _ = self.budget.acquire_many(BUDGET_UNITS).await;
+        let _ = tokio::time::timeout(DRAIN_LIMIT, self.budget.acquire_many(BUDGET_UNITS)).await;
     }
 }
 
+/// Longest a closing connection waits for its replies to be written.
+const DRAIN_LIMIT: Duration = Duration::from_secs(30);
+
 async fn write_replies<W: AsyncWrite + Unpin>(
     writer: W,
-    mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
 ) -> std::io::Result<()> {
     let mut out = BufWriter::with_capacity(64 << 10, writer);
-    while let Some(reply) = rx.recv().await {
+    let mut written = Vec::new();
+    while let Some((reply, permit)) = rx.recv().await {
         out.write_all(&reply).await?;
-        while let Ok(reply) = rx.try_recv() {
+        written.push(permit);
+        while let Ok((reply, permit)) = rx.try_recv() {
             out.write_all(&reply).await?;
+            written.push(permit);
         }
         out.flush().await?;
+        written.clear();
     }
     out.shutdown().await
 }

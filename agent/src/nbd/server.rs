@@ -95,9 +95,11 @@ impl NbdServer {
     /// Accepts until `shutdown`, then waits for every connection to drain.
     pub async fn run(self, shutdown: CancellationToken) {
         let tracker = TaskTracker::new();
-        let limit = Arc::new(Semaphore::new(self.max_connections));
         for listener in self.listeners {
-            let acceptor = Acceptor { ctx: self.ctx.clone(), limit: limit.clone(), tracker: tracker.clone() };
+            // Each listener has its own pool, so remote clients can never
+            // lock the local (Unix socket) clients out.
+            let limit = Arc::new(Semaphore::new(self.max_connections));
+            let acceptor = Acceptor { ctx: self.ctx.clone(), limit, tracker: tracker.clone() };
             tracker.spawn(acceptor.run(listener, shutdown.clone()));
         }
         tracker.close();
@@ -196,8 +198,8 @@ impl Accepted {
 
     async fn serve(self, ctx: &ConnContext, shutdown: CancellationToken) -> Result<(), ConnError> {
         match self {
-            Accepted::Tcp(stream, _) => serve_conn(stream, ctx, shutdown, |s| box_split(s.into_split())).await,
-            Accepted::Unix(stream) => serve_conn(stream, ctx, shutdown, |s| box_split(s.into_split())).await,
+            Accepted::Tcp(stream, _) => serve_conn(stream, ctx, false, shutdown, |s| box_split(s.into_split())).await,
+            Accepted::Unix(stream) => serve_conn(stream, ctx, true, shutdown, |s| box_split(s.into_split())).await,
         }
     }
 }
@@ -217,11 +219,13 @@ fn in_time<T>(r: Result<T, tokio::time::error::Elapsed>) -> Result<T, ConnError>
     r.map_err(|_| ConnError::HandshakeTimeout)
 }
 
-/// Negotiates (upgrading to TLS on STARTTLS), then transmits. The whole
+/// Negotiates (upgrading to TLS on STARTTLS), then transmits; `local` for
+/// Unix sockets, where `tls: required` relaxes to optional. The whole
 /// negotiation, TLS handshake included, must finish within the timeout.
 async fn serve_conn<S>(
     mut stream: S,
     ctx: &ConnContext,
+    local: bool,
     shutdown: CancellationToken,
     split: fn(S) -> (BoxRead, BoxWrite),
 ) -> Result<(), ConnError>
@@ -229,7 +233,13 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let deadline = tokio::time::Instant::now() + ctx.handshake_timeout;
-    let mut hs = proto::ServerHandshake::new(ctx.handshake);
+    let mut config = ctx.handshake;
+    if local && config.tls == proto::TlsPolicy::Required {
+        // A Unix socket is protected by file permissions; local clients
+        // (the VM's QEMU) may skip TLS there.
+        config.tls = proto::TlsPolicy::Optional;
+    }
+    let mut hs = proto::ServerHandshake::new(config);
     let mut buf = BytesMut::with_capacity(64 << 10);
     let first =
         in_time(tokio::time::timeout_at(deadline, negotiate(&mut stream, &mut hs, ctx, &mut buf, true)).await)??;
