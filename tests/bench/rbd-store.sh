@@ -1,0 +1,529 @@
+#!/usr/bin/env bash
+# RBD store benchmark: rbdsync's rbd: image path against `rbd bench`, on a throw-away Ceph cluster
+# (deploy/dev/ceph-cluster.sh: one mon + one memstore OSD on 127.0.0.1), all in the same run.
+#
+# Sides (each round runs every side once, order rotated per round; each side gets a fresh
+# $IMAGE_SIZE image, created with `rbd create` and removed afterwards):
+#   rbd-bench  `rbd bench` (librbd aio from one thread, --io-threads 16 in flight): the reference
+#   nbd        the agent serving the image (`image: rbd:rbd/IMG`) over its NBD Unix socket, driven
+#              by fio's nbd engine at iodepth 16: the product path (NBD server + store)
+#   store      agent/examples/rbd_bench.rs: 16 threads calling the agent's RbdStore (through
+#              agent::store::Stores) directly, as the NBD server's blocking pool does: the store
+#              alone, to tell store cost from server cost
+# Workloads per side, in this order (the first fills the image, so reads read data):
+#   4M sequential write, 4M sequential read   ($TOTAL_4M each, reported in MiB/s)
+#   4K random write, 4K random read            ($TOTAL_4K each, reported in IOPS)
+# The table holds medians over the rounds and the ratios nbd/rbd-bench and store/rbd-bench; the
+# goal is >= 0.9x on every row. It is printed and written to tests/bench/results/rbd-store.md.
+#
+# Usage: tests/bench/rbd-store.sh
+# Environment:
+#   ROUNDS=5           rounds
+#   IMAGE_SIZE=256MiB  image size (memstore keeps data in RAM: keep it small)
+#   TOTAL_4M=1GiB      bytes moved per 4M run (wraps over the image)
+#   TOTAL_4K=128MiB    bytes moved per 4K run
+#   QD=16              requests in flight (rbd bench --io-threads, fio --iodepth, example threads)
+#   SIDES="rbd-bench nbd store"   which sides (ratios need rbd-bench)
+#   CEPH_CONF=...      use this running cluster (pool rbd, client.admin) instead of starting one
+#   CEPH_MEMSTORE_BYTES  passed to ceph-cluster.sh (its default: 8 GiB, a cap, not an allocation)
+#   RBDSYNC=...        agent binary (default target/release/rbdsync, built if missing)
+#   RBD_BENCH=...      example binary (default target/release/examples/rbd_bench, built if missing)
+#   KEEP=1             keep the work directory (logs, configs, outputs; cluster logs too)
+# Needs: ceph (mon, osd, rbd CLI), fio with the nbd engine, python3.
+# Default run: ~1 min of cluster + build checks, 5 rounds x 3 sides x ~10 s = about 3-4 minutes.
+set -euo pipefail
+
+ROUNDS=${ROUNDS:-5}
+IMAGE_SIZE=${IMAGE_SIZE:-256MiB}
+TOTAL_4M=${TOTAL_4M:-1GiB}
+TOTAL_4K=${TOTAL_4K:-128MiB}
+QD=${QD:-16}
+SIDES=${SIDES:-"rbd-bench nbd store"}
+KEEP=${KEEP:-0}
+POOL=rbd
+EXPORT=bench/disk0
+WORKLOADS=(write4m read4m write4k read4k)
+
+SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO_DIR=$(cd "$SCRIPT_DIR/../.." && pwd)
+RESULTS_DIR="$SCRIPT_DIR/results"
+RBDSYNC=${RBDSYNC:-$REPO_DIR/target/release/rbdsync}
+RBD_BENCH=${RBD_BENCH:-$REPO_DIR/target/release/examples/rbd_bench}
+CLUSTER_SH="$REPO_DIR/deploy/dev/ceph-cluster.sh"
+
+WORK=""
+CEPH_DIR=""      # set when this script started the cluster (and must stop it)
+CONF=${CEPH_CONF:-}
+AGENT_BIN=""     # copies: neither name holds "rbdsync" (another test's pkill -f must miss them)
+STORE_BIN=""
+AGENT_PID=""
+IMAGE=""         # the image that exists right now (removed on exit)
+ORIG_CMDLINE="$0${*:+ $*}"
+
+die() {
+    if [[ -z $WORK || (-d $WORK && ! -e $WORK/interrupted) ]]; then
+        echo "rbd-store.sh: error: $*" >&2
+    fi
+    exit 1
+}
+
+log() {
+    echo "[$(date +%H:%M:%S)] $*" >&2
+}
+
+rbd_() {
+    timeout 60 rbd -c "$CONF" "$@"
+}
+
+# --- cleanup -------------------------------------------------------------------------------
+
+stop_agent() {
+    local pid=$AGENT_PID
+    [[ -n $pid ]] || return 0
+    AGENT_PID=""
+    if kill -0 "$pid" 2>/dev/null; then
+        kill -TERM "$pid" 2>/dev/null || true
+        local i
+        for ((i = 0; i < 100; i++)); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        if kill -0 "$pid" 2>/dev/null; then
+            echo "rbd-store.sh: agent (pid $pid) ignored SIGTERM for 10 s; sending SIGKILL" >&2
+            kill -KILL "$pid" 2>/dev/null || true
+        fi
+    fi
+    wait "$pid" 2>/dev/null || true
+}
+
+remove_image() {
+    [[ -n $IMAGE ]] || return 0
+    rbd_ rm --no-progress "$POOL/$IMAGE" >/dev/null 2>&1 ||
+        echo "rbd-store.sh: could not remove image $POOL/$IMAGE" >&2
+    IMAGE=""
+}
+
+cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM
+    if [[ $rc -gt 128 && -n $WORK && -d $WORK ]]; then
+        : >"$WORK/interrupted"
+    fi
+    stop_agent
+    [[ -z $CONF ]] || remove_image
+    if [[ -n $CEPH_DIR ]]; then
+        "$CLUSTER_SH" down "$CEPH_DIR" >/dev/null 2>&1 || echo "rbd-store.sh: stopping the cluster in $CEPH_DIR failed" >&2
+    fi
+    if [[ -n $WORK && -d $WORK ]]; then
+        if [[ $KEEP == 1 || $rc -eq 1 ]]; then
+            rm -f "$WORK/agent-under-test" "$WORK/store-under-test"
+            echo "rbd-store.sh: work directory kept: $WORK" >&2
+        else
+            rm -rf "$WORK"
+        fi
+    fi
+    exit "$rc"
+}
+
+# --- checks and setup ----------------------------------------------------------------------
+
+need() {
+    command -v "$1" >/dev/null 2>&1 ||
+        die "'$1' not found; install it with: apt-get install -y ${2:-$1}"
+}
+
+# bytes VALUE NAME: prints VALUE (bytes, or with K/KiB, M/MiB, G/GiB) in bytes.
+bytes() {
+    local n mult
+    [[ $1 =~ ^([0-9]+)([KMG]?)(iB)?$ ]] || die "$2: bad size '$1' (e.g. 256MiB, 1GiB)"
+    n=${BASH_REMATCH[1]}
+    case ${BASH_REMATCH[2]} in
+        "") mult=1 ;;
+        K) mult=1024 ;;
+        M) mult=$((1024 ** 2)) ;;
+        G) mult=$((1024 ** 3)) ;;
+    esac
+    echo $((n * mult))
+}
+
+check_params() {
+    [[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "ROUNDS must be a positive integer (got '$ROUNDS')"
+    [[ $QD =~ ^[1-9][0-9]*$ ]] || die "QD must be a positive integer (got '$QD')"
+    IMAGE_B=$(bytes "$IMAGE_SIZE" IMAGE_SIZE)
+    TOTAL_4M_B=$(bytes "$TOTAL_4M" TOTAL_4M)
+    TOTAL_4K_B=$(bytes "$TOTAL_4K" TOTAL_4K)
+    ((IMAGE_B >= 64 << 20 && IMAGE_B % (4 << 20) == 0)) || die "IMAGE_SIZE must be a multiple of 4 MiB, at least 64 MiB"
+    ((TOTAL_4M_B >= 4 << 20 && TOTAL_4K_B >= 4096)) || die "TOTAL_4M / TOTAL_4K too small"
+    local s
+    for s in $SIDES; do
+        case $s in
+            rbd-bench | nbd | store) ;;
+            *) die "SIDES: unknown side '$s' (known: rbd-bench nbd store)" ;;
+        esac
+    done
+}
+
+check_tools() {
+    need rbd ceph-common
+    need fio fio
+    need python3 python3
+    need timeout coreutils
+    fio --enghelp=nbd >/dev/null 2>&1 || die "this fio has no nbd engine (fio --enghelp=nbd failed)"
+    if [[ -z $CONF ]]; then
+        need ceph-mon ceph-mon
+        need ceph-osd ceph-osd
+        [[ -x $CLUSTER_SH ]] || die "$CLUSTER_SH missing"
+    fi
+}
+
+# ensure_built PATH DEFAULT CARGO_ARGS...: builds with cargo if PATH is the default and missing.
+ensure_built() {
+    local path=$1 default=$2
+    shift 2
+    if [[ ! -x $path ]]; then
+        [[ $path == "$default" ]] || die "$path is not an executable file"
+        need cargo cargo
+        log "building: cargo build $*"
+        (cd "$REPO_DIR" && cargo build "$@") >&2
+        [[ -x $path ]] || die "cargo build did not produce $path"
+    fi
+}
+
+start_cluster() {
+    if [[ -n $CONF ]]; then
+        [[ -r $CONF ]] || die "CEPH_CONF=$CONF is not readable"
+        log "using the running cluster of $CONF"
+    else
+        CEPH_DIR="$WORK/ceph"
+        log "starting a throw-away cluster in $CEPH_DIR"
+        "$CLUSTER_SH" up "$CEPH_DIR" >"$WORK/ceph-up.log" 2>&1 ||
+            die "ceph-cluster.sh up failed: $(tail -n 20 "$WORK/ceph-up.log")"
+        CONF="$CEPH_DIR/ceph.conf"
+    fi
+    rbd_ ls "$POOL" >/dev/null || die "'rbd -c $CONF ls $POOL' failed"
+}
+
+# Prints the OSD's resident memory in MiB (or ? when the cluster is not ours).
+osd_rss() {
+    local pid
+    pid=$(cat "$CEPH_DIR/run/osd.0.pid" 2>/dev/null) || { echo "?"; return; }
+    awk '$1 == "VmRSS:" {printf "%d", $2 / 1024}' "/proc/$pid/status" 2>/dev/null || echo "?"
+}
+
+# --- the sides -----------------------------------------------------------------------------
+
+# workload_args WORKLOAD: sets IO_SIZE (bytes), TOTAL (bytes), PATTERN (seq|rand), DIR (read|write).
+workload_args() {
+    case $1 in
+        write4m) IO_SIZE=$((4 << 20)) TOTAL=$TOTAL_4M_B PATTERN=seq DIR=write ;;
+        read4m) IO_SIZE=$((4 << 20)) TOTAL=$TOTAL_4M_B PATTERN=seq DIR=read ;;
+        write4k) IO_SIZE=4096 TOTAL=$TOTAL_4K_B PATTERN=rand DIR=write ;;
+        read4k) IO_SIZE=4096 TOTAL=$TOTAL_4K_B PATTERN=rand DIR=read ;;
+    esac
+}
+
+# Each run_* prints "OPS_PER_S CPU_S FIO_CPU_S": operations per second, CPU seconds of the
+# process doing the librbd calls (rbd, the agent, the example) and, for nbd, fio's CPU seconds.
+
+# CPU seconds an `rbd bench` process spends outside its IO (start, connect, open, close), set by
+# measure_rbd_startup and subtracted from every rbd bench run: the other sides' CPU is measured
+# over their IO only.
+RBD_STARTUP_CPU=0
+
+measure_rbd_startup() {
+    local k
+    local -a runs=()
+    IMAGE="bench-$$-startup"
+    rbd_ create --size 64M "$POOL/$IMAGE" >/dev/null || die "rbd create $POOL/$IMAGE failed"
+    local TIMEFORMAT='%U %S'
+    for k in 1 2 3; do
+        { time rbd_ bench --io-type read --io-size 4096 --io-threads 1 --io-total 4096 "$POOL/$IMAGE" \
+            >"$WORK/out/startup-$k" 2>&1; } 2>"$WORK/out/startup-$k.time" || die "rbd bench (startup probe) failed"
+        runs+=("$(awk '{print $1 + $2}' "$WORK/out/startup-$k.time")")
+    done
+    remove_image
+    RBD_STARTUP_CPU=$(printf '%s\n' "${runs[@]}" | sort -g | sed -n 2p)
+    log "rbd bench start-up CPU (median of 3 one-op runs): ${RBD_STARTUP_CPU}s, subtracted from every rbd bench run"
+}
+
+run_rbd_bench() {
+    local workload=$1 out=$2
+    workload_args "$workload"
+    local TIMEFORMAT='%U %S'
+    { time timeout 300 rbd -c "$CONF" bench --io-type "$DIR" --io-size "$IO_SIZE" --io-threads "$QD" \
+        --io-total "$TOTAL" --io-pattern "$PATTERN" "$POOL/$IMAGE" >"$out" 2>&1; } 2>"$out.time" ||
+        die "rbd bench $workload failed: $(tail -n 5 "$out")"
+    python3 - "$out" "$out.time" "$RBD_STARTUP_CPU" <<'EOF'
+import re, sys
+text = open(sys.argv[1]).read()
+startup = float(sys.argv[3])
+m = re.search(r"elapsed:\s*\S+\s+ops:\s*(\d+)\s+ops/sec:\s*([0-9.]+)", text)
+if not m:
+    sys.exit(f"no summary line in {sys.argv[1]}")
+user, sys_ = map(float, open(sys.argv[2]).read().split()[-2:])
+print(f"{float(m.group(2)):.1f} {max(user + sys_ - startup, 0):.3f} 0")
+EOF
+}
+
+run_store() {
+    local workload=$1 out=$2
+    workload_args "$workload"
+    timeout 300 "$STORE_BIN" --conf "$CONF" --image "$POOL/$IMAGE" --io-type "$DIR" --io-size "$IO_SIZE" \
+        --io-threads "$QD" --io-total "$TOTAL" --io-pattern "$PATTERN" >"$out" 2>&1 ||
+        die "rbd_bench example $workload failed: $(tail -n 5 "$out")"
+    awk '$1 == "ops" {printf "%s %.3f 0\n", $6, $10 + $12}' "$out"
+}
+
+# start_agent: serves $POOL/$IMAGE as $EXPORT on $WORK/agent/nbd.sock; sets AGENT_PID, URI.
+start_agent() {
+    local dir="$WORK/agent" i
+    rm -rf "$dir"
+    mkdir -p "$dir/vms.d" "$dir/state"
+    cat >"$dir/agent.yaml" <<EOF
+state_dir: $dir/state
+vms_dir: $dir/vms.d
+nbd:
+  listen: ["unix:$dir/nbd.sock"]
+control:
+  listen: ["unix:$dir/control.sock"]
+ceph:
+  conf: $CONF
+  client: admin
+EOF
+    cat >"$dir/vms.d/bench.yaml" <<EOF
+name: bench
+disks:
+  - name: disk0
+    image: rbd:$POOL/$IMAGE
+    size: $IMAGE_B
+    bitmaps: []
+EOF
+    "$AGENT_BIN" agent --config "$dir/agent.yaml" >>"$WORK/agent.log" 2>&1 &
+    AGENT_PID=$!
+    for ((i = 0; i < 600; i++)); do
+        [[ -s $dir/state/agent.json && -S $dir/nbd.sock ]] && break
+        kill -0 "$AGENT_PID" 2>/dev/null || die "agent exited during startup: $(tail -n 5 "$WORK/agent.log")"
+        sleep 0.05
+    done
+    [[ -s $dir/state/agent.json && -S $dir/nbd.sock ]] || die "agent not serving within 30 s; see $WORK/agent.log"
+    URI="nbd+unix:///$EXPORT?socket=$dir/nbd.sock"
+}
+
+agent_ticks() {
+    local stat
+    stat=$(<"/proc/$AGENT_PID/stat") || die "agent (pid $AGENT_PID) is gone"
+    stat=${stat##*) }
+    local -a f
+    read -r -a f <<<"$stat"
+    echo $((f[11] + f[12]))
+}
+
+run_nbd() {
+    local workload=$1 out=$2 rw ticks0 ticks1
+    workload_args "$workload"
+    case $workload in
+        write4m) rw="write" ;;
+        read4m) rw="read" ;;
+        write4k) rw=randwrite ;;
+        read4k) rw=randread ;;
+    esac
+    ticks0=$(agent_ticks)
+    if ! timeout 300 fio --name="$workload" --ioengine=nbd --uri="$URI" --rw="$rw" --bs="$IO_SIZE" \
+        --iodepth="$QD" --numjobs=1 --size="$IMAGE_B" --io_size="$TOTAL" --norandommap --randrepeat=0 \
+        --output-format=json --output="$out" >"$out.stdout" 2>&1; then
+        die "fio $workload failed: $(tail -n 5 "$out.stdout"); agent log: $(tail -n 3 "$WORK/agent.log")"
+    fi
+    ticks1=$(agent_ticks)
+    python3 - "$out" "$DIR" "$((ticks1 - ticks0))" "$(getconf CLK_TCK)" <<'EOF'
+import json, sys
+path, direction, ticks, hz = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+text = open(path).read()
+job = json.loads(text[text.index("{"):])["jobs"][0]
+if job.get("error"):
+    sys.exit(f"fio reported error {job['error']} in {path}")
+d = job[direction]
+if d["io_bytes"] == 0:
+    sys.exit(f"fio moved no data in {path}")
+fio_cpu = (job["usr_cpu"] + job["sys_cpu"]) / 100 * job["job_runtime"] / 1000
+print(f"{d['iops']:.1f} {ticks / hz:.3f} {fio_cpu:.3f}")
+EOF
+}
+
+# run_side SIDE ROUND CSV: fresh image, the four workloads, image removed.
+run_side() {
+    local side=$1 round=$2 csv=$3 workload ops cpu fio_cpu load
+    IMAGE="bench-$$-r$round-$side"
+    rbd_ create --size "$((IMAGE_B >> 20))M" "$POOL/$IMAGE" >/dev/null || die "rbd create $POOL/$IMAGE failed"
+    [[ $side == nbd ]] && start_agent
+    for workload in "${WORKLOADS[@]}"; do
+        local out="$WORK/out/r$round-$side-$workload"
+        case $side in
+            rbd-bench) read -r ops cpu fio_cpu < <(run_rbd_bench "$workload" "$out") || true ;;
+            store) read -r ops cpu fio_cpu < <(run_store "$workload" "$out") || true ;;
+            nbd) read -r ops cpu fio_cpu < <(run_nbd "$workload" "$out") || true ;;
+        esac
+        [[ -n ${fio_cpu:-} ]] || die "$side $workload gave no result (see above; output in $out)"
+        load=$(cut -d' ' -f1 /proc/loadavg)
+        workload_args "$workload"
+        echo "$round,$side,$workload,$IO_SIZE,$TOTAL,$ops,$cpu,$fio_cpu,$load" >>"$csv"
+        log "round $round, $side: $workload $ops ops/s (CPU ${cpu}s, fio ${fio_cpu}s, load $load)"
+        ops="" cpu="" fio_cpu=""
+    done
+    stop_agent
+    remove_image
+}
+
+# --- report --------------------------------------------------------------------------------
+
+header() {
+    echo "# RBD store benchmark: rbdsync (NBD export, store alone) vs rbd bench"
+    echo
+    echo "- command: \`$ORIG_CMDLINE\` (ROUNDS=$ROUNDS IMAGE_SIZE=$IMAGE_SIZE TOTAL_4M=$TOTAL_4M TOTAL_4K=$TOTAL_4K QD=$QD SIDES=\"$SIDES\")"
+    echo "- date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
+    echo "- host: $(uname -srm), $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')), load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
+    echo "- rbdsync: $("$AGENT_BIN" --version 2>/dev/null | head -n1) ($RBDSYNC, $(date -r "$RBDSYNC" -u '+built %Y-%m-%d %H:%M UTC'), sha256 $(sha256sum "$AGENT_BIN" | cut -c1-16); git $(git -C "$REPO_DIR" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$REPO_DIR" status --porcelain -- agent proto 2>/dev/null | grep -q . && echo ', agent/ or proto/ differ from HEAD'))"
+    if [[ -n $STORE_BIN ]]; then
+        echo "- rbd_bench example: $RBD_BENCH ($(date -r "$RBD_BENCH" -u '+built %Y-%m-%d %H:%M UTC'), sha256 $(sha256sum "$STORE_BIN" | cut -c1-16))"
+    fi
+    echo "- ceph: $(rbd --version | head -n1); librbd $(dpkg-query -W -f '${Version}' librbd1 2>/dev/null || echo '?')"
+    echo "- cluster: $(if [[ -n $CEPH_DIR ]]; then echo "throw-away (deploy/dev/ceph-cluster.sh: 1 mon + 1 memstore OSD, size-1 pool, 127.0.0.1) in $CEPH_DIR"; else echo "existing, $CONF"; fi); images: $IMAGE_SIZE, 4 MiB objects, features from rbd_default_features, fresh per side and round"
+    echo "- fio: $(fio --version) (ioengine=nbd, 1 job, 1 connection, Unix socket, --iodepth=$QD --norandommap)"
+    echo "- rbd bench: --io-threads $QD (its CPU: the process's user + system time minus the start-up CPU of a one-op rbd bench); the example: $QD threads of synchronous RbdStore calls"
+    echo "- each cell: median over $ROUNDS rounds; sides run one at a time, order rotated per round"
+}
+
+report() {
+    python3 - "$1" "$SIDES" <<'EOF'
+import csv, statistics, sys
+path, sides = sys.argv[1], sys.argv[2].split()
+med = statistics.median
+ops, cpu, fio_cpu, loads, meta = {}, {}, {}, [], {}
+with open(path) as f:
+    for r in csv.DictReader(f):
+        k = (r["workload"], r["side"])
+        n = int(r["total"]) / int(r["io_size"])
+        ops.setdefault(k, []).append(float(r["ops_per_s"]))
+        cpu.setdefault(k, []).append(float(r["cpu_s"]) / n * 1e6)
+        fio_cpu.setdefault(k, []).append(float(r["fio_cpu_s"]) / n * 1e6)
+        loads.append(float(r["load1"]))
+        meta[r["workload"]] = int(r["io_size"])
+names = {"write4m": "4M seq write", "read4m": "4M seq read", "write4k": "4K rand write", "read4k": "4K rand read"}
+others = [s for s in sides if s != "rbd-bench"]
+ref = "rbd-bench" in sides
+
+
+def spread(v):
+    return (max(v) - min(v)) / med(v) if med(v) else 0.0
+
+
+def rate(w, s):
+    v = med(ops[(w, s)])
+    return v * meta[w] / 1048576 if meta[w] >= 1 << 20 else v
+
+
+unit = lambda w: "MiB/s" if meta[w] >= 1 << 20 else "IOPS"
+print("Throughput (median over rounds; higher is better):")
+print()
+head = ["workload", "unit"] + sides + ([f"{s}/rbd-bench" for s in others] if ref else []) + ["spread " + " / ".join(sides)]
+print("| " + " | ".join(head) + " |")
+print("|---|---|" + "---:|" * (len(head) - 2))
+misses = []
+for w in names:
+    if not any((w, s) in ops for s in sides):
+        continue
+    line = [names[w], unit(w)] + [f"{rate(w, s):,.0f}" if (w, s) in ops else "-" for s in sides]
+    if ref:
+        for s in others:
+            r = rate(w, s) / rate(w, "rbd-bench") if (w, s) in ops and (w, "rbd-bench") in ops else None
+            line.append(f"{r:.2f}" if r is not None else "-")
+            if s == "nbd" and r is not None and r < 0.9:
+                misses.append(f"{names[w]} ({r:.2f}x)")
+    line.append(" / ".join(f"{spread(ops[(w, s)]) * 100:.0f}%" if (w, s) in ops else "-" for s in sides))
+    print("| " + " | ".join(line) + " |")
+print()
+print("CPU per operation in the process making the librbd calls (rbd bench; the agent; the example), "
+      "user + system, all threads, microseconds (median; lower is better). fio's own CPU (the NBD client) "
+      "is listed apart:")
+print()
+head = ["workload"] + [f"{s} us/op" for s in sides] + (["fio us/op"] if "nbd" in sides else [])
+print("| " + " | ".join(head) + " |")
+print("|---|" + "---:|" * (len(head) - 1))
+for w in names:
+    if not any((w, s) in ops for s in sides):
+        continue
+    line = [names[w]] + [f"{med(cpu[(w, s)]):,.1f}" if (w, s) in cpu else "-" for s in sides]
+    if "nbd" in sides:
+        line.append(f"{med(fio_cpu[(w, 'nbd')]):,.1f}" if (w, "nbd") in fio_cpu else "-")
+    print("| " + " | ".join(line) + " |")
+print()
+if ref and "nbd" in sides:
+    if misses:
+        print(f"- goal (nbd >= 0.9x rbd bench on every row): **NOT met** on {', '.join(misses)}")
+    else:
+        print("- goal (nbd >= 0.9x rbd bench on every row): met")
+print(f"- spread = (max - min) / median over the rounds. 1-minute load average after each run: min {min(loads):.2f}, "
+      f"median {med(loads):.2f}, max {max(loads):.2f}.")
+EOF
+}
+
+# --- main ----------------------------------------------------------------------------------
+
+main() {
+    check_params
+    check_tools
+    case " $SIDES " in *" nbd "*) ensure_built "$RBDSYNC" "$REPO_DIR/target/release/rbdsync" build --release -p agent ;; esac
+    case " $SIDES " in *" store "*)
+        ensure_built "$RBD_BENCH" "$REPO_DIR/target/release/examples/rbd_bench" build --release -p agent --example rbd_bench
+        ;;
+    esac
+
+    trap cleanup EXIT
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
+    WORK=$(mktemp -d /dev/shm/rbd-store-bench.XXXXXX)
+    mkdir -p "$WORK/out" "$RESULTS_DIR"
+    # The agent binary is needed for the header even when only other sides run.
+    [[ -x $RBDSYNC ]] || ensure_built "$RBDSYNC" "$REPO_DIR/target/release/rbdsync" build --release -p agent
+    AGENT_BIN="$WORK/agent-under-test"
+    cp "$RBDSYNC" "$AGENT_BIN"
+    if [[ " $SIDES " == *" store "* ]]; then
+        STORE_BIN="$WORK/store-under-test"
+        cp "$RBD_BENCH" "$STORE_BIN"
+    fi
+    start_cluster
+
+    local hdr
+    hdr=$(header)
+    echo "$hdr"
+    echo
+
+    [[ " $SIDES " != *" rbd-bench "* ]] || measure_rbd_startup
+    local csv="$WORK/runs.csv"
+    echo "round,side,workload,io_size,total,ops_per_s,cpu_s,fio_cpu_s,load1" >"$csv"
+    local -a sides
+    read -r -a sides <<<"$SIDES"
+    local n=${#sides[@]} round i
+    for ((round = 1; round <= ROUNDS; round++)); do
+        for ((i = 0; i < n; i++)); do
+            run_side "${sides[$(((i + round - 1) % n))]}" "$round" "$csv"
+        done
+    done
+
+    local table rss
+    table=$(report "$csv")
+    rss=$(osd_rss)
+    {
+        echo "$hdr"
+        echo "- load average at end: $(cut -d' ' -f1-3 /proc/loadavg); OSD resident memory at end: $rss MiB; rbd bench start-up CPU subtracted per run: ${RBD_STARTUP_CPU}s"
+        echo
+        echo "$table"
+    } >"$RESULTS_DIR/rbd-store.md"
+    cp "$csv" "$RESULTS_DIR/rbd-store.csv"
+    echo "- load average at end: $(cut -d' ' -f1-3 /proc/loadavg); OSD resident memory at end: $rss MiB; rbd bench start-up CPU subtracted per run: ${RBD_STARTUP_CPU}s"
+    echo
+    echo "$table"
+    echo
+    echo "Written: $RESULTS_DIR/rbd-store.md (raw runs: $RESULTS_DIR/rbd-store.csv)"
+}
+
+main "$@"
