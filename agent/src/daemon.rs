@@ -198,6 +198,9 @@ pub async fn run(config: AgentConfig) -> Result<(), DaemonError> {
     std::fs::create_dir_all(&config.state_dir)
         .map_err(io_err(format!("Cannot create {}", config.state_dir.display())))?;
     let vms = config.load_vms()?;
+    // Point-in-time scratch files belong to jobs of an earlier run; those
+    // jobs are concluded as interrupted below, so the files are garbage.
+    let _ = std::fs::remove_dir_all(config.state_dir.join("scratch"));
     let exports = Arc::new(Exports::default());
     let stores = Stores::new(config.ceph.clone());
     let incoming = Arc::new(Incoming::default());

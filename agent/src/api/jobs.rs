@@ -127,6 +127,9 @@ impl Control {
                 }
                 let mut plans = Vec::new();
                 for disk in &disks {
+                    if let Some(job) = self.jobs.active_on(disk) {
+                        return Err(crate::jobs::JobControlError::Busy { disk: disk.clone(), job }.into());
+                    }
                     plans.push(self.backup_plan(disk, sync, bitmap.clone(), target.clone(), auto)?);
                 }
                 let group = (plans.len() > 1).then(|| Group::new(plans.len()));
@@ -136,8 +139,17 @@ impl Control {
                     let (tx, rx) = tokio::sync::oneshot::channel();
                     let job = self.jobs.start("backup", &name, to_json(&params), speed, move |handle| {
                         backup::run(handle, env, export, params, group, tx)
-                    })?;
-                    started.push((job, rx));
+                    });
+                    match job {
+                        Ok(job) => started.push((job, rx)),
+                        Err(e) => {
+                            // A group member could not start: the others must not wait for it.
+                            for (job, _) in &started {
+                                let _ = self.jobs.cancel(&job.record().id);
+                            }
+                            return Err(e.into());
+                        }
+                    }
                 }
                 let mut records = Vec::new();
                 for (job, frozen) in started {
@@ -255,6 +267,24 @@ impl Control {
         let target_uri: crate::config::ImageUri = target.parse().map_err(ApiError::BadRequest)?;
         if target_uri.snap().is_some() {
             return Err(ApiError::BadRequest(format!("Backup target {target} names a snapshot; give the image")));
+        }
+        let same = |a: &crate::config::ImageUri, b: &crate::config::ImageUri| match (a, b) {
+            (crate::config::ImageUri::File { path: x, .. }, crate::config::ImageUri::File { path: y, .. }) => {
+                x == y || matches!((std::fs::canonicalize(x), std::fs::canonicalize(y)), (Ok(p), Ok(q)) if p == q)
+            }
+            _ => a.with_snap(None) == b.with_snap(None),
+        };
+        let served = self
+            .vms
+            .load()
+            .iter()
+            .flat_map(|v| v.disks.iter().map(move |d| (v.name.clone(), d.clone())))
+            .find(|(_, d)| same(&d.image, &target_uri));
+        if let Some((vm, d)) = served {
+            return Err(ApiError::BadRequest(format!(
+                "Backup target {target} is the image of disk {vm}/{}; refusing",
+                d.name
+            )));
         }
         let bitmap = bitmap.or_else(|| defaults.as_ref().and_then(|b| b.bitmap.clone()));
         let (sync, auto) = match (sync, &bitmap) {

@@ -523,13 +523,23 @@ impl DiskBitmaps {
         b.write_header(false, 0).inspect_err(|_| b.meta().generation -= 1)
     }
 
-    /// Starts or stops recording writes.
+    /// Starts or stops recording writes. Disabling bumps the generation:
+    /// from then on the bitmap misses writes, so no backup chain may treat it
+    /// as a complete record of the changes since its base.
     pub fn set_enabled(&self, name: &str, enabled: bool) -> Result<BitmapInfo, BitmapError> {
         let _ops = self.ops();
         let b = self.get(name)?;
         b.check_usable()?;
         let was = b.enabled.swap(enabled, SeqCst);
-        b.write_header(false, 0).inspect_err(|_| b.enabled.store(was, SeqCst))?;
+        if was && !enabled {
+            b.meta().generation += 1;
+        }
+        b.write_header(false, 0).inspect_err(|_| {
+            b.enabled.store(was, SeqCst);
+            if was && !enabled {
+                b.meta().generation -= 1;
+            }
+        })?;
         Ok(b.info())
     }
 

@@ -140,21 +140,24 @@ fn an_unclean_stop_keeps_every_marked_bit() {
 }
 
 #[test]
-fn generation_bumps_on_clear_and_merge_only() {
+fn generation_bumps_when_the_bitmap_stops_being_a_complete_record() {
     let dir = tempfile::tempdir().unwrap();
     let disk = open(dir.path(), &[("a", 65536), ("b", 65536)]);
     let g0 = disk.get("a").unwrap().generation();
     disk.mark(0, 4096).unwrap();
-    disk.set_enabled("a", false).unwrap();
     disk.set_enabled("a", true).unwrap();
-    assert_eq!(disk.get("a").unwrap().generation(), g0);
-    disk.clear("a").unwrap();
+    assert_eq!(disk.get("a").unwrap().generation(), g0, "enabling an enabled bitmap changes nothing");
+    disk.set_enabled("a", false).unwrap();
+    assert_eq!(disk.get("a").unwrap().generation(), g0 + 1, "a disabled bitmap misses writes");
+    disk.set_enabled("a", true).unwrap();
     assert_eq!(disk.get("a").unwrap().generation(), g0 + 1);
-    disk.merge("a", &["b".into()]).unwrap();
+    disk.clear("a").unwrap();
     assert_eq!(disk.get("a").unwrap().generation(), g0 + 2);
+    disk.merge("a", &["b".into()]).unwrap();
+    assert_eq!(disk.get("a").unwrap().generation(), g0 + 3);
     disk.close(&identity());
     drop(disk);
-    assert_eq!(open(dir.path(), &[]).get("a").unwrap().generation(), g0 + 2);
+    assert_eq!(open(dir.path(), &[]).get("a").unwrap().generation(), g0 + 3);
 }
 
 #[test]

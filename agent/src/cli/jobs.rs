@@ -182,7 +182,8 @@ async fn finish(endpoint: &Endpoint, json_out: bool, started: Value, wait: bool)
     };
     if !wait {
         print_jobs(json_out, &jobs);
-        return Ok(());
+        let failed: Vec<Value> = jobs.iter().filter(|j| j["state"] == "concluded").cloned().collect();
+        return check_success(&failed);
     }
     let mut done = Vec::new();
     for j in &jobs {

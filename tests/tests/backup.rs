@@ -1,0 +1,1310 @@
+//! Backups end to end: the real agent backs up disks that real clients keep
+//! writing to, to `rbd:` images of a test Ceph cluster and to `file:` images,
+//! and every snapshot is compared byte for byte with the disk content at the
+//! moment the backup froze it. Also: faults (full target, stopped OSD, agent
+//! killed mid-backup), refused requests, VM groups and retention.
+//!
+//! RBD tests need `RBDSYNC_TEST_CEPH_CONF` (the ceph.conf of a cluster from
+//! `deploy/dev/ceph-cluster.sh`, pools `rbd` and `backup`); without it they
+//! fail. Random content is seeded (`TEST_SEED=N` replays a run).
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use std::sync::{Arc, Condvar, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use bytes::{BufMut, BytesMut};
+use proto::consts::{opt, rep, IHAVEOPT, SIMPLE_REPLY_MAGIC};
+use serde_json::Value;
+use tests::{agent_bin, run, Agent, AgentBuilder, Rng};
+
+const MIB: u64 = 1 << 20;
+const GRANULE: u64 = 64 << 10;
+
+// ---------------------------------------------------------------- client CLI
+
+fn cli(agent: &Agent, args: &[&str]) -> Output {
+    let control = format!("unix:{}", agent.dir().join("control.sock").display());
+    Command::new(agent_bin())
+        .arg("--control")
+        .arg(control)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("spawn rbdsync")
+}
+
+fn log_tail(agent: &Agent) -> String {
+    let log = agent.log();
+    let lines: Vec<&str> = log.lines().filter(|l| !l.contains("agent::nbd")).collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+fn show(out: &Output) -> String {
+    format!(
+        "exit {}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// `rbdsync --json ARGS`, which must succeed; its JSON output.
+fn cli_json(agent: &Agent, args: &[&str]) -> Value {
+    let out = cli(agent, &[&["--json"][..], args].concat());
+    assert!(out.status.success(), "rbdsync {args:?} failed: {}\nagent log:\n{}", show(&out), log_tail(agent));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("rbdsync {args:?}: bad JSON ({e}): {}", show(&out)))
+}
+
+/// `rbdsync --json ARGS`, which must fail; its output (JSON on stdout, if
+/// any, and the error on stderr).
+fn cli_fails(agent: &Agent, args: &[&str]) -> (Option<Value>, String) {
+    let out = cli(agent, &[&["--json"][..], args].concat());
+    assert!(!out.status.success(), "rbdsync {args:?} succeeded but must fail: {}", show(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!stderr.trim().is_empty(), "rbdsync {args:?} failed without saying why: {}", show(&out));
+    (serde_json::from_slice(&out.stdout).ok(), stderr)
+}
+
+fn id(record: &Value) -> String {
+    record["id"].as_str().unwrap_or_else(|| panic!("no job id in {record}")).to_owned()
+}
+
+/// Polls a job until it concludes.
+fn wait_job(agent: &Agent, id: &str, limit: Duration) -> Value {
+    let deadline = Instant::now() + limit;
+    loop {
+        let j = cli_json(agent, &["job", "show", id]);
+        if j["state"] == "concluded" {
+            return j;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "job {id} not concluded after {limit:?}: {j}\nagent log:\n{}",
+            log_tail(agent)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn assert_success(agent: &Agent, job: &Value) {
+    assert_eq!(job["result"], "success", "job failed: {job:#}\nagent log:\n{}", log_tail(agent));
+}
+
+/// Starts a backup (`args` = `backup ...`; the command returns once the disk
+/// is frozen) and waits for it to succeed.
+fn backup_ok(agent: &Agent, args: &[&str]) -> Value {
+    let started = cli_json(agent, args);
+    let done = wait_job(agent, &id(&started), Duration::from_secs(60));
+    assert_success(agent, &done);
+    done
+}
+
+fn bitmap(agent: &Agent, disk: &str, name: &str) -> Value {
+    let list = cli_json(agent, &["bitmap", "list", disk]);
+    list.as_array()
+        .and_then(|l| l.iter().find(|b| b["name"] == name))
+        .cloned()
+        .unwrap_or_else(|| panic!("no bitmap {name} on {disk}: {list}"))
+}
+
+fn u(v: &Value) -> u64 {
+    v.as_u64().unwrap_or_else(|| panic!("not a number: {v}"))
+}
+
+fn snapshot_of(job: &Value) -> String {
+    job["summary"]["snapshot"].as_str().unwrap_or_else(|| panic!("no snapshot in {job:#}")).to_owned()
+}
+
+// ------------------------------------------------------------ configuration
+
+/// One disk entry of a VM file: bitmap `backup` (64 KiB) and backup defaults.
+fn disk_yaml(vm: &str, name: &str, size: &str, target: Option<&str>, keep: Option<u32>) -> String {
+    let mut s = format!(
+        "  - name: {name}\n    image: file:../images/{vm}-{name}.raw\n    size: {size}\n    bitmaps: [{{name: backup, granularity: 64KiB}}]\n"
+    );
+    if let Some(t) = target {
+        let keep = keep.map(|k| format!(", keep: {k}")).unwrap_or_default();
+        s.push_str(&format!("    backup: {{target: \"{t}\", bitmap: backup{keep}}}\n"));
+    }
+    s
+}
+
+fn vm_yaml(vm: &str, disks: &[String]) -> String {
+    format!("name: {vm}\ndisks:\n{}", disks.concat())
+}
+
+// ------------------------------------------------------------ raw NBD writes
+
+/// A minimal NBD client on the Unix socket: GO, simple replies, one request at a time.
+struct NbdConn {
+    s: UnixStream,
+    cookie: u64,
+}
+
+impl NbdConn {
+    fn connect(socket: &Path, export: &str) -> Result<Self> {
+        let mut s = UnixStream::connect(socket).with_context(|| format!("connect {}", socket.display()))?;
+        s.set_read_timeout(Some(Duration::from_secs(60)))?;
+        let mut greeting = [0u8; 18];
+        s.read_exact(&mut greeting)?;
+        let mut out = BytesMut::new();
+        out.put_u32(3); // FIXED_NEWSTYLE | NO_ZEROES
+        out.put_u64(IHAVEOPT);
+        out.put_u32(opt::GO);
+        out.put_u32(4 + export.len() as u32 + 2);
+        out.put_u32(export.len() as u32);
+        out.put_slice(export.as_bytes());
+        out.put_u16(0);
+        s.write_all(&out)?;
+        loop {
+            let mut head = [0u8; 20];
+            s.read_exact(&mut head)?;
+            let ty = u32::from_be_bytes(head[12..16].try_into()?);
+            let len = u32::from_be_bytes(head[16..20].try_into()?) as usize;
+            let mut body = vec![0u8; len];
+            s.read_exact(&mut body)?;
+            ensure!(ty & (1 << 31) == 0, "option error {ty:#x}: {}", String::from_utf8_lossy(&body));
+            if ty == rep::ACK {
+                return Ok(Self { s, cookie: 1 });
+            }
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        self.cookie += 1;
+        let mut out = BytesMut::with_capacity(28 + data.len());
+        proto::Request {
+            cookie: self.cookie,
+            command: proto::Command::Write,
+            flags: 0,
+            offset,
+            length: data.len() as u32,
+        }
+        .encode(&mut out);
+        out.put_slice(data);
+        self.s.write_all(&out)?;
+        let mut reply = [0u8; 16];
+        self.s.read_exact(&mut reply)?;
+        let magic = u32::from_be_bytes(reply[0..4].try_into()?);
+        let errno = u32::from_be_bytes(reply[4..8].try_into()?);
+        let cookie = u64::from_be_bytes(reply[8..16].try_into()?);
+        ensure!(magic == SIMPLE_REPLY_MAGIC && cookie == self.cookie, "bad reply {reply:?}");
+        ensure!(errno == 0, "write of {} bytes at {offset} failed: NBD errno {errno}", data.len());
+        Ok(())
+    }
+}
+
+/// Writes random data over `ranges` of an export (through NBD, so bitmaps see it).
+fn write_random(agent: &Agent, export: &str, rng: &mut Rng, ranges: &[(u64, u64)]) {
+    let mut conn = NbdConn::connect(&agent.socket(), export).unwrap();
+    let mut buf = vec![0u8; MIB as usize];
+    for &(offset, length) in ranges {
+        let mut pos = offset;
+        while pos < offset + length {
+            let n = MIB.min(offset + length - pos) as usize;
+            rng.fill(&mut buf[..n]);
+            conn.write(pos, &buf[..n]).unwrap();
+            pos += n as u64;
+        }
+    }
+}
+
+/// The export's current content in a file (`qemu-img convert` over NBD).
+fn capture(agent: &Agent, export: &str, out: &Path) {
+    run("qemu-img", &["convert", "-f", "raw", "-O", "raw", &agent.unix_uri(export), out.to_str().unwrap()]).unwrap();
+}
+
+/// Compares two images byte for byte; on a difference names the first
+/// differing offset and how many 64 KiB blocks differ.
+fn assert_same_content(what: &str, expected: &Path, actual: &Path) {
+    let a = std::fs::read(expected).unwrap_or_else(|e| panic!("{what}: read {}: {e}", expected.display()));
+    let b = std::fs::read(actual).unwrap_or_else(|e| panic!("{what}: read {}: {e}", actual.display()));
+    assert_eq!(a.len(), b.len(), "{what}: sizes differ ({} vs {})", expected.display(), actual.display());
+    if a != b {
+        let first = a.iter().zip(&b).position(|(x, y)| x != y).unwrap_or(0);
+        let blocks = a.chunks(GRANULE as usize).zip(b.chunks(GRANULE as usize)).filter(|(x, y)| x != y).count();
+        panic!(
+            "{what}: {} differs from {}: first difference at byte {first}, {blocks} of {} 64 KiB blocks differ",
+            actual.display(),
+            expected.display(),
+            a.len() / GRANULE as usize
+        );
+    }
+}
+
+/// A client that keeps writing random data into a window of the disk from a
+/// background thread, one request at a time, until paused or stopped.
+struct Writer {
+    shared: Arc<(Mutex<WriterState>, Condvar)>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct WriterState {
+    pause: bool,
+    paused: bool,
+    stop: bool,
+    window: (u64, u64),
+    writes: u64,
+    error: Option<String>,
+}
+
+impl Writer {
+    fn start(socket: PathBuf, export: &str, seed: u64, window: (u64, u64)) -> Writer {
+        let shared = Arc::new((Mutex::new(WriterState { window, ..Default::default() }), Condvar::new()));
+        let (s2, export) = (shared.clone(), export.to_owned());
+        let thread = std::thread::spawn(move || {
+            if let Err(e) = Self::body(&s2, &socket, &export, seed) {
+                let (m, cv) = &*s2;
+                m.lock().unwrap().error = Some(format!("{e:#}"));
+                cv.notify_all();
+            }
+        });
+        Writer { shared, thread: Some(thread) }
+    }
+
+    fn body(shared: &(Mutex<WriterState>, Condvar), socket: &Path, export: &str, seed: u64) -> Result<()> {
+        let mut conn = NbdConn::connect(socket, export)?;
+        let mut rng = Rng::new(seed);
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let (start, len) = {
+                let (m, cv) = shared;
+                let mut st = m.lock().unwrap();
+                while st.pause && !st.stop {
+                    st.paused = true;
+                    cv.notify_all();
+                    st = cv.wait(st).unwrap();
+                }
+                st.paused = false;
+                if st.stop {
+                    return Ok(());
+                }
+                st.window
+            };
+            let n = 4096 * (1 + rng.below(16));
+            let offset = start + 4096 * rng.below((len - n) / 4096 + 1);
+            rng.fill(&mut buf[..n as usize]);
+            conn.write(offset, &buf[..n as usize])?;
+            shared.0.lock().unwrap().writes += 1;
+            std::thread::sleep(Duration::from_micros(500));
+        }
+    }
+
+    /// Returns once no write is in flight and none will start until `resume`.
+    fn pause(&self) {
+        let (m, cv) = &*self.shared;
+        let mut st = m.lock().unwrap();
+        st.pause = true;
+        cv.notify_all();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !st.paused {
+            assert!(st.error.is_none(), "writer failed: {}", st.error.as_deref().unwrap_or_default());
+            assert!(Instant::now() < deadline, "writer did not pause");
+            st = cv.wait_timeout(st, Duration::from_millis(100)).unwrap().0;
+        }
+    }
+
+    fn resume(&self, window: (u64, u64)) {
+        let (m, cv) = &*self.shared;
+        let mut st = m.lock().unwrap();
+        assert!(st.error.is_none(), "writer failed: {}", st.error.as_deref().unwrap_or_default());
+        st.window = window;
+        st.pause = false;
+        cv.notify_all();
+    }
+
+    fn writes(&self) -> u64 {
+        self.shared.0.lock().unwrap().writes
+    }
+
+    fn stop(mut self) -> u64 {
+        {
+            let (m, cv) = &*self.shared;
+            m.lock().unwrap().stop = true;
+            cv.notify_all();
+        }
+        if let Some(t) = self.thread.take() {
+            t.join().expect("writer thread panicked");
+        }
+        let st = self.shared.0.lock().unwrap();
+        assert!(st.error.is_none(), "writer failed: {}", st.error.as_deref().unwrap_or_default());
+        st.writes
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        let (m, cv) = &*self.shared;
+        if let Ok(mut st) = m.lock() {
+            st.stop = true;
+        }
+        cv.notify_all();
+    }
+}
+
+// --------------------------------------------------------------------- Ceph
+
+/// RBD tests share the test cluster; the test that stops its OSD holds it alone.
+static CEPH: RwLock<()> = RwLock::new(());
+
+fn ceph_shared() -> RwLockReadGuard<'static, ()> {
+    CEPH.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn ceph_exclusive() -> RwLockWriteGuard<'static, ()> {
+    CEPH.write().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The `rbd` CLI on the test cluster; removes the images it named on drop.
+struct Rbd {
+    conf: String,
+    images: Mutex<Vec<String>>,
+}
+
+impl Rbd {
+    fn new() -> Rbd {
+        let conf = std::env::var("RBDSYNC_TEST_CEPH_CONF").unwrap_or_else(|_| {
+            panic!(
+                "RBDSYNC_TEST_CEPH_CONF is not set: RBD backup tests need a test Ceph cluster. Start one with \
+                 `deploy/dev/ceph-cluster.sh up DIR` and export RBDSYNC_TEST_CEPH_CONF=DIR/ceph.conf (tests/run.sh does)"
+            )
+        });
+        assert!(Path::new(&conf).exists(), "RBDSYNC_TEST_CEPH_CONF={conf} does not exist");
+        Rbd { conf, images: Mutex::new(Vec::new()) }
+    }
+
+    /// `ceph:` section for agent.yaml.
+    fn agent_yaml(&self) -> String {
+        format!("ceph: {{conf: \"{}\", client: admin}}\n", self.conf)
+    }
+
+    /// A fresh image name `backup/bk-TAG-RANDOM`, removed (with its snapshots) on drop.
+    fn image(&self, tag: &str) -> String {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+        let n = NEXT.fetch_add(1, SeqCst);
+        let name = format!("backup/bk-{tag}-{}-{n}-{nanos:08x}", std::process::id());
+        self.images.lock().unwrap().push(name.clone());
+        name
+    }
+
+    fn cmd(&self, args: &[&str]) -> Result<Output> {
+        let mut full = vec!["60", "rbd", "-c", &self.conf];
+        full.extend(args);
+        run("timeout", &full)
+    }
+
+    fn create(&self, image: &str, size: &str) {
+        self.cmd(&["create", "--size", size, image]).unwrap();
+    }
+
+    fn remove(&self, image: &str) {
+        self.cmd(&["snap", "purge", image]).unwrap();
+        self.cmd(&["rm", image]).unwrap();
+    }
+
+    fn exists(&self, image: &str) -> bool {
+        self.cmd(&["info", image]).is_ok()
+    }
+
+    /// Snapshot names, oldest first.
+    fn snaps(&self, image: &str) -> Vec<String> {
+        let out = self.cmd(&["snap", "ls", "--format", "json", image]).unwrap();
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let mut snaps: Vec<(u64, String)> =
+            v.as_array().unwrap().iter().map(|s| (u(&s["id"]), s["name"].as_str().unwrap().to_owned())).collect();
+        snaps.sort();
+        snaps.into_iter().map(|s| s.1).collect()
+    }
+
+    fn meta(&self, image: &str) -> BTreeMap<String, String> {
+        let out = self.cmd(&["image-meta", "list", "--format", "json", image]).unwrap();
+        if out.stdout.iter().all(u8::is_ascii_whitespace) {
+            return BTreeMap::new();
+        }
+        serde_json::from_slice(&out.stdout).unwrap_or_default()
+    }
+
+    fn size(&self, image: &str) -> u64 {
+        let out = self.cmd(&["info", "--format", "json", image]).unwrap();
+        u(&serde_json::from_slice::<Value>(&out.stdout).unwrap()["size"])
+    }
+
+    /// Exports `image` or `image@snap` to a file.
+    fn export(&self, spec: &str, out: &Path) {
+        let _ = std::fs::remove_file(out);
+        self.cmd(&["export", "--no-progress", spec, out.to_str().unwrap()]).unwrap();
+    }
+}
+
+impl Drop for Rbd {
+    fn drop(&mut self) {
+        for image in self.images.lock().map(|v| v.clone()).unwrap_or_default() {
+            if self.exists(&image) {
+                let _ = self.cmd(&["snap", "purge", &image]);
+                if let Err(e) = self.cmd(&["rm", &image]) {
+                    eprintln!("cleanup: cannot remove {image}: {e:#}");
+                }
+            }
+        }
+    }
+}
+
+/// Where a test's backups go.
+enum Target<'a> {
+    Rbd(&'a Rbd, String),
+    File(PathBuf),
+}
+
+impl Target<'_> {
+    fn uri(&self) -> String {
+        match self {
+            Target::Rbd(_, image) => format!("rbd:{image}"),
+            Target::File(path) => format!("file:{}", path.display()),
+        }
+    }
+
+    /// Backup snapshots present (RBD: oldest first; file: by name).
+    fn snaps(&self) -> Vec<String> {
+        match self {
+            Target::Rbd(rbd, image) => rbd.snaps(image),
+            Target::File(path) => {
+                let dir = PathBuf::from(format!("{}.snapshots", path.display()));
+                let mut names: Vec<String> = std::fs::read_dir(&dir)
+                    .map(|d| {
+                        d.filter_map(|e| e.ok())
+                            .filter_map(|e| {
+                                e.file_name().to_str().and_then(|n| n.strip_suffix(".raw")).map(String::from)
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                names.sort();
+                names
+            }
+        }
+    }
+
+    /// A file holding snapshot `snap` (exported to `scratch` for RBD).
+    fn snapshot_file(&self, snap: &str, scratch: &Path) -> PathBuf {
+        match self {
+            Target::Rbd(rbd, image) => {
+                rbd.export(&format!("{image}@{snap}"), scratch);
+                scratch.to_owned()
+            }
+            Target::File(path) => PathBuf::from(format!("{}.snapshots/{snap}.raw", path.display())),
+        }
+    }
+}
+
+// ===================================================================== tests
+
+/// A full and then incremental backups while a client keeps writing: each
+/// snapshot equals the disk as it was when that backup's command returned.
+fn chain_under_writes(target: &Target, agent: &Agent, seed: u64) {
+    let disk = "vm1/disk0";
+    let dir = agent.dir().to_owned();
+    let mut rng = Rng::from_env(seed);
+    // Some data everywhere, then a writer that keeps going.
+    let ranges: Vec<(u64, u64)> = (0..32).filter(|_| rng.below(2) == 0).map(|i| (i * MIB, MIB)).collect();
+    write_random(agent, disk, &mut rng, &ranges);
+    let window = |round: u64| ((16 + 2 * round) * MIB, 4 * MIB);
+    let writer = Writer::start(agent.socket(), disk, rng.next_u64(), window(0));
+    writer.pause();
+    let mut generation = None;
+    let mut scratch_total = 0;
+    let mut snaps = Vec::new();
+    for round in 0..4u64 {
+        let reference = dir.join(format!("ref{round}.raw"));
+        let dirty = u(&bitmap(agent, disk, "backup")["dirty_bytes"]);
+        capture(agent, disk, &reference);
+        let sync = if round == 0 { "full" } else { "incremental" };
+        // Round 0 and 2 are throttled so that the writer hits granules not yet copied.
+        let speed = match round {
+            0 => Some("16MiB"),
+            2 => Some("2MiB"),
+            _ => None,
+        };
+        let mut args = vec!["backup", disk, "--sync", sync];
+        if let Some(s) = speed {
+            args.extend(["--speed", s]);
+        }
+        let started = cli_json(agent, &args);
+        let before = writer.writes();
+        writer.resume(window(round + 1));
+        let t0 = Instant::now();
+        let job = wait_job(agent, &id(&started), Duration::from_secs(60));
+        assert_success(agent, &job);
+        let s = &job["summary"];
+        eprintln!(
+            "round {round}: {sync} in {:?}, dirty {dirty}, written {}, scratch {}, {} writes during the job",
+            t0.elapsed(),
+            s["bytes_written"],
+            s["scratch_bytes"],
+            writer.writes() - before
+        );
+        assert_eq!(s["sync"], sync, "{job:#}");
+        let written = u(&s["bytes_written"]);
+        assert!(written > 0, "round {round}: nothing written: {job:#}");
+        if round > 0 {
+            assert_eq!(s["note"], Value::Null, "{job:#}");
+            // Only what was dirty when the backup froze the disk: the writer's
+            // previous window, never most of the disk.
+            assert!(dirty > 0 && dirty <= 4 * MIB + GRANULE, "round {round}: dirty {dirty} at the freeze");
+            assert!(written <= dirty, "round {round}: wrote {written} bytes but only {dirty} were dirty: {job:#}");
+            assert_eq!(u(&job["bytes_total"]), dirty, "round {round}: bytes_total is not the dirty bytes");
+        }
+        let g = u(&s["bitmap_generation"]);
+        if let Some(prev) = generation {
+            assert_eq!(g, prev + 1, "round {round}: bitmap generation must go up by one: {job:#}");
+        }
+        generation = Some(g);
+        assert_eq!(u(&bitmap(agent, disk, "backup")["generation"]), g, "bitmap list disagrees with the job");
+        scratch_total += u(&s["scratch_bytes"]);
+        let snap = snapshot_of(&job);
+        if let Target::Rbd(rbd, image) = target {
+            // What the target records about the snapshot: its place in the chain.
+            let meta = rbd.meta(image);
+            let key = format!("rbdsync.snap.{snap}");
+            let m: Value =
+                serde_json::from_str(meta.get(&key).unwrap_or_else(|| panic!("no {key}: {meta:?}"))).unwrap();
+            assert_eq!(m["disk"], disk, "{m}");
+            assert_eq!(m["sync"], sync, "{m}");
+            assert_eq!(m["generation"], g, "{m}");
+            assert_eq!(m["previous"].as_str(), snaps.last().map(String::as_str), "{m}");
+            assert_eq!(meta.get("rbdsync.disk").map(String::as_str), Some(disk));
+        }
+        let file = target.snapshot_file(&snap, &dir.join("snap.raw"));
+        assert_same_content(&format!("round {round} ({sync}) snapshot {snap}"), &reference, &file);
+        snaps.push(snap);
+        let mut present = target.snaps();
+        present.sort();
+        let mut expected = snaps.clone();
+        expected.sort();
+        assert_eq!(present, expected, "round {round}: snapshots on {}", target.uri());
+        writer.pause();
+    }
+    assert!(scratch_total > 0, "the writer never hit a granule a backup still needed (copy-before-write untested)");
+    // The disk moved on since the last backup: verify against it must say so ...
+    let last = format!("{}@{}", target.uri(), snaps.last().unwrap());
+    let (job, err) = cli_fails(agent, &["verify", disk, "--against", &last, "--wait"]);
+    let job = job.expect("verify prints its job");
+    assert_eq!(job["result"], "failed", "{job:#}");
+    assert!(job["error"].as_str().unwrap().contains("differ"), "{job:#}\n{err}");
+    // ... and one more incremental with the writer paused verifies equal.
+    let job = backup_ok(agent, &["backup", disk, "--sync", "incremental"]);
+    assert_eq!(u(&job["summary"]["bitmap_generation"]), generation.unwrap() + 1);
+    let against = format!("{}@{}", target.uri(), snapshot_of(&job));
+    let v = cli_json(agent, &["verify", disk, "--against", &against, "--wait"]);
+    assert_eq!(v["result"], "success", "{v:#}");
+    assert_eq!(v["summary"]["equal"], true, "{v:#}");
+    let writes = writer.stop();
+    eprintln!("writer: {writes} writes");
+}
+
+#[test]
+fn full_and_incremental_backups_to_rbd_under_writes_match_the_disk() {
+    let _ceph = ceph_shared();
+    let rbd = Rbd::new();
+    let image = rbd.image("chain");
+    let b = AgentBuilder::new().extra(&rbd.agent_yaml());
+    let yaml = vm_yaml("vm1", &[disk_yaml("vm1", "disk0", "32MiB", Some(&format!("rbd:{image}")), None)]);
+    let mut agent = b.vm("vm1", &yaml).start().unwrap();
+    let target = Target::Rbd(&rbd, image.clone());
+    chain_under_writes(&target, &agent, 0xb0c4_0001);
+    agent.stop().unwrap();
+}
+
+#[test]
+fn full_and_incremental_backups_to_file_under_writes_match_the_disk() {
+    let b = AgentBuilder::new();
+    let path = b.dir().join("backups/vm1-disk0.raw");
+    let yaml = vm_yaml("vm1", &[disk_yaml("vm1", "disk0", "32MiB", Some(&format!("file:{}", path.display())), None)]);
+    let mut agent = b.vm("vm1", &yaml).start().unwrap();
+    chain_under_writes(&Target::File(path), &agent, 0xb0c4_0002);
+    agent.stop().unwrap();
+}
+
+/// A tmpfs mounted for one test; unmounted on drop.
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    fn mount(size: &str) -> Tmpfs {
+        let dir = tempfile::tempdir().unwrap();
+        run("mount", &["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs", dir.path().to_str().unwrap()])
+            .expect("mount a tmpfs (the backup tests run as root)");
+        Tmpfs { dir }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn resize(&self, size: &str) {
+        run("mount", &["-o", &format!("remount,size={size}"), self.path().to_str().unwrap()]).unwrap();
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = run("umount", &["-l", self.path().to_str().unwrap()]);
+    }
+}
+
+#[test]
+fn full_backup_to_a_full_filesystem_fails_cleanly_and_succeeds_once_there_is_room() {
+    let tmpfs = Tmpfs::mount("4M");
+    let target = tmpfs.path().join("vm1-disk0.raw");
+    let uri = format!("file:{}", target.display());
+    let yaml = vm_yaml("vm1", &[disk_yaml("vm1", "disk0", "16MiB", Some(&uri), None)]);
+    let mut agent = AgentBuilder::new().vm("vm1", &yaml).start().unwrap();
+    let disk = "vm1/disk0";
+    let mut rng = Rng::from_env(0xb0c4_0003);
+    write_random(&agent, disk, &mut rng, &[(0, 12 * MIB)]);
+    let before = bitmap(&agent, disk, "backup");
+    let (job, err) = cli_fails(&agent, &["backup", disk, "--sync", "full", "--wait"]);
+    let job = job.expect("backup --wait prints its job");
+    assert_eq!(job["result"], "failed", "{job:#}");
+    let error = job["error"].as_str().unwrap();
+    assert!(error.contains("No space left on device"), "the error must say the target is full: {error}\n{err}");
+    let after = bitmap(&agent, disk, "backup");
+    assert_eq!(after["busy"], false, "{after}");
+    assert_eq!(after["consistent"], true, "{after}");
+    assert_eq!(after["dirty_bytes"], before["dirty_bytes"], "a failed backup must not drop bits: {after}");
+    assert_eq!(after["generation"], before["generation"], "{after}");
+    assert_eq!(Target::File(target.clone()).snaps(), Vec::<String>::new(), "a failed backup left a snapshot");
+
+    tmpfs.resize("64M");
+    let reference = agent.dir().join("ref.raw");
+    capture(&agent, disk, &reference);
+    let job = backup_ok(&agent, &["backup", disk]);
+    assert_eq!(job["summary"]["sync"], "full", "{job:#}");
+    assert!(job["summary"]["note"].as_str().is_some_and(|n| n.contains("no backup")), "{job:#}");
+    assert_eq!(u(&job["summary"]["bitmap_generation"]), u(&before["generation"]) + 1);
+    let snap = snapshot_of(&job);
+    let file = Target::File(target.clone()).snapshot_file(&snap, Path::new("/nonexistent"));
+    assert_same_content("snapshot after the retry", &reference, &file);
+    let v = cli_json(&agent, &["verify", disk, "--against", &format!("{uri}@{snap}"), "--wait"]);
+    assert_eq!(v["result"], "success", "{v:#}");
+    assert_eq!(bitmap(&agent, disk, "backup")["dirty_bytes"], 0);
+    agent.stop().unwrap();
+}
+
+/// SIGSTOPs a process; SIGCONTs it on drop (also when the test panics).
+struct Stopped(libc::pid_t);
+
+impl Stopped {
+    fn stop(pid: libc::pid_t) -> Stopped {
+        // SAFETY: kill(2) with a pid read from the test cluster's pid file.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0, "SIGSTOP {pid}");
+        Stopped(pid)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        // SAFETY: as above.
+        unsafe { libc::kill(self.0, libc::SIGCONT) };
+    }
+}
+
+/// `ceph -c CONF ARGS` with a hard timeout (without a quorum it waits forever).
+fn ceph(conf: &str, args: &[&str]) -> Result<Output> {
+    let mut full = vec!["20", "ceph", "-c", conf, "--connect-timeout", "10"];
+    full.extend(args);
+    run("timeout", &full)
+}
+
+/// After a SIGSTOP longer than its read lease, a PG of the single-OSD test
+/// cluster can stay `active+clean+laggy` (ops "waiting for readable") until
+/// it re-peers, which hangs every client, not only the agent. If that
+/// happened, mark the OSD down once (it re-asserts itself and re-peers; the
+/// OSD's markdown limit is raised first, as it shuts itself down after 5
+/// markdowns in 10 minutes), then wait until every PG is active+clean.
+fn unwedge_test_cluster(conf: &str) {
+    let pools: Value =
+        serde_json::from_slice(&ceph(conf, &["osd", "pool", "ls", "detail", "--format", "json"]).unwrap().stdout)
+            .unwrap();
+    let pgs: Vec<String> = pools
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| (0..u(&p["pg_num"])).map(move |i| format!("{}.{i:x}", p["pool_id"])))
+        .collect();
+    let states = || -> Vec<String> {
+        pgs.iter()
+            .map(|pg| {
+                ceph(conf, &["pg", pg, "query"])
+                    .ok()
+                    .and_then(|o| serde_json::from_slice::<Value>(&o.stdout).ok())
+                    .and_then(|v| v["state"].as_str().map(|s| format!("{pg} {s}")))
+                    .unwrap_or_else(|| format!("{pg} ?"))
+            })
+            .collect()
+    };
+    let clean = |states: &[String]| states.iter().all(|s| s.ends_with(" active+clean"));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut now = states();
+    while !clean(&now) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+        now = states();
+    }
+    if clean(&now) {
+        return;
+    }
+    eprintln!("test cluster wedged after SIGCONT ({now:?}); marking the OSD down to re-peer");
+    ceph(conf, &["tell", "osd.0", "config", "set", "osd_max_markdown_count", "1000"]).unwrap();
+    ceph(conf, &["osd", "down", "0"]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let up = ceph(conf, &["osd", "dump", "--format", "json"])
+            .ok()
+            .and_then(|o| serde_json::from_slice::<Value>(&o.stdout).ok())
+            .is_some_and(|v| v["osds"][0]["up"] == 1);
+        if up && clean(&states()) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the test cluster did not recover: {:?}", states());
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// The test cluster's OSD (pid file `DIR/run/osd.0.pid`, DIR = the conf's directory).
+fn osd_pid(conf: &str) -> libc::pid_t {
+    let dir = Path::new(conf).parent().unwrap();
+    let file = dir.join("run/osd.0.pid");
+    let pid: libc::pid_t =
+        std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display())).trim().parse().unwrap();
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    assert!(cmdline.contains("ceph-osd") && cmdline.contains(conf), "pid {pid} is not the test OSD: {cmdline}");
+    pid
+}
+
+#[test]
+fn incremental_backup_fails_when_the_osd_hangs_and_the_next_one_succeeds() {
+    // The agent bounds every librados op by CEPH_TIMEOUT (30 s, agent/src/store/rbd/mod.rs),
+    // so this test takes 35-70 s; it holds the cluster alone meanwhile.
+    let _ceph = ceph_exclusive();
+    let rbd = Rbd::new();
+    let image = rbd.image("osd");
+    let yaml = vm_yaml("vm1", &[disk_yaml("vm1", "disk0", "16MiB", Some(&format!("rbd:{image}")), None)]);
+    let mut agent = AgentBuilder::new().extra(&rbd.agent_yaml()).vm("vm1", &yaml).start().unwrap();
+    let disk = "vm1/disk0";
+    let mut rng = Rng::from_env(0xb0c4_0004);
+    write_random(&agent, disk, &mut rng, &[(0, 16 * MIB)]);
+    backup_ok(&agent, &["backup", disk, "--sync", "full"]);
+    write_random(&agent, disk, &mut rng, &[(MIB, 3 * MIB), (8 * MIB, 6 * MIB)]);
+    let before = bitmap(&agent, disk, "backup");
+    let snaps = rbd.snaps(&image);
+
+    let started = cli_json(&agent, &["backup", disk, "--sync", "incremental", "--speed", "4MiB"]);
+    let osd = Stopped::stop(osd_pid(&rbd.conf));
+    let t0 = Instant::now();
+    let job = wait_job(&agent, &id(&started), Duration::from_secs(120));
+    let took = t0.elapsed();
+    eprintln!("job failed after {took:?} with the OSD stopped: {}", job["error"]);
+    assert_eq!(job["result"], "failed", "{job:#}");
+    let error = job["error"].as_str().unwrap();
+    assert!(error.contains("timed out"), "the error must name the timeout: {error}");
+    // Each librados op gives up after 30 s, but librbd may chain two (a write
+    // whose object-map update times out then tries to invalidate the map):
+    // observed 30 s and 61 s.
+    assert!(took < Duration::from_secs(95), "the job took {took:?} to notice the hung OSD");
+    let after = bitmap(&agent, disk, "backup");
+    assert_eq!(after["busy"], false, "{after}");
+    assert_eq!(after["dirty_bytes"], before["dirty_bytes"], "{after}");
+    assert_eq!(after["generation"], before["generation"], "{after}");
+    drop(osd);
+    unwedge_test_cluster(&rbd.conf);
+
+    assert_eq!(rbd.snaps(&image), snaps, "a failed backup left a snapshot");
+    let reference = agent.dir().join("ref.raw");
+    capture(&agent, disk, &reference);
+    let job = backup_ok(&agent, &["backup", disk, "--sync", "incremental"]);
+    assert_eq!(u(&job["summary"]["bitmap_generation"]), u(&before["generation"]) + 1);
+    let exported = agent.dir().join("snap.raw");
+    rbd.export(&format!("{image}@{}", snapshot_of(&job)), &exported);
+    assert_same_content("incremental after the OSD came back", &reference, &exported);
+    agent.stop().unwrap();
+}
+
+#[test]
+fn agent_killed_mid_backup_reports_the_job_interrupted_and_the_next_incremental_is_exact() {
+    let b = AgentBuilder::new();
+    let target = b.dir().join("backups/vm1-disk0.raw");
+    let uri = format!("file:{}", target.display());
+    let yaml = vm_yaml("vm1", &[disk_yaml("vm1", "disk0", "32MiB", Some(&uri), None)]);
+    let mut agent = b.vm("vm1", &yaml).start().unwrap();
+    let disk = "vm1/disk0";
+    let mut rng = Rng::from_env(0xb0c4_0005);
+    write_random(&agent, disk, &mut rng, &[(0, 32 * MIB)]);
+    backup_ok(&agent, &["backup", disk, "--sync", "full"]);
+    write_random(&agent, disk, &mut rng, &[(0, 24 * MIB)]);
+    let before = bitmap(&agent, disk, "backup");
+
+    let started = cli_json(&agent, &["backup", disk, "--sync", "incremental", "--speed", "8MiB"]);
+    let job_id = id(&started);
+    // Rewrite the end of the dirty region, which the job has not copied yet.
+    write_random(&agent, disk, &mut rng, &[(20 * MIB, 4 * MIB)]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let j = cli_json(&agent, &["job", "show", &job_id]);
+        assert_ne!(j["state"], "concluded", "the job ended before it could be killed: {j:#}");
+        if u(&j["bytes_done"]) > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no progress: {j:#}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    agent.kill9().unwrap();
+    let agent = agent.respawn().unwrap();
+
+    let jobs = cli_json(&agent, &["jobs", "--all"]);
+    let job = jobs.as_array().unwrap().iter().find(|j| j["id"] == job_id.as_str()).expect("the job survives restarts");
+    assert_eq!(job["state"], "concluded", "{job:#}");
+    assert_eq!(job["result"], "failed", "{job:#}");
+    assert!(job["error"].as_str().unwrap_or_default().contains("Interrupted"), "{job:#}");
+    let after = bitmap(&agent, disk, "backup");
+    assert_eq!(after["consistent"], true, "{after}");
+    assert_eq!(after["busy"], false, "{after}");
+    assert_eq!(after["generation"], before["generation"], "{after}");
+    assert!(u(&after["dirty_bytes"]) >= u(&before["dirty_bytes"]), "bits lost: {before} -> {after}");
+
+    let reference = agent.dir().join("ref.raw");
+    capture(&agent, disk, &reference);
+    let job = backup_ok(&agent, &["backup", disk, "--sync", "incremental"]);
+    assert_eq!(job["summary"]["sync"], "incremental", "{job:#}");
+    let snap = snapshot_of(&job);
+    let file = Target::File(target).snapshot_file(&snap, Path::new("/nonexistent"));
+    assert_same_content("incremental after the kill", &reference, &file);
+    let v = cli_json(&agent, &["verify", disk, "--against", &format!("{uri}@{snap}"), "--wait"]);
+    assert_eq!(v["result"], "success", "{v:#}");
+    // The killed job's copy-before-write scratch file must not live forever.
+    let stale = agent.dir().join(format!("state/scratch/{job_id}.pit"));
+    assert!(!stale.exists(), "scratch file of the killed job left behind: {}", stale.display());
+}
+
+#[test]
+fn backup_requests_that_cannot_work_are_refused_with_a_reason() {
+    let b = AgentBuilder::new();
+    let tdir = b.dir().join("backups");
+    let t = |n: &str| format!("file:{}/{n}.raw", tdir.display());
+    let nobitmap = "  - name: plain\n    image: file:../images/vm1-plain.raw\n    size: 16MiB\n".to_owned();
+    let yaml = vm_yaml("vm1", &[disk_yaml("vm1", "disk0", "16MiB", Some(&t("disk0")), None), nobitmap]);
+    let agent = b.vm("vm1", &yaml).start().unwrap();
+    let disk = "vm1/disk0";
+    let mut rng = Rng::from_env(0xb0c4_0006);
+    write_random(&agent, disk, &mut rng, &[(0, 16 * MIB)]);
+    write_random(&agent, "vm1/plain", &mut rng, &[(0, MIB)]);
+
+    // Incremental without any bitmap.
+    let (_, err) = cli_fails(&agent, &["backup", "vm1/plain", "--sync", "incremental", "--target", &t("plain")]);
+    assert!(err.contains("needs a bitmap"), "{err}");
+    // A bitmap that does not exist.
+    let (_, err) = cli_fails(&agent, &["backup", disk, "--bitmap", "nosuch"]);
+    assert!(err.contains("nosuch"), "{err}");
+    assert!(err.to_lowercase().contains("no bitmap") || err.contains("not found"), "{err}");
+    // A disk that does not exist.
+    let (_, err) = cli_fails(&agent, &["backup", "vm1/nosuch"]);
+    assert!(err.contains("vm1/nosuch"), "{err}");
+    // No target anywhere.
+    let (_, err) = cli_fails(&agent, &["backup", "vm1/plain"]);
+    assert!(err.contains("No backup target"), "{err}");
+
+    // A second backup while one runs: busy.
+    let before = bitmap(&agent, disk, "backup");
+    let slow = cli_json(&agent, &["backup", disk, "--speed", "1MiB"]);
+    let busy = bitmap(&agent, disk, "backup");
+    assert_eq!(busy["busy"], true, "{busy}");
+    assert_eq!(busy["busy_job"], slow["id"], "{busy}");
+    for args in [&["backup", disk][..], &["backup", disk, "--sync", "full", "--target", &t("other")][..]] {
+        let (_, err) = cli_fails(&agent, args);
+        assert!(err.contains("busy"), "{args:?}: {err}");
+    }
+    cli_json(&agent, &["job", "cancel", &id(&slow)]);
+    let job = wait_job(&agent, &id(&slow), Duration::from_secs(20));
+    assert_eq!(job["result"], "cancelled", "{job:#}");
+    let after = bitmap(&agent, disk, "backup");
+    assert_eq!(after["busy"], false, "{after}");
+    assert_eq!(after["dirty_bytes"], before["dirty_bytes"], "cancel dropped bits: {after}");
+    assert_eq!(after["generation"], before["generation"], "{after}");
+
+    // An inconsistent bitmap: its file corrupted while the agent was stopped.
+    let mut agent = agent;
+    agent.stop().unwrap();
+    let file = agent.dir().join("state/bitmaps/vm1/disk0/backup.bitmap");
+    std::fs::OpenOptions::new().write(true).open(&file).unwrap().set_len(1000).unwrap();
+    let mut agent = agent.respawn().unwrap();
+    let b = bitmap(&agent, disk, "backup");
+    assert_eq!(b["consistent"], false, "{b}");
+    let (_, err) = cli_fails(&agent, &["backup", disk]);
+    assert!(err.contains("inconsistent"), "{err}");
+    let (_, err) = cli_fails(&agent, &["backup", disk, "--sync", "full"]);
+    assert!(err.contains("inconsistent"), "{err}");
+    assert!(Target::File(tdir.join("disk0.raw")).snaps().is_empty(), "a refused backup left a snapshot");
+    agent.stop().unwrap();
+}
+
+#[test]
+fn backup_refuses_rbd_targets_that_do_not_fit_and_leaves_them_alone() {
+    let _ceph = ceph_shared();
+    let rbd = Rbd::new();
+    let (ta, tb) = (rbd.image("owner-a"), rbd.image("owner-b"));
+    let (small, large, foreign) = (rbd.image("small"), rbd.image("large"), rbd.image("foreign"));
+    let disks = [
+        disk_yaml("vm1", "a", "16MiB", Some(&format!("rbd:{ta}")), None),
+        disk_yaml("vm1", "b", "16MiB", Some(&format!("rbd:{tb}")), None),
+    ];
+    let mut agent = AgentBuilder::new().extra(&rbd.agent_yaml()).vm("vm1", &vm_yaml("vm1", &disks)).start().unwrap();
+    let mut rng = Rng::from_env(0xb0c4_0007);
+    write_random(&agent, "vm1/a", &mut rng, &[(0, 4 * MIB)]);
+    write_random(&agent, "vm1/b", &mut rng, &[(4 * MIB, 4 * MIB)]);
+    let dir = agent.dir().to_owned();
+
+    // A target that belongs to another disk.
+    let first = backup_ok(&agent, &["backup", "vm1/a"]);
+    let (snaps, meta) = (rbd.snaps(&ta), rbd.meta(&ta));
+    rbd.export(&ta, &dir.join("ta-before.raw"));
+    let b_before = bitmap(&agent, "vm1/b", "backup");
+    for sync in ["full", "incremental"] {
+        let (job, err) =
+            cli_fails(&agent, &["backup", "vm1/b", "--sync", sync, "--target", &format!("rbd:{ta}"), "--wait"]);
+        let error = job.map(|j| j["error"].as_str().unwrap_or_default().to_owned()).unwrap_or_default();
+        assert!(error.contains("belongs to disk vm1/a"), "{sync}: {error}\n{err}");
+    }
+    assert_eq!(rbd.snaps(&ta), snaps, "the other disk's target got a snapshot");
+    assert_eq!(rbd.meta(&ta), meta, "the other disk's target metadata changed");
+    rbd.export(&ta, &dir.join("ta-after.raw"));
+    assert_same_content("the other disk's target", &dir.join("ta-before.raw"), &dir.join("ta-after.raw"));
+    let b_after = bitmap(&agent, "vm1/b", "backup");
+    assert_eq!((&b_after["dirty_bytes"], &b_after["generation"]), (&b_before["dirty_bytes"], &b_before["generation"]));
+    assert_eq!(b_after["busy"], false);
+    // vm1/a's chain is intact: its next incremental still works.
+    let next = backup_ok(&agent, &["backup", "vm1/a", "--sync", "incremental"]);
+    assert_eq!(next["summary"]["sync"], "incremental");
+    assert_ne!(snapshot_of(&next), snapshot_of(&first));
+
+    // Targets of the wrong size, and one holding somebody else's data.
+    rbd.create(&small, "8M");
+    rbd.create(&large, "32M");
+    rbd.create(&foreign, "16M");
+    rbd.cmd(&["bench", "--io-type", "write", "--io-size", "64K", "--io-total", "1M", &foreign]).unwrap();
+    for (image, expect) in [(&small, "8388608 bytes"), (&large, "33554432 bytes"), (&foreign, "not written by rbdsync")]
+    {
+        let (job, err) = cli_fails(&agent, &["backup", "vm1/b", "--target", &format!("rbd:{image}"), "--wait"]);
+        let error = job.map(|j| j["error"].as_str().unwrap_or_default().to_owned()).unwrap_or_default();
+        assert!(error.contains(expect) && error.contains("refusing"), "{image}: {error}\n{err}");
+        assert!(rbd.snaps(image).is_empty(), "{image} got a snapshot");
+        assert!(rbd.meta(image).is_empty(), "{image} got metadata: {:?}", rbd.meta(image));
+    }
+    assert_eq!(rbd.size(&small), 8 * MIB, "the small target was resized");
+    let b_after = bitmap(&agent, "vm1/b", "backup");
+    assert_eq!((&b_after["dirty_bytes"], &b_after["busy"]), (&b_before["dirty_bytes"], &Value::Bool(false)));
+    agent.stop().unwrap();
+}
+
+#[test]
+fn incremental_after_the_chain_broke_is_refused_and_auto_falls_back_to_full() {
+    let b = AgentBuilder::new();
+    let path = b.dir().join("backups/vm1-disk0.raw");
+    let uri = format!("file:{}", path.display());
+    let mut agent =
+        b.vm("vm1", &vm_yaml("vm1", &[disk_yaml("vm1", "disk0", "16MiB", Some(&uri), None)])).start().unwrap();
+    let disk = "vm1/disk0";
+    let mut rng = Rng::from_env(0xb0c4_0008);
+    write_random(&agent, disk, &mut rng, &[(0, 8 * MIB)]);
+    backup_ok(&agent, &["backup", disk, "--sync", "full"]);
+    write_random(&agent, disk, &mut rng, &[(2 * MIB, MIB)]);
+    cli_json(&agent, &["bitmap", "clear", disk, "backup"]);
+    let cleared = bitmap(&agent, disk, "backup");
+    let snaps = Target::File(path.clone()).snaps();
+
+    let (job, err) = cli_fails(&agent, &["backup", disk, "--sync", "incremental", "--wait"]);
+    let error = job.map(|j| j["error"].as_str().unwrap_or_default().to_owned()).unwrap_or_default();
+    assert!(error.contains("Cannot back up incrementally") && error.contains("generation"), "{error}\n{err}");
+    assert_eq!(Target::File(path.clone()).snaps(), snaps);
+    let b = bitmap(&agent, disk, "backup");
+    assert_eq!((&b["generation"], &b["busy"]), (&cleared["generation"], &Value::Bool(false)), "{b}");
+
+    let reference = agent.dir().join("ref.raw");
+    capture(&agent, disk, &reference);
+    let job = backup_ok(&agent, &["backup", disk, "--sync", "incremental", "--auto"]);
+    let s = &job["summary"];
+    assert_eq!(s["sync"], "full", "{job:#}");
+    let note = s["note"].as_str().unwrap_or_default();
+    assert!(note.contains("full instead of incremental") && note.contains("generation"), "{job:#}");
+    let file = Target::File(path.clone()).snapshot_file(&snapshot_of(&job), Path::new("/nonexistent"));
+    assert_same_content("full backup after the chain broke", &reference, &file);
+    // The chain is whole again.
+    let job = backup_ok(&agent, &["backup", disk, "--sync", "incremental"]);
+    assert_eq!(job["summary"]["sync"], "incremental", "{job:#}");
+    agent.stop().unwrap();
+}
+
+#[test]
+fn a_backup_refused_before_the_freeze_fails_the_command_even_without_wait() {
+    let b = AgentBuilder::new();
+    let small = b.dir().join("small.raw");
+    std::fs::File::create(&small).unwrap().set_len(8 * MIB).unwrap();
+    let uri = format!("file:{}", small.display());
+    let mut agent =
+        b.vm("vm1", &vm_yaml("vm1", &[disk_yaml("vm1", "disk0", "16MiB", Some(&uri), None)])).start().unwrap();
+    // `backup` returns once the point in time is fixed; a backup whose target
+    // is refused never gets there, so the command must not report success.
+    let out = cli(&agent, &["--json", "backup", "vm1/disk0"]);
+    let record: Option<Value> = serde_json::from_slice(&out.stdout).ok();
+    assert!(
+        !out.status.success(),
+        "`rbdsync backup` exited 0 for a backup the agent refused: {}\n(job: {})",
+        show(&out),
+        record.map(|r| format!("{} {} {}", r["state"], r["result"], r["error"])).unwrap_or_default()
+    );
+    agent.stop().unwrap();
+}
+
+/// Backs up all disks of VM `g` and checks each snapshot against `refs`.
+fn group_backup(agent: &Agent, rbd: &Rbd, images: &[&str; 2], refs: &[PathBuf; 2]) -> Vec<Value> {
+    let out = cli_json(agent, &["backup", "g", "--wait"]);
+    let jobs = out.as_array().unwrap_or_else(|| panic!("a VM backup returns one job per disk: {out:#}")).clone();
+    assert_eq!(jobs.len(), 2, "{out:#}");
+    for (i, disk) in ["g/d1", "g/d2"].iter().enumerate() {
+        let job = jobs.iter().find(|j| j["disk"] == *disk).unwrap_or_else(|| panic!("no job for {disk}: {out:#}"));
+        assert_success(agent, job);
+        let exported = agent.dir().join("snap.raw");
+        rbd.export(&format!("{}@{}", images[i], snapshot_of(job)), &exported);
+        assert_same_content(&format!("{disk} in the group backup"), &refs[i], &exported);
+    }
+    jobs
+}
+
+#[test]
+fn vm_backup_commits_all_disks_together_or_none() {
+    let _ceph = ceph_shared();
+    let rbd = Rbd::new();
+    let (t1, t2) = (rbd.image("group-1"), rbd.image("group-2"));
+    let disks = [
+        disk_yaml("g", "d1", "16MiB", Some(&format!("rbd:{t1}")), None),
+        disk_yaml("g", "d2", "16MiB", Some(&format!("rbd:{t2}")), None),
+    ];
+    let mut agent = AgentBuilder::new().extra(&rbd.agent_yaml()).vm("g", &vm_yaml("g", &disks)).start().unwrap();
+    let mut rng = Rng::from_env(0xb0c4_0009);
+    let dir = agent.dir().to_owned();
+    let refs = [dir.join("ref1.raw"), dir.join("ref2.raw")];
+    write_random(&agent, "g/d1", &mut rng, &[(0, 6 * MIB)]);
+    write_random(&agent, "g/d2", &mut rng, &[(8 * MIB, 6 * MIB)]);
+    capture(&agent, "g/d1", &refs[0]);
+    capture(&agent, "g/d2", &refs[1]);
+    let jobs = group_backup(&agent, &rbd, &[&t1, &t2], &refs);
+    assert!(jobs.iter().all(|j| j["summary"]["sync"] == "full"), "{jobs:#?}");
+
+    // Disk 2's target becomes unusable: the whole VM backup fails, and disk 1
+    // keeps its chain and its bits.
+    write_random(&agent, "g/d1", &mut rng, &[(MIB, 2 * MIB)]);
+    write_random(&agent, "g/d2", &mut rng, &[(9 * MIB, 2 * MIB)]);
+    rbd.remove(&t2);
+    rbd.create(&t2, "8M");
+    let d1 = bitmap(&agent, "g/d1", "backup");
+    let (snaps1, meta1) = (rbd.snaps(&t1), rbd.meta(&t1));
+    let (out, err) = cli_fails(&agent, &["backup", "g", "--wait"]);
+    let out = out.expect("backup --wait prints the jobs");
+    let jobs = out.as_array().unwrap_or_else(|| panic!("{out:#}"));
+    let by_disk = |d: &str| jobs.iter().find(|j| j["disk"] == d).unwrap_or_else(|| panic!("no job for {d}: {out:#}"));
+    assert_eq!(by_disk("g/d2")["result"], "failed", "{out:#}");
+    assert!(by_disk("g/d2")["error"].as_str().unwrap_or_default().contains("refusing"), "{out:#}\n{err}");
+    assert_eq!(by_disk("g/d1")["result"], "failed", "disk 1 must not commit alone: {out:#}");
+    assert!(by_disk("g/d1")["error"].as_str().unwrap_or_default().contains("rolled back"), "{out:#}");
+    assert_eq!(rbd.snaps(&t1), snaps1, "disk 1 kept a snapshot of a failed VM backup");
+    assert_eq!(rbd.meta(&t1), meta1, "disk 1's target kept metadata of a failed VM backup");
+    let after = bitmap(&agent, "g/d1", "backup");
+    assert_eq!(after["dirty_bytes"], d1["dirty_bytes"], "disk 1 lost bits: {d1} -> {after}");
+    assert_eq!(after["generation"], d1["generation"], "{after}");
+    assert_eq!(after["busy"], false, "{after}");
+
+    // With disk 2's target gone, the next VM backup succeeds: disk 1
+    // incrementally on its intact chain, disk 2 in full to a new target.
+    rbd.remove(&t2);
+    capture(&agent, "g/d1", &refs[0]);
+    capture(&agent, "g/d2", &refs[1]);
+    let jobs = group_backup(&agent, &rbd, &[&t1, &t2], &refs);
+    let sync = |d: &str| jobs.iter().find(|j| j["disk"] == d).unwrap()["summary"]["sync"].clone();
+    assert_eq!(sync("g/d1"), "incremental", "{jobs:#?}");
+    assert_eq!(sync("g/d2"), "full", "{jobs:#?}");
+    agent.stop().unwrap();
+}
+
+#[test]
+fn vm_backup_with_one_disk_busy_leaves_no_job_behind() {
+    let b = AgentBuilder::new();
+    let base = b.dir().join("backups");
+    let t = |n: &str| format!("file:{}/{n}.raw", base.display());
+    let disks = [disk_yaml("h", "a", "16MiB", Some(&t("a")), None), disk_yaml("h", "b", "16MiB", Some(&t("b")), None)];
+    let mut agent = b.vm("h", &vm_yaml("h", &disks)).start().unwrap();
+    let mut rng = Rng::from_env(0xb0c4_000a);
+    write_random(&agent, "h/a", &mut rng, &[(0, 4 * MIB)]);
+    write_random(&agent, "h/b", &mut rng, &[(0, 16 * MIB)]);
+    let jobs = cli_json(&agent, &["backup", "h", "--wait"]);
+    let snap_b = jobs.as_array().unwrap().iter().find(|j| j["disk"] == "h/b").map(snapshot_of).unwrap();
+    write_random(&agent, "h/a", &mut rng, &[(0, MIB)]);
+    // A slow verify occupies disk b (it does not use the bitmap).
+    let verify = cli_json(&agent, &["verify", "h/b", "--against", &format!("{}@{snap_b}", t("b")), "--speed", "1MiB"]);
+    let (_, err) = cli_fails(&agent, &["backup", "h"]);
+    assert!(err.contains("busy"), "{err}");
+    // Whatever the agent did with disk a, nothing may stay running there.
+    std::thread::sleep(Duration::from_secs(2));
+    let running = cli_json(&agent, &["jobs"]);
+    let stuck: Vec<&Value> = running.as_array().unwrap().iter().filter(|j| j["disk"] == "h/a").collect();
+    let a = bitmap(&agent, "h/a", "backup");
+    assert!(
+        stuck.is_empty() && a["busy"] == false,
+        "a refused VM backup left a job on h/a: {stuck:#?}\nbitmap: {a}\nagent log:\n{}",
+        log_tail(&agent)
+    );
+    cli_json(&agent, &["job", "cancel", &id(&verify)]);
+    agent.stop().expect("the agent must stop on SIGTERM");
+}
+
+#[test]
+fn retention_keeps_the_newest_backups_and_never_the_latest_or_foreign_snapshots() {
+    let _ceph = ceph_shared();
+    let rbd = Rbd::new();
+    let image = rbd.image("keep");
+    let yaml = vm_yaml("vm1", &[disk_yaml("vm1", "disk0", "16MiB", Some(&format!("rbd:{image}")), Some(2))]);
+    let mut agent = AgentBuilder::new().extra(&rbd.agent_yaml()).vm("vm1", &yaml).start().unwrap();
+    let disk = "vm1/disk0";
+    let mut rng = Rng::from_env(0xb0c4_000b);
+    let mut backups: Vec<String> = Vec::new();
+    for round in 0..4usize {
+        write_random(&agent, disk, &mut rng, &[(round as u64 * 3 * MIB, MIB)]);
+        let reference = agent.dir().join("ref.raw");
+        capture(&agent, disk, &reference);
+        let job = backup_ok(&agent, &["backup", disk]);
+        let s = &job["summary"];
+        assert_eq!(s["sync"], if round == 0 { "full" } else { "incremental" }, "{job:#}");
+        let snap = snapshot_of(&job);
+        backups.push(snap.clone());
+        let removed: Vec<&str> =
+            s["removed_snapshots"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+        let expect_removed: Vec<&str> = if round >= 2 { vec![backups[round - 2].as_str()] } else { vec![] };
+        assert_eq!(removed, expect_removed, "round {round}: removed snapshots: {job:#}");
+        if round == 0 {
+            // Somebody else's snapshot on the target is none of retention's business.
+            rbd.cmd(&["snap", "create", &format!("{image}@operator-keep")]).unwrap();
+        }
+        let kept = &backups[round.saturating_sub(1)..];
+        let mut expected: Vec<String> = kept.to_vec();
+        expected.push("operator-keep".into());
+        expected.sort();
+        let present = rbd.snaps(&image);
+        assert!(present.contains(&snap), "round {round}: the latest backup {snap} is gone: {present:?}");
+        let mut sorted = present.clone();
+        sorted.sort();
+        assert_eq!(sorted, expected, "round {round}: snapshots on the target");
+        let meta = rbd.meta(&image);
+        let mut described: Vec<&str> = meta.keys().filter_map(|k| k.strip_prefix("rbdsync.snap.")).collect();
+        described.sort();
+        let mut kept_sorted: Vec<&str> = kept.iter().map(String::as_str).collect();
+        kept_sorted.sort();
+        assert_eq!(described, kept_sorted, "round {round}: snapshot metadata on the target");
+        let exported = agent.dir().join("snap.raw");
+        rbd.export(&format!("{image}@{snap}"), &exported);
+        assert_same_content(&format!("round {round}"), &reference, &exported);
+    }
+    agent.stop().unwrap();
+}
+
+#[test]
+fn incremental_backup_never_misses_writes_made_while_the_bitmap_was_disabled() {
+    let b = AgentBuilder::new();
+    let path = b.dir().join("backups/vm1-disk0.raw");
+    let uri = format!("file:{}", path.display());
+    let yaml = vm_yaml("vm1", &[disk_yaml("vm1", "disk0", "16MiB", Some(&uri), None)]);
+    let mut agent = b.vm("vm1", &yaml).start().unwrap();
+    let disk = "vm1/disk0";
+    let mut rng = Rng::from_env(0xb0c4_000c);
+    write_random(&agent, disk, &mut rng, &[(0, 4 * MIB)]);
+    backup_ok(&agent, &["backup", disk, "--sync", "full"]);
+    cli_json(&agent, &["bitmap", "disable", disk, "backup"]);
+    write_random(&agent, disk, &mut rng, &[(8 * MIB, MIB)]);
+    cli_json(&agent, &["bitmap", "enable", disk, "backup"]);
+    write_random(&agent, disk, &mut rng, &[(MIB, MIB)]);
+    let reference = agent.dir().join("ref.raw");
+    capture(&agent, disk, &reference);
+    // The bitmap missed the write at 8 MiB: an incremental backup may be
+    // refused, but if it succeeds its snapshot must still be the disk.
+    let out = cli(&agent, &["--json", "backup", disk, "--sync", "incremental", "--wait"]);
+    if out.status.success() {
+        let job: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let file = Target::File(path.clone()).snapshot_file(&snapshot_of(&job), Path::new("/nonexistent"));
+        assert_same_content("incremental after a disable/enable cycle", &reference, &file);
+    }
+    agent.stop().unwrap();
+}
+
+#[test]
+fn agent_stopped_mid_backup_concludes_the_job_and_keeps_the_bits() {
+    let b = AgentBuilder::new();
+    let target = b.dir().join("backups/vm1-disk0.raw");
+    let uri = format!("file:{}", target.display());
+    let yaml = vm_yaml("vm1", &[disk_yaml("vm1", "disk0", "32MiB", Some(&uri), None)]);
+    let mut agent = b.vm("vm1", &yaml).start().unwrap();
+    let disk = "vm1/disk0";
+    let mut rng = Rng::from_env(0xb0c4_000d);
+    write_random(&agent, disk, &mut rng, &[(0, 32 * MIB)]);
+    backup_ok(&agent, &["backup", disk, "--sync", "full"]);
+    write_random(&agent, disk, &mut rng, &[(0, 24 * MIB)]);
+    let before = bitmap(&agent, disk, "backup");
+    let started = cli_json(&agent, &["backup", disk, "--sync", "incremental", "--speed", "4MiB"]);
+    std::thread::sleep(Duration::from_millis(500));
+    let status = agent.stop().expect("SIGTERM stops the agent while a backup runs");
+    assert!(status.success(), "{status}");
+    let agent = agent.respawn().unwrap();
+    let job = cli_json(&agent, &["job", "show", &id(&started)]);
+    assert_eq!(job["state"], "concluded", "{job:#}");
+    assert_ne!(job["result"], "success", "{job:#}");
+    let after = bitmap(&agent, disk, "backup");
+    assert_eq!(after["consistent"], true, "{after}");
+    assert_eq!(after["busy"], false, "{after}");
+    assert_eq!(after["generation"], before["generation"], "{after}");
+    assert_eq!(after["dirty_bytes"], before["dirty_bytes"], "bits lost at shutdown: {after}");
+    let reference = agent.dir().join("ref.raw");
+    capture(&agent, disk, &reference);
+    let job = backup_ok(&agent, &["backup", disk, "--sync", "incremental"]);
+    let file = Target::File(target).snapshot_file(&snapshot_of(&job), Path::new("/nonexistent"));
+    assert_same_content("incremental after a stop mid-backup", &reference, &file);
+}
+
+#[test]
+fn backup_target_that_is_a_served_disk_is_refused() {
+    let b = AgentBuilder::new();
+    let other = b.dir().join("images/vm1-fresh.raw");
+    let fresh = "  - name: fresh\n    image: file:../images/vm1-fresh.raw\n    size: 16MiB\n".to_owned();
+    let yaml = vm_yaml("vm1", &[disk_yaml("vm1", "disk0", "16MiB", None, None), fresh]);
+    let mut agent = b.vm("vm1", &yaml).start().unwrap();
+    let mut rng = Rng::from_env(0xb0c4_000e);
+    write_random(&agent, "vm1/disk0", &mut rng, &[(0, 4 * MIB)]);
+    // vm1/fresh is a new, still empty disk of a VM: a backup of vm1/disk0
+    // must not take it as its target and overwrite it.
+    let out =
+        cli(&agent, &["--json", "backup", "vm1/disk0", "--target", &format!("file:{}", other.display()), "--wait"]);
+    let seen = agent.dir().join("fresh.raw");
+    capture(&agent, "vm1/fresh", &seen);
+    let content = std::fs::read(&seen).unwrap();
+    let overwritten = content.iter().any(|&b| b != 0);
+    assert!(
+        !out.status.success() && !overwritten,
+        "a backup used the live disk vm1/fresh as its target ({} bytes of it now non-zero): {}",
+        content.iter().filter(|&&b| b != 0).count(),
+        show(&out)
+    );
+    agent.stop().unwrap();
+}
