@@ -174,7 +174,13 @@ async fn open_disk(
     name: &str,
     disk: &DiskConfig,
 ) -> Result<Arc<Export>, DaemonError> {
-    let options = OpenOptions { create_size: disk.size, read_only: disk.read_only };
+    let fence = state_dir.join("fenced").join(format!("{}.json", name.replace('/', "__")));
+    let fenced = fence.exists();
+    if fenced {
+        tracing::warn!(disk = name, fence = %fence.display(), "disk was migrated away; serving it read-only (remove the fence file to take it back)");
+    }
+    let read_only = disk.read_only || fenced;
+    let options = OpenOptions { create_size: disk.size, read_only };
     let (image, bitmaps) = (disk.image.clone(), disk.bitmaps.clone());
     let dir = state_dir.join("bitmaps").join(name);
     let disk_name = name.to_owned();
@@ -189,7 +195,7 @@ async fn open_disk(
     .await;
     let (store, tracked) = opened.unwrap_or_else(|e| Err(DaemonError::Panic(e.to_string())))?;
     let description = format!("{} ({})", name, disk.image);
-    Ok(Arc::new(Export::new(name.to_owned(), description, store, Arc::new(tracked), disk.read_only)))
+    Ok(Arc::new(Export::new(name.to_owned(), description, store, Arc::new(tracked), read_only)))
 }
 
 /// Runs the agent until SIGTERM or SIGINT.
@@ -229,6 +235,7 @@ pub async fn run(config: AgentConfig) -> Result<(), DaemonError> {
         }
     };
     let env = BackupEnv {
+        fence_dir: config.state_dir.join("fenced"),
         tls: tls.clone(),
         stores: disks.stores.clone(),
         scratch_dir: config.state_dir.join("scratch"),

@@ -173,6 +173,7 @@ impl Control {
                 }
                 let ready_threshold = ready_threshold.as_ref().map(Size::bytes).transpose()?.unwrap_or(16 << 20);
                 let tls = self.env.tls.client();
+                let fence = self.env.fence(&disk);
                 let params = MirrorParams {
                     target,
                     sync,
@@ -181,7 +182,7 @@ impl Control {
                     ready_threshold,
                 };
                 let job = self.jobs.start("mirror", &disk, to_json(&params), speed, move |handle| {
-                    mirror::run(handle, export, params, tls)
+                    mirror::run(handle, export, params, tls, fence)
                 })?;
                 Ok(to_json(job.record()))
             }

@@ -99,6 +99,15 @@ pub struct BackupEnv {
     pub node: String,
     /// TLS for outgoing NBD connections (`nbds://` mirror targets).
     pub tls: Arc<crate::nbd::tls::Tls>,
+    /// `STATE_DIR/fenced`: one file per disk migrated away (served read-only).
+    pub fence_dir: PathBuf,
+}
+
+impl BackupEnv {
+    /// The fence file of `disk` (`VM/DISK`).
+    pub fn fence(&self, disk: &str) -> PathBuf {
+        self.fence_dir.join(format!("{}.json", disk.replace('/', "__")))
+    }
 }
 
 /// A set of backups that commit together.

@@ -1,0 +1,1240 @@
+//! Incremental migration end to end: two real agents, the real `rbdsync
+//! migrate` CLI, real NBD clients. The source disk is backed up (full, then
+//! incrementals), a client keeps writing to it through NBD while the mirror
+//! runs, and the destination must end up byte for byte equal to a model of
+//! every acknowledged write; then the stream job detaches it from the
+//! backup. Faults: destination killed mid-mirror, source killed during the
+//! cut-over, migration aborted on the destination mid-mirror, backup cluster
+//! hanging during the stream; and a mirror that must switch itself to
+//! write-blocking to converge.
+//!
+//! RBD tests need `RBDSYNC_TEST_CEPH_CONF` (the ceph.conf of a cluster from
+//! `deploy/dev/ceph-cluster.sh`, pool `backup`); without it they fail. Random
+//! content is seeded (printed; `TEST_SEED=N` replays a run).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use bytes::{BufMut, BytesMut};
+use proto::consts::{errno, info, opt, rep, tflags, IHAVEOPT, SIMPLE_REPLY_MAGIC};
+use serde_json::Value;
+use tests::{agent_bin, run, Agent, AgentBuilder, Rng};
+
+const MIB: u64 = 1 << 20;
+const GRANULE: u64 = 64 << 10;
+const DISK: &str = "vm1/disk0";
+
+// ---------------------------------------------------------------- client CLI
+
+fn control(agent: &Agent) -> String {
+    format!("unix:{}", agent.dir().join("control.sock").display())
+}
+
+fn rbdsync(agent: &Agent) -> Command {
+    let mut cmd = Command::new(agent_bin());
+    cmd.arg("--control").arg(control(agent)).stdin(Stdio::null());
+    cmd
+}
+
+fn show(out: &Output) -> String {
+    format!(
+        "exit {}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// The last lines of an agent's log (NBD connection chatter left out).
+fn log_tail(agent: &Agent) -> String {
+    let log = agent.log();
+    let lines: Vec<&str> = log.lines().filter(|l| !l.contains("agent::nbd")).collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+fn logs(a: &Agent, b: &Agent) -> String {
+    format!("\n--- source log:\n{}\n--- destination log:\n{}", log_tail(a), log_tail(b))
+}
+
+/// `rbdsync --json ARGS`, which must succeed; its JSON output.
+fn cli_json(agent: &Agent, args: &[&str]) -> Value {
+    let out = rbdsync(agent).arg("--json").args(args).output().expect("spawn rbdsync");
+    assert!(out.status.success(), "rbdsync {args:?} failed: {}\nagent log:\n{}", show(&out), log_tail(agent));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("rbdsync {args:?}: bad JSON ({e}): {}", show(&out)))
+}
+
+/// Runs a command, killing it after `limit`.
+fn output_within(mut cmd: Command, limit: Duration) -> Output {
+    let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+    finish_within(child, limit, |_| {})
+}
+
+/// Collects a spawned child's output, killing it after `limit`; `on_line`
+/// sees each stderr line as it arrives.
+fn finish_within(mut child: Child, limit: Duration, mut on_line: impl FnMut(&str)) -> Output {
+    let mut stdout = child.stdout.take().expect("piped stdout");
+    let out = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = stdout.read_to_end(&mut v);
+        v
+    });
+    let stderr = child.stderr.take().expect("piped stderr");
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let err = std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + limit;
+    let mut stderr_text = String::new();
+    let status = loop {
+        while let Ok(line) = rx.try_recv() {
+            on_line(&line);
+            stderr_text.push_str(&line);
+            stderr_text.push('\n');
+        }
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let _ = err.join();
+            stderr_text.extend(rx.try_iter().map(|l| l + "\n"));
+            panic!(
+                "command did not finish within {limit:?}\nstdout: {}\nstderr: {stderr_text}",
+                String::from_utf8_lossy(&out.join().unwrap_or_default())
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let _ = err.join();
+    for line in rx.try_iter() {
+        on_line(&line);
+        stderr_text.push_str(&line);
+        stderr_text.push('\n');
+    }
+    Output { status, stdout: out.join().unwrap_or_default(), stderr: stderr_text.into_bytes() }
+}
+
+fn migrate_cmd(a: &Agent, b: &Agent, json: bool, extra: &[&str]) -> Command {
+    let mut cmd = rbdsync(a);
+    if json {
+        cmd.arg("--json");
+    }
+    cmd.args(["migrate", "vm1", "--to", &control(b)]).args(extra);
+    cmd
+}
+
+/// `rbdsync --json migrate vm1 --to B EXTRA...`, which must succeed; its summary.
+fn migrate_ok(a: &Agent, b: &Agent, extra: &[&str], limit: Duration) -> Value {
+    let started = Instant::now();
+    let out = output_within(migrate_cmd(a, b, true, extra), limit);
+    assert!(out.status.success(), "migrate {extra:?} failed: {}{}", show(&out), logs(a, b));
+    let summary: Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("migrate: bad JSON ({e}): {}", show(&out)));
+    eprintln!("migrate {extra:?} took {:?}: {summary}", started.elapsed());
+    summary
+}
+
+/// The one disk of a migration summary.
+fn migrated_disk(summary: &Value) -> &Value {
+    let disks = summary["disks"].as_array().unwrap_or_else(|| panic!("no disks in {summary:#}"));
+    assert_eq!(disks.len(), 1, "{summary:#}");
+    assert_eq!(disks[0]["disk"], DISK, "{summary:#}");
+    &disks[0]
+}
+
+fn u(v: &Value) -> u64 {
+    v.as_u64().unwrap_or_else(|| panic!("not a number: {v}"))
+}
+
+/// The control API through curl (for what the CLI does not offer).
+fn api(agent: &Agent, method: &str, path: &str) -> (u16, Value) {
+    let sock = agent.dir().join("control.sock");
+    let url = format!("http://agent{path}");
+    let out =
+        run("curl", &["-sS", "--unix-socket", sock.to_str().unwrap(), "-X", method, "-w", "\n%{http_code}", &url])
+            .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or_else(|| panic!("curl: {text}"));
+    let code: u16 = code.trim().parse().unwrap_or_else(|_| panic!("curl: no status in {text}"));
+    let body = if body.trim().is_empty() { Value::Null } else { serde_json::from_str(body).unwrap_or(body.into()) };
+    (code, body)
+}
+
+fn migrations(agent: &Agent) -> Vec<Value> {
+    let (code, list) = api(agent, "GET", "/v1/migrations");
+    assert_eq!(code, 200, "GET /v1/migrations: {list}");
+    list.as_array().unwrap_or_else(|| panic!("{list}")).clone()
+}
+
+/// The states of an agent's migrations, sorted (records only have
+/// second-resolution timestamps, so their order is not known).
+fn migration_states(agent: &Agent) -> Vec<String> {
+    let mut states: Vec<String> =
+        migrations(agent).iter().map(|m| m["state"].as_str().unwrap_or("?").to_owned()).collect();
+    states.sort();
+    states
+}
+
+fn job(agent: &Agent, id: &str) -> Value {
+    cli_json(agent, &["job", "show", id])
+}
+
+/// Polls a job until it concludes.
+fn wait_job(agent: &Agent, id: &str, limit: Duration) -> Value {
+    let deadline = Instant::now() + limit;
+    loop {
+        let j = job(agent, id);
+        if j["state"] == "concluded" {
+            return j;
+        }
+        assert!(Instant::now() < deadline, "job {id} not concluded after {limit:?}: {j}\nlog:\n{}", log_tail(agent));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The jobs of `kind` on an agent, oldest first.
+fn jobs_of(agent: &Agent, kind: &str) -> Vec<Value> {
+    let all = cli_json(agent, &["jobs", "--all"]);
+    all.as_array().unwrap().iter().filter(|j| j["kind"] == kind).cloned().collect()
+}
+
+/// Backs up vm1/disk0 (full the first time, incremental after) and waits.
+fn backup(agent: &Agent) -> Value {
+    let out = cli_json(agent, &["backup", DISK, "--wait"]);
+    let job = if out.is_array() { out[0].clone() } else { out };
+    assert_eq!(job["result"], "success", "backup failed: {job:#}\nlog:\n{}", log_tail(agent));
+    job
+}
+
+fn bitmap(agent: &Agent) -> Value {
+    let list = cli_json(agent, &["bitmap", "list", DISK]);
+    list.as_array()
+        .and_then(|l| l.iter().find(|b| b["name"] == "backup"))
+        .cloned()
+        .unwrap_or_else(|| panic!("no bitmap backup on {DISK}: {list}"))
+}
+
+fn disk_info(agent: &Agent) -> Value {
+    let list = cli_json(agent, &["disks"]);
+    list.as_array()
+        .and_then(|l| l.iter().find(|d| d["name"] == DISK))
+        .cloned()
+        .unwrap_or_else(|| panic!("no {DISK} on the agent: {list}"))
+}
+
+/// Export names `nbdinfo --list` shows on the agent's Unix socket.
+fn listed_exports(agent: &Agent) -> Vec<String> {
+    let uri = format!("nbd+unix://?socket={}", agent.socket().display());
+    let json = run("nbdinfo", &["--list", "--json", &uri]).unwrap();
+    let v: Value = serde_json::from_slice(&json.stdout).unwrap();
+    v["exports"].as_array().into_iter().flatten().filter_map(|e| e["export-name"].as_str().map(String::from)).collect()
+}
+
+// ------------------------------------------------------------ configuration
+
+/// Where the source's backups go (and what the destination is layered on).
+enum Backing<'a> {
+    Rbd(&'a Ceph, String),
+    File(PathBuf),
+}
+
+impl Backing<'_> {
+    fn uri(&self) -> String {
+        match self {
+            Backing::Rbd(_, image) => format!("rbd:{image}"),
+            Backing::File(path) => format!("file:{}", path.display()),
+        }
+    }
+
+    fn builder(&self) -> AgentBuilder {
+        match self {
+            Backing::Rbd(ceph, _) => AgentBuilder::new().extra(&ceph.agent_yaml()),
+            Backing::File(_) => AgentBuilder::new(),
+        }
+    }
+
+    /// Backup snapshot names present.
+    fn snaps(&self) -> Vec<String> {
+        match self {
+            Backing::Rbd(ceph, image) => ceph.snaps(image),
+            Backing::File(path) => {
+                let dir = PathBuf::from(format!("{}.snapshots", path.display()));
+                let mut names: Vec<String> = std::fs::read_dir(&dir)
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix(".raw")).map(String::from))
+                    .collect();
+                names.sort();
+                names
+            }
+        }
+    }
+}
+
+/// Source agent: vm1/disk0 of `size` bytes with bitmap `backup` and backups to `backing`.
+fn source(backing: &Backing, size: u64) -> Agent {
+    let yaml = format!(
+        "name: vm1\ndisks:\n  - name: disk0\n    image: file:../images/vm1-disk0.raw\n    size: {}MiB\n    \
+         bitmaps: [{{name: backup, granularity: 64KiB}}]\n    backup: {{target: \"{}\", bitmap: backup}}\n",
+        size / MIB,
+        backing.uri()
+    );
+    backing.builder().vm("vm1", &yaml).start().unwrap()
+}
+
+/// Destination agent: empty vms.d, able to read the backups.
+fn destination(backing: &Backing) -> Agent {
+    backing.builder().start().unwrap()
+}
+
+/// The sidecar of the destination's image of vm1/disk0.
+fn dest_sidecar(b: &Agent) -> Value {
+    let path = b.dir().join("state/images/vm1-disk0.raw.rbdsync");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap()
+}
+
+// --------------------------------------------------------------------- Ceph
+
+/// RBD tests share the test cluster; the test that stops its OSD holds it alone.
+static CEPH: RwLock<()> = RwLock::new(());
+
+fn ceph_shared() -> RwLockReadGuard<'static, ()> {
+    CEPH.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn ceph_exclusive() -> RwLockWriteGuard<'static, ()> {
+    CEPH.write().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The test cluster; removes the images it named on drop.
+struct Ceph {
+    conf: String,
+    images: Mutex<Vec<String>>,
+}
+
+impl Ceph {
+    fn new() -> Ceph {
+        let conf = std::env::var("RBDSYNC_TEST_CEPH_CONF").unwrap_or_else(|_| {
+            panic!(
+                "RBDSYNC_TEST_CEPH_CONF is not set: RBD migration tests need a test Ceph cluster. Start one with \
+                 `deploy/dev/ceph-cluster.sh up DIR` and export RBDSYNC_TEST_CEPH_CONF=DIR/ceph.conf (tests/run.sh does)"
+            )
+        });
+        assert!(Path::new(&conf).exists(), "RBDSYNC_TEST_CEPH_CONF={conf} does not exist");
+        Ceph { conf, images: Mutex::new(Vec::new()) }
+    }
+
+    fn agent_yaml(&self) -> String {
+        format!("ceph: {{conf: \"{}\", client: admin}}\n", self.conf)
+    }
+
+    /// A fresh image name `backup/mig-TAG-...`, removed with its snapshots on drop.
+    fn image(&self, tag: &str) -> String {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+        let name = format!("backup/mig-{tag}-{}-{nanos:08x}", std::process::id());
+        self.images.lock().unwrap().push(name.clone());
+        name
+    }
+
+    fn rbd(&self, args: &[&str]) -> Result<Output> {
+        let mut full = vec!["60", "rbd", "-c", &self.conf];
+        full.extend(args);
+        run("timeout", &full)
+    }
+
+    fn snaps(&self, image: &str) -> Vec<String> {
+        let out = self.rbd(&["snap", "ls", "--format", "json", image]).unwrap();
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        v.as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap().to_owned()).collect()
+    }
+
+    /// The test cluster's OSD (pid file `DIR/run/osd.0.pid`, DIR = the conf's directory).
+    fn osd_pid(&self) -> libc::pid_t {
+        let dir = Path::new(&self.conf).parent().unwrap();
+        let file = dir.join("run/osd.0.pid");
+        let pid: libc::pid_t = std::fs::read_to_string(&file)
+            .unwrap_or_else(|e| panic!("{}: {e}", file.display()))
+            .trim()
+            .parse()
+            .unwrap();
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        assert!(
+            cmdline.contains("ceph-osd") && cmdline.contains(&self.conf),
+            "pid {pid} is not the test OSD: {cmdline}"
+        );
+        pid
+    }
+
+    /// `ceph -c CONF ARGS` with a hard timeout (without a quorum it waits forever).
+    fn ceph(&self, args: &[&str]) -> Result<Output> {
+        let mut full = vec!["20", "ceph", "-c", &self.conf, "--connect-timeout", "10"];
+        full.extend(args);
+        run("timeout", &full)
+    }
+
+    /// After a SIGSTOP longer than the read lease, the PGs of the single-OSD
+    /// test cluster stay `laggy` (ops "waiting for readable") until they
+    /// re-peer, which hangs every client. Marking the OSD down makes it
+    /// re-assert itself and re-peer; then wait until every PG is active+clean.
+    /// (Same remedy as tests/backup.rs.)
+    fn repeer(&self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        self.ceph(&["osd", "down", "0"])?;
+        let pools: Value =
+            serde_json::from_slice(&self.ceph(&["osd", "pool", "ls", "detail", "--format", "json"])?.stdout)?;
+        let pgs: Vec<String> = pools
+            .as_array()
+            .context("pool list")?
+            .iter()
+            .flat_map(|p| (0..p["pg_num"].as_u64().unwrap_or(0)).map(move |i| format!("{}.{i:x}", p["pool_id"])))
+            .collect();
+        loop {
+            let up = self
+                .ceph(&["osd", "dump", "--format", "json"])
+                .ok()
+                .and_then(|o| serde_json::from_slice::<Value>(&o.stdout).ok())
+                .is_some_and(|v| v["osds"][0]["up"] == 1);
+            let clean = up
+                && pgs.iter().all(|pg| {
+                    self.ceph(&["pg", pg, "query"])
+                        .ok()
+                        .and_then(|o| serde_json::from_slice::<Value>(&o.stdout).ok())
+                        .is_some_and(|v| v["state"] == "active+clean")
+                });
+            if clean {
+                return Ok(());
+            }
+            ensure!(Instant::now() < deadline, "PGs not active+clean 60 s after the OSD was resumed");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Ceph {
+    fn drop(&mut self) {
+        for image in self.images.lock().map(|v| v.clone()).unwrap_or_default() {
+            if self.rbd(&["info", &image]).is_ok() {
+                let _ = self.rbd(&["snap", "purge", &image]);
+                if let Err(e) = self.rbd(&["rm", &image]) {
+                    eprintln!("cleanup: cannot remove {image}: {e:#}");
+                }
+            }
+        }
+    }
+}
+
+/// The test cluster's OSD, SIGSTOPped; on drop (also when the test panics)
+/// SIGCONTed and re-peered.
+struct StoppedOsd<'a> {
+    ceph: &'a Ceph,
+    pid: libc::pid_t,
+}
+
+impl<'a> StoppedOsd<'a> {
+    fn stop(ceph: &'a Ceph) -> StoppedOsd<'a> {
+        let pid = ceph.osd_pid();
+        // SAFETY: kill(2) with a pid read from the test cluster's pid file and checked by osd_pid.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0, "SIGSTOP {pid}");
+        StoppedOsd { ceph, pid }
+    }
+}
+
+impl Drop for StoppedOsd<'_> {
+    fn drop(&mut self) {
+        // SAFETY: as in `stop`.
+        unsafe { libc::kill(self.pid, libc::SIGCONT) };
+        if let Err(e) = self.ceph.repeer() {
+            eprintln!("the test cluster did not recover after the OSD was resumed: {e:#}");
+        }
+    }
+}
+
+// ------------------------------------------------------------------ NBD I/O
+
+/// A minimal NBD client on the Unix socket: GO, simple replies, one request
+/// at a time, so the outcome of every request is known exactly.
+struct Nbd {
+    s: UnixStream,
+    cookie: u64,
+    size: u64,
+    flags: u16,
+}
+
+impl Nbd {
+    fn connect(socket: &Path, export: &str) -> Result<Nbd> {
+        let mut s = UnixStream::connect(socket).with_context(|| format!("connect {}", socket.display()))?;
+        s.set_read_timeout(Some(Duration::from_secs(90)))?;
+        let mut greeting = [0u8; 18];
+        s.read_exact(&mut greeting)?;
+        let mut out = BytesMut::new();
+        out.put_u32(3); // FIXED_NEWSTYLE | NO_ZEROES
+        out.put_u64(IHAVEOPT);
+        out.put_u32(opt::GO);
+        out.put_u32(4 + export.len() as u32 + 2);
+        out.put_u32(export.len() as u32);
+        out.put_slice(export.as_bytes());
+        out.put_u16(0);
+        s.write_all(&out)?;
+        let (mut size, mut flags) = (0, 0);
+        loop {
+            let mut head = [0u8; 20];
+            s.read_exact(&mut head)?;
+            let ty = u32::from_be_bytes(head[12..16].try_into()?);
+            let len = u32::from_be_bytes(head[16..20].try_into()?) as usize;
+            let mut body = vec![0u8; len];
+            s.read_exact(&mut body)?;
+            ensure!(ty & rep::ERR_BIT == 0, "option error {ty:#x}: {}", String::from_utf8_lossy(&body));
+            if ty == rep::INFO && body.len() >= 12 && u16::from_be_bytes([body[0], body[1]]) == info::EXPORT {
+                size = u64::from_be_bytes(body[2..10].try_into()?);
+                flags = u16::from_be_bytes(body[10..12].try_into()?);
+            }
+            if ty == rep::ACK {
+                return Ok(Nbd { s, cookie: 1, size, flags });
+            }
+        }
+    }
+
+    fn read_only(&self) -> bool {
+        self.flags & tflags::READ_ONLY != 0
+    }
+
+    /// Sends one request; returns the reply's NBD errno.
+    fn request(&mut self, command: proto::Command, offset: u64, length: u32, payload: &[u8]) -> Result<u32> {
+        self.cookie += 1;
+        let mut out = BytesMut::with_capacity(28 + payload.len());
+        proto::Request { cookie: self.cookie, command, flags: 0, offset, length }.encode(&mut out);
+        out.put_slice(payload);
+        self.s.write_all(&out)?;
+        let mut reply = [0u8; 16];
+        self.s.read_exact(&mut reply)?;
+        let magic = u32::from_be_bytes(reply[0..4].try_into()?);
+        let err = u32::from_be_bytes(reply[4..8].try_into()?);
+        let cookie = u64::from_be_bytes(reply[8..16].try_into()?);
+        ensure!(magic == SIMPLE_REPLY_MAGIC && cookie == self.cookie, "bad reply {reply:?}");
+        Ok(err)
+    }
+
+    /// Writes; returns the NBD errno (0 = acknowledged).
+    fn write(&mut self, offset: u64, data: &[u8]) -> Result<u32> {
+        self.request(proto::Command::Write, offset, data.len() as u32, data)
+    }
+
+    /// Reads; the data, or the NBD errno.
+    fn read(&mut self, offset: u64, length: u32) -> Result<std::result::Result<Vec<u8>, u32>> {
+        let err = self.request(proto::Command::Read, offset, length, &[])?;
+        if err != 0 {
+            return Ok(Err(err));
+        }
+        let mut buf = vec![0u8; length as usize];
+        self.s.read_exact(&mut buf)?;
+        Ok(Ok(buf))
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        let err = self.request(proto::Command::Flush, 0, 0, &[])?;
+        ensure!(err == 0, "flush failed: NBD errno {err}");
+        Ok(())
+    }
+}
+
+/// What the disk must contain: every acknowledged write, in order.
+type Model = Arc<Mutex<Vec<u8>>>;
+
+fn new_model(size: u64) -> Model {
+    Arc::new(Mutex::new(vec![0u8; size as usize]))
+}
+
+/// Writes random data over `ranges` (in pieces of at most 1 MiB); each must be acknowledged.
+fn write_ranges(conn: &mut Nbd, model: &Model, rng: &mut Rng, ranges: &[(u64, u64)]) {
+    let mut buf = vec![0u8; MIB as usize];
+    for &(offset, length) in ranges {
+        let mut pos = offset;
+        while pos < offset + length {
+            let n = MIB.min(offset + length - pos) as usize;
+            rng.fill(&mut buf[..n]);
+            let err = conn.write(pos, &buf[..n]).unwrap();
+            assert_eq!(err, 0, "write of {n} bytes at {pos} failed: NBD errno {err}");
+            model.lock().unwrap()[pos as usize..pos as usize + n].copy_from_slice(&buf[..n]);
+            pos += n as u64;
+        }
+    }
+}
+
+/// Granule indexes that `ranges` touch.
+fn granules_of(ranges: &[(u64, u64)]) -> std::collections::BTreeSet<u64> {
+    ranges.iter().flat_map(|&(o, l)| o / GRANULE..(o + l).div_ceil(GRANULE)).collect()
+}
+
+/// `count` random 64 KiB-aligned ranges of 64 KiB to 1 MiB inside `0..size`.
+fn random_ranges(rng: &mut Rng, size: u64, count: usize) -> Vec<(u64, u64)> {
+    (0..count)
+        .map(|_| {
+            let len = GRANULE * (1 + rng.below(16));
+            (GRANULE * rng.below((size - len) / GRANULE + 1), len)
+        })
+        .collect()
+}
+
+/// The export's content, read with `qemu-img convert` (a client independent of ours).
+fn read_export(uri: &str, scratch: &Path) -> Vec<u8> {
+    let _ = std::fs::remove_file(scratch);
+    run("qemu-img", &["convert", "-f", "raw", "-O", "raw", uri, scratch.to_str().unwrap()]).unwrap();
+    let data = std::fs::read(scratch).unwrap();
+    let _ = std::fs::remove_file(scratch);
+    data
+}
+
+/// The export at `uri` must hold exactly the model's bytes.
+fn assert_model(what: &str, uri: &str, model: &Model, scratch: &Path) {
+    let actual = read_export(uri, scratch);
+    let expected = model.lock().unwrap();
+    assert_eq!(actual.len(), expected.len(), "{what}: size differs");
+    if actual[..] != expected[..] {
+        let first = actual.iter().zip(expected.iter()).position(|(x, y)| x != y).unwrap_or(0);
+        let bad: Vec<usize> = actual
+            .chunks(GRANULE as usize)
+            .zip(expected.chunks(GRANULE as usize))
+            .enumerate()
+            .filter(|(_, (x, y))| x != y)
+            .map(|(i, _)| i)
+            .collect();
+        let zeroes = bad
+            .iter()
+            .filter(|&&g| actual[g * GRANULE as usize..(g + 1) * GRANULE as usize].iter().all(|&b| b == 0))
+            .count();
+        panic!(
+            "{what}: {uri} differs from the acknowledged writes: first difference at byte {first}, {} of {} 64 KiB \
+             granules differ ({zeroes} of them read as zeroes): granules {:?}",
+            bad.len(),
+            actual.len() / GRANULE as usize,
+            &bad[..bad.len().min(32)]
+        );
+    }
+}
+
+/// Two exports must be identical (`qemu-img compare`).
+fn assert_identical(what: &str, a: &str, b: &str) {
+    let out = Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw", a, b]).output().unwrap();
+    assert!(out.status.success(), "{what}: qemu-img compare {a} {b}: {}", show(&out));
+}
+
+// ------------------------------------------------------------------- writer
+
+/// How a writer ended.
+#[derive(Debug, Default)]
+struct WriterLog {
+    acked: u64,
+    /// Granules its acknowledged writes touched.
+    granules: std::collections::BTreeSet<u64>,
+    /// The NBD errno that stopped it (EPERM once the source is read-only).
+    refused: Option<u32>,
+    error: Option<String>,
+}
+
+/// A client writing random 64 KiB granules (picked from `granules`) at
+/// `rate` bytes/s, one request at a time, until stopped or refused; every
+/// acknowledged write goes into the model.
+struct Writer {
+    stop: Arc<AtomicBool>,
+    acked: Arc<AtomicU64>,
+    thread: Option<std::thread::JoinHandle<WriterLog>>,
+}
+
+impl Writer {
+    fn start(socket: PathBuf, model: Model, granules: Vec<u64>, rate: u64, seed: u64) -> Writer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked = Arc::new(AtomicU64::new(0));
+        let (stop2, acked2) = (stop.clone(), acked.clone());
+        let thread = std::thread::spawn(move || {
+            let mut log = WriterLog::default();
+            if let Err(e) = Self::body(&socket, &model, &granules, rate, seed, &stop2, &acked2, &mut log) {
+                log.error = Some(format!("{e:#}"));
+            }
+            log
+        });
+        Writer { stop, acked, thread: Some(thread) }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn body(
+        socket: &Path,
+        model: &Model,
+        granules: &[u64],
+        rate: u64,
+        seed: u64,
+        stop: &AtomicBool,
+        acked: &AtomicU64,
+        log: &mut WriterLog,
+    ) -> Result<()> {
+        let mut conn = Nbd::connect(socket, DISK)?;
+        let mut rng = Rng::new(seed);
+        let mut buf = vec![0u8; GRANULE as usize];
+        let interval = Duration::from_secs_f64(GRANULE as f64 / rate as f64);
+        let mut next = Instant::now();
+        while !stop.load(SeqCst) {
+            let g = granules[rng.below(granules.len() as u64) as usize];
+            rng.fill(&mut buf);
+            let err = conn.write(g * GRANULE, &buf)?;
+            if err != 0 {
+                log.refused = Some(err);
+                return Ok(());
+            }
+            let at = (g * GRANULE) as usize;
+            model.lock().unwrap()[at..at + buf.len()].copy_from_slice(&buf);
+            log.acked += 1;
+            log.granules.insert(g);
+            acked.fetch_add(1, SeqCst);
+            next += interval;
+            match next.checked_duration_since(Instant::now()) {
+                Some(wait) => std::thread::sleep(wait),
+                None => next = Instant::now(),
+            }
+        }
+        Ok(())
+    }
+
+    fn acked(&self) -> u64 {
+        self.acked.load(SeqCst)
+    }
+
+    fn running(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
+    /// Waits until at least `n` writes were acknowledged in total.
+    fn wait_acked(&self, n: u64) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.acked() < n {
+            assert!(self.running(), "writer ended early");
+            assert!(Instant::now() < deadline, "writer made no progress ({} writes)", self.acked());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Stops the writer (if it did not end by itself) and returns its log.
+    fn finish(mut self) -> WriterLog {
+        self.stop.store(true, SeqCst);
+        self.thread.take().unwrap().join().expect("writer panicked")
+    }
+
+    /// Waits up to `limit` for the writer to end by itself (refused), then stops it.
+    fn wait_refused(self, limit: Duration) -> WriterLog {
+        let deadline = Instant::now() + limit;
+        while self.running() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.finish()
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.stop.store(true, SeqCst);
+    }
+}
+
+// ===================================================================== tests
+
+/// Data, a full backup and two incrementals with writes in between, then
+/// more writes; returns the granules dirtied since the last backup.
+fn build_backup_chain(a: &Agent, model: &Model, rng: &mut Rng, size: u64) -> std::collections::BTreeSet<u64> {
+    let mut conn = Nbd::connect(&a.socket(), DISK).unwrap();
+    let chunks = size / MIB;
+    // Every other MiB, some more at random, and always the last one.
+    let data: Vec<(u64, u64)> =
+        (0..chunks).filter(|&i| i % 2 == 0 || i == chunks - 1 || rng.below(3) == 0).map(|i| (i * MIB, MIB)).collect();
+    write_ranges(&mut conn, model, rng, &data);
+    let full = backup(a);
+    assert_eq!(full["summary"]["sync"], "full", "{full:#}");
+    for round in 0..2 {
+        let ranges = random_ranges(rng, size, 12);
+        write_ranges(&mut conn, model, rng, &ranges);
+        let dirty = u(&bitmap(a)["dirty_bytes"]);
+        assert_eq!(dirty, granules_of(&ranges).len() as u64 * GRANULE, "round {round}: bitmap dirty bytes");
+        let inc = backup(a);
+        assert_eq!(inc["summary"]["sync"], "incremental", "round {round}: {inc:#}");
+        assert!(u(&inc["summary"]["bytes_written"]) <= dirty, "round {round}: {inc:#}");
+    }
+    // The writes since the last backup: the mirror is seeded with exactly these.
+    let mut ranges = random_ranges(rng, size, 8);
+    ranges.push((size / 2, 2 * MIB));
+    write_ranges(&mut conn, model, rng, &ranges);
+    granules_of(&ranges)
+}
+
+/// Full lifecycle: chain of backups, migration under writes, equality,
+/// stream, backups removed, destination independent and writable.
+fn lifecycle(backing: &Backing, default_seed: u64) {
+    let size = 64 * MIB;
+    let mut rng = Rng::from_env(default_seed);
+    let mut a = source(backing, size);
+    let mut b = destination(backing);
+    let scratch = b.dir().join("scratch.raw");
+    let model = new_model(size);
+    let seeded = build_backup_chain(&a, &model, &mut rng, size);
+    let snaps = backing.snaps();
+    assert_eq!(snaps.len(), 3, "a full and two incremental backups: {snaps:?}");
+    let d0 = u(&bitmap(&a)["dirty_bytes"]);
+    assert_eq!(d0, seeded.len() as u64 * GRANULE, "bitmap dirty bytes after the last writes");
+
+    // A client keeps writing random granules anywhere on the disk (1 MiB/s)
+    // through the whole migration, until the source refuses writes.
+    let everywhere: Vec<u64> = (0..size / GRANULE).collect();
+    let writer = Writer::start(a.socket(), model.clone(), everywhere, MIB, rng.next_u64());
+    writer.wait_acked(5);
+    let before = writer.acked();
+    let started = Instant::now();
+    let summary = migrate_ok(&a, &b, &["--speed", "4MiB", "--ready-threshold", "256KiB"], Duration::from_secs(60));
+    let took = started.elapsed();
+    let log = writer.wait_refused(Duration::from_secs(10));
+    assert!(log.error.is_none(), "writer failed: {log:?}");
+    assert_eq!(
+        log.refused,
+        Some(errno::EPERM),
+        "after the cut-over the source must refuse writes with EPERM (writer: {} writes acknowledged)",
+        log.acked
+    );
+    let during = log.acked - before;
+    let d = migrated_disk(&summary);
+    let (sent, initial, disk_size) = (u(&d["bytes_sent"]), u(&d["initial_dirty_bytes"]), u(&d["disk_size"]));
+    let written = log.granules.len() as u64 * GRANULE;
+    let bound = ((d0 + log.acked * GRANULE) as f64 * 1.1 / GRANULE as f64).ceil() as u64 * GRANULE;
+    eprintln!(
+        "migration via {}: {took:?}; dirty at start {d0} (mirror seeded with {initial}), writer: {} writes \
+         acknowledged ({during} after migrate started, {written} bytes of distinct granules) then {:?}; \
+         bytes_sent {sent} (bound {bound}), disk {disk_size}, downtime {} ms, passes {}",
+        backing.uri(),
+        log.acked,
+        log.refused,
+        d["downtime_ms"],
+        d["passes"]
+    );
+    assert_eq!(disk_size, size);
+    assert!(during >= 5, "the writer barely wrote during the migration ({during} writes)");
+    assert!(initial >= d0, "the mirror was seeded with {initial} bytes, but {d0} were dirty before it started");
+    assert!(initial <= d0 + written, "seeded with {initial} > dirty {d0} + written {written}");
+    assert!(sent >= initial, "sent {sent} < seeded {initial}: dirty granules were never sent");
+    assert!(
+        sent <= bound,
+        "sent {sent} bytes, more than 1.1 x (dirty {d0} + {} written) = {bound}",
+        log.acked * GRANULE
+    );
+    assert!(sent < size / 4, "sent {sent} of {size} bytes: not incremental");
+    assert!(u(&d["downtime_ms"]) < 5000, "downtime {} ms", d["downtime_ms"]);
+    let stream_jobs = summary["stream_jobs"].as_array().unwrap_or_else(|| panic!("{summary:#}")).clone();
+    assert_eq!(stream_jobs.len(), 1, "{summary:#}");
+
+    // The source is read-only now; the destination serves the disk, equal to
+    // the source and to every acknowledged write, before anything writes to it.
+    assert_eq!(disk_info(&a)["read_only"], true, "the source disk must be read-only after the cut-over");
+    assert!(Nbd::connect(&a.socket(), DISK).unwrap().read_only(), "the source export must advertise READ_ONLY");
+    assert!(listed_exports(&b).contains(&DISK.to_owned()), "{DISK} not listed on the destination");
+    assert_identical("source vs destination after the cut-over", &a.unix_uri(DISK), &b.unix_uri(DISK));
+    assert_model("destination after the cut-over", &b.unix_uri(DISK), &model, &scratch);
+    let records = migrations(&b);
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0]["state"], "active", "{records:?}");
+    assert!(records[0].get("token").is_none(), "the API shows the migration token: {records:?}");
+
+    // The stream copies the rest from the backup and detaches it.
+    let streams: Vec<Value> = jobs_of(&b, "stream").iter().map(|j| j["id"].clone()).collect();
+    assert_eq!(streams, stream_jobs, "`jobs --all` on the destination");
+    let stream = wait_job(&b, stream_jobs[0].as_str().unwrap(), Duration::from_secs(60));
+    assert_eq!(stream["result"], "success", "stream failed: {stream:#}{}", logs(&a, &b));
+    assert_eq!(stream["kind"], "stream");
+    let latest = snaps.last().unwrap();
+    assert_eq!(stream["summary"]["parent"], format!("{}@{latest}", backing.uri()), "{stream:#}");
+    let sidecar = dest_sidecar(&b);
+    assert_eq!(sidecar["parent"], Value::Null, "the destination still has a parent: {sidecar:#}");
+    assert!(!b.dir().join("state/images/vm1-disk0.raw.owned").exists(), "owned map left behind");
+
+    // The backups can go now.
+    match backing {
+        Backing::Rbd(ceph, image) => {
+            ceph.rbd(&["snap", "purge", image]).unwrap();
+            assert!(ceph.snaps(image).is_empty());
+        }
+        Backing::File(path) => {
+            let meta = std::fs::read_to_string(format!("{}.rbdsync", path.display())).unwrap();
+            let meta: Value = serde_json::from_str(&meta).unwrap();
+            assert_eq!(
+                meta["children"],
+                serde_json::json!([]),
+                "the detached destination is still registered as a child of the backup: {meta:#}"
+            );
+            let dir = path.parent().unwrap();
+            std::fs::rename(dir, dir.with_extension("gone")).unwrap();
+        }
+    }
+    assert_model("destination after the backups were removed", &b.unix_uri(DISK), &model, &scratch);
+    b = b.restart().unwrap();
+    assert_model("destination restarted without its backups", &b.unix_uri(DISK), &model, &scratch);
+
+    // The destination is an ordinary writable disk.
+    let mut conn = Nbd::connect(&b.socket(), DISK).unwrap();
+    assert!(!conn.read_only());
+    assert_eq!(conn.size, size);
+    let ranges = random_ranges(&mut rng, size, 8);
+    write_ranges(&mut conn, &model, &mut rng, &ranges);
+    conn.flush().unwrap();
+    drop(conn);
+    assert_model("destination after writes", &b.unix_uri(DISK), &model, &scratch);
+    assert!(b.stop().unwrap().success(), "destination did not stop cleanly:\n{}", log_tail(&b));
+    assert!(a.stop().unwrap().success(), "source did not stop cleanly:\n{}", log_tail(&a));
+}
+
+#[test]
+fn migration_on_rbd_backups_under_writes_is_exact_and_streams_off_the_backup() {
+    let _ceph = ceph_shared();
+    let ceph = Ceph::new();
+    let backing = Backing::Rbd(&ceph, ceph.image("life"));
+    lifecycle(&backing, 0x3141_0001);
+}
+
+#[test]
+fn migration_on_file_backups_under_writes_is_exact_and_streams_off_the_backup() {
+    let store = tempfile::tempdir().unwrap();
+    let backing = Backing::File(store.path().join("backups/vm1-disk0.raw"));
+    lifecycle(&backing, 0x3141_0002);
+}
+
+/// A 32 MiB source with a full backup and `dirty_mib` MiB written since.
+fn small_setup(
+    backing: &Backing,
+    rng: &mut Rng,
+    dirty_mib: u64,
+) -> (Agent, Agent, Model, std::collections::BTreeSet<u64>) {
+    let size = 32 * MIB;
+    let a = source(backing, size);
+    let b = destination(backing);
+    let model = new_model(size);
+    let mut conn = Nbd::connect(&a.socket(), DISK).unwrap();
+    let data: Vec<(u64, u64)> = (0..size / MIB).filter(|_| rng.below(4) != 0).map(|i| (i * MIB, MIB)).collect();
+    write_ranges(&mut conn, &model, rng, &data);
+    backup(&a);
+    let ranges: Vec<(u64, u64)> = (0..dirty_mib).map(|i| (2 * i * MIB, MIB)).collect();
+    write_ranges(&mut conn, &model, rng, &ranges);
+    (a, b, model, granules_of(&ranges))
+}
+
+enum MirrorFault {
+    /// SIGKILL the destination agent.
+    KillDestination,
+    /// Abort the migration on the destination (what a lost network looks like
+    /// to the source: the mirror's NBD connection is closed).
+    AbortOnDestination,
+}
+
+/// Interrupts a slow mirror while a client writes to the source: the
+/// migration fails, the source keeps working with its bitmap intact, a retry
+/// succeeds and the destination equals every acknowledged write.
+fn interrupted_mirror(fault: MirrorFault, default_seed: u64) {
+    let store = tempfile::tempdir().unwrap();
+    let backing = Backing::File(store.path().join("backups/vm1-disk0.raw"));
+    let mut rng = Rng::from_env(default_seed);
+    let (a, mut b, model, seeded) = small_setup(&backing, &mut rng, 8);
+    let scratch = a.dir().join("scratch.raw");
+    let before = bitmap(&a);
+    assert_eq!(u(&before["dirty_bytes"]), seeded.len() as u64 * GRANULE);
+
+    let everywhere: Vec<u64> = (0..32 * MIB / GRANULE).collect();
+    let writer = Writer::start(a.socket(), model.clone(), everywhere, MIB, rng.next_u64());
+    writer.wait_acked(3);
+    // 8 MiB at 1 MiB/s, never ready (threshold 0 while the writer writes).
+    let child = migrate_cmd(&a, &b, false, &["--speed", "1MiB", "--ready-threshold", "0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until the mirror copied some of it.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mirror = loop {
+        let running: Vec<Value> = jobs_of(&a, "mirror").into_iter().filter(|j| j["state"] == "running").collect();
+        if let Some(j) = running.first().filter(|j| u(&j["bytes_done"]) >= 2 * MIB) {
+            break j.clone();
+        }
+        assert!(Instant::now() < deadline, "no mirror progress on the source{}", logs(&a, &b));
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let id = mirror["id"].as_str().unwrap().to_owned();
+    eprintln!("mirror {id} at {} of {} bytes: interrupting it", mirror["bytes_done"], mirror["bytes_total"]);
+    let fault_at = Instant::now();
+    match fault {
+        MirrorFault::KillDestination => {
+            b.kill9().unwrap();
+        }
+        MirrorFault::AbortOnDestination => {
+            let records = migrations(&b);
+            let prepared: Vec<&Value> = records.iter().filter(|m| m["state"] == "prepared").collect();
+            assert_eq!(prepared.len(), 1, "{records:?}");
+            let mid = prepared[0]["id"].as_str().unwrap();
+            let (code, body) = api(&b, "POST", &format!("/v1/migrations/{mid}/abort"));
+            assert_eq!(code, 200, "abort: {body}");
+            assert_eq!(body["state"], "aborted", "{body}");
+        }
+    }
+    let out = finish_within(child, Duration::from_secs(30), |_| {});
+    let failed_after = fault_at.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    eprintln!("migrate failed {failed_after:?} after the fault: {}", stderr.trim());
+    assert!(!out.status.success(), "migrate succeeded although the mirror was interrupted: {}", show(&out));
+    assert!(
+        stderr.contains("mirror of vm1/disk0 ended") && stderr.contains("the source is unchanged"),
+        "migrate must say why it failed and that the source is unchanged: {stderr}"
+    );
+    assert!(failed_after < Duration::from_secs(10), "migrate took {failed_after:?} to notice the fault");
+    let mirror = wait_job(&a, &id, Duration::from_secs(10));
+    assert_eq!(mirror["result"], "failed", "{mirror:#}");
+    eprintln!("mirror error: {}", mirror["error"]);
+
+    // The source is still writable, and its bitmap lost nothing.
+    let acked = writer.acked();
+    writer.wait_acked(acked + 3);
+    let log = writer.finish();
+    assert!(
+        log.error.is_none() && log.refused.is_none(),
+        "the source refused writes after a failed migration: {log:?}"
+    );
+    assert_eq!(disk_info(&a)["read_only"], false);
+    let after = bitmap(&a);
+    let expected: std::collections::BTreeSet<u64> = seeded.union(&log.granules).copied().collect();
+    assert_eq!(
+        u(&after["dirty_bytes"]),
+        expected.len() as u64 * GRANULE,
+        "bitmap after the failed migration (before: {before}, after: {after})"
+    );
+    assert_eq!(after["busy"], false, "{after}");
+    assert_eq!(after["generation"], before["generation"], "{after}");
+    assert_model("source after the failed migration", &a.unix_uri(DISK), &model, &scratch);
+
+    // The destination shows nothing of it, also after a restart.
+    if matches!(fault, MirrorFault::KillDestination) {
+        b = b.respawn().unwrap();
+    }
+    assert!(!listed_exports(&b).contains(&DISK.to_owned()), "half-copied {DISK} visible on the destination");
+    let records = migrations(&b);
+    eprintln!("destination migrations after the fault: {records:?}");
+    assert_eq!(records.len(), 1, "{records:?}");
+    match fault {
+        MirrorFault::KillDestination => assert_eq!(records[0]["state"], "prepared", "{records:?}"),
+        MirrorFault::AbortOnDestination => {
+            assert_eq!(records[0]["state"], "aborted", "{records:?}");
+            assert!(!b.dir().join("vms.d/vm1.yaml").exists(), "abort left the VM file");
+            assert!(!b.dir().join("state/images/vm1-disk0.raw").exists(), "abort left the image");
+        }
+    }
+
+    // A retry works and is exact.
+    let summary = migrate_ok(&a, &b, &[], Duration::from_secs(60));
+    let d = migrated_disk(&summary);
+    assert_eq!(u(&d["initial_dirty_bytes"]), expected.len() as u64 * GRANULE, "{summary:#}");
+    assert_identical("source vs destination after the retry", &a.unix_uri(DISK), &b.unix_uri(DISK));
+    assert_model("destination after the retry", &b.unix_uri(DISK), &model, &scratch);
+    assert_eq!(migration_states(&b), ["aborted", "active"], "destination migrations");
+}
+
+#[test]
+fn destination_killed_mid_mirror_fails_the_migration_cleanly_and_a_retry_succeeds() {
+    interrupted_mirror(MirrorFault::KillDestination, 0x3141_0003);
+}
+
+#[test]
+fn migration_aborted_on_the_destination_mid_mirror_fails_cleanly_and_a_retry_succeeds() {
+    interrupted_mirror(MirrorFault::AbortOnDestination, 0x3141_0004);
+}
+
+#[test]
+fn source_killed_during_the_cut_over_stays_authoritative_and_the_destination_stays_hidden() {
+    let store = tempfile::tempdir().unwrap();
+    let backing = Backing::File(store.path().join("backups/vm1-disk0.raw"));
+    let mut rng = Rng::from_env(0x3141_0005);
+    let (mut a, b, model, _) = small_setup(&backing, &mut rng, 4);
+    let scratch = b.dir().join("scratch.raw");
+    let dirty_before = u(&bitmap(&a)["dirty_bytes"]);
+    for (round, trigger, extra) in [(0, "cutting over", &[][..]), (1, "verifying", &["--verify"][..])] {
+        let child = migrate_cmd(&a, &b, false, extra).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        let mut killed = false;
+        let out = finish_within(child, Duration::from_secs(60), |line| {
+            if !killed && line.contains(trigger) {
+                a.kill9().unwrap();
+                killed = true;
+            }
+        });
+        assert!(killed, "round {round}: migrate never printed {trigger:?}: {}", show(&out));
+        assert!(!out.status.success(), "round {round}: migrate succeeded without its source: {}", show(&out));
+        eprintln!("round {round}: source killed at {trigger:?}; migrate: {}", String::from_utf8_lossy(&out.stderr));
+        a = a.respawn().unwrap();
+        let prev = std::fs::read_to_string(a.dir().join("agent.prev.log")).unwrap_or_default();
+        let seen: Vec<&str> = prev
+            .lines()
+            .filter(|l| l.contains("job{id=mirror") || l.contains("job{id=verify"))
+            .filter(|l| ["job started", "job succeeded", "job failed", "switching"].iter().any(|k| l.contains(k)))
+            .collect();
+        eprintln!("round {round}: the source logged before the kill:\n{}", seen.join("\n"));
+
+        // The source is authoritative again: writable, bitmap usable, content intact.
+        let info = disk_info(&a);
+        assert_eq!(info["read_only"], false, "round {round}: the source came back read-only: {info}");
+        let bm = bitmap(&a);
+        eprintln!(
+            "round {round}: bitmap dirty bytes {dirty_before} before the migration, {} after the restart",
+            bm["dirty_bytes"]
+        );
+        assert!(bm["consistent"] == true && bm["busy"] == false, "round {round}: bitmap after the kill: {bm}");
+        assert!(u(&bm["dirty_bytes"]) >= dirty_before, "round {round}: the bitmap lost bits: {bm}");
+        let mut conn = Nbd::connect(&a.socket(), DISK).unwrap();
+        write_ranges(&mut conn, &model, &mut rng, &[(20 * MIB + round * MIB, MIB)]);
+        drop(conn);
+        assert_model(&format!("round {round}: source after the kill"), &a.unix_uri(DISK), &model, &scratch);
+        let mirrors = jobs_of(&a, "mirror");
+        eprintln!(
+            "round {round}: source mirror job after restart: {} {}",
+            mirrors.last().unwrap()["result"],
+            mirrors.last().unwrap()["error"]
+        );
+
+        // The destination never exposes the disk.
+        assert!(
+            !listed_exports(&b).contains(&DISK.to_owned()),
+            "round {round}: {DISK} visible on the destination although the migration never completed"
+        );
+        let mut expected = vec!["aborted"; round as usize];
+        expected.push("prepared");
+        assert_eq!(migration_states(&b), expected, "round {round}: destination migrations");
+    }
+    // The retry after both aborted attempts works; the earlier ones are aborted.
+    migrate_ok(&a, &b, &["--verify"], Duration::from_secs(60));
+    assert_model("destination after the retry", &b.unix_uri(DISK), &model, &scratch);
+    assert_eq!(migration_states(&b), ["aborted", "aborted", "active"], "destination migrations");
+}
+
+#[test]
+fn destination_reads_fail_with_eio_while_the_backup_cluster_hangs_during_the_stream() {
+    let _ceph = ceph_exclusive();
+    let ceph = Ceph::new();
+    let backing = Backing::Rbd(&ceph, ceph.image("osd"));
+    let mut rng = Rng::from_env(0x3141_0006);
+    let size = 32 * MIB;
+    let a = source(&backing, size);
+    let b = destination(&backing);
+    let model = new_model(size);
+    let mut conn = Nbd::connect(&a.socket(), DISK).unwrap();
+    write_ranges(&mut conn, &model, &mut rng, &[(0, size)]);
+    backup(&a);
+    write_ranges(&mut conn, &model, &mut rng, &[(0, MIB)]);
+    drop(conn);
+    // 1 MiB/s: the stream (4 MiB per step) is far from the end of the disk for
+    // half a minute. Nothing reads the destination before the OSD stops, so
+    // no cache can answer for it.
+    let summary = migrate_ok(&a, &b, &["--speed", "1MiB"], Duration::from_secs(60));
+    let stream_id = summary["stream_jobs"][0].as_str().unwrap().to_owned();
+    let osd = StoppedOsd::stop(&ceph);
+    let mut conn = Nbd::connect(&b.socket(), DISK).unwrap();
+    let offset = size - 4 * MIB;
+    let started = Instant::now();
+    let read = conn.read(offset, GRANULE as u32).unwrap();
+    let took = started.elapsed();
+    let expected = model.lock().unwrap()[offset as usize..(offset + GRANULE) as usize].to_vec();
+    match &read {
+        Err(e) => eprintln!("read of an unstreamed region with the OSD stopped: NBD errno {e} after {took:?}"),
+        Ok(data) if data.iter().all(|&x| x == 0) => {
+            panic!("the destination returned zeroes for an unstreamed region while the OSD was stopped ({took:?})")
+        }
+        Ok(data) if *data != expected => panic!("the destination returned wrong data while the OSD was stopped"),
+        Ok(_) => panic!("the destination returned the data although the OSD was stopped ({took:?}): cached?"),
+    }
+    assert_eq!(read, Err(errno::EIO), "the read must fail with EIO");
+    assert!(took < Duration::from_secs(45), "the read took {took:?} to fail");
+    // The stream hits the same wall: it must end (failed) rather than hang or finish.
+    let stream = wait_job(&b, &stream_id, Duration::from_secs(45));
+    eprintln!("stream with the OSD stopped: {} {}", stream["result"], stream["error"]);
+    assert_eq!(stream["result"], "failed", "{stream:#}");
+    drop(osd);
+
+    // Once the OSD is back, the same read returns the right data, the disk is
+    // whole, still layered on the backup (the stream did not finish).
+    let again = conn.read(offset, GRANULE as u32).unwrap();
+    assert!(again.as_ref().is_ok_and(|d| *d == expected), "read after the OSD came back: {:?}", again.err());
+    drop(conn);
+    assert_model("destination after the OSD came back", &b.unix_uri(DISK), &model, &b.dir().join("scratch.raw"));
+    let sidecar = dest_sidecar(&b);
+    assert_eq!(sidecar["parent"], format!("{}@{}", backing.uri(), backing.snaps()[0]), "{sidecar:#}");
+}
+
+#[test]
+fn mirror_outpaced_by_writes_switches_itself_to_write_blocking_and_completes() {
+    let store = tempfile::tempdir().unwrap();
+    let backing = Backing::File(store.path().join("backups/vm1-disk0.raw"));
+    let mut rng = Rng::from_env(0x3141_0007);
+    let (a, b, model, _) = small_setup(&backing, &mut rng, 0);
+    let scratch = b.dir().join("scratch.raw");
+    // A hot set of 48 granules, every other one (so each dirty granule is a
+    // piece of its own for the mirror), all dirty before the mirror starts.
+    let hot: Vec<u64> = (0..48).map(|i| 64 + 2 * i).collect();
+    let mut conn = Nbd::connect(&a.socket(), DISK).unwrap();
+    let ranges: Vec<(u64, u64)> = hot.iter().map(|&g| (g * GRANULE, GRANULE)).collect();
+    write_ranges(&mut conn, &model, &mut rng, &ranges);
+    drop(conn);
+    // The writer rewrites the hot set at 4 MiB/s; the mirror may send 2 MiB/s.
+    let writer = Writer::start(a.socket(), model.clone(), hot.clone(), 4 * MIB, rng.next_u64());
+    writer.wait_acked(5);
+    let summary = migrate_ok(&a, &b, &["--speed", "2MiB", "--ready-threshold", "0"], Duration::from_secs(90));
+    let log = writer.wait_refused(Duration::from_secs(10));
+    assert!(log.error.is_none(), "writer failed: {log:?}");
+    assert_eq!(log.refused, Some(errno::EPERM), "{log:?}");
+    let mirror = jobs_of(&a, "mirror").pop().unwrap();
+    let s = &mirror["summary"];
+    eprintln!(
+        "convergence: {} writes; mirror summary: passes {}, switched after pass {}, sent {}, downtime {} ms, \
+         duration {} ms",
+        log.acked,
+        s["passes"],
+        s["switched_to_write_blocking_after_pass"],
+        s["bytes_sent"],
+        s["downtime_ms"],
+        s["duration_ms"]
+    );
+    assert_eq!(mirror["result"], "success", "{mirror:#}");
+    assert!(
+        s["switched_to_write_blocking_after_pass"].is_u64(),
+        "the mirror never switched itself to write-blocking: {mirror:#}"
+    );
+    assert_eq!(u(&migrated_disk(&summary)["bytes_sent"]), u(&s["bytes_sent"]));
+    assert_identical("source vs destination", &a.unix_uri(DISK), &b.unix_uri(DISK));
+    assert_model("destination", &b.unix_uri(DISK), &model, &scratch);
+}
+
+#[test]
+fn source_stays_read_only_after_a_restart_following_a_completed_migration() {
+    let store = tempfile::tempdir().unwrap();
+    let backing = Backing::File(store.path().join("backups/vm1-disk0.raw"));
+    let mut rng = Rng::from_env(0x3141_0008);
+    let (mut a, b, model, _) = small_setup(&backing, &mut rng, 2);
+    migrate_ok(&a, &b, &[], Duration::from_secs(60));
+    assert_eq!(disk_info(&a)["read_only"], true);
+    // The disk lives on the destination now. A restart of the source agent
+    // (upgrade, reboot) must not hand the old copy back to writers.
+    assert!(a.stop().unwrap().success());
+    let a = a.respawn().unwrap();
+    let info = disk_info(&a);
+    let mut conn = Nbd::connect(&a.socket(), DISK).unwrap();
+    let err = conn.write(0, &vec![0xee; GRANULE as usize]).unwrap();
+    assert!(
+        info["read_only"] == true && err == errno::EPERM,
+        "after a restart the source serves the migrated-away disk {DISK} writable again (disks: {info}; a write \
+         got NBD errno {err}): two writable copies of one disk (split brain)"
+    );
+    drop(model);
+}
