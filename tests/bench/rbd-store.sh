@@ -397,10 +397,11 @@ report() {
 import csv, statistics, sys
 path, sides = sys.argv[1], sys.argv[2].split()
 med = statistics.median
-ops, cpu, fio_cpu, loads, meta = {}, {}, {}, [], {}
+ops, cpu, fio_cpu, loads, meta, by_round = {}, {}, {}, [], {}, {}
 with open(path) as f:
     for r in csv.DictReader(f):
         k = (r["workload"], r["side"])
+        by_round[(r["workload"], r["side"], r["round"])] = float(r["ops_per_s"])
         n = int(r["total"]) / int(r["io_size"])
         ops.setdefault(k, []).append(float(r["ops_per_s"]))
         cpu.setdefault(k, []).append(float(r["cpu_s"]) / n * 1e6)
@@ -424,7 +425,9 @@ def rate(w, s):
 unit = lambda w: "MiB/s" if meta[w] >= 1 << 20 else "IOPS"
 print("Throughput (median over rounds; higher is better):")
 print()
-head = ["workload", "unit"] + sides + ([f"{s}/rbd-bench" for s in others] if ref else []) + ["spread " + " / ".join(sides)]
+head = ["workload", "unit"] + sides + ([f"{s}/rbd-bench" for s in others] if ref else [])
+head += ["nbd/rbd-bench per round"] if ref and "nbd" in sides else []
+head += ["spread " + " / ".join(sides)]
 print("| " + " | ".join(head) + " |")
 print("|---|---|" + "---:|" * (len(head) - 2))
 misses = []
@@ -438,6 +441,11 @@ for w in names:
             line.append(f"{r:.2f}" if r is not None else "-")
             if s == "nbd" and r is not None and r < 0.9:
                 misses.append(f"{names[w]} ({r:.2f}x)")
+    if ref and "nbd" in sides:
+        rounds = sorted({k[2] for k in by_round if k[0] == w and k[1] == "nbd"}, key=int)
+        per = [by_round[(w, "nbd", rd)] / by_round[(w, "rbd-bench", rd)] for rd in rounds
+               if (w, "rbd-bench", rd) in by_round]
+        line.append(", ".join(f"{x:.2f}" for x in per))
     line.append(" / ".join(f"{spread(ops[(w, s)]) * 100:.0f}%" if (w, s) in ops else "-" for s in sides))
     print("| " + " | ".join(line) + " |")
 print()
