@@ -48,6 +48,7 @@ pub struct Export {
     bitmaps: Arc<DiskBitmaps>,
     hooks: ArcSwap<Vec<Arc<dyn WriteHook>>>,
     read_only: AtomicBool,
+    base_read_only: bool,
     barrier: WriteBarrier,
     incoming: Mutex<Option<String>>,
     detached: CancellationToken,
@@ -70,6 +71,7 @@ impl Export {
             bitmaps,
             hooks: ArcSwap::default(),
             read_only: AtomicBool::new(read_only),
+            base_read_only: read_only,
             barrier: WriteBarrier::default(),
             incoming: Mutex::new(None),
             detached: CancellationToken::new(),
@@ -130,6 +132,11 @@ impl Export {
     /// Makes the export refuse writes from now on (after a cut-over).
     pub fn set_read_only(&self) {
         self.read_only.store(true, SeqCst);
+    }
+
+    /// Undoes [`set_read_only`](Self::set_read_only) unless the disk is read-only by configuration.
+    pub fn set_writable(&self) {
+        self.read_only.store(self.base_read_only, SeqCst);
     }
 
     /// The disk's dirty bitmaps.

@@ -42,6 +42,7 @@ pub fn router(control: Arc<Control>) -> Router {
         )
         .route("/v1/disks/{vm}/{disk}/bitmaps", get(list_bitmaps).post(add_bitmap))
         .route("/v1/disks/{vm}/{disk}/chain", get(chain))
+        .route("/v1/disks/{vm}/{disk}/fence", post(fence).delete(unfence))
         .route("/v1/disks/{vm}/{disk}/bitmaps/{name}", get(get_bitmap).delete(remove_bitmap))
         .route("/v1/disks/{vm}/{disk}/bitmaps/{name}/{action}", post(bitmap_action))
         .route("/v1/jobs", get(list_jobs).post(start_job))
@@ -183,6 +184,23 @@ async fn chain(s: Ctl, Path((vm, disk)): Path<(String, String)>, RawQuery(q): Ra
         }
     }
     run(s, Command::Chain(format!("{vm}/{disk}"), bitmap)).await
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FenceBody {
+    target: String,
+}
+
+async fn fence(s: Ctl, Path((vm, disk)): Path<(String, String)>, body: Result<Bytes, BytesRejection>) -> Response {
+    match body_of(body).and_then(|b| parse::<FenceBody>(&b)) {
+        Ok(f) => run(s, Command::Fence(format!("{vm}/{disk}"), f.target)).await,
+        Err(e) => error(e),
+    }
+}
+
+async fn unfence(s: Ctl, Path((vm, disk)): Path<(String, String)>) -> Response {
+    run(s, Command::Unfence(format!("{vm}/{disk}"))).await
 }
 
 async fn prepare_migration(s: Ctl, body: Result<Bytes, BytesRejection>) -> Response {

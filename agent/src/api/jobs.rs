@@ -170,10 +170,12 @@ impl Control {
                 let export = self.disk(&disk)?;
                 if let Some(name) = &bitmap {
                     self.check_bitmap(&export, name)?;
+                    if sync == MirrorSync::Incremental && !export.bitmaps().is_enabled(name)? {
+                        return Err(crate::bitmap::BitmapError::Disabled(name.clone()).into());
+                    }
                 }
                 let ready_threshold = ready_threshold.as_ref().map(Size::bytes).transpose()?.unwrap_or(16 << 20);
                 let tls = self.env.tls.client();
-                let fence = self.env.fence(&disk);
                 let params = MirrorParams {
                     target,
                     sync,
@@ -182,7 +184,7 @@ impl Control {
                     ready_threshold,
                 };
                 let job = self.jobs.start("mirror", &disk, to_json(&params), speed, move |handle| {
-                    mirror::run(handle, export, params, tls, fence)
+                    mirror::run(handle, export, params, tls)
                 })?;
                 Ok(to_json(job.record()))
             }
@@ -197,6 +199,30 @@ impl Control {
                 Ok(to_json(job.record()))
             }
         }
+    }
+
+    /// Fences a migrated-away disk: read-only now and after restarts.
+    pub(super) fn fence(&self, disk: &str, target: &str) -> Result<Value, ApiError> {
+        let export = self.disk(disk)?;
+        mirror::write_fence(&self.env.fence(disk), disk, target)
+            .map_err(|e| ApiError::Internal(format!("Cannot write the fence of {disk}: {e}")))?;
+        export.set_read_only();
+        tracing::warn!(disk, target, "disk fenced: it lives elsewhere now");
+        Ok(to_json(Self::disk_info_of(&export)))
+    }
+
+    /// Removes a fence (or the in-memory read-only state after a cut-over): writable again.
+    pub(super) fn unfence(&self, disk: &str) -> Result<Value, ApiError> {
+        let export = self.disk(disk)?;
+        match std::fs::remove_file(self.env.fence(disk)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(ApiError::Internal(format!("Cannot remove the fence of {disk}: {e}")))
+            }
+            _ => {}
+        }
+        export.set_writable();
+        tracing::warn!(disk, "disk unfenced: writable here again");
+        Ok(to_json(Self::disk_info_of(&export)))
     }
 
     /// The disk's backup chain and whether `bitmap` (default: the disk's
@@ -296,8 +322,16 @@ impl Control {
             (None, Some(_)) => (SyncMode::Incremental, true),
             (None, None) => (SyncMode::Full, auto),
         };
+        let mut sync = sync;
         if let Some(name) = &bitmap {
             self.check_bitmap(&export, name)?;
+            // A disabled bitmap misses writes: it cannot carry an incremental.
+            if sync == SyncMode::Incremental && !export.bitmaps().is_enabled(name)? {
+                if !auto {
+                    return Err(crate::bitmap::BitmapError::Disabled(name.clone()).into());
+                }
+                sync = SyncMode::Full;
+            }
         }
         let keep = defaults.as_ref().and_then(|b| b.keep);
         Ok((export, BackupParams { sync, bitmap, target, auto, keep }))

@@ -70,6 +70,10 @@ pub enum Command {
     Migration(String),
     /// A disk's backup chain against a bitmap.
     Chain(String, Option<String>),
+    /// Fence a disk that was migrated away.
+    Fence(String, String),
+    /// Remove a disk's fence.
+    Unfence(String),
 }
 
 /// Body of `POST /v1/disks/{vm}/{disk}/bitmaps`.
@@ -241,6 +245,10 @@ impl Control {
         self.exports.get(name).filter(|e| e.incoming().is_none()).ok_or_else(|| ApiError::DiskNotFound(name.to_owned()))
     }
 
+    fn disk_info_of(export: &Export) -> DiskInfo {
+        Self::disk_info(export)
+    }
+
     fn disk_info(export: &Export) -> DiskInfo {
         DiskInfo {
             name: export.name().to_owned(),
@@ -279,6 +287,12 @@ impl Control {
             Command::Migrations => self.list_migrations(),
             Command::Migration(id) => self.record(&id),
             Command::Chain(disk, bitmap) => self.chain(&disk, bitmap).await,
+            Command::Fence(disk, target) => self.fence(&disk, &target),
+            Command::Unfence(disk) => {
+                let export = self.exports.get(&disk).ok_or_else(|| ApiError::DiskNotFound(disk.clone()))?;
+                drop(export);
+                self.unfence(&disk)
+            }
             other => self.bitmap_op(other).await,
         }
     }

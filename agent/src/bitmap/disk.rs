@@ -523,24 +523,28 @@ impl DiskBitmaps {
         b.write_header(false, 0).inspect_err(|_| b.meta().generation -= 1)
     }
 
-    /// Starts or stops recording writes. Disabling bumps the generation:
-    /// from then on the bitmap misses writes, so no backup chain may treat it
-    /// as a complete record of the changes since its base.
+    /// Starts or stops recording writes. Any change bumps the generation:
+    /// a bitmap that was disabled at some point since a backup misses
+    /// writes, so no backup chain may treat it as a complete record.
     pub fn set_enabled(&self, name: &str, enabled: bool) -> Result<BitmapInfo, BitmapError> {
         let _ops = self.ops();
         let b = self.get(name)?;
         b.check_usable()?;
         let was = b.enabled.swap(enabled, SeqCst);
-        if was && !enabled {
-            b.meta().generation += 1;
+        if was == enabled {
+            return Ok(b.info());
         }
+        b.meta().generation += 1;
         b.write_header(false, 0).inspect_err(|_| {
             b.enabled.store(was, SeqCst);
-            if was && !enabled {
-                b.meta().generation -= 1;
-            }
+            b.meta().generation -= 1;
         })?;
         Ok(b.info())
+    }
+
+    /// Whether the bitmap records writes.
+    pub fn is_enabled(&self, name: &str) -> Result<bool, BitmapError> {
+        Ok(self.get(name)?.enabled.load(SeqCst))
     }
 
     /// ORs `sources` into `target` (granularities may differ: a target

@@ -123,12 +123,22 @@ pub async fn migrate(source: &Endpoint, json_out: bool, a: MigrateArgs) -> Resul
         let _ = call(&dest, "POST", &format!("/v1/migrations/{id}/abort"), None).await;
         return Err(fail(format!("{e}; mirrors cancelled, destination cleaned up, the source is unchanged")));
     }
-    let results = cut_over(source, json_out, &mirrors).await?;
+    let results = match cut_over(source, json_out, &mirrors).await {
+        Ok(r) => r,
+        Err(e) => return Err(back_out(source, &id, &mirrors, e).await),
+    };
     if a.verify {
-        verify(source, json_out, &prep, &dest).await?;
+        if let Err(e) = verify(source, json_out, &prep, &dest).await {
+            return Err(back_out(source, &id, &mirrors, e).await);
+        }
     }
     let complete = json!({ "stream": !a.no_stream, "speed": a.speed });
     let active = call(&dest, "POST", &format!("/v1/migrations/{id}/complete"), Some(complete)).await?;
+    for (disk, _) in &mirrors {
+        // The destination is live: fence the source durably so a restart never serves it writable again.
+        call(source, "POST", &format!("/v1/disks/{disk}/fence"), Some(json!({ "target": format!("{} {id}", a.to) })))
+            .await?;
+    }
     let summary = summarize(&a.vm, &id, &results, &active, a.verify, started.elapsed());
     if json_out {
         println!("{}", serde_json::to_string_pretty(&summary).unwrap_or_default());
@@ -136,6 +146,19 @@ pub async fn migrate(source: &Endpoint, json_out: bool, a: MigrateArgs) -> Resul
         print_summary(&summary);
     }
     Ok(())
+}
+
+/// After a failed cut-over or verify: the destination never went live, so
+/// the source takes its disks back (writable again, if it is reachable).
+/// The destination stays prepared and hidden; a retry of `migrate` aborts
+/// it and starts over.
+async fn back_out(source: &Endpoint, id: &str, mirrors: &[(String, String)], e: ClientError) -> ClientError {
+    let mut source_back = true;
+    for (disk, _) in mirrors {
+        source_back &= call(source, "DELETE", &format!("/v1/disks/{disk}/fence"), None).await.is_ok();
+    }
+    let source = if source_back { "the source is writable again" } else { "the source is unreachable" };
+    fail(format!("{e}; {source}; the destination stays hidden (migration {id} prepared; a retry replaces it)"))
 }
 
 async fn start_mirrors(

@@ -158,15 +158,14 @@ fn err(context: &str) -> impl FnOnce(&dyn std::fmt::Display) -> JobError + '_ {
 }
 
 /// Runs the mirror until completed, cancelled or failed.
-/// `fence` is written (durably) at cut-over, before the source export turns
-/// read-only: the agent serves a fenced disk read-only even after a
-/// restart, so a migrated disk never has two writable copies.
+/// At cut-over the source export turns read-only (in memory); `migrate`
+/// fences it durably once the destination is active
+/// ([`write_fence`]), or makes it writable again if the migration fails.
 pub async fn run(
     job: JobHandle,
     export: Arc<Export>,
     params: MirrorParams,
     tls: Option<Arc<rustls::ClientConfig>>,
-    fence: std::path::PathBuf,
 ) -> Result<Value, JobError> {
     let uri: NbdUri = params.target.parse().map_err(JobError::Failed)?;
     let client = Arc::new(
@@ -178,7 +177,7 @@ pub async fn run(
         return Err(JobError::Failed(format!("Mirror target has {} bytes, disk has {}", client.size(), export.size())));
     }
     let tracker = start_tracking(&job, &export, &params, client.clone())?;
-    let result = mirror(&job, &export, &params, &tracker, &fence).await;
+    let result = mirror(&job, &export, &params, &tracker).await;
     export.remove_hook(&tracker);
     if let Some(bitmap) = &params.bitmap {
         export.bitmaps().abort_job(bitmap, &job.id());
@@ -248,7 +247,6 @@ async fn mirror(
     export: &Arc<Export>,
     params: &MirrorParams,
     t: &Arc<Tracker>,
-    fence: &std::path::Path,
 ) -> Result<Value, JobError> {
     let started = Instant::now();
     let initial = t.remaining();
@@ -298,8 +296,6 @@ async fn mirror(
         pass(job, export, t).await?;
     }
     t.client.flush().await.map_err(|e| JobError::from_err("Flushing the destination failed", &e))?;
-    write_fence(fence, export.name(), &params.target)
-        .map_err(|e| JobError::from_err("Cannot record the cut-over", &e))?;
     export.set_read_only();
     drop(guard);
     let downtime = cutover.elapsed();
@@ -317,7 +313,7 @@ async fn mirror(
 }
 
 /// Records durably that `disk` now lives at `target`.
-fn write_fence(path: &std::path::Path, disk: &str, target: &str) -> std::io::Result<()> {
+pub fn write_fence(path: &std::path::Path, disk: &str, target: &str) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
