@@ -132,13 +132,20 @@ pub async fn migrate(source: &Endpoint, json_out: bool, a: MigrateArgs) -> Resul
             return Err(back_out(source, &id, &mirrors, e).await);
         }
     }
-    let complete = json!({ "stream": !a.no_stream, "speed": a.speed });
-    let active = call(&dest, "POST", &format!("/v1/migrations/{id}/complete"), Some(complete)).await?;
+    // Fence the source durably *before* the destination goes live: "source
+    // fenced, destination hidden" is safe (a retry or DELETE .../fence
+    // recovers it); "both writable" never happens.
     for (disk, _) in &mirrors {
-        // The destination is live: fence the source durably so a restart never serves it writable again.
-        call(source, "POST", &format!("/v1/disks/{disk}/fence"), Some(json!({ "target": format!("{} {id}", a.to) })))
-            .await?;
+        let body = json!({ "target": format!("{} {id}", a.to) });
+        if let Err(e) = call(source, "POST", &format!("/v1/disks/{disk}/fence"), Some(body)).await {
+            return Err(back_out(source, &id, &mirrors, e).await);
+        }
     }
+    let complete = json!({ "stream": !a.no_stream, "speed": a.speed });
+    let active = match call(&dest, "POST", &format!("/v1/migrations/{id}/complete"), Some(complete)).await {
+        Ok(active) => active,
+        Err(e) => return Err(back_out(source, &id, &mirrors, e).await),
+    };
     let summary = summarize(&a.vm, &id, &results, &active, a.verify, started.elapsed());
     if json_out {
         println!("{}", serde_json::to_string_pretty(&summary).unwrap_or_default());
