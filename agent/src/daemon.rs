@@ -181,14 +181,14 @@ async fn open_disk(
     }
     let read_only = disk.read_only || fenced;
     let options = OpenOptions { create_size: disk.size, read_only };
-    let (image, bitmaps) = (disk.image.clone(), disk.bitmaps.clone());
+    let (image, bitmaps, intent_region) = (disk.image.clone(), disk.bitmaps.clone(), disk.intent_region);
     let dir = state_dir.join("bitmaps").join(name);
     let disk_name = name.to_owned();
     let stores = stores.clone();
     let opened = tokio::task::spawn_blocking(move || {
         let store = stores.open(&image, &options).map_err(DaemonError::store(&disk_name))?;
         let identity = store.identity().map_err(DaemonError::store(&disk_name))?;
-        let tracked = DiskBitmaps::open(&dir, &disk_name, store.size(), identity, &bitmaps)
+        let tracked = DiskBitmaps::open(&dir, &disk_name, store.size(), identity, &bitmaps, intent_region)
             .map_err(|source| DaemonError::Bitmaps { disk: disk_name.clone(), source })?;
         Ok::<_, DaemonError>((store, tracked))
     })

@@ -113,6 +113,15 @@ impl AtomicBits {
         }
     }
 
+    /// Clears word `w` and returns what it held.
+    pub fn take_word(&self, w: u64) -> u64 {
+        let old = self.words[idx(w)].swap(0, SeqCst);
+        if old != 0 {
+            self.clear_summary_if_zero(w);
+        }
+        old
+    }
+
     /// Clears every bit.
     pub fn clear_all(&self) {
         for w in self.dirty_words().collect::<Vec<_>>() {

@@ -10,6 +10,7 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use serde::Serialize;
 
 use super::atomic::{valid_mask, AtomicBits};
+use super::intent::{self, Intent, INTENT_FILE};
 use super::persist::{BitmapFile, Header, LoadError, WORDS_PER_PAGE};
 use super::persister::{page_of, PageRequest, Persister};
 use super::BitmapError;
@@ -59,8 +60,8 @@ pub struct Bitmap {
     shift: u32,
     disk_size: u64,
     identity: String,
-    bits: AtomicBits,
-    persisted: AtomicBits,
+    pub(super) bits: AtomicBits,
+    pub(super) persisted: AtomicBits,
     successor: ArcSwapOption<AtomicBits>,
     enabled: AtomicBool,
     consistent: AtomicBool,
@@ -104,6 +105,26 @@ impl Bitmap {
         }
     }
 
+    /// The write-intent log's region set (see [`super::intent`]).
+    pub(super) fn log(name: &str, region: u64, disk_size: u64, identity: &Identity) -> Self {
+        let meta = Meta { generation: 0, uuid: [0; 16], busy: None, reason: None };
+        Self::new(name, region, disk_size, identity, meta)
+    }
+
+    pub(super) fn set_file(&self, file: Option<BitmapFile>) {
+        *self.file.lock().unwrap_or_else(|p| p.into_inner()) = file;
+    }
+
+    /// Writes back every page whose words differ from the file, then syncs.
+    pub(super) fn write_changed_pages(&self) -> std::io::Result<()> {
+        let pages: BTreeSet<u64> =
+            (0..self.bits.word_count()).filter(|&w| self.bits.word(w) != self.persisted.word(w)).map(page_of).collect();
+        if pages.is_empty() {
+            return Ok(());
+        }
+        self.write_pages(&pages)
+    }
+
     /// Name.
     pub fn name(&self) -> &str {
         &self.name
@@ -133,7 +154,7 @@ impl Bitmap {
         self.meta.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn granules(&self, offset: u64, length: u64) -> (u64, u64) {
+    pub(super) fn granules(&self, offset: u64, length: u64) -> (u64, u64) {
         (offset >> self.shift, (offset + length.max(1) - 1) >> self.shift)
     }
 
@@ -189,7 +210,7 @@ impl Bitmap {
             .collect()
     }
 
-    fn header(&self, clean: bool, image_mtime_ns: u64) -> Header {
+    pub(super) fn header(&self, clean: bool, image_mtime_ns: u64) -> Header {
         let meta = self.meta();
         Header {
             name: self.name.clone(),
@@ -245,12 +266,12 @@ impl Bitmap {
         self.page_request(0, self.bits.word_count().saturating_sub(1))
     }
 
-    fn page_request(self: &Arc<Self>, first_word: u64, last_word: u64) -> PageRequest {
+    pub(super) fn page_request(self: &Arc<Self>, first_word: u64, last_word: u64) -> PageRequest {
         PageRequest { bitmap: self.clone(), first_page: page_of(first_word), last_page: page_of(last_word) }
     }
 
     /// Marks the bitmap untrusted, durably if possible.
-    fn set_inconsistent(&self, reason: String) {
+    pub(super) fn set_inconsistent(&self, reason: String) {
         tracing::error!(bitmap = %self.name, %reason, "bitmap marked inconsistent");
         self.consistent.store(false, SeqCst);
         self.meta().reason = Some(reason);
@@ -276,38 +297,66 @@ pub struct DiskBitmaps {
     dir: PathBuf,
     size: u64,
     identity: Identity,
-    list: ArcSwap<Vec<Arc<Bitmap>>>,
+    list: Arc<ArcSwap<Vec<Arc<Bitmap>>>>,
+    intent: Option<Arc<Intent>>,
     gate: RwLock<()>,
     ops: Mutex<()>,
     persister: Persister,
 }
 
 impl DiskBitmaps {
-    /// Loads the bitmaps in `dir` and creates the configured ones that are missing.
+    /// Loads the bitmaps in `dir` and creates the configured ones that are
+    /// missing. `intent_region`: bytes per region of the write-intent log
+    /// (0: none, every first write to a clean granule syncs its bitmaps).
     pub fn open(
         dir: &Path,
         disk: &str,
         size: u64,
         identity: Identity,
         configured: &[BitmapConfig],
+        intent_region: u64,
     ) -> Result<Self, BitmapError> {
-        std::fs::create_dir_all(dir)
-            .map_err(|source| BitmapError::Persist { name: dir.display().to_string(), source })?;
+        let io = |source| BitmapError::Persist { name: dir.display().to_string(), source };
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let mut loaded = Vec::new();
+        let mut unclean = Vec::new();
+        for path in bitmap_files(dir)? {
+            let (b, clean) = load(&path, size, &identity);
+            let b = Arc::new(b);
+            if !clean && b.is_consistent() {
+                unclean.push(b.clone());
+            }
+            loaded.push(b);
+        }
+        intent::recover(dir, size, &unclean);
+        let intent = if intent_region > 0 {
+            Some(Arc::new(Intent::create(dir, size, &identity, intent_region).map_err(io)?))
+        } else {
+            match std::fs::remove_file(dir.join(INTENT_FILE)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
+                _ => None,
+            }
+        };
+        let list = Arc::new(ArcSwap::from_pointee(loaded));
+        let checkpoint = intent.clone().map(|intent| {
+            let (list, disk) = (list.clone(), disk.to_owned());
+            Box::new(move || {
+                if let Err(e) = intent.checkpoint(&list.load()) {
+                    tracing::error!(%disk, error = %e, "bitmap checkpoint failed; write-intent regions kept");
+                }
+            }) as Box<dyn Fn() + Send>
+        });
         let me = Self {
             disk: disk.to_owned(),
             dir: dir.to_owned(),
             size,
             identity,
-            list: ArcSwap::from_pointee(Vec::new()),
+            list,
+            intent,
             gate: RwLock::new(()),
             ops: Mutex::new(()),
-            persister: Persister::start(disk),
+            persister: Persister::start(disk, checkpoint),
         };
-        let mut loaded = Vec::new();
-        for path in bitmap_files(dir)? {
-            loaded.push(Arc::new(me.load(&path)));
-        }
-        me.list.store(Arc::new(loaded));
         for b in configured {
             match me.get(&b.name) {
                 Ok(existing) if existing.granularity != b.granularity => tracing::warn!(
@@ -321,57 +370,6 @@ impl DiskBitmaps {
             }
         }
         Ok(me)
-    }
-
-    fn load(&self, path: &Path) -> Bitmap {
-        let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or("?").to_owned();
-        let fresh = Meta { generation: 0, uuid: [0; 16], busy: None, reason: None };
-        let (file, header, body) = match BitmapFile::open(path) {
-            Ok(loaded) => loaded,
-            Err(e) => {
-                let granularity = 64 << 10;
-                let b = Bitmap::new(&name, granularity, self.size, &self.identity, fresh);
-                b.set_inconsistent(load_reason(&e));
-                return b;
-            }
-        };
-        let meta = Meta { generation: header.generation, uuid: header.uuid, busy: None, reason: None };
-        let b = Bitmap::new(&name, header.granularity, self.size, &self.identity, meta);
-        b.enabled.store(header.enabled, SeqCst);
-        *b.file.lock().unwrap_or_else(|p| p.into_inner()) = Some(file);
-        if let Some(reason) = self.distrust(&name, &header, &body) {
-            b.set_inconsistent(reason);
-            return b;
-        }
-        for (w, &v) in body.iter().enumerate() {
-            b.bits.or_word(w as u64, v);
-            b.persisted.or_word(w as u64, v);
-        }
-        if let Err(e) = b.write_header(false, 0) {
-            b.set_inconsistent(format!("cannot mark in use: {e}"));
-        }
-        b
-    }
-
-    /// Why a loaded file must not be trusted, if it must not.
-    fn distrust(&self, name: &str, h: &Header, body: &[u64]) -> Option<String> {
-        if h.name != name {
-            return Some(format!("file holds bitmap {:?}", h.name));
-        }
-        if h.disk_size != self.size {
-            return Some(format!("disk size changed from {} to {} bytes", h.disk_size, self.size));
-        }
-        if h.identity != self.identity.id {
-            return Some(format!("image replaced (was {}, now {})", h.identity, self.identity.id));
-        }
-        if h.clean && h.image_mtime_ns != self.identity.modified_ns {
-            return Some("image modified while the agent was not running".into());
-        }
-        let len = self.size.div_ceil(h.granularity);
-        if body.iter().enumerate().any(|(w, &v)| v & !valid_mask(len, w as u64) != 0) {
-            return Some("bits set past the end of the disk".into());
-        }
-        None
     }
 
     /// Disk name (`VM/DISK`).
@@ -393,10 +391,11 @@ impl DiskBitmaps {
     }
 
     /// Marks `offset..offset+length` dirty in every recording bitmap and
-    /// returns once the bits are durable.
+    /// returns once the bits are durable, in the bitmap files or (for the
+    /// first write into a clean region) in the write-intent log.
     pub fn mark(&self, offset: u64, length: u64) -> Result<(), BitmapError> {
         let list = self.list.load();
-        let mut requests = Vec::new();
+        let mut pending = Vec::new();
         for b in list.iter() {
             if !b.enabled.load(SeqCst) || !b.is_consistent() {
                 continue;
@@ -407,14 +406,26 @@ impl DiskBitmaps {
                 successor.set_range(first, last);
             }
             if !b.persisted.all_set(first, last) {
-                requests.push(b.page_request(first / 64, last / 64));
+                pending.push(b.clone());
             }
         }
-        if requests.is_empty() {
+        if pending.is_empty() {
             return Ok(());
         }
-        let names: Vec<Arc<Bitmap>> = requests.iter().map(|r| r.bitmap.clone()).collect();
-        self.persister.sync(requests).or_else(|e| self.persist_failed(&names, e))
+        let requests = match &self.intent {
+            Some(intent) => match intent.note(offset, length) {
+                None => return Ok(()),
+                Some(request) => vec![request],
+            },
+            None => pending
+                .iter()
+                .map(|b| {
+                    let (first, last) = b.granules(offset, length);
+                    b.page_request(first / 64, last / 64)
+                })
+                .collect(),
+        };
+        self.persister.sync(requests).or_else(|e| self.persist_failed(&pending, e))
     }
 
     /// A writeback failed: the bits may not be durable. The bitmaps become
@@ -436,13 +447,22 @@ impl DiskBitmaps {
         Ok(())
     }
 
+    /// Runs a write-intent checkpoint now (tests; the persister runs them periodically).
+    #[cfg(test)]
+    pub(super) fn checkpoint(&self) {
+        if let Some(intent) = &self.intent {
+            intent.checkpoint(&self.list.load()).unwrap();
+        }
+    }
+
     /// Whether every recording bitmap already has `offset..offset+length`
     /// durably dirty (a write there would not wait for a bitmap sync).
     pub fn all_durable(&self, offset: u64, length: u64) -> bool {
-        self.list.load().iter().filter(|b| b.enabled.load(SeqCst) && b.is_consistent()).all(|b| {
-            let (first, last) = b.granules(offset, length);
-            b.persisted.all_set(first, last)
-        })
+        self.intent.as_ref().is_some_and(|intent| intent.covers(offset, length))
+            || self.list.load().iter().filter(|b| b.enabled.load(SeqCst) && b.is_consistent()).all(|b| {
+                let (first, last) = b.granules(offset, length);
+                b.persisted.all_set(first, last)
+            })
     }
 
     /// Looks a bitmap up.
@@ -633,9 +653,11 @@ impl DiskBitmaps {
         }
     }
 
-    /// Clean shutdown: exact bitmaps on disk, marked clean with the image's mtime.
+    /// Clean shutdown: exact bitmaps on disk, marked clean with the
+    /// image's mtime; then the write-intent log goes (if every bitmap was saved).
     pub fn close(&self, image: &Identity) {
         self.persister.stop();
+        let mut saved = true;
         for b in self.list.load().iter().filter(|b| b.is_consistent()) {
             let pages = (0..=page_of(b.bits.word_count().saturating_sub(1))).collect();
             let done = b
@@ -643,10 +665,68 @@ impl DiskBitmaps {
                 .map_err(|e| e.to_string())
                 .and_then(|()| b.write_header(true, image.modified_ns).map_err(|e| e.to_string()));
             if let Err(e) = done {
+                saved = false;
                 tracing::error!(disk = %self.disk, bitmap = %b.name, error = %e, "cannot save bitmap at shutdown");
             }
         }
+        if self.intent.is_some() && saved {
+            if let Err(e) = std::fs::remove_file(self.dir.join(INTENT_FILE)) {
+                tracing::error!(disk = %self.disk, error = %e, "cannot remove the write-intent log");
+            }
+        }
     }
+}
+
+/// Loads one bitmap file; `clean`: it was saved by a clean shutdown.
+fn load(path: &Path, size: u64, identity: &Identity) -> (Bitmap, bool) {
+    let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or("?").to_owned();
+    let fresh = Meta { generation: 0, uuid: [0; 16], busy: None, reason: None };
+    let (file, header, body) = match BitmapFile::open(path) {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            let granularity = 64 << 10;
+            let b = Bitmap::new(&name, granularity, size, identity, fresh);
+            b.set_inconsistent(load_reason(&e));
+            return (b, false);
+        }
+    };
+    let meta = Meta { generation: header.generation, uuid: header.uuid, busy: None, reason: None };
+    let b = Bitmap::new(&name, header.granularity, size, identity, meta);
+    b.enabled.store(header.enabled, SeqCst);
+    b.set_file(Some(file));
+    if let Some(reason) = distrust(&name, &header, &body, size, identity) {
+        b.set_inconsistent(reason);
+        return (b, header.clean);
+    }
+    for (w, &v) in body.iter().enumerate() {
+        b.bits.or_word(w as u64, v);
+        b.persisted.or_word(w as u64, v);
+    }
+    if let Err(e) = b.write_header(false, 0) {
+        b.set_inconsistent(format!("cannot mark in use: {e}"));
+    }
+    (b, header.clean)
+}
+
+/// Why a loaded file must not be trusted, if it must not.
+fn distrust(name: &str, h: &Header, body: &[u64], size: u64, identity: &Identity) -> Option<String> {
+    if h.name != name {
+        return Some(format!("file holds bitmap {:?}", h.name));
+    }
+    if h.disk_size != size {
+        return Some(format!("disk size changed from {} to {} bytes", h.disk_size, size));
+    }
+    if h.identity != identity.id {
+        return Some(format!("image replaced (was {}, now {})", h.identity, identity.id));
+    }
+    if h.clean && h.image_mtime_ns != identity.modified_ns {
+        return Some("image modified while the agent was not running".into());
+    }
+    let len = size.div_ceil(h.granularity);
+    if body.iter().enumerate().any(|(w, &v)| v & !valid_mask(len, w as u64) != 0) {
+        return Some("bits set past the end of the disk".into());
+    }
+    None
 }
 
 fn bitmap_files(dir: &Path) -> Result<Vec<PathBuf>, BitmapError> {

@@ -3,12 +3,16 @@
 //! # Guarantees
 //! - Every WRITE, TRIM and WRITE_ZEROES marks every enabled, consistent
 //!   bitmap of its disk *before* it reaches the store ([`DiskBitmaps::mark`]).
-//! - Crash consistency (Linux md's write-intent model): a bit is durable in
-//!   the bitmap file before the write it covers is acknowledged; bits are
-//!   cleared on disk only lazily. After `kill -9` or power loss the loaded
-//!   bitmap is therefore a superset of every acknowledged write. Only the
-//!   first write to a clean granule pays for a sync, and concurrent first
-//!   writes share one (group commit in [`persister`]).
+//! - Crash consistency (Linux md's write-intent model): before a write is
+//!   acknowledged, its bits are durable in the bitmap files or its region
+//!   (`intent_region`, 64 MiB by default) is durable in the disk's
+//!   write-intent log ([`intent`]); bits are cleared on disk only lazily.
+//!   After `kill -9` or power loss the loaded bitmap (file plus logged
+//!   regions) is therefore a superset of every acknowledged write. Only the
+//!   first write into a clean region pays for a sync, one sync covers every
+//!   bitmap of the disk, and concurrent first writes share it (group commit
+//!   in [`persister`]). With `intent_region: 0` the unit is the granule
+//!   and each bitmap file is synced itself.
 //! - A bitmap whose file cannot be trusted (corrupt, other version, disk
 //!   resized, image replaced or modified while the agent was down) loads as
 //!   *inconsistent*: listed, refused for incremental use, removable.
@@ -21,13 +25,14 @@
 //! | `DiskBitmaps::gate` (read) | every write request, across mark + store write | nothing by itself: lets jobs drain writes |
 //! | `DiskBitmaps::gate` (write) | clear, merge, job begin/commit | atomic hand-off against in-flight writes |
 //! | `DiskBitmaps::ops` | control operations | the bitmap list |
-//! | `Bitmap::file` | persister, header writes | the bitmap file |
+//! | `Bitmap::file` | persister, header writes | the bitmap file (and the intent log's) |
 //!
 //! Order: `ops` → `gate` → `file`. The hot path takes only `gate` (read)
 //! and atomics; it waits on the persister only after a first write.
 
 mod atomic;
 mod disk;
+mod intent;
 pub mod persist;
 mod persister;
 

@@ -15,9 +15,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::disk::Bitmap;
+use super::intent::CHECKPOINT_INTERVAL;
 use super::persist::WORDS_PER_PAGE;
 
 /// How often lazily cleared pages are written back.
@@ -46,6 +47,9 @@ struct Shared {
     done: Condvar,
 }
 
+/// Work the thread does every [`CHECKPOINT_INTERVAL`] (see [`super::intent`]).
+pub(crate) type Checkpoint = Box<dyn Fn() + Send>;
+
 /// The writeback thread of one disk's bitmaps.
 pub(crate) struct Persister {
     shared: Arc<Shared>,
@@ -59,12 +63,12 @@ impl std::fmt::Debug for Persister {
 }
 
 impl Persister {
-    pub fn start(disk: &str) -> Self {
+    pub fn start(disk: &str, checkpoint: Option<Checkpoint>) -> Self {
         let shared = Arc::new(Shared { queue: Mutex::default(), work: Condvar::new(), done: Condvar::new() });
         let worker = shared.clone();
         let thread = std::thread::Builder::new()
             .name(format!("bitmap-sync {disk}"))
-            .spawn(move || worker.run())
+            .spawn(move || worker.run(checkpoint))
             .expect("spawn bitmap writeback thread");
         Self { shared, thread: Mutex::new(Some(thread)) }
     }
@@ -111,9 +115,16 @@ impl Shared {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn run(&self) {
+    fn run(&self, checkpoint: Option<Checkpoint>) {
+        let mut last_checkpoint = Instant::now();
         let mut q = self.lock();
         loop {
+            if let Some(checkpoint) = checkpoint.as_ref().filter(|_| last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL) {
+                drop(q);
+                checkpoint();
+                last_checkpoint = Instant::now();
+                q = self.lock();
+            }
             if q.sync.is_empty() && !q.stop {
                 let (guard, timeout) = self.work.wait_timeout(q, LAZY_INTERVAL).unwrap_or_else(|p| p.into_inner());
                 q = guard;

@@ -14,10 +14,15 @@ fn identity() -> Identity {
     Identity { id: "test:1".into(), modified_ns: 42 }
 }
 
+/// Opens with exact write intent (`intent_region: 0`).
 fn open(dir: &std::path::Path, configured: &[(&str, u64)]) -> DiskBitmaps {
+    open_with(dir, configured, 0)
+}
+
+fn open_with(dir: &std::path::Path, configured: &[(&str, u64)], intent_region: u64) -> DiskBitmaps {
     let configured: Vec<BitmapConfig> =
         configured.iter().map(|(n, g)| BitmapConfig::new(n, *g, true).unwrap()).collect();
-    DiskBitmaps::open(dir, "vm/disk", SIZE, identity(), &configured).unwrap()
+    DiskBitmaps::open(dir, "vm/disk", SIZE, identity(), &configured, intent_region).unwrap()
 }
 
 /// Dirty byte ranges of a bitmap, as a set of granule-aligned offsets.
@@ -41,6 +46,7 @@ enum Op {
     Merge(usize, usize),
     Enable(usize, bool),
     Reopen,
+    Checkpoint,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -50,6 +56,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0usize..2, 0usize..2).prop_map(|(a, b)| Op::Merge(a, b)),
         1 => (0usize..2, any::<bool>()).prop_map(|(a, e)| Op::Enable(a, e)),
         1 => Just(Op::Reopen),
+        1 => Just(Op::Checkpoint),
     ]
 }
 
@@ -78,10 +85,10 @@ impl Model {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
     #[test]
-    fn bitmaps_match_a_naive_model(ops in proptest::collection::vec(op(), 1..40)) {
+    fn bitmaps_match_a_naive_model(ops in proptest::collection::vec(op(), 1..40), region in prop_oneof![Just(0), Just(1 << 20)]) {
         let dir = tempfile::tempdir().unwrap();
         let names = ["a", "b"];
-        let mut disk = open(dir.path(), &[("a", 65536), ("b", 4096)]);
+        let mut disk = open_with(dir.path(), &[("a", 65536), ("b", 4096)], region);
         let mut m = Model { gran: [65536, 4096], dirty: [BTreeSet::new(), BTreeSet::new()], enabled: [true, true] };
         for op in ops {
             match op {
@@ -113,8 +120,9 @@ proptest! {
                 Op::Reopen => {
                     disk.close(&identity());
                     drop(disk);
-                    disk = open(dir.path(), &[]);
+                    disk = open_with(dir.path(), &[], region);
                 }
+                Op::Checkpoint => disk.checkpoint(),
             }
             for (i, name) in names.iter().enumerate() {
                 prop_assert_eq!(dirty(&disk, name), m.ranges(i), "bitmap {}", name);
@@ -190,15 +198,15 @@ fn a_changed_image_makes_bitmaps_inconsistent() {
     drop(disk);
     // Clean stop recorded mtime 42; the image now has another mtime.
     let moved = Identity { id: "test:1".into(), modified_ns: 43 };
-    let disk = DiskBitmaps::open(dir.path(), "vm/disk", SIZE, moved, &[]).unwrap();
+    let disk = DiskBitmaps::open(dir.path(), "vm/disk", SIZE, moved, &[], 0).unwrap();
     let reason = disk.list()[0].inconsistent_reason.clone().unwrap();
     assert!(reason.contains("modified while the agent was not running"), "{reason}");
     drop(disk);
     let other = Identity { id: "test:2".into(), modified_ns: 42 };
-    let disk = DiskBitmaps::open(dir.path(), "vm/disk", SIZE, other, &[]).unwrap();
+    let disk = DiskBitmaps::open(dir.path(), "vm/disk", SIZE, other, &[], 0).unwrap();
     assert!(disk.list()[0].inconsistent_reason.clone().unwrap().contains("image replaced"));
     drop(disk);
-    let disk = DiskBitmaps::open(dir.path(), "vm/disk", SIZE * 2, identity(), &[]).unwrap();
+    let disk = DiskBitmaps::open(dir.path(), "vm/disk", SIZE * 2, identity(), &[], 0).unwrap();
     assert!(disk.list()[0].inconsistent_reason.clone().unwrap().contains("disk size changed"));
 }
 
@@ -235,4 +243,112 @@ fn bad_requests_get_clear_errors() {
     assert!(matches!(disk.clear("nope"), Err(BitmapError::NotFound { .. })));
     assert!(matches!(disk.merge("a", &["nope".into()]), Err(BitmapError::NotFound { .. })));
     assert_eq!(disk.list().len(), 1);
+}
+
+const REGION: u64 = 1 << 20;
+
+/// Granules of `g` bytes covering whole `REGION`s touched by `writes`.
+fn regions_of(writes: &[(u64, u64)], g: u64) -> BTreeSet<u64> {
+    let mut out = BTreeSet::new();
+    for &(o, l) in writes {
+        for r in o / REGION..=(o + l - 1) / REGION {
+            out.extend(r * REGION / g..((r + 1) * REGION).min(SIZE).div_ceil(g));
+        }
+    }
+    out
+}
+
+fn granule_set(ranges: &[(u64, u64)], g: u64) -> BTreeSet<u64> {
+    ranges.iter().flat_map(|&(o, l)| o / g..(o + l).div_ceil(g)).collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+    /// With a write-intent log, a crash (no close) loads a superset of every
+    /// marked granule, and the extra bits lie in regions written since the
+    /// checkpoint before last (older regions were cleared once cold).
+    #[test]
+    fn an_unclean_stop_with_intent_loads_exact_bits_plus_recent_regions(
+        rounds in proptest::collection::vec(proptest::collection::vec((0..SIZE, 1u64..200_000), 0..12), 1..5),
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = open_with(dir.path(), &[("a", 65536), ("b", 4096)], REGION);
+        let mut all = Vec::new();
+        let mut recent: Vec<Vec<(u64, u64)>> = Vec::new();
+        for writes in rounds {
+            let writes: Vec<(u64, u64)> = writes.into_iter().map(|(o, l)| (o, l.min(SIZE - o))).collect();
+            for &(o, l) in &writes {
+                disk.mark(o, l).unwrap();
+            }
+            all.extend(writes.iter().copied());
+            recent.push(writes);
+            disk.checkpoint();
+        }
+        let exact = [dirty(&disk, "a"), dirty(&disk, "b")];
+        drop(disk); // as after kill -9
+        let disk = open_with(dir.path(), &[], REGION);
+        let since: Vec<(u64, u64)> = recent.iter().rev().take(2).flatten().copied().collect();
+        for (i, (name, g)) in [("a", 65536u64), ("b", 4096)].into_iter().enumerate() {
+            prop_assert!(disk.get(name).unwrap().is_consistent());
+            let loaded = granule_set(&dirty(&disk, name), g);
+            let marked = granule_set(&exact[i], g);
+            prop_assert!(marked.is_subset(&loaded), "{}: a marked granule was lost", name);
+            let allowed: BTreeSet<u64> = marked.union(&regions_of(&since, g)).copied().collect();
+            prop_assert!(loaded.is_subset(&allowed), "{}: extra bits outside recent regions", name);
+            prop_assert_eq!(&marked, &granule_set(&all.iter().flat_map(|&(o, l)| [(o / g * g, (o + l).div_ceil(g) * g - o / g * g)]).collect::<Vec<_>>(), g));
+        }
+    }
+}
+
+#[test]
+fn intent_regions_cover_first_writes_and_clear_once_cold() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = open_with(dir.path(), &[("a", 65536)], REGION);
+    disk.mark(0, 4096).unwrap();
+    // Region 0 is durable in the log: another first write there is covered without a sync.
+    assert!(disk.all_durable(512 << 10, 4096));
+    assert!(!disk.all_durable(3 * REGION, 4096));
+    disk.checkpoint(); // writes bitmap pages; region 0 was hot, stays
+    disk.checkpoint(); // cold now: cleared
+    disk.mark(3 * REGION + 5, 1).unwrap();
+    drop(disk);
+    let disk = open_with(dir.path(), &[], REGION);
+    assert_eq!(dirty(&disk, "a"), vec![(0, 65536), (3 * REGION, REGION)], "region 3 was still logged");
+    disk.close(&identity());
+    assert!(!dir.path().join(".write-intent").exists(), "a clean stop removes the log");
+    drop(disk);
+    let disk = open_with(dir.path(), &[], 0);
+    assert_eq!(dirty(&disk, "a"), vec![(0, 65536), (3 * REGION, REGION)], "exact after a clean stop");
+}
+
+#[test]
+fn switching_intent_off_after_a_crash_still_applies_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = open_with(dir.path(), &[("a", 65536)], REGION);
+    disk.mark(2 * REGION, 4096).unwrap();
+    drop(disk);
+    let disk = open_with(dir.path(), &[], 0);
+    assert_eq!(dirty(&disk, "a"), vec![(2 * REGION, REGION)]);
+    assert!(!dir.path().join(".write-intent").exists());
+    drop(disk);
+    assert_eq!(dirty(&open_with(dir.path(), &[], 0), "a"), vec![(2 * REGION, REGION)], "made durable in the file");
+}
+
+#[test]
+fn an_unreadable_intent_log_distrusts_bitmaps_that_were_not_closed_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = open_with(dir.path(), &[("a", 65536)], REGION);
+    disk.mark(0, 4096).unwrap();
+    drop(disk);
+    std::fs::write(dir.path().join(".write-intent"), b"garbage").unwrap();
+    let disk = open_with(dir.path(), &[("b", 65536)], REGION);
+    let a = disk.list().into_iter().find(|b| b.name == "a").unwrap();
+    assert!(!a.consistent);
+    assert!(a.inconsistent_reason.as_deref().unwrap().contains("write-intent log unreadable"), "{a:?}");
+    disk.close(&identity());
+    drop(disk);
+    // A clean stop needs no log: a garbage log next to cleanly closed bitmaps harms nothing.
+    std::fs::write(dir.path().join(".write-intent"), b"garbage").unwrap();
+    let disk = open_with(dir.path(), &[], REGION);
+    assert!(disk.get("b").unwrap().is_consistent());
 }

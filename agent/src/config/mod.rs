@@ -55,9 +55,9 @@ use serde::Deserialize;
 
 pub use error::{ConfigError, Duplicated, Position};
 pub use values::{
-    check_disk_size, check_granularity, check_name, format_size, parse_size, ImageUri, ListenAddr, DEFAULT_GRANULARITY,
-    GIB, KIB, MAX_GRANULARITY, MAX_HANDSHAKE_TIMEOUT_SECS, MAX_NAME_LEN, MAX_PAYLOAD, MAX_UNIX_PATH, MIB,
-    MIN_GRANULARITY, MIN_PAYLOAD, SECTOR_SIZE, TIB,
+    check_disk_size, check_granularity, check_intent_region, check_name, format_size, parse_size, ImageUri, ListenAddr,
+    DEFAULT_GRANULARITY, DEFAULT_INTENT_REGION, GIB, KIB, MAX_GRANULARITY, MAX_HANDSHAKE_TIMEOUT_SECS, MAX_NAME_LEN,
+    MAX_PAYLOAD, MAX_UNIX_PATH, MIB, MIN_GRANULARITY, MIN_PAYLOAD, SECTOR_SIZE, TIB,
 };
 pub use yaml::MAX_FILE_BYTES;
 
@@ -228,6 +228,9 @@ pub struct DiskConfig {
     pub read_only: bool,
     /// Dirty bitmaps to keep, names unique within the disk.
     pub bitmaps: Vec<BitmapConfig>,
+    /// Write-intent region in bytes (default 64 MiB; 0 = exact, a sync per
+    /// first write to each clean granule).
+    pub intent_region: u64,
     /// Defaults for `rbdsync backup`.
     pub backup: Option<BackupConfig>,
 }

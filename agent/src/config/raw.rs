@@ -7,11 +7,11 @@ use serde::Deserialize;
 use serde_saphyr::{Location, Spanned};
 
 use super::error::{ConfigError, Duplicated, Position};
-use super::values::{check_name, DiskSize, Granularity, ImageUri, Keep, Name, MAX_NAME_LEN};
+use super::values::{check_name, DiskSize, Granularity, ImageUri, IntentRegion, Keep, Name, MAX_NAME_LEN};
 use super::vms::{Registry, Seen};
 use super::{
-    AgentConfig, BackupConfig, BitmapConfig, CephConfig, ControlConfig, DiskConfig, MetricsConfig, NbdConfig,
-    TlsConfig, VmConfig, DEFAULT_STATE_DIR,
+    AgentConfig, BackupConfig, BitmapConfig, CephConfig, ControlConfig, DiskConfig, MetricsConfig,
+    NbdConfig, TlsConfig, VmConfig, DEFAULT_STATE_DIR,
 };
 
 /// `agent.yaml` as written.
@@ -51,6 +51,8 @@ struct RawDisk {
     read_only: bool,
     #[serde(default)]
     bitmaps: Vec<RawBitmap>,
+    #[serde(default)]
+    intent_region: IntentRegion,
     backup: Option<RawBackup>,
 }
 
@@ -202,6 +204,7 @@ impl RawDisk {
             size: self.size.map(|size| size.0),
             read_only: self.read_only,
             bitmaps,
+            intent_region: self.intent_region.0,
             backup,
         })
     }

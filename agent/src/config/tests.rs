@@ -48,6 +48,7 @@ fn embedded_example_parses() {
         size: Some(GIB),
         read_only: false,
         bitmaps: vec![BitmapConfig::new("backup", 64 * KIB, true).expect("valid bitmap")],
+        intent_region: DEFAULT_INTENT_REGION,
         backup: Some(BackupConfig {
             target: "file:/var/lib/rbdsync/backups/demo-disk0".parse().expect("valid URI"),
             bitmap: Some("backup".into()),
@@ -141,6 +142,8 @@ fn vm_file_errors_name_line_and_key() {
         // Granularity.
         ("    bitmaps:\n      - name: b\n        granularity: 3KiB\n", "7:22: disks[0].bitmaps[0].granularity: bad granularity 3KiB (expected a power of two from 4KiB to 64MiB)"),
         ("    bitmaps: [{name: b, granularity: 128MiB}]\n", "5:38: disks[0].bitmaps[0].granularity: bad granularity 128MiB (expected a power of two from 4KiB to 64MiB)"),
+        ("    intent_region: 32KiB\n", "5:20: disks[0].intent_region: bad intent_region 32KiB (expected 0 or a power of two from 64KiB to 64MiB)"),
+        ("    intent_region: 96MiB\n", "5:20: disks[0].intent_region: bad intent_region 96MiB (expected 0 or a power of two from 64KiB to 64MiB)"),
         // Duplicates, at the second one, naming the first.
         ("  - name: disk0\n    image: rbd:pool/other\n", r#"5:11: disks[1].name: duplicate disk name "disk0" (first defined at vms.d/vm1.yaml:3:11)"#),
         ("    bitmaps:\n      - name: b\n      - {name: b, enabled: false}\n", r#"7:16: disks[0].bitmaps[1].name: duplicate bitmap name "b" (first defined at vms.d/vm1.yaml:6:15)"#),

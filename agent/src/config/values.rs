@@ -28,6 +28,9 @@ pub const MAX_NAME_LEN: usize = 64;
 pub const MIN_GRANULARITY: u64 = 4 * KIB;
 /// Largest dirty-bitmap granularity.
 pub const MAX_GRANULARITY: u64 = 64 * MIB;
+/// `intent_region` of a disk that does not name one: the write-intent region
+/// whose first write pays for a bitmap sync (see `bitmap` module docs).
+pub const DEFAULT_INTENT_REGION: u64 = 64 * MIB;
 /// Granularity of a bitmap that does not name one.
 pub const DEFAULT_GRANULARITY: u64 = 64 * KIB;
 /// Disk sizes are whole sectors of this many bytes.
@@ -96,6 +99,15 @@ pub fn check_name(name: &str) -> Result<(), String> {
             "bad name {name:?} (expected 1-{MAX_NAME_LEN} characters of A-Z a-z 0-9 _ . -, \
              not starting with . or -)"
         ))
+    }
+}
+
+/// Checks a disk's `intent_region`: 0, or a power of two from 64 KiB to 64 MiB.
+pub fn check_intent_region(bytes: u64) -> Result<(), String> {
+    if bytes == 0 || (bytes.is_power_of_two() && (64 * KIB..=MAX_GRANULARITY).contains(&bytes)) {
+        Ok(())
+    } else {
+        Err(format!("bad intent_region {} (expected 0 or a power of two from 64KiB to 64MiB)", format_size(bytes)))
     }
 }
 
@@ -411,6 +423,21 @@ impl Default for Granularity {
 impl<'de> Deserialize<'de> for Granularity {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         checked_size(d, check_granularity).map(Self)
+    }
+}
+
+/// A disk's `intent_region`: 0 (exact write-intent) or a power of two from 64 KiB to 64 MiB.
+pub(super) struct IntentRegion(pub u64);
+
+impl Default for IntentRegion {
+    fn default() -> Self {
+        Self(DEFAULT_INTENT_REGION)
+    }
+}
+
+impl<'de> Deserialize<'de> for IntentRegion {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        checked_size(d, check_intent_region).map(Self)
     }
 }
 
