@@ -245,14 +245,14 @@ pub async fn run(config: AgentConfig) -> Result<(), DaemonError> {
     control.set_vms(vms);
     let shutdown = CancellationToken::new();
     let started = start_servers(&config, control.clone(), &jobs, &disks, tls.clone(), shutdown.clone()).await;
-    let (server, control_task) = match started {
+    let (server, (control_task, control_addrs)) = match started {
         Ok(servers) => servers,
         Err(e) => {
             disks.close_all().await;
             return Err(e);
         }
     };
-    let runtime = RuntimeFile::write(&config, &server)?;
+    let runtime = RuntimeFile::write(&config, &server, &control_addrs)?;
     let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel::<ReloadRequest>(4);
     control.set_migration_env(MigrationEnv {
         vms_dir: config.vms_dir.clone(),
@@ -303,10 +303,10 @@ async fn start_servers(
     disks: &Disks,
     tls: Arc<Tls>,
     shutdown: CancellationToken,
-) -> Result<(NbdServer, tokio::task::JoinHandle<()>), DaemonError> {
+) -> Result<(NbdServer, api::http::Served), DaemonError> {
     let metrics = Metrics::new();
     let server = NbdServer::bind(&server_settings(config), disks.exports.clone(), metrics.clone(), tls.clone()).await?;
-    let control = api::http::serve(&config.control.listen, control, shutdown.clone()).await?;
+    let control = api::http::serve(&config.control, control, shutdown.clone()).await?;
     if let Some(m) = &config.metrics {
         metrics::serve(m.listen, metrics, disks.exports.clone(), jobs.clone(), shutdown)
             .await
@@ -347,10 +347,11 @@ fn server_settings(config: &AgentConfig) -> ServerSettings {
 struct RuntimeFile(PathBuf);
 
 impl RuntimeFile {
-    fn write(config: &AgentConfig, server: &NbdServer) -> Result<Self, DaemonError> {
+    fn write(config: &AgentConfig, server: &NbdServer, control: &[String]) -> Result<Self, DaemonError> {
         let path = config.state_dir.join("agent.json");
         let nbd: Vec<String> = server.local_addrs().iter().map(|a| a.to_string()).collect();
-        let body = serde_json::json!({ "pid": std::process::id(), "node": config.node, "nbd": nbd });
+        let body =
+            serde_json::json!({ "pid": std::process::id(), "node": config.node, "nbd": nbd, "control": control });
         let tmp = path.with_extension("json.tmp");
         let write = std::fs::write(&tmp, body.to_string()).and_then(|()| std::fs::rename(&tmp, &path));
         write.map_err(|source| DaemonError::Io { what: format!("Cannot write {}", path.display()), source })?;

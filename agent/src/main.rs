@@ -13,10 +13,23 @@ use agent::config::AgentConfig;
 #[derive(Debug, Parser)]
 #[command(name = "rbdsync", version, about)]
 struct Cli {
-    /// Control API of the agent: unix:PATH or http://HOST:PORT
+    /// Control API of the agent: unix:PATH or https://HOST:PORT
     /// (default: the control socket named in /etc/rbdsync/agent.yaml).
     #[arg(long, global = true, env = "RBDSYNC_CONTROL")]
     control: Option<String>,
+    /// https: CA certificate(s) that signed the agents' certificates
+    /// (default: the system store).
+    #[arg(long, global = true, env = "RBDSYNC_CA_CERT")]
+    ca_cert: Option<PathBuf>,
+    /// https: file holding the bearer token (the agent's control.token_file).
+    #[arg(long, global = true, env = "RBDSYNC_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// https: client certificate (PEM), for agents that check certificates.
+    #[arg(long, global = true, env = "RBDSYNC_CLIENT_CERT", requires = "client_key")]
+    client_cert: Option<PathBuf>,
+    /// https: the client certificate's key (PEM).
+    #[arg(long, global = true, env = "RBDSYNC_CLIENT_KEY", requires = "client_cert")]
+    client_key: Option<PathBuf>,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
@@ -98,7 +111,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Cmd::Agent { config, log_format } => run_agent(config, log_format),
-        Cmd::Client(cmd) => run_client(cli.control.as_deref(), cli.json, cmd),
+        Cmd::Client(cmd) => {
+            agent::api::client::set_credentials(agent::api::client::Credentials {
+                ca_cert: cli.ca_cert,
+                token_file: cli.token_file,
+                client_cert: cli.client_cert.zip(cli.client_key),
+            });
+            run_client(cli.control.as_deref(), cli.json, cmd)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

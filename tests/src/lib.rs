@@ -13,6 +13,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+mod pki;
+pub use pki::Pki;
+
 /// Path of the agent binary under test.
 pub fn agent_bin() -> PathBuf {
     if let Some(bin) = std::env::var_os("RBDSYNC_BIN") {
@@ -44,7 +47,11 @@ pub struct AgentBuilder {
     dir: tempfile::TempDir,
     vms: Vec<Vm>,
     extra: String,
+    control: String,
 }
+
+/// The `control:` section of every test agent unless replaced.
+const DEFAULT_CONTROL: &str = "  listen: [\"unix:control.sock\"]\n";
 
 impl Default for AgentBuilder {
     fn default() -> Self {
@@ -55,7 +62,12 @@ impl Default for AgentBuilder {
 impl AgentBuilder {
     /// A builder with an empty vms.d.
     pub fn new() -> Self {
-        Self { dir: tempfile::tempdir().expect("tempdir"), vms: Vec::new(), extra: String::new() }
+        Self {
+            dir: tempfile::tempdir().expect("tempdir"),
+            vms: Vec::new(),
+            extra: String::new(),
+            control: DEFAULT_CONTROL.to_owned(),
+        }
     }
 
     /// Adds a VM file (`name.yaml`).
@@ -70,6 +82,13 @@ impl AgentBuilder {
             "name: {vm}\ndisks:\n  - name: disk0\n    image: file:../images/{vm}-disk0.raw\n    size: {size}\n"
         );
         self.vm(vm, &yaml)
+    }
+
+    /// Replaces the keys of the `control:` section (YAML lines indented by
+    /// two spaces; default `listen: ["unix:control.sock"]`).
+    pub fn control_keys(mut self, keys: &str) -> Self {
+        keys.clone_into(&mut self.control);
+        self
     }
 
     /// Extra top-level YAML appended to agent.yaml.
@@ -91,8 +110,8 @@ impl AgentBuilder {
             std::fs::write(d.join("vms.d").join(&vm.file), &vm.yaml)?;
         }
         let config = format!(
-            "node: test\nstate_dir: state\nvms_dir: vms.d\nnbd:\n  listen: [\"127.0.0.1:0\", \"unix:nbd.sock\"]\ncontrol:\n  listen: [\"unix:control.sock\"]\n{}",
-            self.extra
+            "node: test\nstate_dir: state\nvms_dir: vms.d\nnbd:\n  listen: [\"127.0.0.1:0\", \"unix:nbd.sock\"]\ncontrol:\n{}{}",
+            self.control, self.extra
         );
         std::fs::write(d.join("agent.yaml"), config)?;
         Agent::spawn(self.dir)
@@ -156,6 +175,15 @@ impl Agent {
     /// The test directory.
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// The first TCP address of the control API (from `agent.json`).
+    pub fn control_tcp(&self) -> Result<SocketAddr> {
+        let text = std::fs::read_to_string(self.dir().join("state/agent.json"))?;
+        let v: serde_json::Value = serde_json::from_str(&text)?;
+        let tcp =
+            v["control"].as_array().into_iter().flatten().filter_map(|a| a.as_str()).find(|a| !a.starts_with("unix:"));
+        tcp.context("no TCP control listener in agent.json")?.parse().context("bad TCP address")
     }
 
     /// The Unix socket of the NBD server.
@@ -366,8 +394,8 @@ impl AgentBuilder {
             std::fs::write(d.join("vms.d").join(&vm.file), &vm.yaml)?;
         }
         let config = format!(
-            "node: test\nstate_dir: state\nvms_dir: vms.d\nnbd:\n  listen: [\"127.0.0.1:0\", \"unix:nbd.sock\"]\n{nbd_keys}control:\n  listen: [\"unix:control.sock\"]\n{}",
-            self.extra
+            "node: test\nstate_dir: state\nvms_dir: vms.d\nnbd:\n  listen: [\"127.0.0.1:0\", \"unix:nbd.sock\"]\n{nbd_keys}control:\n{}{}",
+            self.control, self.extra
         );
         std::fs::write(d.join("agent.yaml"), config)?;
         Agent::spawn(self.dir)

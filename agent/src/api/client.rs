@@ -1,6 +1,7 @@
 //! HTTP client of the control API, used by the CLI.
 
 use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
@@ -15,6 +16,26 @@ pub enum Endpoint {
     Unix(PathBuf),
     /// `http://host:port`.
     Http(String),
+    /// `https://host:port` (TLS; credentials from [`set_credentials`]).
+    Https(String),
+}
+
+/// How the CLI authenticates to a TCP control API and what it trusts.
+#[derive(Debug, Clone, Default)]
+pub struct Credentials {
+    /// CA certificate(s) (PEM) that signed the agent's certificate.
+    pub ca_cert: Option<PathBuf>,
+    /// File holding the bearer token.
+    pub token_file: Option<PathBuf>,
+    /// Client certificate and key (PEM), if the agent checks certificates.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+}
+
+static CREDENTIALS: OnceLock<Credentials> = OnceLock::new();
+
+/// Sets the credentials for `https://` endpoints (once, at start-up).
+pub fn set_credentials(credentials: Credentials) {
+    let _ = CREDENTIALS.set(credentials);
 }
 
 impl std::str::FromStr for Endpoint {
@@ -27,10 +48,10 @@ impl std::str::FromStr for Endpoint {
         if let Some(rest) = s.strip_prefix("http://") {
             return Ok(Endpoint::Http(rest.trim_end_matches('/').to_owned()));
         }
-        if s.starts_with("https://") {
-            return Err("https:// control endpoints need TLS support, which is not built yet".into());
+        if let Some(rest) = s.strip_prefix("https://") {
+            return Ok(Endpoint::Https(rest.trim_end_matches('/').to_owned()));
         }
-        Err(format!("bad control address {s:?} (expected unix:/path or http://host:port)"))
+        Err(format!("bad control address {s:?} (expected unix:/path or https://host:port)"))
     }
 }
 
@@ -69,17 +90,30 @@ pub async fn call(endpoint: &Endpoint, method: &str, path: &str, body: Option<Va
             let s = tokio::net::TcpStream::connect(addr).await.map_err(|e| ClientError::Connect(addr.clone(), e))?;
             (TokioIo::new(Box::new(s) as Box<dyn Io>), addr.clone())
         }
+        Endpoint::Https(addr) => {
+            let credentials = CREDENTIALS.get().cloned().unwrap_or_default();
+            let (config, name) = tls_client(&credentials, addr)?;
+            let s = tokio::net::TcpStream::connect(addr).await.map_err(|e| ClientError::Connect(addr.clone(), e))?;
+            let s = tokio_rustls::TlsConnector::from(config)
+                .connect(name, s)
+                .await
+                .map_err(|e| ClientError::Connect(format!("https://{addr} (TLS)"), e))?;
+            (TokioIo::new(Box::new(s) as Box<dyn Io>), addr.clone())
+        }
+    };
+    let token = match endpoint {
+        Endpoint::Https(_) => bearer_token()?,
+        _ => None,
     };
     let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.map_err(|e| http(&e))?;
     tokio::spawn(conn);
     let payload = body.map(|b| b.to_string()).unwrap_or_default();
-    let request = Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", host)
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(payload)))
-        .map_err(|e| http(&e))?;
+    let mut request =
+        Request::builder().method(method).uri(path).header("host", host).header("content-type", "application/json");
+    if let Some(token) = token {
+        request = request.header("authorization", format!("Bearer {token}"));
+    }
+    let request = request.body(Full::new(Bytes::from(payload))).map_err(|e| http(&e))?;
     let response = sender.send_request(request).await.map_err(|e| http(&e))?;
     let status = response.status().as_u16();
     let bytes = response.into_body().collect().await.map_err(|e| http(&e))?.to_bytes();
@@ -95,3 +129,51 @@ pub async fn call(endpoint: &Endpoint, method: &str, path: &str, body: Option<Va
 
 trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+/// The token from `--token-file`, if any.
+fn bearer_token() -> Result<Option<String>, ClientError> {
+    let Some(path) = CREDENTIALS.get().and_then(|c| c.token_file.clone()) else { return Ok(None) };
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| ClientError::Http(format!("cannot read token file {}: {e}", path.display())))?;
+    Ok(Some(text.lines().next().unwrap_or_default().trim().to_owned()))
+}
+
+/// TLS client configuration and server name for `addr` (`host:port`).
+fn tls_client(
+    c: &Credentials,
+    addr: &str,
+) -> Result<(Arc<rustls::ClientConfig>, rustls_pki_types::ServerName<'static>), ClientError> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    let bad = |what: &std::path::Path, e: &dyn std::fmt::Display| {
+        ClientError::Http(format!("cannot load {}: {e}", what.display()))
+    };
+    let certs = |path: &std::path::Path| {
+        CertificateDer::pem_file_iter(path).and_then(Iterator::collect::<Result<Vec<_>, _>>).map_err(|e| bad(path, &e))
+    };
+    let ca = c.ca_cert.clone().unwrap_or_else(|| PathBuf::from("/etc/ssl/certs/ca-certificates.crt"));
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in certs(&ca)? {
+        roots.add(cert).map_err(|e| bad(&ca, &e))?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ClientError::Http(e.to_string()))?
+        .with_root_certificates(roots);
+    let mut config = match &c.client_cert {
+        Some((cert, key)) => {
+            let key = PrivateKeyDer::from_pem_file(key).map_err(|e| bad(key, &e))?;
+            builder.with_client_auth_cert(certs(cert)?, key).map_err(|e| bad(cert, &e))?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let host = match addr.rsplit_once(':') {
+        Some((h, _)) => h.trim_start_matches('[').trim_end_matches(']'),
+        None => addr,
+    };
+    let name = ServerName::try_from(host.to_owned())
+        .map_err(|e| ClientError::Http(format!("bad host in https://{addr}: {e}")))?;
+    Ok((Arc::new(config), name))
+}

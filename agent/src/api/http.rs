@@ -16,8 +16,9 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
+use super::access::{self, OwnerOnly, Peer, TcpAccess, TlsListener};
 use super::{ApiError, BitmapAdd, Command, Control, JobAction, MergeBody, Size, StartJob};
-use crate::config::ListenAddr;
+use crate::config::{ControlConfig, ListenAddr};
 
 /// The committed OpenAPI document (`agent/openapi.json`).
 pub const OPENAPI: &str = include_str!("../../openapi.json");
@@ -253,7 +254,7 @@ fn created(response: Response) -> Response {
     response
 }
 
-fn error(e: ApiError) -> Response {
+pub(super) fn error(e: ApiError) -> Response {
     let (status, _) = e.status();
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     (status, Json(e.body())).into_response()
@@ -271,25 +272,63 @@ pub enum ServeError {
         #[source]
         source: std::io::Error,
     },
-    /// TCP needs TLS and authentication, which this build does not configure yet.
-    #[error("Control API on TCP ({0}) needs TLS and a token; use a unix: socket")]
+    /// A TCP listener without TLS.
+    #[error("Control API on TCP ({0}) needs control.tls (cert, key); use a unix: socket otherwise")]
     InsecureTcp(String),
+    /// A TCP listener without a way to authenticate clients.
+    #[error("Control API on TCP ({0}) needs control.token_file or control.tls.client_ca")]
+    NoCredential(String),
+    /// The token file is unusable.
+    #[error("Control token file {path}: {reason}")]
+    Token {
+        /// File.
+        path: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Certificate, key or CA unusable.
+    #[error("Control API TLS: {path}: {reason}")]
+    Tls {
+        /// File.
+        path: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// The socket is served by another process.
     #[error("Socket {0} is in use by another process")]
     InUse(String),
 }
 
+/// A running control API: its task and bound addresses (`unix:PATH`, `HOST:PORT`).
+pub type Served = (tokio::task::JoinHandle<()>, Vec<String>);
+
 /// Binds every control listener and serves until `shutdown`.
 pub async fn serve(
-    listen: &[ListenAddr],
+    config: &ControlConfig,
     control: Arc<Control>,
     shutdown: CancellationToken,
-) -> Result<tokio::task::JoinHandle<()>, ServeError> {
-    let mut listeners = Vec::new();
-    for addr in listen {
+) -> Result<Served, ServeError> {
+    let app = router(control);
+    let mut tasks = Vec::new();
+    let mut bound = Vec::new();
+    for addr in &config.listen {
         let bind_err = |source| ServeError::Bind { addr: addr.to_string(), source };
+        let stop = shutdown.clone();
         match addr {
-            ListenAddr::Tcp(sa) => return Err(ServeError::InsecureTcp(sa.to_string())),
+            ListenAddr::Tcp(sa) => {
+                let access = Arc::new(TcpAccess::load(config, *sa)?);
+                let listener = tokio::net::TcpListener::bind(sa).await.map_err(bind_err)?;
+                bound.push(listener.local_addr().map_err(bind_err)?.to_string());
+                let listener = TlsListener::start(listener, &access, stop.clone()).map_err(bind_err)?;
+                let app = app.clone().layer(axum::middleware::from_fn_with_state(access, access::authorize));
+                let served = axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
+                    .with_graceful_shutdown(async move { stop.cancelled().await });
+                tasks.push(tokio::spawn(async move {
+                    if let Err(e) = served.await {
+                        tracing::error!(error = %e, "control API failed");
+                    }
+                }));
+            }
             ListenAddr::Unix(path) => {
                 if let Some(dir) = path.parent() {
                     std::fs::create_dir_all(dir).map_err(bind_err)?;
@@ -302,25 +341,23 @@ pub async fn serve(
                 }
                 let listener = tokio::net::UnixListener::bind(path).map_err(bind_err)?;
                 std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
-                listeners.push((listener, path.clone()));
+                bound.push(format!("unix:{}", path.display()));
+                let (app, path) = (app.clone(), path.clone());
+                let served =
+                    axum::serve(OwnerOnly(listener), app).with_graceful_shutdown(async move { stop.cancelled().await });
+                tasks.push(tokio::spawn(async move {
+                    if let Err(e) = served.await {
+                        tracing::error!(error = %e, "control API failed");
+                    }
+                    let _ = std::fs::remove_file(path);
+                }));
             }
         }
     }
-    let app = router(control);
-    Ok(tokio::spawn(async move {
-        let mut tasks = Vec::new();
-        for (listener, path) in listeners {
-            let (app, stop) = (app.clone(), shutdown.clone());
-            tasks.push(tokio::spawn(async move {
-                let served = axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await });
-                if let Err(e) = served.await {
-                    tracing::error!(error = %e, "control API failed");
-                }
-                let _ = std::fs::remove_file(path);
-            }));
-        }
+    let task = tokio::spawn(async move {
         for t in tasks {
             let _ = t.await;
         }
-    }))
+    });
+    Ok((task, bound))
 }

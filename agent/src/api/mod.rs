@@ -5,6 +5,7 @@
 //! [`ApiError`] the one place that decides HTTP statuses and error codes.
 //! The CLI talks to it through [`client`].
 
+mod access;
 pub mod client;
 pub mod http;
 mod jobs;
@@ -133,6 +134,9 @@ pub enum ApiError {
     /// The route exists but not with this method.
     #[error("Method not allowed on this resource")]
     MethodNotAllowed,
+    /// No valid credential on a TCP connection.
+    #[error("Authentication required: send Authorization: Bearer TOKEN (control.token_file) or a client certificate")]
+    Unauthorized,
     /// The request body is over the limit.
     #[error("Request body larger than {0} bytes")]
     TooLarge(usize),
@@ -161,6 +165,7 @@ impl ApiError {
             Self::DiskNotFound(_) => (404, "disk_not_found"),
             Self::NoRoute | Self::NotFound(_) => (404, "not_found"),
             Self::MethodNotAllowed => (405, "method_not_allowed"),
+            Self::Unauthorized => (401, "unauthorized"),
             Self::TooLarge(_) => (413, "body_too_large"),
             Self::Conflict(_) => (409, "conflict"),
             Self::Bitmap(e) => match e {

@@ -62,7 +62,7 @@ fn nbd_uri(prep: &Value, dest: &Endpoint, export: &str) -> Result<String, Client
     let addrs: Vec<&str> = prep["nbd"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
     if let Some(tcp) = addrs.iter().find(|a| !a.starts_with("unix:")) {
         let host = match (tcp.rsplit_once(':'), dest) {
-            (Some((ip, port)), Endpoint::Http(h)) if ip == "0.0.0.0" || ip == "[::]" => {
+            (Some((ip, port)), Endpoint::Http(h) | Endpoint::Https(h)) if ip == "0.0.0.0" || ip == "[::]" => {
                 format!("{}:{port}", h.rsplit_once(':').map_or(h.as_str(), |x| x.0))
             }
             _ => (*tcp).to_owned(),

@@ -171,14 +171,32 @@ pub enum TlsMode {
 #[serde(default, deny_unknown_fields)]
 pub struct ControlConfig {
     /// Addresses of the control API (default `unix:/run/rbdsync/control.sock`); at least one.
+    /// A TCP address needs `tls` and `token_file` or `tls.client_ca`.
     #[serde(deserialize_with = "values::listen_list")]
     pub listen: Vec<ListenAddr>,
+    /// TLS for TCP listeners (Unix sockets are plain, mode 0600).
+    pub tls: Option<ControlTlsConfig>,
+    /// File holding the bearer token TCP clients must send (mode 0600 or stricter).
+    pub token_file: Option<PathBuf>,
 }
 
 impl Default for ControlConfig {
     fn default() -> Self {
-        Self { listen: vec![default_listen(DEFAULT_CONTROL_LISTEN)] }
+        Self { listen: vec![default_listen(DEFAULT_CONTROL_LISTEN)], tls: None, token_file: None }
     }
+}
+
+/// `control.tls:`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlTlsConfig {
+    /// Server certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Server private key (PEM).
+    pub key: PathBuf,
+    /// CA for client certificates: a client with a certificate it signed
+    /// needs no token (without `token_file`, a certificate is mandatory).
+    pub client_ca: Option<PathBuf>,
 }
 
 /// `metrics:` in `agent.yaml`.

@@ -10,7 +10,7 @@ use super::error::{ConfigError, Duplicated, Position};
 use super::values::{check_name, DiskSize, Granularity, ImageUri, IntentRegion, Keep, Name, MAX_NAME_LEN};
 use super::vms::{Registry, Seen};
 use super::{
-    AgentConfig, BackupConfig, BitmapConfig, CephConfig, ControlConfig, DiskConfig, MetricsConfig,
+    AgentConfig, BackupConfig, BitmapConfig, CephConfig, ControlConfig, ControlTlsConfig, DiskConfig, MetricsConfig,
     NbdConfig, TlsConfig, VmConfig, DEFAULT_STATE_DIR,
 };
 
@@ -157,6 +157,12 @@ impl TlsConfig {
 impl ControlConfig {
     fn resolved(mut self, ctx: &Ctx) -> Self {
         self.listen.iter_mut().for_each(|addr| addr.resolve(&ctx.base));
+        self.tls = self.tls.map(|tls| ControlTlsConfig {
+            cert: ctx.path(&tls.cert),
+            key: ctx.path(&tls.key),
+            client_ca: tls.client_ca.map(|ca| ctx.path(&ca)),
+        });
+        self.token_file = self.token_file.map(|f| ctx.path(&f));
         self
     }
 }

@@ -1,0 +1,183 @@
+//! Who may use the control API (issue: operations and security).
+//!
+//! - Unix socket: mode 0600, no credential needed.
+//! - TCP: only with `control.tls`, and then only with the bearer token from
+//!   `control.token_file` or a client certificate signed by
+//!   `control.tls.client_ca`. Configurations that would let anyone in do not
+//!   start. Clients are the real CLI (`--control https://…`) and `curl`.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Output;
+
+use tests::{agent_bin, Agent, AgentBuilder, Pki};
+
+/// Runs a command to completion, whatever its exit status.
+fn run(program: &str, args: &[&str]) -> std::io::Result<Output> {
+    std::process::Command::new(program).args(args).stdin(std::process::Stdio::null()).output()
+}
+
+const TOKEN: &str = "s3cret-token-0123456789abcdef";
+
+fn pki(dir: &Path) -> Pki {
+    let pki = Pki::new(&dir.join("pki"));
+    pki.ca("ca").server("server", "ca").client("admin", "ca", "2");
+    pki.ca("other").client("stranger", "other", "2");
+    pki
+}
+
+fn write_token(dir: &Path, mode: u32) {
+    let path = dir.join("control.token");
+    std::fs::write(&path, format!("{TOKEN}\n")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// `control:` keys: a Unix socket plus TLS on 127.0.0.1 with `auth` lines.
+fn control_keys(auth: &str) -> String {
+    format!(
+        "  listen: [\"unix:control.sock\", \"127.0.0.1:0\"]\n  tls: {{cert: pki/server-cert.pem, key: pki/server-key.pem{}}}\n{}",
+        if auth.contains("client_ca") { ", client_ca: pki/ca-cert.pem" } else { "" },
+        auth.lines().filter(|l| !l.contains("client_ca")).map(|l| format!("{l}\n")).collect::<String>()
+    )
+}
+
+fn cli(agent: &Agent, args: &[&str]) -> Output {
+    let url = format!("https://127.0.0.1:{}", agent.control_tcp().unwrap().port());
+    let ca = agent.dir().join("pki/ca-cert.pem");
+    let mut all = vec!["--control", &url, "--ca-cert", ca.to_str().unwrap()];
+    all.extend(args);
+    run(agent_bin().to_str().unwrap(), &all).unwrap()
+}
+
+fn curl(agent: &Agent, args: &[&str]) -> (String, String) {
+    let url = format!("https://127.0.0.1:{}/v1/status", agent.control_tcp().unwrap().port());
+    let ca = agent.dir().join("pki/ca-cert.pem");
+    let mut all = vec!["-sS", "--max-time", "10", "--cacert", ca.to_str().unwrap(), "-w", "\n%{http_code}"];
+    all.extend(args);
+    all.push(&url);
+    let out = run("curl", &all).unwrap();
+    (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn status_of(body: &str) -> &str {
+    body.rsplit('\n').next().unwrap_or_default()
+}
+
+fn text(out: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+#[test]
+fn configurations_that_would_let_anyone_in_do_not_start() {
+    let cases: [(&str, u32, &str); 4] = [
+        ("  listen: [\"127.0.0.1:0\"]\n", 0o600, "needs control.tls"),
+        (&control_keys(""), 0o600, "needs control.token_file or control.tls.client_ca"),
+        (&control_keys("  token_file: control.token"), 0o644, "readable by others"),
+        (&control_keys("  token_file: missing.token"), 0o600, "missing.token"),
+    ];
+    for (keys, mode, expected) in cases {
+        let builder = AgentBuilder::new().simple_vm("vm1", "1MiB").control_keys(keys);
+        pki(builder.dir());
+        write_token(builder.dir(), mode);
+        let err = match builder.start() {
+            Ok(_) => panic!("agent started with control keys {keys:?}"),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(err.contains(expected), "{keys:?}: expected {expected:?} in:\n{err}");
+    }
+}
+
+#[test]
+fn tcp_needs_the_bearer_token_and_the_unix_socket_stays_owner_only() {
+    let builder =
+        AgentBuilder::new().simple_vm("vm1", "1MiB").control_keys(&control_keys("  token_file: control.token"));
+    pki(builder.dir());
+    write_token(builder.dir(), 0o600);
+    let agent = builder.start().unwrap();
+    let token_file = agent.dir().join("control.token");
+
+    // The CLI with the token: works.
+    let out = cli(&agent, &["--token-file", token_file.to_str().unwrap(), "--json", "disks"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("vm1/disk0"), "{}", text(&out));
+    // Without it: refused with a clear one-line error and a failing exit code.
+    let out = cli(&agent, &["disks"]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("Authentication required"), "{}", text(&out));
+
+    // curl: no token, a wrong one, the right one.
+    let (body, _) = curl(&agent, &[]);
+    assert_eq!(status_of(&body), "401", "{body}");
+    assert!(body.contains("\"code\":\"unauthorized\""), "{body}");
+    let (body, _) = curl(&agent, &["-H", "Authorization: Bearer s3cret-token-0123456789abcdeX"]);
+    assert_eq!(status_of(&body), "401", "{body}");
+    let (body, _) = curl(&agent, &["-H", "Authorization: Bearer s3cret-token-0123456789abcde"]);
+    assert_eq!(status_of(&body), "401", "a prefix of the token is not the token: {body}");
+    let (body, _) = curl(&agent, &["-H", &format!("Authorization: Bearer {TOKEN}")]);
+    assert_eq!(status_of(&body), "200", "{body}");
+    // Plain HTTP on the TLS port gets no answer.
+    let port = agent.control_tcp().unwrap().port();
+    let out = run("curl", &["-sS", "--max-time", "5", &format!("http://127.0.0.1:{port}/v1/status")]).unwrap();
+    assert!(!out.status.success() || !String::from_utf8_lossy(&out.stdout).contains("node"), "{}", text(&out));
+    // A client certificate is not asked for (no client_ca): the token stays mandatory.
+    let pki = agent.dir().join("pki");
+    let (body, _) = curl(
+        &agent,
+        &["--cert", pki.join("admin-cert.pem").to_str().unwrap(), "--key", pki.join("admin-key.pem").to_str().unwrap()],
+    );
+    assert_eq!(status_of(&body), "401", "{body}");
+
+    // The Unix socket needs no token and is the owner's only.
+    let socket = agent.dir().join("control.sock");
+    assert_eq!(std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777, 0o600);
+    let control = format!("unix:{}", socket.display());
+    let out = run(agent_bin().to_str().unwrap(), &["--control", &control, "status"]).unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+}
+
+#[test]
+fn client_certificates_signed_by_the_ca_stand_in_for_the_token() {
+    // client_ca without a token file: the certificate is mandatory.
+    let builder = AgentBuilder::new().simple_vm("vm1", "1MiB").control_keys(&control_keys("  client_ca"));
+    let pki = pki(builder.dir());
+    let agent = builder.start().unwrap();
+    let (admin, admin_key) = (pki.cert("admin"), pki.key("admin"));
+    let out = cli(
+        &agent,
+        &["--client-cert", admin.to_str().unwrap(), "--client-key", admin_key.to_str().unwrap(), "--json", "status"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let (body, err) = curl(&agent, &["--cert", admin.to_str().unwrap(), "--key", admin_key.to_str().unwrap()]);
+    assert_eq!(status_of(&body), "200", "{body} {err}");
+    // No certificate, or one from another CA: no TLS session at all.
+    let (body, err) = curl(&agent, &[]);
+    assert_ne!(status_of(&body), "200", "{body} {err}");
+    let (stranger, stranger_key) = (pki.cert("stranger"), pki.key("stranger"));
+    let (body, err) = curl(&agent, &["--cert", stranger.to_str().unwrap(), "--key", stranger_key.to_str().unwrap()]);
+    assert_ne!(status_of(&body), "200", "{body} {err}");
+    let (body, err) = curl(&agent, &["-H", &format!("Authorization: Bearer {TOKEN}")]);
+    assert_ne!(status_of(&body), "200", "no token file configured: {body} {err}");
+    drop(agent);
+
+    // client_ca and a token file: either credential.
+    let builder = AgentBuilder::new()
+        .simple_vm("vm1", "1MiB")
+        .control_keys(&control_keys("  client_ca\n  token_file: control.token"));
+    let pki = self::pki(builder.dir());
+    write_token(builder.dir(), 0o600);
+    let agent = builder.start().unwrap();
+    let (stranger, stranger_key) = (pki.cert("stranger"), pki.key("stranger"));
+    let (body, err) = curl(&agent, &["--cert", stranger.to_str().unwrap(), "--key", stranger_key.to_str().unwrap()]);
+    assert_ne!(
+        status_of(&body),
+        "200",
+        "a certificate from another CA is refused even with a token file: {body} {err}"
+    );
+    let (admin, admin_key) = (pki.cert("admin"), pki.key("admin"));
+    let (body, _) = curl(&agent, &["--cert", admin.to_str().unwrap(), "--key", admin_key.to_str().unwrap()]);
+    assert_eq!(status_of(&body), "200", "{body}");
+    let (body, _) = curl(&agent, &["-H", &format!("Authorization: Bearer {TOKEN}")]);
+    assert_eq!(status_of(&body), "200", "{body}");
+    let (body, _) = curl(&agent, &[]);
+    assert_eq!(status_of(&body), "401", "{body}");
+}
