@@ -130,8 +130,8 @@ fn bad_size_names_file_line_column_and_key() {
 fn vm_file_errors_name_line_and_key() {
     let cases = [
         // Unknown keys, at the key.
-        ("    sise: 1\n", "5:5: disks[0].sise: unknown field `sise`, expected one of name, image, size, read_only, bitmaps, backup"),
-        ("    value: 1\n", "5:5: disks[0].value: unknown field `value`, expected one of name, image, size, read_only, bitmaps, backup"),
+        ("    sise: 1\n", "5:5: disks[0].sise: unknown field `sise`, expected one of name, image, size, read_only, bitmaps, intent_region, backup"),
+        ("    value: 1\n", "5:5: disks[0].value: unknown field `value`, expected one of name, image, size, read_only, bitmaps, intent_region, backup"),
         ("    bitmaps: [{name: b, granularity: 64K, enable: true}]\n", "5:43: disks[0].bitmaps[0].enable: unknown field `enable`, expected one of name, granularity, enabled"),
         // Sizes.
         ("    size: 1000\n", "5:11: disks[0].size: size 1000 is not a multiple of 512 bytes"),
