@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::api::migrations::ReloadRequest;
 use crate::api::{self, Control, MigrationEnv};
 use crate::bitmap::{BitmapError, DiskBitmaps};
-use crate::config::{AgentConfig, ConfigError, DiskConfig, VmConfig};
+use crate::config::{AgentConfig, Allow, ConfigError, DiskConfig, VmConfig};
 use crate::export::{Export, Exports, Incoming};
 use crate::jobs::backup::BackupEnv;
 use crate::jobs::JobManager;
@@ -96,6 +96,10 @@ impl Disks {
     /// image never has two owners; then new and changed disks are opened.
     /// Returns the first disk that failed to open (the others still apply).
     async fn apply(&mut self, vms: &[VmConfig]) -> Result<(), DaemonError> {
+        let allow: BTreeMap<String, Vec<Allow>> = vms
+            .iter()
+            .flat_map(|vm| vm.disks.iter().map(|d| (format!("{}/{}", vm.name, d.name), vm.allow.clone())))
+            .collect();
         let wanted: BTreeMap<String, DiskConfig> =
             vms.iter().flat_map(|vm| vm.disks.iter().map(|d| (format!("{}/{}", vm.name, d.name), d.clone()))).collect();
         let stale: Vec<String> =
@@ -118,6 +122,8 @@ impl Disks {
             }
             match open_disk(&self.stores, &self.state_dir, &name, &config).await {
                 Ok(export) => {
+                    // Before the export becomes visible: no window without its allow list.
+                    export.set_allow(allow.get(&name).cloned().unwrap_or_default());
                     if let Some(token) = self.incoming.token(&name) {
                         export.set_incoming(&token);
                     }
@@ -130,6 +136,9 @@ impl Disks {
                     first_error.get_or_insert(e);
                 }
             }
+        }
+        for export in self.exports.list() {
+            export.set_allow(allow.get(export.name()).cloned().unwrap_or_default());
         }
         first_error.map_or(Ok(()), Err)
     }
@@ -340,6 +349,8 @@ fn server_settings(config: &AgentConfig) -> ServerSettings {
         handshake,
         handshake_timeout: Duration::from_secs(nbd.handshake_timeout_secs),
         max_connections: usize::try_from(nbd.max_connections).unwrap_or(usize::MAX),
+        max_per_export: usize::try_from(nbd.max_connections_per_export).unwrap_or(usize::MAX),
+        idle_timeout: (nbd.idle_timeout_secs > 0).then(|| Duration::from_secs(nbd.idle_timeout_secs)),
     }
 }
 

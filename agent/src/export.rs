@@ -6,7 +6,8 @@
 //! no write can bypass the tracking.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 
 use proto::consts::{tflags, BASE_ALLOCATION, QEMU_DIRTY_BITMAP_PREFIX};
@@ -16,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use arc_swap::ArcSwap;
 
 use crate::bitmap::{BitmapError, DiskBitmaps, Drained};
+use crate::config::Allow;
 use crate::store::{BlockStore, StoreError};
 
 /// Why a request on an export failed.
@@ -52,6 +54,18 @@ pub struct Export {
     barrier: WriteBarrier,
     incoming: Mutex<Option<String>>,
     detached: CancellationToken,
+    allow: ArcSwap<Vec<Allow>>,
+    connections: AtomicUsize,
+}
+
+/// One of an export's connection slots, held while a client is connected.
+#[derive(Debug)]
+pub struct ConnectionSlot(Arc<Export>);
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, SeqCst);
+    }
 }
 
 impl Export {
@@ -75,7 +89,33 @@ impl Export {
             barrier: WriteBarrier::default(),
             incoming: Mutex::new(None),
             detached: CancellationToken::new(),
+            allow: ArcSwap::default(),
+            connections: AtomicUsize::new(0),
         }
+    }
+
+    /// Sets who may list and open the export (the VM's `allow`; empty:
+    /// everyone). Clients already connected stay.
+    pub fn set_allow(&self, allow: Vec<Allow>) {
+        self.allow.store(Arc::new(allow));
+    }
+
+    /// Whether a client may see and open the export: `ip` None on a Unix
+    /// socket, `cn` the subject CN of its verified TLS certificate.
+    pub fn allows(&self, ip: Option<IpAddr>, cn: Option<&str>) -> bool {
+        let allow = self.allow.load();
+        allow.is_empty() || allow.iter().any(|a| a.matches(ip, cn))
+    }
+
+    /// Takes a connection slot if fewer than `limit` are taken.
+    pub fn try_connect(self: &Arc<Self>, limit: usize) -> Option<ConnectionSlot> {
+        self.connections.fetch_update(SeqCst, SeqCst, |n| (n < limit).then_some(n + 1)).ok()?;
+        Some(ConnectionSlot(self.clone()))
+    }
+
+    /// Clients connected now.
+    pub fn connections(&self) -> usize {
+        self.connections.load(SeqCst)
     }
 
     /// Installs a write hook; call inside [`DiskBitmaps::drained`] so no

@@ -42,6 +42,15 @@ pub trait ExportCatalog {
     fn list(&self) -> Vec<ExportInfo>;
     /// Names of the metadata contexts an export offers (e.g. `base:allocation`).
     fn meta_contexts(&self, export: &str) -> Vec<String>;
+    /// Called when the client is about to enter transmission on `export`
+    /// (GO or EXPORT_NAME), after `lookup` found it; `Err((reply, message))`
+    /// refuses it (e.g. `NBD_REP_ERR_POLICY` for a connection limit). An
+    /// implementation that reserves something here keeps it for the
+    /// connection. By default every client is admitted.
+    fn admit(&self, export: &str) -> Result<(), (u32, String)> {
+        let _ = export;
+        Ok(())
+    }
 }
 
 /// Whether and how TLS is offered on this listener.
@@ -135,6 +144,10 @@ pub enum HandshakeError {
     /// `NBD_OPT_EXPORT_NAME` named an unknown export (no error reply exists).
     #[error("unknown export {0:?}")]
     UnknownExport(String),
+    /// `NBD_OPT_EXPORT_NAME` named an export that refused the client (see
+    /// [`ExportCatalog::admit`]; no error reply exists).
+    #[error("export {0:?} refused: {1}")]
+    Refused(String, String),
     /// `NBD_OPT_EXPORT_NAME` before TLS on a TLS-only listener.
     #[error("TLS required")]
     TlsRequired,
@@ -321,7 +334,8 @@ impl ServerHandshake {
         out: &mut BytesMut,
     ) -> Result<Step, HandshakeError> {
         let name = String::from_utf8_lossy(data).into_owned();
-        let export = catalog.lookup(&name).ok_or(HandshakeError::UnknownExport(name))?;
+        let export = catalog.lookup(&name).ok_or_else(|| HandshakeError::UnknownExport(name.clone()))?;
+        catalog.admit(&name).map_err(|(_, message)| HandshakeError::Refused(name, message))?;
         out.put_u64(export.size);
         out.put_u16(export.flags);
         if !self.no_zeroes {
@@ -352,6 +366,12 @@ impl ServerHandshake {
             option_error(out, code, rep::ERR_UNKNOWN, &format!("unknown export {name:?}"));
             return Step::NeedMore;
         };
+        if code == opt::GO {
+            if let Err((reply, message)) = catalog.admit(&name) {
+                option_error(out, code, reply, &message);
+                return Step::NeedMore;
+            }
+        }
         let mut body = BytesMut::new();
         body.put_u16(info::EXPORT);
         body.put_u64(export.size);

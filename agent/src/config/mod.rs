@@ -55,9 +55,9 @@ use serde::Deserialize;
 
 pub use error::{ConfigError, Duplicated, Position};
 pub use values::{
-    check_disk_size, check_granularity, check_intent_region, check_name, format_size, parse_size, ImageUri, ListenAddr,
-    DEFAULT_GRANULARITY, DEFAULT_INTENT_REGION, GIB, KIB, MAX_GRANULARITY, MAX_HANDSHAKE_TIMEOUT_SECS, MAX_NAME_LEN,
-    MAX_PAYLOAD, MAX_UNIX_PATH, MIB, MIN_GRANULARITY, MIN_PAYLOAD, SECTOR_SIZE, TIB,
+    check_disk_size, check_granularity, check_intent_region, check_name, format_size, parse_size, Allow, ImageUri,
+    ListenAddr, DEFAULT_GRANULARITY, DEFAULT_INTENT_REGION, GIB, KIB, MAX_GRANULARITY, MAX_HANDSHAKE_TIMEOUT_SECS,
+    MAX_NAME_LEN, MAX_PAYLOAD, MAX_UNIX_PATH, MIB, MIN_GRANULARITY, MIN_PAYLOAD, SECTOR_SIZE, TIB,
 };
 pub use yaml::MAX_FILE_BYTES;
 
@@ -71,6 +71,8 @@ pub const DEFAULT_CONTROL_LISTEN: &str = "unix:/run/rbdsync/control.sock";
 pub const DEFAULT_NBD_LISTEN: &str = "127.0.0.1:10809";
 /// Default `nbd.max_connections`.
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 256;
+/// Default `nbd.max_connections_per_export`.
+pub const DEFAULT_MAX_CONNECTIONS_PER_EXPORT: u32 = 64;
 /// Default `nbd.max_payload` (32 MiB).
 pub const DEFAULT_MAX_PAYLOAD: u32 = 32 * 1024 * 1024;
 /// Default `nbd.handshake_timeout_secs`.
@@ -124,6 +126,13 @@ pub struct NbdConfig {
     /// Seconds a client may take to finish the handshake (default 10; 1 to 3600).
     #[serde(deserialize_with = "values::handshake_timeout")]
     pub handshake_timeout_secs: u64,
+    /// Most simultaneous connections to one export (default 64).
+    #[serde(deserialize_with = "values::max_connections")]
+    pub max_connections_per_export: u32,
+    /// Seconds a connection may sit idle (no request, none in flight) before
+    /// it is closed (default 0: never).
+    #[serde(deserialize_with = "values::idle_timeout")]
+    pub idle_timeout_secs: u64,
 }
 
 impl Default for NbdConfig {
@@ -134,6 +143,8 @@ impl Default for NbdConfig {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_payload: DEFAULT_MAX_PAYLOAD,
             handshake_timeout_secs: DEFAULT_HANDSHAKE_TIMEOUT_SECS,
+            max_connections_per_export: DEFAULT_MAX_CONNECTIONS_PER_EXPORT,
+            idle_timeout_secs: 0,
         }
     }
 }
@@ -229,6 +240,9 @@ pub struct VmConfig {
     pub name: String,
     /// The VM's disks, names unique within the VM.
     pub disks: Vec<DiskConfig>,
+    /// Who may list and open its exports (`unix`, `cn:NAME`, `ADDR[/PREFIX]`);
+    /// empty: every client that reaches a listener.
+    pub allow: Vec<Allow>,
     /// The file the VM was declared in.
     pub source: PathBuf,
 }

@@ -7,7 +7,7 @@ use serde::Deserialize;
 use serde_saphyr::{Location, Spanned};
 
 use super::error::{ConfigError, Duplicated, Position};
-use super::values::{check_name, DiskSize, Granularity, ImageUri, IntentRegion, Keep, Name, MAX_NAME_LEN};
+use super::values::{check_name, Allow, DiskSize, Granularity, ImageUri, IntentRegion, Keep, Name, MAX_NAME_LEN};
 use super::vms::{Registry, Seen};
 use super::{
     AgentConfig, BackupConfig, BitmapConfig, CephConfig, ControlConfig, ControlTlsConfig, DiskConfig, MetricsConfig,
@@ -39,6 +39,8 @@ pub(super) struct RawVm {
     name: Spanned<Name>,
     #[serde(default)]
     disks: Vec<RawDisk>,
+    #[serde(default)]
+    allow: Vec<Allow>,
 }
 
 #[derive(Deserialize)]
@@ -195,7 +197,7 @@ impl RawVm {
                 disk.validate(ctx, &key, registry)
             })
             .collect::<Result<_, _>>()?;
-        Ok(VmConfig { name, disks, source: ctx.source.to_owned() })
+        Ok(VmConfig { name, disks, allow: self.allow, source: ctx.source.to_owned() })
     }
 }
 

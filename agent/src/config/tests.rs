@@ -142,6 +142,8 @@ fn vm_file_errors_name_line_and_key() {
         // Granularity.
         ("    bitmaps:\n      - name: b\n        granularity: 3KiB\n", "7:22: disks[0].bitmaps[0].granularity: bad granularity 3KiB (expected a power of two from 4KiB to 64MiB)"),
         ("    bitmaps: [{name: b, granularity: 128MiB}]\n", "5:38: disks[0].bitmaps[0].granularity: bad granularity 128MiB (expected a power of two from 4KiB to 64MiB)"),
+        ("allow: [\"10.0.0.0/33\"]\n", r#"5:9: allow[0]: bad allow entry "10.0.0.0/33" (expected unix, cn:NAME, an IP address or ADDR/PREFIX)"#),
+        ("allow: [unix, \"cn:\"]\n", r#"5:15: allow[1]: bad allow entry "cn:" (expected unix, cn:NAME, an IP address or ADDR/PREFIX)"#),
         ("    intent_region: 32KiB\n", "5:20: disks[0].intent_region: bad intent_region 32KiB (expected 0 or a power of two from 64KiB to 64MiB)"),
         ("    intent_region: 96MiB\n", "5:20: disks[0].intent_region: bad intent_region 96MiB (expected 0 or a power of two from 64KiB to 64MiB)"),
         // Duplicates, at the second one, naming the first.
@@ -215,7 +217,7 @@ fn name_errors_name_line_and_key() {
 #[test]
 fn agent_errors_name_line_and_key() {
     let cases = [
-        ("nbd:\n  lisen: []\n", "2:3: nbd.lisen: unknown field `lisen`, expected one of listen, tls, max_connections, max_payload, handshake_timeout_secs"),
+        ("nbd:\n  lisen: []\n", "2:3: nbd.lisen: unknown field `lisen`, expected one of listen, tls, max_connections, max_payload, handshake_timeout_secs, max_connections_per_export, idle_timeout_secs"),
         ("colour: blue\n", "1:1: colour: unknown field `colour`, expected one of node, state_dir, vms_dir, vms, nbd, control, metrics, ceph"),
         ("nbd:\n  listen: [\"0.0.0.0:10809\", \"foo\"]\n", r#"2:29: nbd.listen[1]: bad listen address "foo" (expected IP:PORT such as 127.0.0.1:10809 or [::1]:10809, or unix:/path)"#),
         ("nbd:\n  listen: []\n", "2:11: nbd.listen: listen needs at least one address"),
@@ -529,5 +531,28 @@ proptest! {
         if let Ok(uri) = s.parse::<ImageUri>() {
             prop_assert_eq!(uri.to_string().parse::<ImageUri>(), Ok(uri));
         }
+    }
+}
+
+#[test]
+fn allow_entries_match_addresses_sockets_and_certificate_names() {
+    let ip = |s: &str| Some(s.parse::<std::net::IpAddr>().unwrap());
+    let a = |s: &str| s.parse::<Allow>().unwrap();
+    assert!(a("unix").matches(None, None));
+    assert!(!a("unix").matches(ip("127.0.0.1"), None));
+    assert!(a("10.1.0.0/16").matches(ip("10.1.200.3"), None));
+    assert!(!a("10.1.0.0/16").matches(ip("10.2.0.1"), None));
+    assert!(!a("10.1.0.0/16").matches(None, None), "a Unix client has no address");
+    assert!(a("10.1.0.0/16").matches(ip("::ffff:10.1.0.9"), None), "IPv4-mapped IPv6 peers match IPv4 entries");
+    assert!(a("0.0.0.0/0").matches(ip("192.0.2.1"), None));
+    assert!(a("192.0.2.7").matches(ip("192.0.2.7"), None));
+    assert!(!a("192.0.2.7").matches(ip("192.0.2.8"), None));
+    assert!(a("2001:db8::/32").matches(ip("2001:db8:1::5"), None));
+    assert!(!a("2001:db8::/32").matches(ip("2001:db9::5"), None));
+    assert!(a("cn:host-b").matches(ip("10.0.0.1"), Some("host-b")));
+    assert!(!a("cn:host-b").matches(ip("10.0.0.1"), Some("host-c")));
+    assert!(!a("cn:host-b").matches(None, None));
+    for bad in ["", "cn:", "10.0.0.0/33", "::/129", "host-b", "10.0.0.0/x", "unix:"] {
+        assert!(bad.parse::<Allow>().is_err(), "{bad:?} accepted");
     }
 }

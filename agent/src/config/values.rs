@@ -441,6 +441,86 @@ impl<'de> Deserialize<'de> for IntentRegion {
     }
 }
 
+/// One entry of a VM's `allow` list: who may see and use its exports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Allow {
+    /// `unix`: clients on the agent's Unix sockets.
+    Unix,
+    /// `cn:NAME`: a TLS client whose verified certificate has subject CN `NAME`.
+    Cn(String),
+    /// `ADDR` or `ADDR/PREFIX`: TCP clients from that address or network.
+    Net {
+        /// Network address (host bits are ignored).
+        addr: std::net::IpAddr,
+        /// Prefix length.
+        prefix: u8,
+    },
+}
+
+impl Allow {
+    /// Whether a client matches: `ip` is None on a Unix socket; `cn` is the
+    /// subject CN of a verified client certificate.
+    pub fn matches(&self, ip: Option<std::net::IpAddr>, cn: Option<&str>) -> bool {
+        use std::net::IpAddr;
+        match (self, ip) {
+            (Self::Unix, None) => true,
+            (Self::Cn(name), _) => cn == Some(name.as_str()),
+            (Self::Net { addr, prefix }, Some(ip)) => {
+                let ip = match ip {
+                    IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+                    v4 => v4,
+                };
+                match (addr, ip) {
+                    (IpAddr::V4(a), IpAddr::V4(b)) => {
+                        let mask = u32::MAX.checked_shl(32 - u32::from(*prefix)).unwrap_or(0);
+                        u32::from(*a) & mask == u32::from(b) & mask
+                    }
+                    (IpAddr::V6(a), IpAddr::V6(b)) => {
+                        let mask = u128::MAX.checked_shl(128 - u32::from(*prefix)).unwrap_or(0);
+                        u128::from(*a) & mask == u128::from(b) & mask
+                    }
+                    _ => false,
+                }
+            }
+            _ => false,
+        }
+    }
+}
+
+impl std::str::FromStr for Allow {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("bad allow entry {s:?} (expected unix, cn:NAME, an IP address or ADDR/PREFIX)");
+        if s == "unix" {
+            return Ok(Self::Unix);
+        }
+        if let Some(name) = s.strip_prefix("cn:") {
+            if name.is_empty() || name.len() > 256 || name.chars().any(char::is_control) {
+                return Err(bad());
+            }
+            return Ok(Self::Cn(name.to_owned()));
+        }
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: std::net::IpAddr = addr.parse().map_err(|_| bad())?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => p.parse::<u8>().ok().filter(|p| *p <= max).ok_or_else(bad)?,
+            None => max,
+        };
+        Ok(Self::Net { addr, prefix })
+    }
+}
+
+impl<'de> Deserialize<'de> for Allow {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(de::Error::custom)
+    }
+}
+
 /// A `backup.keep` count: at least 1.
 pub(super) struct Keep(pub u32);
 
@@ -473,6 +553,16 @@ pub(super) fn max_connections<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D:
     match u32::deserialize(d)? {
         0 => Err(de::Error::custom("max_connections must be at least 1")),
         n => Ok(n),
+    }
+}
+
+/// `deserialize_with` for `nbd.idle_timeout_secs`: 0 (off) to 7 days.
+pub(super) fn idle_timeout<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    let secs = u64::deserialize(d)?;
+    if secs <= 7 * 86400 {
+        Ok(secs)
+    } else {
+        Err(de::Error::custom(format!("bad idle_timeout_secs {secs} (expected 0 = off to 604800)")))
     }
 }
 

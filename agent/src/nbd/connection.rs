@@ -5,17 +5,19 @@
 //! task, so replies leave in completion order. A per-connection byte budget
 //! (a semaphore in 4 KiB units) bounds what can be in flight.
 
-use std::sync::Arc;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use proto::consts::rep;
 use proto::{Command, Decoded, ExportCatalog, ExportInfo, HandshakeConfig, Negotiated, Request, RequestDecoder, Step};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::session::Session;
-use crate::export::Exports;
+use crate::export::{ConnectionSlot, Export, Exports};
 
 /// Budget unit: one permit per 4 KiB of request payload or reply data.
 const UNIT: u64 = 4096;
@@ -64,13 +66,52 @@ pub struct ConnContext {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// TLS setup of the listener.
     pub tls: Arc<super::tls::Tls>,
+    /// Most connections to one export.
+    pub max_per_export: usize,
+    /// Close a connection idle this long (None: never).
+    pub idle_timeout: Option<Duration>,
 }
 
-struct Catalog<'a>(&'a Exports);
+/// Who is on the other end of a connection (for the VMs' `allow` lists),
+/// and the export slot it took.
+#[derive(Debug, Default)]
+pub struct Peer {
+    /// TCP source address; None on a Unix socket.
+    pub ip: Option<IpAddr>,
+    /// Subject CN of the client certificate rustls verified, if any.
+    pub cn: Option<String>,
+    /// Taken when the client enters transmission (GO / EXPORT_NAME).
+    slot: Mutex<Option<ConnectionSlot>>,
+}
+
+impl Peer {
+    /// A new peer; `cn` is set after a TLS handshake.
+    pub fn new(ip: Option<IpAddr>) -> Self {
+        Self { ip, cn: None, slot: Mutex::default() }
+    }
+
+    fn sees(&self, export: &Export) -> bool {
+        export.allows(self.ip, self.cn.as_deref())
+    }
+}
+
+/// The exports as one client may see them: those its VM's `allow` list
+/// admits (others are unknown to it, in LIST too).
+struct Catalog<'a> {
+    exports: &'a Exports,
+    peer: &'a Peer,
+    max_per_export: usize,
+}
+
+impl Catalog<'_> {
+    fn visible(&self, name: &str) -> Option<Arc<Export>> {
+        self.exports.resolve(name).filter(|e| self.peer.sees(e))
+    }
+}
 
 impl ExportCatalog for Catalog<'_> {
     fn lookup(&self, name: &str) -> Option<ExportInfo> {
-        self.0.resolve(name).map(|e| {
+        self.visible(name).map(|e| {
             let mut info = e.info();
             info.name = name.to_owned();
             info
@@ -78,11 +119,21 @@ impl ExportCatalog for Catalog<'_> {
     }
 
     fn list(&self) -> Vec<ExportInfo> {
-        self.0.list().iter().filter(|e| e.incoming().is_none()).map(|e| e.info()).collect()
+        self.exports.list().iter().filter(|e| e.incoming().is_none() && self.peer.sees(e)).map(|e| e.info()).collect()
     }
 
     fn meta_contexts(&self, export: &str) -> Vec<String> {
-        self.0.resolve(export).map(|e| e.meta_contexts()).unwrap_or_default()
+        self.visible(export).map(|e| e.meta_contexts()).unwrap_or_default()
+    }
+
+    fn admit(&self, name: &str) -> Result<(), (u32, String)> {
+        let export = self.visible(name).ok_or_else(|| (rep::ERR_UNKNOWN, format!("unknown export {name:?}")))?;
+        let slot = export.try_connect(self.max_per_export).ok_or_else(|| {
+            tracing::warn!(export = name, limit = self.max_per_export, "export connection limit reached");
+            (rep::ERR_POLICY, format!("export {name:?} has its maximum of {} connections", self.max_per_export))
+        })?;
+        *self.peer.slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(slot);
+        Ok(())
     }
 }
 
@@ -102,6 +153,7 @@ pub async fn negotiate<S>(
     stream: &mut S,
     hs: &mut proto::ServerHandshake,
     ctx: &ConnContext,
+    peer: &Peer,
     buf: &mut BytesMut,
     greet: bool,
 ) -> Result<Negotiation, ConnError>
@@ -113,7 +165,8 @@ where
         hs.greeting(&mut out);
     }
     loop {
-        let step = hs.handle(buf, &Catalog(&ctx.exports), &mut out);
+        let catalog = Catalog { exports: &ctx.exports, peer, max_per_export: ctx.max_per_export };
+        let step = hs.handle(buf, &catalog, &mut out);
         if !out.is_empty() {
             stream.write_all(&out).await?;
             out.clear();
@@ -139,6 +192,7 @@ pub async fn transmit<R, W>(
     mut buf: BytesMut,
     negotiated: Negotiated,
     ctx: &ConnContext,
+    peer: &Peer,
     shutdown: CancellationToken,
 ) -> Result<(), ConnError>
 where
@@ -146,6 +200,8 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let name = negotiated.export.name.clone();
+    // The slot admission took; held until the connection ends.
+    let _slot = peer.slot.lock().unwrap_or_else(|p| p.into_inner()).take();
     let export = ctx.exports.resolve(&name).ok_or_else(|| ConnError::ExportGone(name.clone()))?;
     let metrics = ctx.metrics.nbd(export.name());
     let session = Arc::new(Session::new(export, &negotiated, ctx.handshake.block_sizes, metrics));
@@ -166,6 +222,8 @@ where
     };
     let mut decoder = RequestDecoder::new(ctx.handshake.block_sizes.maximum);
     let detached = session.export().detached().clone();
+    let idle_limit = ctx.idle_timeout.unwrap_or(Duration::MAX);
+    let mut idle_until = tokio::time::Instant::now().checked_add(idle_limit);
     let result = loop {
         match pump(&mut decoder, &mut buf, &mut pipe).await {
             Ok(true) => {}
@@ -179,9 +237,16 @@ where
             () = detached.cancelled() => break Ok(()),
             read = reader.read_buf(&mut buf) => match read {
                 Ok(0) => break Ok(()),
-                Ok(_) => {}
+                Ok(_) => idle_until = tokio::time::Instant::now().checked_add(idle_limit),
                 Err(e) => break Err(e.into()),
             },
+            () = sleep_until(idle_until) => {
+                if pipe.budget.available_permits() == BUDGET_UNITS as usize {
+                    tracing::info!(export = %name, idle_secs = idle_limit.as_secs(), "closing idle connection");
+                    break Ok(());
+                }
+                idle_until = tokio::time::Instant::now().checked_add(idle_limit);
+            }
         }
     };
     pipe.drain().await;
@@ -197,6 +262,14 @@ where
         aborter.abort();
     }
     result
+}
+
+/// Sleeps until `deadline`; forever without one.
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Decodes and dispatches every complete request in `buf`; false after DISC.

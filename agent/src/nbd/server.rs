@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use super::connection::{negotiate, transmit, ConnContext, ConnError, Negotiation};
+use super::connection::{negotiate, transmit, ConnContext, ConnError, Negotiation, Peer};
 use crate::config::ListenAddr;
 use crate::export::Exports;
 
@@ -32,6 +32,10 @@ pub struct ServerSettings {
     pub handshake_timeout: Duration,
     /// Most concurrent connections.
     pub max_connections: usize,
+    /// Most concurrent connections to one export.
+    pub max_per_export: usize,
+    /// Close connections idle this long (None: never).
+    pub idle_timeout: Option<Duration>,
 }
 
 /// Errors starting the server.
@@ -77,7 +81,15 @@ impl NbdServer {
         }
         let mut handshake = settings.handshake;
         handshake.tls = tls.policy();
-        let ctx = ConnContext { exports, handshake, handshake_timeout: settings.handshake_timeout, metrics, tls };
+        let ctx = ConnContext {
+            exports,
+            handshake,
+            handshake_timeout: settings.handshake_timeout,
+            metrics,
+            tls,
+            max_per_export: settings.max_per_export,
+            idle_timeout: settings.idle_timeout,
+        };
         Ok(Self { listeners, ctx: Arc::new(ctx), max_connections: settings.max_connections })
     }
 
@@ -173,7 +185,7 @@ impl Acceptor {
 }
 
 enum Accepted {
-    Tcp(TcpStream, String),
+    Tcp(TcpStream, std::net::SocketAddr),
     Unix(UnixStream),
 }
 
@@ -182,7 +194,7 @@ async fn accept(listener: &Listener) -> std::io::Result<Accepted> {
         Listener::Tcp(l) => {
             let (stream, peer) = l.accept().await?;
             stream.set_nodelay(true)?;
-            Ok(Accepted::Tcp(stream, peer.to_string()))
+            Ok(Accepted::Tcp(stream, peer))
         }
         Listener::Unix(l, _) => Ok(Accepted::Unix(l.accept().await?.0)),
     }
@@ -191,15 +203,20 @@ async fn accept(listener: &Listener) -> std::io::Result<Accepted> {
 impl Accepted {
     fn peer(&self) -> String {
         match self {
-            Accepted::Tcp(_, peer) => peer.clone(),
+            Accepted::Tcp(_, peer) => peer.to_string(),
             Accepted::Unix(_) => "unix".to_owned(),
         }
     }
 
     async fn serve(self, ctx: &ConnContext, shutdown: CancellationToken) -> Result<(), ConnError> {
         match self {
-            Accepted::Tcp(stream, _) => serve_conn(stream, ctx, false, shutdown, |s| box_split(s.into_split())).await,
-            Accepted::Unix(stream) => serve_conn(stream, ctx, true, shutdown, |s| box_split(s.into_split())).await,
+            Accepted::Tcp(stream, addr) => {
+                let peer = Peer::new(Some(addr.ip()));
+                serve_conn(stream, ctx, peer, shutdown, |s| box_split(s.into_split())).await
+            }
+            Accepted::Unix(stream) => {
+                serve_conn(stream, ctx, Peer::new(None), shutdown, |s| box_split(s.into_split())).await
+            }
         }
     }
 }
@@ -225,7 +242,7 @@ fn in_time<T>(r: Result<T, tokio::time::error::Elapsed>) -> Result<T, ConnError>
 async fn serve_conn<S>(
     mut stream: S,
     ctx: &ConnContext,
-    local: bool,
+    mut peer: Peer,
     shutdown: CancellationToken,
     split: fn(S) -> (BoxRead, BoxWrite),
 ) -> Result<(), ConnError>
@@ -234,7 +251,7 @@ where
 {
     let deadline = tokio::time::Instant::now() + ctx.handshake_timeout;
     let mut config = ctx.handshake;
-    if local && config.tls == proto::TlsPolicy::Required {
+    if peer.ip.is_none() && config.tls == proto::TlsPolicy::Required {
         // A Unix socket is protected by file permissions; local clients
         // (the VM's QEMU) may skip TLS there.
         config.tls = proto::TlsPolicy::Optional;
@@ -242,13 +259,13 @@ where
     let mut hs = proto::ServerHandshake::new(config);
     let mut buf = BytesMut::with_capacity(64 << 10);
     let first =
-        in_time(tokio::time::timeout_at(deadline, negotiate(&mut stream, &mut hs, ctx, &mut buf, true)).await)??;
+        in_time(tokio::time::timeout_at(deadline, negotiate(&mut stream, &mut hs, ctx, &peer, &mut buf, true)).await)??;
     match first {
         Negotiation::Aborted => Ok(()),
         Negotiation::Done(negotiated) => {
             tracing::debug!(export = %negotiated.export.name, structured = negotiated.structured_replies, "negotiated");
             let (reader, writer) = split(stream);
-            transmit(reader, writer, buf, *negotiated, ctx, shutdown).await
+            transmit(reader, writer, buf, *negotiated, ctx, &peer, shutdown).await
         }
         Negotiation::StartTls => {
             if !buf.is_empty() {
@@ -258,12 +275,21 @@ where
             let mut tls =
                 in_time(tokio::time::timeout_at(deadline, acceptor.accept(stream)).await)?.map_err(ConnError::Tls)?;
             hs.tls_started();
-            let round =
-                in_time(tokio::time::timeout_at(deadline, negotiate(&mut tls, &mut hs, ctx, &mut buf, false)).await)??;
+            peer.cn = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|c| common_name(c));
+            let round = in_time(
+                tokio::time::timeout_at(deadline, negotiate(&mut tls, &mut hs, ctx, &peer, &mut buf, false)).await,
+            )??;
             let Negotiation::Done(negotiated) = round else { return Ok(()) };
             tracing::debug!(export = %negotiated.export.name, "negotiated over TLS");
             let (reader, writer) = tokio::io::split(tls);
-            transmit(reader, writer, buf, *negotiated, ctx, shutdown).await
+            transmit(reader, writer, buf, *negotiated, ctx, &peer, shutdown).await
         }
     }
+}
+
+/// Subject CN of a DER certificate (rustls verified it already).
+fn common_name(der: &rustls_pki_types::CertificateDer<'_>) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+    let cn = cert.subject().iter_common_name().next()?.as_str().ok()?.to_owned();
+    Some(cn)
 }

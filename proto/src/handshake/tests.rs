@@ -217,3 +217,48 @@ proptest! {
         let _ = run(HandshakeConfig::default(), &input);
     }
 }
+
+/// A catalog whose export admits one client: the second is refused.
+struct Full(std::cell::Cell<u32>);
+
+impl ExportCatalog for Full {
+    fn lookup(&self, name: &str) -> Option<ExportInfo> {
+        Fixed.lookup(name)
+    }
+    fn list(&self) -> Vec<ExportInfo> {
+        Fixed.list()
+    }
+    fn meta_contexts(&self, export: &str) -> Vec<String> {
+        Fixed.meta_contexts(export)
+    }
+    fn admit(&self, export: &str) -> Result<(), (u32, String)> {
+        self.0.set(self.0.get() + 1);
+        Err((rep::ERR_POLICY, format!("{export} is full")))
+    }
+}
+
+#[test]
+fn a_refused_admission_fails_go_but_not_info_and_ends_export_name() {
+    let catalog = Full(std::cell::Cell::new(0));
+    let mut input = flags();
+    input.extend(option(opt::INFO, &info_data("vm1/disk0", &[])));
+    input.extend(option(opt::GO, &info_data("vm1/disk0", &[])));
+    let mut hs = ServerHandshake::new(HandshakeConfig::default());
+    let (mut buf, mut out) = (BytesMut::from(&input[..]), BytesMut::new());
+    let step = hs.handle(&mut buf, &catalog, &mut out).unwrap();
+    assert!(matches!(step, Step::NeedMore), "a refused GO leaves the client negotiating");
+    let got: Vec<(u32, u32)> = replies(&out).into_iter().map(|(o, r, _)| (o, r)).collect();
+    assert_eq!(got.first(), Some(&(opt::INFO, rep::INFO)), "INFO does not ask for admission");
+    assert_eq!(got.last(), Some(&(opt::GO, rep::ERR_POLICY)), "{got:?}");
+    assert_eq!(got.iter().filter(|(o, _)| *o == opt::GO).count(), 1, "no INFO replies before the refusal");
+    assert!(replies(&out).last().unwrap().2.ends_with(b"vm1/disk0 is full"));
+    assert_eq!(catalog.0.get(), 1);
+
+    let mut input = flags();
+    input.extend(option(opt::EXPORT_NAME, b"vm1/disk0"));
+    let mut hs = ServerHandshake::new(HandshakeConfig::default());
+    let (mut buf, mut out) = (BytesMut::from(&input[..]), BytesMut::new());
+    let err = hs.handle(&mut buf, &catalog, &mut out).unwrap_err();
+    assert!(matches!(err, HandshakeError::Refused(ref name, _) if name == "vm1/disk0"), "{err:?}");
+    assert!(out.is_empty(), "EXPORT_NAME has no error reply: nothing is sent");
+}
