@@ -277,7 +277,12 @@ impl Export {
         for hook in hooks.iter() {
             hook.before_write(offset, length)?;
         }
-        io()?;
+        if let Err(e) = io() {
+            for hook in hooks.iter() {
+                hook.write_failed(offset, length);
+            }
+            return Err(e.into());
+        }
         for hook in hooks.iter() {
             hook.after_write(offset, &data)?;
         }
@@ -338,6 +343,8 @@ pub trait WriteHook: Send + Sync + std::fmt::Debug {
     fn after_write(&self, _offset: u64, _data: &WriteData<'_>) -> Result<(), StoreError> {
         Ok(())
     }
+    /// The store write failed (the range may be partly written).
+    fn write_failed(&self, _offset: u64, _length: u64) {}
 }
 
 /// Lets a cut-over hold new writes and wait for in-flight ones.

@@ -26,7 +26,7 @@ use crate::config::parse_size;
 pub struct MigrateArgs {
     /// VM to migrate (all its disks).
     vm: String,
-    /// Destination agent's control address (unix:PATH or http://HOST:PORT).
+    /// Destination agent's control address (unix:PATH or https://HOST:PORT).
     #[arg(long)]
     to: String,
     /// Bitmap seeding the mirrors (default: each disk's backup.bitmap).
@@ -38,6 +38,10 @@ pub struct MigrateArgs {
     /// Cut over once fewer dirty bytes than this remain on every disk.
     #[arg(long, value_parser = parse_size, default_value = "16MiB")]
     ready_threshold: u64,
+    /// Mirror copy mode at start: background (switches itself to
+    /// write-blocking if it does not converge) or write-blocking.
+    #[arg(long, default_value = "background", value_parser = ["background", "write-blocking"])]
+    copy_mode: String,
     /// Compare destination and source at cut-over (reads both disks in full).
     #[arg(long)]
     verify: bool,
@@ -181,7 +185,7 @@ async fn start_mirrors(
         let uri = nbd_uri(prep, dest, target["export"].as_str().unwrap_or_default())?;
         let body = json!({
             "kind": "mirror", "disk": disk, "target": uri, "sync": "incremental", "bitmap": chain["bitmap"],
-            "ready_threshold": a.ready_threshold, "speed": a.speed,
+            "ready_threshold": a.ready_threshold, "speed": a.speed, "copy_mode": a.copy_mode,
         });
         let job = call(source, "POST", "/v1/jobs", Some(body)).await?;
         mirrors.push((disk, job["id"].as_str().unwrap_or_default().to_owned()));

@@ -110,19 +110,30 @@ impl Tracker {
 }
 
 impl WriteHook for Tracker {
+    /// Background mode: the granules become dirty (copied by a later pass).
+    /// Write-blocking mode: nothing yet; `after_write` forwards the write,
+    /// so granules that were in sync stay in sync (a 4 KiB write must not
+    /// make its whole granule dirty, or a mirror under small writes never
+    /// converges).
     fn before_write(&self, offset: u64, length: u64) -> Result<(), StoreError> {
-        let (first, last) = self.granules(offset, length);
-        self.dirty.set_range(first, last);
+        if !self.blocking.load(SeqCst) {
+            let (first, last) = self.granules(offset, length);
+            self.dirty.set_range(first, last);
+        }
         Ok(())
     }
 
-    /// Write-blocking: forward the write under the granule locks, then drop
-    /// the dirty bits of granules it covered completely.
+    /// Write-blocking: forward the write under the granule locks (so it
+    /// lands after any copy of the same granules that read older data),
+    /// then drop the dirty bits of granules it covered completely. If the
+    /// mode changed since `before_write`, or forwarding fails, the granules
+    /// become dirty instead.
     fn after_write(&self, offset: u64, data: &WriteData<'_>) -> Result<(), StoreError> {
+        let (first, last) = self.granules(offset, data.len());
         if !self.blocking.load(SeqCst) {
+            self.dirty.set_range(first, last);
             return Ok(());
         }
-        let (first, last) = self.granules(offset, data.len());
         let locks = self.stripes(first, last);
         let guards: Vec<_> = locks.iter().map(|l| l.blocking_lock()).collect();
         let sent = self.runtime.block_on(async {
@@ -131,7 +142,10 @@ impl WriteHook for Tracker {
                 WriteData::Zeroes(n) => zero(&self.client, offset, *n).await,
             }
         });
-        sent.map_err(|e| StoreError::Io { op: "active mirror", offset, source: std::io::Error::other(e.to_string()) })?;
+        if let Err(e) = sent {
+            self.dirty.set_range(first, last);
+            return Err(StoreError::Io { op: "active mirror", offset, source: std::io::Error::other(e.to_string()) });
+        }
         self.sent.fetch_add(data.len(), SeqCst);
         let g = 1u64 << self.shift;
         let (full_first, end) = (offset.div_ceil(g), (offset + data.len()) / g);
@@ -140,6 +154,11 @@ impl WriteHook for Tracker {
         }
         drop(guards);
         Ok(())
+    }
+
+    fn write_failed(&self, offset: u64, length: u64) {
+        let (first, last) = self.granules(offset, length);
+        self.dirty.set_range(first, last);
     }
 }
 
