@@ -191,26 +191,48 @@ impl Layer {
     }
 
     /// Copies every unowned granule of the range from the parent (stream);
-    /// returns the bytes read from the parent.
+    /// returns the bytes read from the parent. Each run of unowned granules
+    /// is read from the parent in one request (a stream chunk is one 4 MiB
+    /// RBD read, not 64 small ones); all-zero granules are not written.
     pub fn copy_up(&self, child: &File, offset: u64, length: u64) -> Result<u64, StoreError> {
         let (first, last) = self.granules(offset, length);
+        let last = last.min(self.owned.len().saturating_sub(1));
+        let unowned_run = |from: u64, to: u64| {
+            let mut end = from;
+            while end < to && !self.owned.get(end + 1) {
+                end += 1;
+            }
+            end
+        };
         let mut copied = 0;
-        for g in first..=last.min(self.owned.len().saturating_sub(1)) {
+        let mut g = first;
+        while g <= last {
             if self.owned.get(g) {
+                g += 1;
                 continue;
             }
-            let _lock = self.lock(g, g);
-            if self.owned.get(g) {
-                continue;
-            }
+            let end = unowned_run(g, last);
+            let _lock = self.lock(g, end);
             let start = g << self.shift;
-            let mut buf = vec![0u8; usize::try_from(self.granularity.min(self.size - start)).unwrap_or(0)];
+            let stop = ((end + 1) << self.shift).min(self.size);
+            let mut buf = vec![0u8; usize::try_from(stop - start).unwrap_or(0)];
             self.parent.read_at(&mut buf, start)?;
-            if buf.iter().any(|&b| b != 0) {
-                child.write_all_at(&buf, start).map_err(io_err("copy up", start))?;
+            copied += stop - start;
+            // Granules a guest write owned meanwhile keep the guest's data.
+            let mut k = g;
+            while k <= end {
+                let at = k << self.shift;
+                let slice = &buf[usize::try_from(at - start).unwrap_or(0)..]
+                    [..usize::try_from(self.granularity.min(stop - at)).unwrap_or(0)];
+                if !self.owned.get(k) {
+                    if slice.iter().any(|&b| b != 0) {
+                        child.write_all_at(slice, at).map_err(io_err("copy up", at))?;
+                    }
+                    self.set_owned(k, k);
+                }
+                k += 1;
             }
-            self.set_owned(g, g);
-            copied += buf.len() as u64;
+            g = end + 1;
         }
         Ok(copied)
     }
