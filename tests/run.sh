@@ -6,8 +6,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PACKAGES=(qemu-utils libnbd-bin python3-libnbd nbdkit fio jq curl openssl
+PACKAGES=(qemu-utils libnbd-bin python3-libnbd nbdkit fio jq curl openssl python3-venv
           clang libclang-dev librbd-dev librados-dev ceph-mon ceph-osd ceph-common prometheus systemd)
+
+# schemathesis (PyPI) for tests/tests/schemathesis.rs, pinned, in a virtualenv
+# of the system python3 where that test looks for it.
+SCHEMATHESIS_VERSION=4.32.5
+SCHEMATHESIS_VENV="${CARGO_TARGET_DIR:-target}/schemathesis-venv"
 
 install_packages() {
     local missing=()
@@ -18,6 +23,11 @@ install_packages() {
         echo "== installing: ${missing[*]}"
         apt-get update -qq
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    fi
+    if [[ "$("$SCHEMATHESIS_VENV/bin/schemathesis" --version 2>/dev/null)" != *"version $SCHEMATHESIS_VERSION" ]]; then
+        echo "== installing: schemathesis $SCHEMATHESIS_VERSION in $SCHEMATHESIS_VENV"
+        /usr/bin/python3 -m venv --clear "$SCHEMATHESIS_VENV"
+        "$SCHEMATHESIS_VENV/bin/pip" install -q --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION"
     fi
 }
 

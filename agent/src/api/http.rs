@@ -45,13 +45,18 @@ pub fn router(control: Arc<Control>) -> Router {
         .route("/v1/disks/{vm}/{disk}/chain", get(chain))
         .route("/v1/disks/{vm}/{disk}/fence", post(fence).delete(unfence))
         .route("/v1/disks/{vm}/{disk}/bitmaps/{name}", get(get_bitmap).delete(remove_bitmap))
+        // Actions with a body have a route (and an OpenAPI operation) of their own.
+        .route("/v1/disks/{vm}/{disk}/bitmaps/{name}/merge", post(merge_bitmap))
         .route("/v1/disks/{vm}/{disk}/bitmaps/{name}/{action}", post(bitmap_action))
         .route("/v1/jobs", get(list_jobs).post(start_job))
         .route("/v1/jobs/{id}", get(|s: Ctl, Path(id): Path<String>| run(s, Command::Job(id))))
+        .route("/v1/jobs/{id}/speed", post(set_job_speed))
+        .route("/v1/jobs/{id}/copy-mode", post(set_job_copy_mode))
         .route("/v1/jobs/{id}/{action}", post(job_action))
         .route("/v1/migrations", get(|s: Ctl| run(s, Command::Migrations)).post(prepare_migration))
         .route("/v1/migrations/{id}", get(|s: Ctl, Path(id): Path<String>| run(s, Command::Migration(id))))
-        .route("/v1/migrations/{id}/{action}", post(migration_action))
+        .route("/v1/migrations/{id}/complete", post(complete_migration))
+        .route("/v1/migrations/{id}/abort", post(|s: Ctl, Path(id): Path<String>| run(s, Command::AbortMigration(id))))
         .fallback(|| async { error(ApiError::NoRoute) })
         .method_not_allowed_fallback(|| async { error(ApiError::MethodNotAllowed) })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
@@ -77,24 +82,24 @@ async fn remove_bitmap(s: Ctl, Path((vm, disk, name)): Path<(String, String, Str
     run(s, Command::BitmapRemove(format!("{vm}/{disk}"), name)).await
 }
 
-async fn bitmap_action(
+async fn merge_bitmap(
     s: Ctl,
-    Path((vm, disk, name, action)): Path<(String, String, String, String)>,
+    Path((vm, disk, name)): Path<(String, String, String)>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let body = match body_of(body) {
-        Ok(b) => b,
-        Err(e) => return error(e),
-    };
+    match body_of(body).and_then(|b| parse::<MergeBody>(&b)) {
+        Ok(m) => run(s, Command::BitmapMerge(format!("{vm}/{disk}"), name, m.sources)).await,
+        Err(e) => error(e),
+    }
+}
+
+/// The actions without a body (`merge` has its own route).
+async fn bitmap_action(s: Ctl, Path((vm, disk, name, action)): Path<(String, String, String, String)>) -> Response {
     let disk = format!("{vm}/{disk}");
     let command = match action.as_str() {
         "clear" => Command::BitmapClear(disk, name),
         "enable" => Command::BitmapEnable(disk, name, true),
         "disable" => Command::BitmapEnable(disk, name, false),
-        "merge" => match parse::<MergeBody>(&body) {
-            Ok(m) => Command::BitmapMerge(disk, name, m.sources),
-            Err(e) => return error(e),
-        },
         _ => return error(ApiError::NoRoute),
     };
     run(s, command).await
@@ -149,28 +154,27 @@ struct CopyModeBody {
     copy_mode: crate::jobs::mirror::CopyMode,
 }
 
-async fn job_action(
-    s: Ctl,
-    Path((id, action)): Path<(String, String)>,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    let body = match body_of(body) {
-        Ok(b) => b,
-        Err(e) => return error(e),
-    };
+async fn set_job_speed(s: Ctl, Path(id): Path<String>, body: Result<Bytes, BytesRejection>) -> Response {
+    match body_of(body).and_then(|b| parse::<SpeedBody>(&b)).and_then(|b| b.speed.bytes()) {
+        Ok(speed) => run(s, Command::JobAction(id, JobAction::SetSpeed(speed))).await,
+        Err(e) => error(e),
+    }
+}
+
+async fn set_job_copy_mode(s: Ctl, Path(id): Path<String>, body: Result<Bytes, BytesRejection>) -> Response {
+    match body_of(body).and_then(|b| parse::<CopyModeBody>(&b)) {
+        Ok(b) => run(s, Command::JobAction(id, JobAction::SetCopyMode(b.copy_mode))).await,
+        Err(e) => error(e),
+    }
+}
+
+/// The actions without a body (`speed` and `copy-mode` have their own routes).
+async fn job_action(s: Ctl, Path((id, action)): Path<(String, String)>) -> Response {
     let action = match action.as_str() {
         "pause" => JobAction::Pause,
         "resume" => JobAction::Resume,
         "cancel" => JobAction::Cancel,
         "complete" => JobAction::Complete,
-        "speed" => match parse::<SpeedBody>(&body).and_then(|b| b.speed.bytes()) {
-            Ok(speed) => JobAction::SetSpeed(speed),
-            Err(e) => return error(e),
-        },
-        "copy-mode" => match parse::<CopyModeBody>(&body) {
-            Ok(b) => JobAction::SetCopyMode(b.copy_mode),
-            Err(e) => return error(e),
-        },
         _ => return error(ApiError::NoRoute),
     };
     run(s, Command::JobAction(id, action)).await
@@ -211,26 +215,19 @@ async fn prepare_migration(s: Ctl, body: Result<Bytes, BytesRejection>) -> Respo
     }
 }
 
-async fn migration_action(
-    s: Ctl,
-    Path((id, action)): Path<(String, String)>,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    let body = match body_of(body) {
-        Ok(b) => b,
-        Err(e) => return error(e),
-    };
-    let command = match action.as_str() {
-        "complete" => {
-            match if body.is_empty() { Ok(super::Complete::default()) } else { parse::<super::Complete>(&body) } {
-                Ok(c) => Command::CompleteMigration(id, c),
-                Err(e) => return error(e),
-            }
+/// The body is optional: none means the defaults.
+async fn complete_migration(s: Ctl, Path(id): Path<String>, body: Result<Bytes, BytesRejection>) -> Response {
+    let complete = body_of(body).and_then(|b| {
+        if b.is_empty() {
+            Ok(super::Complete::default())
+        } else {
+            parse::<super::Complete>(&b)
         }
-        "abort" => Command::AbortMigration(id),
-        _ => return error(ApiError::NoRoute),
-    };
-    run(s, command).await
+    });
+    match complete {
+        Ok(c) => run(s, Command::CompleteMigration(id, c)).await,
+        Err(e) => error(e),
+    }
 }
 
 fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
