@@ -1196,6 +1196,15 @@ fn destination_reads_fail_with_eio_while_the_backup_cluster_hangs_during_the_str
     assert_model("destination after the OSD came back", &b.unix_uri(DISK), &model, &b.dir().join("scratch.raw"));
     let sidecar = dest_sidecar(&b);
     assert_eq!(sidecar["parent"], format!("{}@{}", backing.uri(), backing.snaps()[0]), "{sidecar:#}");
+
+    // The failed stream is restartable: `rbdsync stream` copies what is
+    // left (not what the first one did) and detaches the backing.
+    let restarted = cli_json(&b, &["stream", DISK, "--wait"]);
+    let restarted = restarted.as_array().and_then(|a| a.first()).cloned().unwrap_or(restarted);
+    assert_eq!(restarted["result"], "success", "{restarted:#}");
+    eprintln!("restarted stream: {}", restarted["summary"]);
+    assert!(dest_sidecar(&b)["parent"].is_null(), "still layered after the restarted stream: {:#}", dest_sidecar(&b));
+    assert_model("destination after the restarted stream", &b.unix_uri(DISK), &model, &b.dir().join("scratch.raw"));
 }
 
 #[test]

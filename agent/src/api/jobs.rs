@@ -10,6 +10,7 @@ use crate::config::DiskConfig;
 use crate::export::Export;
 use crate::jobs::backup::{self, BackupParams, Group, SyncMode};
 use crate::jobs::mirror::{self, CopyMode, MirrorParams, MirrorSync};
+use crate::jobs::stream::{self, StreamParams};
 use crate::jobs::verify::{self, VerifyParams};
 use crate::nbd::client::NbdUri;
 
@@ -55,6 +56,19 @@ pub enum StartJob {
         /// Ready below this many dirty bytes (default 16 MiB).
         #[serde(default)]
         ready_threshold: Option<Size>,
+        /// Speed limit, bytes/s.
+        #[serde(default)]
+        speed: Option<Size>,
+    },
+    /// Copy what a layered disk still reads from its parent (backing) into
+    /// the disk, then detach the parent. Restartable: a stream that failed
+    /// or was cancelled resumes where it stopped.
+    Stream {
+        /// `VM/DISK`.
+        disk: String,
+        /// Bytes per unit of work (default 4 MiB, one RBD object; 64 KiB to 64 MiB).
+        #[serde(default)]
+        chunk: Option<Size>,
         /// Speed limit, bytes/s.
         #[serde(default)]
         speed: Option<Size>,
@@ -185,6 +199,24 @@ impl Control {
                 };
                 let job = self.jobs.start("mirror", &disk, to_json(&params), speed, move |handle| {
                     mirror::run(handle, export, params, tls)
+                })?;
+                Ok(to_json(job.record()))
+            }
+            StartJob::Stream { disk, chunk, speed } => {
+                let speed = speed.as_ref().map(Size::bytes).transpose()?.unwrap_or(0);
+                let chunk = chunk.as_ref().map(Size::bytes).transpose()?.unwrap_or(4 << 20);
+                if !(64 << 10..=64 << 20).contains(&chunk) {
+                    return Err(ApiError::BadRequest(format!("chunk must be 64KiB to 64MiB, not {chunk}")));
+                }
+                let export = self.disk(&disk)?;
+                if export.incoming().is_some() {
+                    return Err(ApiError::Conflict(format!(
+                        "{disk} is an incoming migration target; complete it first"
+                    )));
+                }
+                let params = StreamParams { chunk };
+                let job = self.jobs.start("stream", &disk, to_json(&params), speed, move |handle| {
+                    stream::run(handle, export, params)
                 })?;
                 Ok(to_json(job.record()))
             }

@@ -69,6 +69,22 @@ pub struct MirrorArgs {
     wait: bool,
 }
 
+/// `rbdsync stream`.
+#[derive(Debug, Args)]
+pub struct StreamArgs {
+    /// VM/DISK (a disk layered over a backing image, e.g. after a migration).
+    disk: String,
+    /// Speed limit in bytes/s.
+    #[arg(long, value_parser = parse_size)]
+    speed: Option<u64>,
+    /// Bytes per unit of work (default 4MiB).
+    #[arg(long, value_parser = parse_size)]
+    chunk: Option<u64>,
+    /// Wait and show progress; exit non-zero on failure.
+    #[arg(long)]
+    wait: bool,
+}
+
 /// `rbdsync verify`.
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
@@ -166,6 +182,12 @@ pub async fn mirror(endpoint: &Endpoint, json_out: bool, a: MirrorArgs) -> Resul
         return check_success(&[j]);
     }
     Ok(())
+}
+
+pub async fn stream(endpoint: &Endpoint, json_out: bool, a: StreamArgs) -> Result<(), ClientError> {
+    let body = json!({ "kind": "stream", "disk": a.disk, "speed": a.speed, "chunk": a.chunk });
+    let started = call(endpoint, "POST", "/v1/jobs", Some(body)).await?;
+    finish(endpoint, json_out, started, a.wait).await
 }
 
 pub async fn verify(endpoint: &Endpoint, json_out: bool, a: VerifyArgs) -> Result<(), ClientError> {

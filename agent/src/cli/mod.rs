@@ -30,6 +30,8 @@ pub enum ClientCmd {
     Backup(jobs::BackupArgs),
     /// Mirror a disk to another agent's NBD export (full, top or incremental).
     Mirror(jobs::MirrorArgs),
+    /// Copy the rest of a layered disk from its backing, then detach it.
+    Stream(jobs::StreamArgs),
     /// Compare a disk, as it is now, with an image or snapshot.
     Verify(jobs::VerifyArgs),
     /// Migrate a VM to another agent: incremental mirror seeded from the bitmap, cut-over, stream.
@@ -138,6 +140,7 @@ pub async fn run(endpoint: &Endpoint, json_out: bool, cmd: ClientCmd) -> Result<
         ClientCmd::Disks => (call(endpoint, "GET", "/v1/disks", None).await?, render_disks),
         ClientCmd::Bitmap(b) => bitmap(endpoint, b).await?,
         ClientCmd::Backup(args) => return jobs::backup(endpoint, json_out, args).await,
+        ClientCmd::Stream(args) => return jobs::stream(endpoint, json_out, args).await,
         ClientCmd::Verify(args) => return jobs::verify(endpoint, json_out, args).await,
         ClientCmd::Mirror(args) => return jobs::mirror(endpoint, json_out, args).await,
         ClientCmd::Migrate(args) => return migrate::migrate(endpoint, json_out, args).await,
