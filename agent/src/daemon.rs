@@ -203,7 +203,9 @@ async fn open_disk(
     })
     .await;
     let (store, tracked) = opened.unwrap_or_else(|e| Err(DaemonError::Panic(e.to_string())))?;
-    let description = format!("{} ({})", name, disk.image);
+    // Clients see the disk's name only: the image location (paths, pools)
+    // is the operator's business, not every NBD client's.
+    let description = format!("disk {name}");
     Ok(Arc::new(Export::new(name.to_owned(), description, store, Arc::new(tracked), read_only)))
 }
 

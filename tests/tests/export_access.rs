@@ -32,8 +32,12 @@ fn listed(uri: &str) -> Vec<String> {
     let out = Command::new("nbdinfo").args(["--list", "--json", uri]).output().expect("spawn nbdinfo");
     assert!(out.status.success(), "nbdinfo --list {uri}: {}", text(&out));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let mut names: Vec<String> =
-        v["exports"].as_array().unwrap().iter().map(|e| e["export-name"].as_str().unwrap().to_owned()).collect();
+    let exports = v["exports"].as_array().unwrap();
+    for e in exports {
+        let description = e["description"].as_str().unwrap_or_default();
+        assert!(!description.contains(".raw") && !description.contains("file:"), "image location leaked: {e}");
+    }
+    let mut names: Vec<String> = exports.iter().map(|e| e["export-name"].as_str().unwrap().to_owned()).collect();
     names.sort();
     names
 }
