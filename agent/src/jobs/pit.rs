@@ -2,12 +2,13 @@
 //! content at the moment the view was installed, while clients keep writing.
 //!
 //! The view hooks the export's write path (copy-before-write): before a
-//! write reaches a granule whose old content the job still needs, that
-//! granule's content is saved to a local scratch file. The job reads saved
-//! granules from the scratch file and the others from the disk, each under
-//! the granule's stripe lock, so a write can never slip between the check
-//! and the read. Once the job is done with a granule it releases it and
-//! writes there stop paying for the copy.
+//! write reaches a granule whose old content the job still needs, the old
+//! content of the part it overwrites (in 4 KiB save units, not the whole
+//! granule: a 4 KiB guest write copies 4 KiB, not 64) is saved to a local
+//! scratch file. The job reads saved units from the scratch file and the
+//! others from the disk, under the granule's stripe lock, so a write can
+//! never slip between the check and the read. Once the job is done with a
+//! granule it releases it and writes there stop paying for the copy.
 //!
 //! The view must be installed while writes are drained
 //! ([`DiskBitmaps::drained`](crate::bitmap::DiskBitmaps::drained)).
@@ -22,6 +23,8 @@ use crate::bitmap::AtomicBits;
 use crate::store::{BlockStore, StoreError};
 
 const STRIPES: u64 = 256;
+/// Save unit of copy-before-write (smaller granularities use theirs).
+const SAVE_UNIT_SHIFT: u32 = 12;
 
 /// The frozen view of one disk for one job.
 #[derive(Debug)]
@@ -29,7 +32,10 @@ pub struct PointInTime {
     source: Arc<dyn BlockStore>,
     size: u64,
     shift: u32,
+    /// Save unit shift (at most `shift`).
+    unit: u32,
     needed: AtomicBits,
+    /// Save units whose old content is in the scratch file.
     saved: AtomicBits,
     scratch: File,
     scratch_path: PathBuf,
@@ -55,12 +61,15 @@ impl PointInTime {
         let file =
             OpenOptions::new().read(true).write(true).create(true).truncate(true).open(scratch).map_err(open_err)?;
         let size = source.size();
+        let shift = granularity.trailing_zeros();
+        let unit = shift.min(SAVE_UNIT_SHIFT);
         Ok(Self {
-            saved: AtomicBits::new(needed.len()),
+            saved: AtomicBits::new(size.div_ceil(1 << unit)),
             needed,
             source,
             size,
-            shift: granularity.trailing_zeros(),
+            shift,
+            unit,
             scratch: file,
             scratch_path: scratch.to_owned(),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
@@ -83,47 +92,76 @@ impl PointInTime {
         self.stripes[(g % STRIPES) as usize].lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn span(&self, g: u64) -> (u64, usize) {
-        let start = g << self.shift;
-        (start, usize::try_from(((g + 1) << self.shift).min(self.size) - start).unwrap_or(0))
+    /// Runs of save units in `first..=last` (one granule's worth at most)
+    /// with the same saved state: `(first, last, saved)`.
+    fn unit_runs(&self, first: u64, last: u64) -> Vec<(u64, u64, bool)> {
+        let mut runs: Vec<(u64, u64, bool)> = Vec::new();
+        for u in first..=last {
+            let saved = self.saved.get(u);
+            match runs.last_mut() {
+                Some(run) if run.2 == saved => run.1 = u,
+                _ => runs.push((u, u, saved)),
+            }
+        }
+        runs
     }
 
-    /// Copy-before-write: saves the old content of every needed granule
-    /// that `offset..offset+length` touches. Called by the export before
-    /// the write reaches the store.
+    /// Byte range of save units `first..=last`, clamped to the disk.
+    fn unit_span(&self, first: u64, last: u64) -> (u64, usize) {
+        let start = first << self.unit;
+        (start, usize::try_from(((last + 1) << self.unit).min(self.size) - start).unwrap_or(0))
+    }
+
+    /// Copy-before-write: saves the old content of the save units of every
+    /// needed granule that `offset..offset+length` touches. Called by the
+    /// export before the write reaches the store.
     pub fn before_write(&self, offset: u64, length: u64) -> Result<(), StoreError> {
-        let (first, last) = (offset >> self.shift, (offset + length.max(1) - 1) >> self.shift);
+        let end = offset + length.max(1) - 1;
+        let (first, last) = (offset >> self.shift, end >> self.shift);
+        let per = self.shift - self.unit;
         for g in first..=last.min(self.needed.len().saturating_sub(1)) {
-            if !self.needed.get(g) || self.saved.get(g) {
+            if !self.needed.get(g) {
+                continue;
+            }
+            let (u0, u1) = ((offset >> self.unit).max(g << per), (end >> self.unit).min(((g + 1) << per) - 1));
+            if (u0..=u1).all(|u| self.saved.get(u)) {
                 continue;
             }
             let _lock = self.lock(g);
-            if !self.needed.get(g) || self.saved.get(g) {
+            if !self.needed.get(g) {
                 continue;
             }
-            let (start, len) = self.span(g);
-            let mut buf = vec![0u8; len];
-            self.source.read_at(&mut buf, start)?;
-            self.scratch.write_all_at(&buf, start).map_err(scratch_err(start))?;
-            self.saved.set_range(g, g);
+            for (a, b, saved) in self.unit_runs(u0, u1) {
+                if saved {
+                    continue;
+                }
+                let (start, len) = self.unit_span(a, b);
+                let mut buf = vec![0u8; len];
+                self.source.read_at(&mut buf, start)?;
+                self.scratch.write_all_at(&buf, start).map_err(scratch_err(start))?;
+                self.saved.set_range(a, b);
+            }
         }
         Ok(())
     }
 
     /// Reads the content at the view's moment.
     pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<(), StoreError> {
-        let mut pos = offset;
         let end = offset + buf.len() as u64;
+        let mut pos = offset;
         while pos < end {
             let g = pos >> self.shift;
             let stop = ((g + 1) << self.shift).min(end);
-            let at = usize::try_from(pos - offset).unwrap_or(0);
-            let chunk = &mut buf[at..at + usize::try_from(stop - pos).unwrap_or(0)];
             let _lock = self.lock(g);
-            if self.saved.get(g) {
-                self.scratch.read_exact_at(chunk, pos).map_err(scratch_err(pos))?;
-            } else {
-                self.source.read_at(chunk, pos)?;
+            for (a, b, saved) in self.unit_runs(pos >> self.unit, (stop - 1) >> self.unit) {
+                let (from, to) = ((a << self.unit).max(pos), ((b + 1) << self.unit).min(stop));
+                let at = usize::try_from(from - offset).unwrap_or(0);
+                let chunk = &mut buf[at..at + usize::try_from(to - from).unwrap_or(0)];
+                if saved {
+                    self.scratch.read_exact_at(chunk, from).map_err(scratch_err(from))?;
+                } else {
+                    self.source.read_at(chunk, from)?;
+                }
             }
             pos = stop;
         }
@@ -140,7 +178,7 @@ impl PointInTime {
 
     /// Bytes saved to scratch so far.
     pub fn scratch_bytes(&self) -> u64 {
-        self.saved.count() << self.shift
+        self.saved.count() << self.unit
     }
 }
 
@@ -153,5 +191,81 @@ impl crate::export::WriteHook for PointInTime {
 impl Drop for PointInTime {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.scratch_path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::file::FileStore;
+    use crate::store::Stores;
+
+    /// Deterministic bytes for a test image.
+    fn pattern(len: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_view_keeps_the_old_content_and_saves_only_what_writes_overwrite() {
+        const SIZE: u64 = (4 << 20) + 12288; // a short last granule
+        const G: u64 = 64 << 10;
+        let dir = tempfile::tempdir().unwrap();
+        let stores = Stores::new(None);
+        let store: Arc<dyn BlockStore> = Arc::new(FileStore::create(&dir.path().join("d.raw"), SIZE, &stores).unwrap());
+        let before = pattern(SIZE as usize, 7);
+        store.write_at(&before, 0).unwrap();
+        // Needed: every granule but 3 (already copied by the job, say).
+        let needed = AtomicBits::new(SIZE.div_ceil(G));
+        needed.set_all();
+        needed.and_not_word(0, 1 << 3);
+        let view = PointInTime::new(store.clone(), G, needed, &dir.path().join("scratch")).unwrap();
+        // Writes of many shapes: inside a unit, across units, across granules,
+        // unaligned, into the unneeded granule, the tail, twice to one place.
+        let writes: [(u64, u64); 8] = [
+            (4096, 4096),
+            (100, 50),
+            (G - 512, 1024),
+            (3 * G + 10, 4000),
+            (SIZE - 5000, 5000),
+            (10 * G, 3 * G),
+            (4096, 4096),
+            (20 * G + 4095, 2),
+        ];
+        let mut expect_saved = std::collections::BTreeSet::new();
+        for (i, &(offset, length)) in writes.iter().enumerate() {
+            view.before_write(offset, length).unwrap();
+            store.write_at(&pattern(length as usize, 100 + i as u64), offset).unwrap();
+            for u in offset >> 12..=(offset + length - 1) >> 12 {
+                if u >> 4 != 3 {
+                    expect_saved.insert(u);
+                }
+            }
+        }
+        let mut seen = vec![0u8; SIZE as usize];
+        view.read(&mut seen, 0).unwrap();
+        let g3 = (3 * G) as usize..(4 * G) as usize;
+        assert!(seen[..g3.start] == before[..g3.start] && seen[g3.end..] == before[g3.end..], "the view changed");
+        // Granule 3 was released: it reads the new data.
+        let mut g3 = vec![0u8; G as usize];
+        view.read(&mut g3, 3 * G).unwrap();
+        let mut now = vec![0u8; G as usize];
+        store.read_at(&mut now, 3 * G).unwrap();
+        assert_eq!(g3, now);
+        // Only the 4 KiB units written to were saved (not whole 64 KiB granules).
+        assert_eq!(view.scratch_bytes(), expect_saved.len() as u64 * 4096, "units saved");
+        // Odd reads: unaligned, spanning saved and unsaved units and granules.
+        for (offset, len) in [(4000u64, 9000usize), (G - 3, 7), (SIZE - 7000, 7000), (9 * G + 5, 2 * G as usize)] {
+            let mut b = vec![0u8; len];
+            view.read(&mut b, offset).unwrap();
+            assert!(b == before[offset as usize..offset as usize + len], "read {offset}+{len}");
+        }
     }
 }
