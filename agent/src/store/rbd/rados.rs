@@ -61,7 +61,16 @@ impl Cluster {
         // SAFETY: the handle is valid and configured, and not yet connected.
         let rc = unsafe { sys::rados_connect(cluster.handle) };
         if rc < 0 {
-            return Err(ceph_error("rados_connect", &cluster.target, -rc));
+            let error = ceph_error("rados_connect", &cluster.target, -rc);
+            // After a failed (often timed-out) connect, librados may still
+            // run threads of that attempt; `rados_shutdown` racing them
+            // aborts the whole process (`std::system_error`, seen in CI;
+            // Ceph's own CLI skips shutdown after a failed connect for the
+            // same reason, tracker 44526). So the handle is leaked: a few
+            // threads and some memory per failed connect, which only
+            // happens on misconfiguration or an unreachable cluster.
+            std::mem::forget(cluster);
+            return Err(error);
         }
         Ok(Arc::new(cluster))
     }
