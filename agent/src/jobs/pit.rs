@@ -195,6 +195,7 @@ impl Drop for PointInTime {
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)] // small test sizes
 mod tests {
     use super::*;
     use crate::store::file::FileStore;
