@@ -343,6 +343,7 @@ async fn reload(config: &AgentConfig, disks: &mut Disks, control: &Control) -> R
 }
 
 fn server_settings(config: &AgentConfig) -> ServerSettings {
+    crate::nbd::client::set_timeout(Duration::from_secs(config.nbd.client_timeout_secs));
     let nbd = &config.nbd;
     let mut handshake = proto::HandshakeConfig::default();
     handshake.block_sizes.maximum = nbd.max_payload;

@@ -275,13 +275,18 @@ impl Backing<'_> {
 
 /// Source agent: vm1/disk0 of `size` bytes with bitmap `backup` and backups to `backing`.
 fn source(backing: &Backing, size: u64) -> Agent {
+    source_with(backing, size, "")
+}
+
+/// Source agent with extra `nbd:` keys (lines indented by two spaces).
+fn source_with(backing: &Backing, size: u64, nbd_keys: &str) -> Agent {
     let yaml = format!(
         "name: vm1\ndisks:\n  - name: disk0\n    image: file:../images/vm1-disk0.raw\n    size: {}MiB\n    \
          bitmaps: [{{name: backup, granularity: 64KiB}}]\n    backup: {{target: \"{}\", bitmap: backup}}\n",
         size / MIB,
         backing.uri()
     );
-    backing.builder().vm("vm1", &yaml).start().unwrap()
+    backing.builder().vm("vm1", &yaml).start_with_nbd(nbd_keys).unwrap()
 }
 
 /// Destination agent: empty vms.d, able to read the backups.
@@ -917,8 +922,18 @@ fn small_setup(
     rng: &mut Rng,
     dirty_mib: u64,
 ) -> (Agent, Agent, Model, std::collections::BTreeSet<u64>) {
+    small_setup_with(backing, rng, dirty_mib, "")
+}
+
+/// [`small_setup`] with extra `nbd:` keys for the source.
+fn small_setup_with(
+    backing: &Backing,
+    rng: &mut Rng,
+    dirty_mib: u64,
+    nbd_keys: &str,
+) -> (Agent, Agent, Model, std::collections::BTreeSet<u64>) {
     let size = 32 * MIB;
-    let a = source(backing, size);
+    let a = source_with(backing, size, nbd_keys);
     let b = destination(backing);
     let model = new_model(size);
     let mut conn = Nbd::connect(&a.socket(), DISK).unwrap();
@@ -1338,4 +1353,57 @@ fn write_blocking_under_small_writes_converges_in_few_passes() {
     assert_eq!(u(&migrated_disk(&summary)["bytes_sent"]), u(&s["bytes_sent"]));
     assert_identical("source vs destination", &a.unix_uri(DISK), &b.unix_uri(DISK));
     assert_model("destination", &b.unix_uri(DISK), &model, &b.dir().join("scratch.raw"));
+}
+
+#[test]
+fn a_stalled_destination_fails_the_mirror_within_the_client_timeout_and_guest_writes_go_on() {
+    // The destination agent is frozen (SIGSTOP: a hung host, a black-holed
+    // network) during a write-blocking mirror. The source must not hang its
+    // guest: the NBD client gives up after nbd.client_timeout_secs, the
+    // mirror fails, the write that could not be forwarded succeeds on the
+    // (still authoritative) source and stays dirty in the bitmap.
+    let store = tempfile::tempdir().unwrap();
+    let backing = Backing::File(store.path().join("backups/vm1-disk0.raw"));
+    let mut rng = Rng::from_env(0x3141_000a);
+    let (a, b, model, seeded) = small_setup_with(&backing, &mut rng, 8, "  client_timeout_secs: 3\n");
+    let scratch = a.dir().join("scratch.raw");
+    let everywhere: Vec<u64> = (0..32 * MIB / GRANULE).collect();
+    let writer = Writer::start(a.socket(), model.clone(), everywhere, MIB, rng.next_u64());
+    writer.wait_acked(3);
+    let child =
+        migrate_cmd(&a, &b, false, &["--speed", "1MiB", "--ready-threshold", "0", "--copy-mode", "write-blocking"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let id = loop {
+        let running: Vec<Value> = jobs_of(&a, "mirror").into_iter().filter(|j| j["state"] == "running").collect();
+        if let Some(j) = running.first().filter(|j| u(&j["bytes_done"]) >= MIB) {
+            break j["id"].as_str().unwrap().to_owned();
+        }
+        assert!(Instant::now() < deadline, "no mirror progress on the source{}", logs(&a, &b));
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    b.signal(libc::SIGSTOP);
+    let stalled_at = Instant::now();
+    let mirror = wait_job(&a, &id, Duration::from_secs(20));
+    let noticed = stalled_at.elapsed();
+    // Guest writes go on while the destination is still frozen.
+    let acked = writer.acked();
+    writer.wait_acked(acked + 5);
+    b.signal(libc::SIGCONT);
+    eprintln!("stalled destination: mirror failed after {noticed:?}: {}", mirror["error"]);
+    assert_eq!(mirror["result"], "failed", "{mirror:#}");
+    assert!(mirror["error"].as_str().unwrap_or_default().contains("did not answer within 3 s"), "{mirror:#}");
+    assert!(noticed < Duration::from_secs(15), "the mirror took {noticed:?} to give up");
+    let out = finish_within(child, Duration::from_secs(30), |_| {});
+    assert!(!out.status.success(), "migrate succeeded with a frozen destination: {}", show(&out));
+    let log = writer.finish();
+    assert!(log.error.is_none() && log.refused.is_none(), "the source failed guest writes: {log:?}");
+    assert_eq!(disk_info(&a)["read_only"], false);
+    let after = bitmap(&a);
+    let expected: std::collections::BTreeSet<u64> = seeded.union(&log.granules).copied().collect();
+    assert_eq!(u(&after["dirty_bytes"]), expected.len() as u64 * GRANULE, "bitmap after the failed migration: {after}");
+    assert_model("source after the stalled migration", &a.unix_uri(DISK), &model, &scratch);
 }

@@ -133,6 +133,10 @@ pub struct NbdConfig {
     /// it is closed (default 0: never).
     #[serde(deserialize_with = "values::idle_timeout")]
     pub idle_timeout_secs: u64,
+    /// Seconds this agent's NBD client (mirrors, verify against `nbd://`)
+    /// waits for a connect or a reply before giving the server up (default 30; 1 to 3600).
+    #[serde(deserialize_with = "values::handshake_timeout")]
+    pub client_timeout_secs: u64,
 }
 
 impl Default for NbdConfig {
@@ -145,6 +149,7 @@ impl Default for NbdConfig {
             handshake_timeout_secs: DEFAULT_HANDSHAKE_TIMEOUT_SECS,
             max_connections_per_export: DEFAULT_MAX_CONNECTIONS_PER_EXPORT,
             idle_timeout_secs: 0,
+            client_timeout_secs: 30,
         }
     }
 }

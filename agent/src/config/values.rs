@@ -572,9 +572,7 @@ pub(super) fn handshake_timeout<'de, D: Deserializer<'de>>(d: D) -> Result<u64, 
     if (1..=MAX_HANDSHAKE_TIMEOUT_SECS).contains(&secs) {
         Ok(secs)
     } else {
-        Err(de::Error::custom(format!(
-            "bad handshake_timeout_secs {secs} (expected 1 to {MAX_HANDSHAKE_TIMEOUT_SECS})"
-        )))
+        Err(de::Error::custom(format!("bad timeout {secs} (expected 1 to {MAX_HANDSHAKE_TIMEOUT_SECS} seconds)")))
     }
 }
 

@@ -89,6 +89,9 @@ pub struct Tracker {
     client: Arc<NbdClient>,
     runtime: tokio::runtime::Handle,
     sent: AtomicU64,
+    /// Why forwarding a guest write failed (the mirror then fails; the
+    /// guest's write, already on the authoritative source, succeeds).
+    failed: std::sync::Mutex<Option<String>>,
 }
 
 impl Tracker {
@@ -144,7 +147,11 @@ impl WriteHook for Tracker {
         });
         if let Err(e) = sent {
             self.dirty.set_range(first, last);
-            return Err(StoreError::Io { op: "active mirror", offset, source: std::io::Error::other(e.to_string()) });
+            self.blocking.store(false, SeqCst);
+            tracing::error!(offset, error = %e, "forwarding a write to the mirror target failed; the mirror fails");
+            let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+            failed.get_or_insert_with(|| format!("Forwarding a write to the destination failed: {e}"));
+            return Ok(());
         }
         self.sent.fetch_add(data.len(), SeqCst);
         let g = 1u64 << self.shift;
@@ -255,6 +262,7 @@ fn start_tracking(
             client,
             runtime: tokio::runtime::Handle::current(),
             sent: AtomicU64::new(0),
+            failed: std::sync::Mutex::new(None),
         });
         export.add_hook(d, tracker.clone());
         Ok(tracker)
@@ -346,6 +354,9 @@ pub fn write_fence(path: &std::path::Path, disk: &str, target: &str) -> std::io:
 
 /// One pass over the dirty set.
 async fn pass(job: &JobHandle, export: &Arc<Export>, t: &Arc<Tracker>) -> Result<(), JobError> {
+    if let Some(e) = t.failed.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+        return Err(JobError::Failed(e));
+    }
     let g = 1u64 << t.shift;
     let runs: Vec<(u64, u64)> = t.dirty.runs_from(0).collect();
     let mut tasks = tokio::task::JoinSet::new();

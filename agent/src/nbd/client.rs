@@ -7,8 +7,9 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use proto::client::{ClientHandshake, ClientNegotiated, ClientStep, ReplyDecoder, ReplyEvent};
@@ -19,6 +20,20 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 
 /// Requests in flight per connection.
 const IN_FLIGHT: usize = 64;
+
+/// Longest a connect (with negotiation) or one request may take, in ms.
+static TIMEOUT_MS: AtomicU64 = AtomicU64::new(30_000);
+
+/// Sets the connect and per-request timeout of every client
+/// (`nbd.client_timeout_secs`): a stalled server fails the request, and
+/// the client, instead of hanging the mirror and write-blocking writes.
+pub fn set_timeout(timeout: Duration) {
+    TIMEOUT_MS.store(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX).max(1), SeqCst);
+}
+
+fn timeout() -> Duration {
+    Duration::from_millis(TIMEOUT_MS.load(SeqCst))
+}
 
 /// Where an NBD export is: `nbd://HOST:PORT/EXPORT` or `nbd+unix:///EXPORT?socket=PATH`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,6 +106,9 @@ pub enum NbdClientError {
     /// The connection is closed.
     #[error("NBD connection closed")]
     Closed,
+    /// The server did not answer in time; the client is unusable.
+    #[error("NBD server {0} did not answer within {1} s")]
+    TimedOut(String, u64),
     /// An `nbds://` target but no TLS configured on this agent.
     #[error("{0} needs TLS, but this agent has no nbd.tls section")]
     NoTls(String),
@@ -153,12 +171,21 @@ pub struct NbdClient {
     info: ClientNegotiated,
     slots: Arc<Semaphore>,
     uri: NbdUri,
+    /// A request timed out: the connection's state is unknown.
+    broken: AtomicBool,
 }
 
 impl NbdClient {
     /// Connects and negotiates; `nbds://` URIs need `tls` (trust roots and
     /// the client certificate to present).
     pub async fn connect(uri: &NbdUri, tls: Option<&Arc<rustls::ClientConfig>>) -> Result<Self, NbdClientError> {
+        let limit = timeout();
+        tokio::time::timeout(limit, Self::connect_now(uri, tls))
+            .await
+            .unwrap_or_else(|_| Err(NbdClientError::TimedOut(uri.to_string(), limit.as_secs())))
+    }
+
+    async fn connect_now(uri: &NbdUri, tls: Option<&Arc<rustls::ClientConfig>>) -> Result<Self, NbdClientError> {
         let name = uri.to_string();
         let io = |e| NbdClientError::Io(name.clone(), e);
         let tls = match (uri.tls, tls) {
@@ -227,7 +254,7 @@ impl NbdClient {
         let (tx, rx) = mpsc::channel(IN_FLIGHT);
         tokio::spawn(send_loop(w, rx, inflight.clone()));
         tokio::spawn(receive_loop(r, input, inflight));
-        Self { tx, info, slots: Arc::new(Semaphore::new(IN_FLIGHT)), uri: uri.clone() }
+        Self { tx, info, slots: Arc::new(Semaphore::new(IN_FLIGHT)), uri: uri.clone(), broken: AtomicBool::new(false) }
     }
 
     /// Export size.
@@ -248,11 +275,25 @@ impl NbdClient {
         length: u32,
         payload: Bytes,
     ) -> Result<Bytes, NbdClientError> {
-        let _slot = self.slots.acquire().await.map_err(|_| NbdClientError::Closed)?;
-        let (reply, rx) = oneshot::channel();
-        let request = Request { cookie: 0, command, flags, offset, length };
-        self.tx.send(Pending { request, payload, reply }).await.map_err(|_| NbdClientError::Closed)?;
-        rx.await.map_err(|_| NbdClientError::Closed)?
+        let limit = timeout();
+        if self.broken.load(SeqCst) {
+            return Err(NbdClientError::TimedOut(self.uri.to_string(), limit.as_secs()));
+        }
+        let call = async {
+            let _slot = self.slots.acquire().await.map_err(|_| NbdClientError::Closed)?;
+            let (reply, rx) = oneshot::channel();
+            let request = Request { cookie: 0, command, flags, offset, length };
+            self.tx.send(Pending { request, payload, reply }).await.map_err(|_| NbdClientError::Closed)?;
+            rx.await.map_err(|_| NbdClientError::Closed)?
+        };
+        match tokio::time::timeout(limit, call).await {
+            Ok(result) => result,
+            Err(_) => {
+                self.broken.store(true, SeqCst);
+                tracing::warn!(server = %self.uri, secs = limit.as_secs(), "NBD request timed out; connection given up");
+                Err(NbdClientError::TimedOut(self.uri.to_string(), limit.as_secs()))
+            }
+        }
     }
 
     /// Writes `data` at `offset` (FUA if `fua`).
@@ -279,7 +320,10 @@ impl NbdClient {
 
     /// Sends NBD_CMD_DISC (after in-flight requests were answered).
     pub async fn disconnect(self) {
-        let _ = self.slots.acquire_many(u32::try_from(IN_FLIGHT).unwrap_or(1)).await;
+        let all = self.slots.acquire_many(u32::try_from(IN_FLIGHT).unwrap_or(1));
+        if self.broken.load(SeqCst) || tokio::time::timeout(timeout(), all).await.is_err() {
+            return;
+        }
         let (reply, _rx) = oneshot::channel();
         let request = Request { cookie: 0, command: Command::Disc, flags: 0, offset: 0, length: 0 };
         let _ = self.tx.send(Pending { request, payload: Bytes::new(), reply }).await;
