@@ -1407,3 +1407,30 @@ fn a_stalled_destination_fails_the_mirror_within_the_client_timeout_and_guest_wr
     assert_eq!(u(&after["dirty_bytes"]), expected.len() as u64 * GRANULE, "bitmap after the failed migration: {after}");
     assert_model("source after the stalled migration", &a.unix_uri(DISK), &model, &scratch);
 }
+
+/// Hold keys (`rbdsync.hold.SNAP/HOLDER`) in the metadata of a file backup.
+fn file_holds(path: &Path) -> Vec<String> {
+    let meta = std::fs::read_to_string(format!("{}.rbdsync", path.display())).unwrap();
+    let meta: Value = serde_json::from_str(&meta).unwrap();
+    let keys = meta["metadata"].as_object().map(|m| m.keys().cloned().collect::<Vec<_>>()).unwrap_or_default();
+    keys.into_iter().filter(|k| k.starts_with("rbdsync.hold.")).collect()
+}
+
+#[test]
+fn the_backup_snapshot_a_destination_reads_from_is_held_until_the_stream_detaches() {
+    let store = tempfile::tempdir().unwrap();
+    let path = store.path().join("backups/vm1-disk0.raw");
+    let backing = Backing::File(path.clone());
+    let mut rng = Rng::from_env(0x3141_000b);
+    let (a, b, model, _) = small_setup(&backing, &mut rng, 2);
+    assert!(file_holds(&path).is_empty());
+    migrate_ok(&a, &b, &["--no-stream"], Duration::from_secs(60));
+    let snap = backing.snaps().pop().unwrap();
+    // The destination ("test" node) holds the snapshot its disk is layered on.
+    assert_eq!(file_holds(&path), [format!("rbdsync.hold.{snap}/test:vm1/disk0")]);
+    let streamed = cli_json(&b, &["stream", DISK, "--wait"]);
+    let streamed = streamed.as_array().and_then(|a| a.first()).cloned().unwrap_or(streamed);
+    assert_eq!(streamed["result"], "success", "{streamed:#}");
+    assert!(file_holds(&path).is_empty(), "the hold outlived the detach: {:?}", file_holds(&path));
+    assert_model("destination after the stream", &b.unix_uri(DISK), &model, &b.dir().join("scratch.raw"));
+}

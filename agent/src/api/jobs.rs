@@ -214,9 +214,10 @@ impl Control {
                         "{disk} is an incoming migration target; complete it first"
                     )));
                 }
-                let params = StreamParams { chunk };
+                let params = StreamParams { chunk, holder: Some(format!("{}:{disk}", self.env.node)) };
+                let stores = self.env.stores.clone();
                 let job = self.jobs.start("stream", &disk, to_json(&params), speed, move |handle| {
-                    stream::run(handle, export, params)
+                    stream::run(handle, export, params, stores)
                 })?;
                 Ok(to_json(job.record()))
             }

@@ -18,6 +18,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::{to_json, ApiError, Control, Size};
 use crate::config::{check_name, ImageUri};
 use crate::export::{Incoming, MIGRATION_PREFIX};
+use crate::jobs::holds;
 use crate::jobs::stream::{self, StreamParams};
 use crate::jobs::unix_now;
 
@@ -170,8 +171,8 @@ impl Control {
         let id = format!("migration-{}-{}", req.vm, &token[..8]);
         let stores = self.env.stores.clone();
         let created = {
-            let plan = plan.clone();
-            tokio::task::spawn_blocking(move || create_children(&stores, &plan))
+            let (plan, holder) = (plan.clone(), format!("{}:{}/", self.env.node, req.vm));
+            tokio::task::spawn_blocking(move || create_children(&stores, &plan, &holder))
                 .await
                 .map_err(|e| ApiError::Internal(e.to_string()))?
         };
@@ -220,8 +221,15 @@ impl Control {
             let _ = self.reload().await;
         }
         let stores = self.env.stores.clone();
-        let images: Vec<ImageUri> = plan.iter().map(|p| p.2.clone()).collect();
-        let _ = tokio::task::spawn_blocking(move || images.iter().for_each(|i| drop(stores.remove(i)))).await;
+        let holder = format!("{}:{vm}/", self.env.node);
+        let plan = plan.to_vec();
+        let _ = tokio::task::spawn_blocking(move || {
+            for (name, backing, image) in &plan {
+                drop(stores.remove(image));
+                drop(holds::release(&stores, backing, &format!("{holder}{name}")));
+            }
+        })
+        .await;
     }
 
     /// A migration record as stored (with its token).
@@ -256,10 +264,11 @@ impl Control {
             export.activate();
             env.incoming.remove(disk);
             if req.stream.unwrap_or(true) {
-                let params = StreamParams { chunk: 4 << 20 };
+                let params = StreamParams { chunk: 4 << 20, holder: Some(format!("{}:{disk}", self.env.node)) };
+                let stores = self.env.stores.clone();
                 let job = self
                     .jobs
-                    .start("stream", disk, to_json(&params), speed, move |h| stream::run(h, export, params))?;
+                    .start("stream", disk, to_json(&params), speed, move |h| stream::run(h, export, params, stores))?;
                 jobs.push(job.record().id);
             }
         }
@@ -319,9 +328,17 @@ fn redact(mut record: Value) -> Value {
     record
 }
 
-fn create_children(stores: &Arc<crate::store::Stores>, plan: &[(String, ImageUri, ImageUri)]) -> Result<(), String> {
-    let mut done: Vec<&ImageUri> = Vec::new();
-    for (_, backing, image) in plan {
+/// Creates each disk layered on its backup snapshot and holds the snapshot
+/// (`holder_prefix` + disk name) so retention keeps it until the stream
+/// detaches the disk; undoes everything on the first failure.
+fn create_children(
+    stores: &Arc<crate::store::Stores>,
+    plan: &[(String, ImageUri, ImageUri)],
+    holder_prefix: &str,
+) -> Result<(), String> {
+    let mut done: Vec<(&ImageUri, &ImageUri, String)> = Vec::new();
+    for (name, backing, image) in plan {
+        let holder = format!("{holder_prefix}{name}");
         let exists = stores.exists(image).map_err(|e| e.to_string())?;
         let result = if exists {
             Err(format!("Destination image {image} already exists; refusing to overwrite it"))
@@ -330,14 +347,21 @@ fn create_children(stores: &Arc<crate::store::Stores>, plan: &[(String, ImageUri
                 .clone_image(backing, image)
                 .map(drop)
                 .map_err(|e| format!("Cannot create {image} over {backing}: {e}"))
+                .and_then(|()| {
+                    holds::hold(stores, backing, &holder, "migration destination layered on it").map_err(|e| {
+                        let _ = stores.remove(image);
+                        format!("Cannot hold {backing} for {image}: {e}")
+                    })
+                })
         };
         if let Err(e) = result {
-            for i in done {
-                let _ = stores.remove(i);
+            for (backing, image, holder) in done {
+                let _ = stores.remove(image);
+                let _ = holds::release(stores, backing, &holder);
             }
             return Err(e);
         }
-        done.push(image);
+        done.push((backing, image, holder));
     }
     Ok(())
 }

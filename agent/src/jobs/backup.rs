@@ -514,12 +514,18 @@ fn drop_snapshot(target: &dyn BlockStore, snap: &str) -> Result<(), StoreError> 
 }
 
 /// Removes the oldest backup snapshots beyond `keep` (never `newest`).
-fn retention(target: &dyn BlockStore, keep: u32, newest: &str) -> Result<Vec<String>, StoreError> {
+pub(crate) fn retention(target: &dyn BlockStore, keep: u32, newest: &str) -> Result<Vec<String>, StoreError> {
     let backups = backup_snapshots(target)?;
     let excess = backups.len().saturating_sub(usize::try_from(keep.max(1)).unwrap_or(usize::MAX));
+    let meta = target.list_meta()?;
     let mut removed = Vec::new();
     for (name, _) in backups.into_iter().take(excess) {
         if name == newest {
+            continue;
+        }
+        let holders = super::holds::holders(&meta, &name);
+        if !holders.is_empty() {
+            tracing::info!(snapshot = %name, ?holders, "keeping backup snapshot: a layered disk reads from it");
             continue;
         }
         match drop_snapshot(target, &name) {

@@ -18,6 +18,7 @@
 //! ("interrupted"), so history survives restarts.
 
 pub mod backup;
+pub mod holds;
 pub mod mirror;
 pub mod pit;
 pub mod stream;

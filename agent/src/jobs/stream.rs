@@ -22,10 +22,18 @@ use crate::store::StoreError;
 pub struct StreamParams {
     /// Bytes per unit of work (default 4 MiB: one RBD object).
     pub chunk: u64,
+    /// Hold on the parent snapshot to drop once detached (`NODE:VM/DISK`).
+    #[serde(default)]
+    pub holder: Option<String>,
 }
 
 /// Streams the parent's data into the disk and detaches the parent.
-pub async fn run(job: JobHandle, export: Arc<Export>, params: StreamParams) -> Result<Value, JobError> {
+pub async fn run(
+    job: JobHandle,
+    export: Arc<Export>,
+    params: StreamParams,
+    stores: Arc<crate::store::Stores>,
+) -> Result<Value, JobError> {
     let store = export.store().clone();
     let parent = {
         let s = store.clone();
@@ -50,7 +58,11 @@ pub async fn run(job: JobHandle, export: Arc<Export>, params: StreamParams) -> R
             .map_err(|e| JobError::Failed(e.to_string()))?
         {
             Ok(bytes) => copied += bytes,
-            Err(StoreError::Unsupported(_)) if pos == 0 => return flatten(&job, &export, parent.to_string()).await,
+            Err(StoreError::Unsupported(_)) if pos == 0 => {
+                let result = flatten(&job, &export, parent.to_string()).await?;
+                release_hold(&stores, &parent, params.holder.as_deref()).await;
+                return Ok(result);
+            }
             Err(e) => return Err(JobError::from_err(&format!("Streaming from {parent} failed at offset {pos}"), &e)),
         }
         job.progress(n);
@@ -61,7 +73,19 @@ pub async fn run(job: JobHandle, export: Arc<Export>, params: StreamParams) -> R
         .await
         .map_err(|e| JobError::Failed(e.to_string()))?
         .map_err(|e| JobError::from_err("Cannot detach the parent", &e))?;
+    release_hold(&stores, &parent, params.holder.as_deref()).await;
     Ok(json!({ "parent": parent.to_string(), "bytes_copied": copied, "detached": true }))
+}
+
+/// Drops the hold on the detached parent snapshot; a failure only leaves
+/// the backup snapshot around longer (logged).
+async fn release_hold(stores: &Arc<crate::store::Stores>, parent: &crate::config::ImageUri, holder: Option<&str>) {
+    let Some(holder) = holder.map(str::to_owned) else { return };
+    let (stores, parent) = (stores.clone(), parent.clone());
+    let released = tokio::task::spawn_blocking(move || super::holds::release(&stores, &parent, &holder)).await;
+    if let Ok(Err(e)) = released {
+        tracing::warn!(error = %e, "cannot drop the hold on the detached backup snapshot; retention keeps it");
+    }
 }
 
 /// Whole-image flatten for stores that only offer that (RBD clones).
