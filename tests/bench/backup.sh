@@ -49,6 +49,8 @@
 # Memory: the disk (+ up to $SIZE of copy-before-write scratch) on /dev/shm, and the OSD grows to
 # ~6-7 GiB per round (memstore). Default run: ~10 s of setup, then ~40-70 s per round: 2-4 minutes.
 set -euo pipefail
+# shellcheck source=tests/bench/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 ROUNDS=${ROUNDS:-3}
 SIZE=${SIZE:-2GiB}
@@ -174,24 +176,7 @@ cleanup() {
 
 # --- checks and setup ----------------------------------------------------------------------
 
-need() {
-    command -v "$1" >/dev/null 2>&1 ||
-        die "'$1' not found; install it with: apt-get install -y ${2:-$1}"
-}
 
-# bytes VALUE NAME: prints VALUE (bytes, or with K/KiB, M/MiB, G/GiB) in bytes.
-bytes() {
-    local n mult
-    [[ $1 =~ ^([0-9]+)([KMG]?)(iB)?$ ]] || die "$2: bad size '$1' (e.g. 64KiB, 2GiB)"
-    n=${BASH_REMATCH[1]}
-    case ${BASH_REMATCH[2]} in
-        "") mult=1 ;;
-        K) mult=1024 ;;
-        M) mult=$((1024 ** 2)) ;;
-        G) mult=$((1024 ** 3)) ;;
-    esac
-    echo $((n * mult))
-}
 
 check_params() {
     [[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "ROUNDS must be a positive integer (got '$ROUNDS')"

@@ -40,6 +40,8 @@
 # Needs: fio (with the nbd engine), python3.   apt-get install -y fio
 # Default run: 3 rounds x 5 configurations x ~16 s + ~40 s memory part = about 5 minutes.
 set -euo pipefail
+# shellcheck source=tests/bench/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 ROUNDS=${ROUNDS:-3}
 RUNTIME=${RUNTIME:-3}
@@ -139,25 +141,7 @@ cleanup() {
 
 # --- checks and setup ----------------------------------------------------------------------
 
-need() {
-    command -v "$1" >/dev/null 2>&1 ||
-        die "'$1' not found; install it with: apt-get install -y ${2:-$1}"
-}
 
-# bytes VALUE NAME: prints VALUE (bytes, or with K/KiB, M/MiB, G/GiB, T/TiB) in bytes.
-bytes() {
-    local n mult
-    [[ $1 =~ ^([0-9]+)([KMGT]?)(iB)?$ ]] || die "$2: bad size '$1' (e.g. 64GiB, 512MiB, 1073741824)"
-    n=${BASH_REMATCH[1]}
-    case ${BASH_REMATCH[2]} in
-        "") mult=1 ;;
-        K) mult=1024 ;;
-        M) mult=$((1024 ** 2)) ;;
-        G) mult=$((1024 ** 3)) ;;
-        T) mult=$((1024 ** 4)) ;;
-    esac
-    echo $((n * mult))
-}
 
 check_params() {
     [[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "ROUNDS must be a positive integer (got '$ROUNDS')"

@@ -57,6 +57,8 @@
 # Default run (2 cores): ~4 min per round of part 1 (fill + backup ~20 s, per level ~70 s: full
 # mirror ~20 s, stream ~30 s, rbd bench ~15 s), ~2-3 min for the 20 cut-overs: ~11 minutes.
 set -euo pipefail
+# shellcheck source=tests/bench/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 ROUNDS=${ROUNDS:-2}
 SIZE=${SIZE:-4GiB}
@@ -177,24 +179,7 @@ cleanup() {
 
 # --- checks and setup ----------------------------------------------------------------------
 
-need() {
-    command -v "$1" >/dev/null 2>&1 ||
-        die "'$1' not found; install it with: apt-get install -y ${2:-$1}"
-}
 
-# bytes VALUE NAME: prints VALUE (bytes, or with K/KiB, M/MiB, G/GiB) in bytes.
-bytes() {
-    local n mult
-    [[ $1 =~ ^([0-9]+)([KMG]?)(iB)?$ ]] || die "$2: bad size '$1' (e.g. 256MiB, 4GiB)"
-    n=${BASH_REMATCH[1]}
-    case ${BASH_REMATCH[2]} in
-        "") mult=1 ;;
-        K) mult=1024 ;;
-        M) mult=$((1024 ** 2)) ;;
-        G) mult=$((1024 ** 3)) ;;
-    esac
-    echo $((n * mult))
-}
 
 check_params() {
     [[ $ROUNDS =~ ^[0-9]+$ ]] || die "ROUNDS must be a non-negative integer (got '$ROUNDS')"

@@ -22,6 +22,8 @@
 #   apt-get install -y fio nbdkit qemu-utils
 # Default run: 3 rounds x 3 servers x 2 transports x 4 workloads x ~5.5 s = about 7 minutes.
 set -euo pipefail
+# shellcheck source=tests/bench/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 ROUNDS=${ROUNDS:-3}
 RUNTIME=${RUNTIME:-4}
@@ -101,10 +103,6 @@ cleanup() {
 
 # --- checks and setup ----------------------------------------------------------------------
 
-need() {
-    command -v "$1" >/dev/null 2>&1 ||
-        die "'$1' not found; install it with: apt-get install -y ${2:-$1}"
-}
 
 check_tools() {
     need fio fio

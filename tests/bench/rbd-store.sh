@@ -32,6 +32,8 @@
 # Needs: ceph (mon, osd, rbd CLI), fio with the nbd engine, python3.
 # Default run: ~1 min of cluster + build checks, 5 rounds x 3 sides x ~10 s = about 3-4 minutes.
 set -euo pipefail
+# shellcheck source=tests/bench/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 ROUNDS=${ROUNDS:-5}
 IMAGE_SIZE=${IMAGE_SIZE:-256MiB}
@@ -127,24 +129,7 @@ cleanup() {
 
 # --- checks and setup ----------------------------------------------------------------------
 
-need() {
-    command -v "$1" >/dev/null 2>&1 ||
-        die "'$1' not found; install it with: apt-get install -y ${2:-$1}"
-}
 
-# bytes VALUE NAME: prints VALUE (bytes, or with K/KiB, M/MiB, G/GiB) in bytes.
-bytes() {
-    local n mult
-    [[ $1 =~ ^([0-9]+)([KMG]?)(iB)?$ ]] || die "$2: bad size '$1' (e.g. 256MiB, 1GiB)"
-    n=${BASH_REMATCH[1]}
-    case ${BASH_REMATCH[2]} in
-        "") mult=1 ;;
-        K) mult=1024 ;;
-        M) mult=$((1024 ** 2)) ;;
-        G) mult=$((1024 ** 3)) ;;
-    esac
-    echo $((n * mult))
-}
 
 check_params() {
     [[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "ROUNDS must be a positive integer (got '$ROUNDS')"
