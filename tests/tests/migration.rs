@@ -1434,3 +1434,36 @@ fn the_backup_snapshot_a_destination_reads_from_is_held_until_the_stream_detache
     assert!(file_holds(&path).is_empty(), "the hold outlived the detach: {:?}", file_holds(&path));
     assert_model("destination after the stream", &b.unix_uri(DISK), &model, &b.dir().join("scratch.raw"));
 }
+
+#[test]
+fn migration_to_an_rbd_clone_destination_flattens_it_and_drops_the_hold() {
+    // The destination disk is an RBD clone of the backup snapshot (not a
+    // `file:` overlay): the stream flattens it, then the hold goes.
+    let _ceph = ceph_shared();
+    let ceph = Ceph::new();
+    let backing = Backing::Rbd(&ceph, ceph.image("clsrc"));
+    let dest = ceph.image("cldst");
+    let mut rng = Rng::from_env(0x3141_000c);
+    let (a, b, model, _) = small_setup(&backing, &mut rng, 3);
+    let Backing::Rbd(_, image) = &backing else { unreachable!() };
+    let holds = || -> Vec<String> {
+        let out = ceph.rbd(&["image-meta", "list", "--format", "json", image]).unwrap();
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        v.as_object()
+            .map(|m| m.keys().filter(|k| k.starts_with("rbdsync.hold.")).cloned().collect())
+            .unwrap_or_default()
+    };
+    migrate_ok(&a, &b, &["--dest-image", &format!("rbd:{dest}"), "--no-stream"], Duration::from_secs(60));
+    assert_identical("source vs RBD clone destination", &a.unix_uri(DISK), &b.unix_uri(DISK));
+    let snap = backing.snaps().pop().unwrap();
+    assert_eq!(holds(), [format!("rbdsync.hold.{snap}/test:vm1/disk0")], "the destination holds its backing");
+    let stream = cli_json(&b, &["stream", DISK, "--wait"]);
+    let stream = stream.as_array().and_then(|a| a.first()).cloned().unwrap_or(stream);
+    assert_eq!(stream["result"], "success", "{stream:#}{}", logs(&a, &b));
+    assert_eq!(stream["summary"]["flattened"], true, "{stream:#}");
+    let info: Value = serde_json::from_slice(&ceph.rbd(&["info", "--format", "json", &dest]).unwrap().stdout).unwrap();
+    assert!(info.get("parent").is_none(), "the clone still has a parent: {info:#}");
+    assert!(holds().is_empty(), "the hold outlived the flatten: {:?}", holds());
+    ceph.rbd(&["snap", "purge", image]).unwrap();
+    assert_model("RBD clone destination without its backup", &b.unix_uri(DISK), &model, &b.dir().join("scratch.raw"));
+}

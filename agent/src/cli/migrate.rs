@@ -48,6 +48,11 @@ pub struct MigrateArgs {
     /// Do not start the stream jobs on the destination.
     #[arg(long)]
     no_stream: bool,
+    /// Destination image per disk, with {vm} and {disk} filled in, e.g.
+    /// `rbd:vms/{vm}-{disk}` for an RBD clone of the backup (default: a
+    /// `file:` image under the destination's state_dir).
+    #[arg(long)]
+    dest_image: Option<String>,
 }
 
 fn fail(message: String) -> ClientError {
@@ -106,10 +111,11 @@ pub async fn migrate(source: &Endpoint, json_out: bool, a: MigrateArgs) -> Resul
     }
     let prepare = json!({
         "vm": a.vm,
-        "disks": plan.iter().map(|c| json!({
-            "name": c["disk"].as_str().unwrap_or_default().split('/').nth(1),
-            "backing": c["backing"],
-        })).collect::<Vec<_>>(),
+        "disks": plan.iter().map(|c| {
+            let disk = c["disk"].as_str().unwrap_or_default().split('/').nth(1).unwrap_or_default();
+            let image = a.dest_image.as_ref().map(|t| t.replace("{vm}", &a.vm).replace("{disk}", disk));
+            json!({ "name": disk, "backing": c["backing"], "image": image })
+        }).collect::<Vec<_>>(),
     });
     say(json_out, &format!("preparing {} disk(s) on the destination", plan.len()));
     let prep = call(&dest, "POST", "/v1/migrations", Some(prepare)).await?;
