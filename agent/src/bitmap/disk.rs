@@ -341,7 +341,7 @@ impl DiskBitmaps {
         let checkpoint = intent.clone().map(|intent| {
             let (list, disk) = (list.clone(), disk.to_owned());
             Box::new(move || {
-                if let Err(e) = intent.checkpoint(&list.load()) {
+                if let Err(e) = intent.checkpoint(&list) {
                     tracing::error!(%disk, error = %e, "bitmap checkpoint failed; write-intent regions kept");
                 }
             }) as Box<dyn Fn() + Send>
@@ -451,7 +451,7 @@ impl DiskBitmaps {
     #[cfg(test)]
     pub(super) fn checkpoint(&self) {
         if let Some(intent) = &self.intent {
-            intent.checkpoint(&self.list.load()).unwrap();
+            intent.checkpoint(&self.list).unwrap();
         }
     }
 

@@ -26,6 +26,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
+
 use super::atomic::AtomicBits;
 use super::disk::Bitmap;
 use super::persist::{BitmapFile, LoadError};
@@ -76,8 +78,11 @@ impl Intent {
         self.log.persisted.all_set(first, last)
     }
 
-    /// One checkpoint (see the module docs) over `bitmaps`.
-    pub fn checkpoint(&self, bitmaps: &[Arc<Bitmap>]) -> Result<(), String> {
+    /// One checkpoint (see the module docs) over the disk's bitmaps. The
+    /// list is read after the cold regions stopped counting as durable, so
+    /// a bitmap added meanwhile is written too (a write that relied on a
+    /// cold region saw that bitmap in its own, earlier read of the list).
+    pub fn checkpoint(&self, list: &ArcSwap<Vec<Arc<Bitmap>>>) -> Result<(), String> {
         let log = &self.log;
         if log.bits.dirty_words().next().is_none() {
             return Ok(());
@@ -91,6 +96,7 @@ impl Intent {
                 cold.push((w, c));
             }
         }
+        let bitmaps = list.load();
         for b in bitmaps.iter().filter(|b| b.is_consistent()) {
             if let Err(e) = b.write_changed_pages() {
                 // The log file still holds every cold region: give them back.
