@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+pub mod ceph;
 mod pki;
 pub use pki::Pki;
 

@@ -8,19 +8,18 @@
 //! `deploy/dev/ceph-cluster.sh`, pools `rbd` and `backup`); without it they
 //! fail. Random content is seeded (`TEST_SEED=N` replays a run).
 
-use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
-use std::sync::{Arc, Condvar, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use bytes::{BufMut, BytesMut};
 use proto::consts::{opt, rep, IHAVEOPT, SIMPLE_REPLY_MAGIC};
 use serde_json::Value;
+use tests::ceph::{ceph_exclusive, ceph_shared, StoppedOsd, TestCeph};
 use tests::{agent_bin, run, Agent, AgentBuilder, Rng};
 
 const MIB: u64 = 1 << 20;
@@ -351,115 +350,9 @@ impl Drop for Writer {
 
 // --------------------------------------------------------------------- Ceph
 
-/// RBD tests share the test cluster; the test that stops its OSD holds it alone.
-static CEPH: RwLock<()> = RwLock::new(());
-
-fn ceph_shared() -> RwLockReadGuard<'static, ()> {
-    CEPH.read().unwrap_or_else(|p| p.into_inner())
-}
-
-fn ceph_exclusive() -> RwLockWriteGuard<'static, ()> {
-    CEPH.write().unwrap_or_else(|p| p.into_inner())
-}
-
-/// The `rbd` CLI on the test cluster; removes the images it named on drop.
-struct Rbd {
-    conf: String,
-    images: Mutex<Vec<String>>,
-}
-
-impl Rbd {
-    fn new() -> Rbd {
-        let conf = std::env::var("RBDSYNC_TEST_CEPH_CONF").unwrap_or_else(|_| {
-            panic!(
-                "RBDSYNC_TEST_CEPH_CONF is not set: RBD backup tests need a test Ceph cluster. Start one with \
-                 `deploy/dev/ceph-cluster.sh up DIR` and export RBDSYNC_TEST_CEPH_CONF=DIR/ceph.conf (tests/run.sh does)"
-            )
-        });
-        assert!(Path::new(&conf).exists(), "RBDSYNC_TEST_CEPH_CONF={conf} does not exist");
-        Rbd { conf, images: Mutex::new(Vec::new()) }
-    }
-
-    /// `ceph:` section for agent.yaml.
-    fn agent_yaml(&self) -> String {
-        format!("ceph: {{conf: \"{}\", client: admin}}\n", self.conf)
-    }
-
-    /// A fresh image name `backup/bk-TAG-RANDOM`, removed (with its snapshots) on drop.
-    fn image(&self, tag: &str) -> String {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
-        let n = NEXT.fetch_add(1, SeqCst);
-        let name = format!("backup/bk-{tag}-{}-{n}-{nanos:08x}", std::process::id());
-        self.images.lock().unwrap().push(name.clone());
-        name
-    }
-
-    fn cmd(&self, args: &[&str]) -> Result<Output> {
-        let mut full = vec!["60", "rbd", "-c", &self.conf];
-        full.extend(args);
-        run("timeout", &full)
-    }
-
-    fn create(&self, image: &str, size: &str) {
-        self.cmd(&["create", "--size", size, image]).unwrap();
-    }
-
-    fn remove(&self, image: &str) {
-        self.cmd(&["snap", "purge", image]).unwrap();
-        self.cmd(&["rm", image]).unwrap();
-    }
-
-    fn exists(&self, image: &str) -> bool {
-        self.cmd(&["info", image]).is_ok()
-    }
-
-    /// Snapshot names, oldest first.
-    fn snaps(&self, image: &str) -> Vec<String> {
-        let out = self.cmd(&["snap", "ls", "--format", "json", image]).unwrap();
-        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-        let mut snaps: Vec<(u64, String)> =
-            v.as_array().unwrap().iter().map(|s| (u(&s["id"]), s["name"].as_str().unwrap().to_owned())).collect();
-        snaps.sort();
-        snaps.into_iter().map(|s| s.1).collect()
-    }
-
-    fn meta(&self, image: &str) -> BTreeMap<String, String> {
-        let out = self.cmd(&["image-meta", "list", "--format", "json", image]).unwrap();
-        if out.stdout.iter().all(u8::is_ascii_whitespace) {
-            return BTreeMap::new();
-        }
-        serde_json::from_slice(&out.stdout).unwrap_or_default()
-    }
-
-    fn size(&self, image: &str) -> u64 {
-        let out = self.cmd(&["info", "--format", "json", image]).unwrap();
-        u(&serde_json::from_slice::<Value>(&out.stdout).unwrap()["size"])
-    }
-
-    /// Exports `image` or `image@snap` to a file.
-    fn export(&self, spec: &str, out: &Path) {
-        let _ = std::fs::remove_file(out);
-        self.cmd(&["export", "--no-progress", spec, out.to_str().unwrap()]).unwrap();
-    }
-}
-
-impl Drop for Rbd {
-    fn drop(&mut self) {
-        for image in self.images.lock().map(|v| v.clone()).unwrap_or_default() {
-            if self.exists(&image) {
-                let _ = self.cmd(&["snap", "purge", &image]);
-                if let Err(e) = self.cmd(&["rm", &image]) {
-                    eprintln!("cleanup: cannot remove {image}: {e:#}");
-                }
-            }
-        }
-    }
-}
-
 /// Where a test's backups go.
 enum Target<'a> {
-    Rbd(&'a Rbd, String),
+    Rbd(&'a TestCeph, String),
     File(PathBuf),
 }
 
@@ -612,7 +505,7 @@ fn chain_under_writes(target: &Target, agent: &Agent, seed: u64) {
 #[test]
 fn full_and_incremental_backups_to_rbd_under_writes_match_the_disk() {
     let _ceph = ceph_shared();
-    let rbd = Rbd::new();
+    let rbd = TestCeph::new("bk");
     let image = rbd.image("chain");
     let b = AgentBuilder::new().extra(&rbd.agent_yaml());
     let yaml = vm_yaml("vm1", &[disk_yaml("vm1", "disk0", "32MiB", Some(&format!("rbd:{image}")), None)]);
@@ -699,104 +592,6 @@ fn full_backup_to_a_full_filesystem_fails_cleanly_and_succeeds_once_there_is_roo
     agent.stop().unwrap();
 }
 
-/// The test cluster's OSD, SIGSTOPped; on drop (also when the test panics)
-/// it gets SIGCONT and the cluster is un-wedged, so later tests can use it.
-struct StoppedOsd {
-    pid: libc::pid_t,
-    conf: String,
-}
-
-impl StoppedOsd {
-    fn stop(conf: &str) -> StoppedOsd {
-        let pid = osd_pid(conf);
-        // SAFETY: kill(2) on the test cluster's OSD, checked by osd_pid.
-        assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0, "SIGSTOP {pid}");
-        StoppedOsd { pid, conf: conf.to_owned() }
-    }
-}
-
-impl Drop for StoppedOsd {
-    fn drop(&mut self) {
-        // SAFETY: as above.
-        unsafe { libc::kill(self.pid, libc::SIGCONT) };
-        if let Err(e) = unwedge_test_cluster(&self.conf) {
-            eprintln!("the test cluster is still wedged: {e:#}");
-        }
-    }
-}
-
-/// `ceph -c CONF ARGS` with a hard timeout (without a quorum it waits forever).
-fn ceph(conf: &str, args: &[&str]) -> Result<Output> {
-    let mut full = vec!["20", "ceph", "-c", conf, "--connect-timeout", "10"];
-    full.extend(args);
-    run("timeout", &full)
-}
-
-/// After a SIGSTOP longer than its read lease, a PG of the single-OSD test
-/// cluster can stay `active+clean+laggy` (ops "waiting for readable") until
-/// it re-peers, which hangs every client, not only the agent. If that
-/// happened, mark the OSD down once (it re-asserts itself and re-peers; the
-/// OSD's markdown limit is raised first, as it shuts itself down after 5
-/// markdowns in 10 minutes), then wait until every PG is active+clean.
-fn unwedge_test_cluster(conf: &str) -> Result<()> {
-    let pools = ceph(conf, &["osd", "pool", "ls", "detail", "--format", "json"])?;
-    let pools: Value = serde_json::from_slice(&pools.stdout)?;
-    let pgs: Vec<String> = pools
-        .as_array()
-        .context("pool list")?
-        .iter()
-        .flat_map(|p| (0..p["pg_num"].as_u64().unwrap_or(0)).map(move |i| format!("{}.{i:x}", p["pool_id"])))
-        .collect();
-    let states = || -> Vec<String> {
-        pgs.iter()
-            .map(|pg| {
-                ceph(conf, &["pg", pg, "query"])
-                    .ok()
-                    .and_then(|o| serde_json::from_slice::<Value>(&o.stdout).ok())
-                    .and_then(|v| v["state"].as_str().map(|s| format!("{pg} {s}")))
-                    .unwrap_or_else(|| format!("{pg} ?"))
-            })
-            .collect()
-    };
-    let clean = |states: &[String]| states.iter().all(|s| s.contains(" active+clean") && !s.contains("laggy"));
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let mut now = states();
-    while !clean(&now) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(500));
-        now = states();
-    }
-    if clean(&now) {
-        return Ok(());
-    }
-    eprintln!("test cluster wedged after SIGCONT ({now:?}); marking the OSD down to re-peer");
-    ceph(conf, &["tell", "osd.0", "config", "set", "osd_max_markdown_count", "1000"])?;
-    ceph(conf, &["osd", "down", "0"])?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let up = ceph(conf, &["osd", "dump", "--format", "json"])
-            .ok()
-            .and_then(|o| serde_json::from_slice::<Value>(&o.stdout).ok())
-            .is_some_and(|v| v["osds"][0]["up"] == 1);
-        if up && clean(&states()) {
-            return Ok(());
-        }
-        ensure!(Instant::now() < deadline, "the test cluster did not recover: {:?}", states());
-        std::thread::sleep(Duration::from_millis(300));
-    }
-}
-
-/// The test cluster's OSD (pid file `DIR/run/osd.0.pid`, DIR = the conf's directory).
-fn osd_pid(conf: &str) -> libc::pid_t {
-    let dir = Path::new(conf).parent().unwrap();
-    let file = dir.join("run/osd.0.pid");
-    let pid: libc::pid_t =
-        std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display())).trim().parse().unwrap();
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-    assert!(cmdline.contains("ceph-osd") && cmdline.contains(conf), "pid {pid} is not the test OSD: {cmdline}");
-    pid
-}
-
 /// Skipped by default (run it with `--ignored`): the agent bounds each
 /// librados op by CEPH_TIMEOUT (30 s, agent/src/store/rbd/mod.rs), but librbd
 /// chains ops (a write waits for the exclusive lock, then an object-map update,
@@ -809,7 +604,7 @@ fn osd_pid(conf: &str) -> libc::pid_t {
 #[ignore = "slow (30-120 s while holding the test cluster) and wedges single-OSD clusters; run with --ignored"]
 fn incremental_backup_fails_when_the_osd_hangs_and_the_next_one_succeeds() {
     let _ceph = ceph_exclusive();
-    let rbd = Rbd::new();
+    let rbd = TestCeph::new("bk");
     let image = rbd.image("osd");
     let yaml = vm_yaml("vm1", &[disk_yaml("vm1", "disk0", "16MiB", Some(&format!("rbd:{image}")), None)]);
     let mut agent = AgentBuilder::new().extra(&rbd.agent_yaml()).vm("vm1", &yaml).start().unwrap();
@@ -822,7 +617,7 @@ fn incremental_backup_fails_when_the_osd_hangs_and_the_next_one_succeeds() {
     let snaps = rbd.snaps(&image);
 
     let started = cli_json(&agent, &["backup", disk, "--sync", "incremental", "--speed", "4MiB"]);
-    let osd = StoppedOsd::stop(&rbd.conf);
+    let osd = StoppedOsd::stop(&rbd);
     let t0 = Instant::now();
     let job = wait_job(&agent, &id(&started), Duration::from_secs(200));
     let took = t0.elapsed();
@@ -967,7 +762,7 @@ fn backup_requests_that_cannot_work_are_refused_with_a_reason() {
 #[test]
 fn backup_refuses_rbd_targets_that_do_not_fit_and_leaves_them_alone() {
     let _ceph = ceph_shared();
-    let rbd = Rbd::new();
+    let rbd = TestCeph::new("bk");
     let (ta, tb) = (rbd.image("owner-a"), rbd.image("owner-b"));
     let (small, large, foreign) = (rbd.image("small"), rbd.image("large"), rbd.image("foreign"));
     let disks = [
@@ -1007,7 +802,7 @@ fn backup_refuses_rbd_targets_that_do_not_fit_and_leaves_them_alone() {
     rbd.create(&small, "8M");
     rbd.create(&large, "32M");
     rbd.create(&foreign, "16M");
-    rbd.cmd(&["bench", "--io-type", "write", "--io-size", "64K", "--io-total", "1M", &foreign]).unwrap();
+    rbd.rbd(&["bench", "--io-type", "write", "--io-size", "64K", "--io-total", "1M", &foreign]).unwrap();
     for (image, expect) in [(&small, "8388608 bytes"), (&large, "33554432 bytes"), (&foreign, "not written by rbdsync")]
     {
         let (job, err) = cli_fails(&agent, &["backup", "vm1/b", "--target", &format!("rbd:{image}"), "--wait"]);
@@ -1082,7 +877,7 @@ fn a_backup_refused_before_the_freeze_fails_the_command_even_without_wait() {
 }
 
 /// Backs up all disks of VM `g` and checks each snapshot against `refs`.
-fn group_backup(agent: &Agent, rbd: &Rbd, images: &[&str; 2], refs: &[PathBuf; 2]) -> Vec<Value> {
+fn group_backup(agent: &Agent, rbd: &TestCeph, images: &[&str; 2], refs: &[PathBuf; 2]) -> Vec<Value> {
     let out = cli_json(agent, &["backup", "g", "--wait"]);
     let jobs = out.as_array().unwrap_or_else(|| panic!("a VM backup returns one job per disk: {out:#}")).clone();
     assert_eq!(jobs.len(), 2, "{out:#}");
@@ -1099,7 +894,7 @@ fn group_backup(agent: &Agent, rbd: &Rbd, images: &[&str; 2], refs: &[PathBuf; 2
 #[test]
 fn vm_backup_commits_all_disks_together_or_none() {
     let _ceph = ceph_shared();
-    let rbd = Rbd::new();
+    let rbd = TestCeph::new("bk");
     let (t1, t2) = (rbd.image("group-1"), rbd.image("group-2"));
     let disks = [
         disk_yaml("g", "d1", "16MiB", Some(&format!("rbd:{t1}")), None),
@@ -1185,7 +980,7 @@ fn vm_backup_with_one_disk_busy_leaves_no_job_behind() {
 #[test]
 fn retention_keeps_the_newest_backups_and_never_the_latest_or_foreign_snapshots() {
     let _ceph = ceph_shared();
-    let rbd = Rbd::new();
+    let rbd = TestCeph::new("bk");
     let image = rbd.image("keep");
     let yaml = vm_yaml("vm1", &[disk_yaml("vm1", "disk0", "16MiB", Some(&format!("rbd:{image}")), Some(2))]);
     let mut agent = AgentBuilder::new().extra(&rbd.agent_yaml()).vm("vm1", &yaml).start().unwrap();
@@ -1207,7 +1002,7 @@ fn retention_keeps_the_newest_backups_and_never_the_latest_or_foreign_snapshots(
         assert_eq!(removed, expect_removed, "round {round}: removed snapshots: {job:#}");
         if round == 0 {
             // Somebody else's snapshot on the target is none of retention's business.
-            rbd.cmd(&["snap", "create", &format!("{image}@operator-keep")]).unwrap();
+            rbd.rbd(&["snap", "create", &format!("{image}@operator-keep")]).unwrap();
         }
         let kept = &backups[round.saturating_sub(1)..];
         let mut expected: Vec<String> = kept.to_vec();

@@ -18,13 +18,14 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
-use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use bytes::{BufMut, BytesMut};
 use proto::consts::{errno, info, opt, rep, tflags, IHAVEOPT, SIMPLE_REPLY_MAGIC};
 use serde_json::Value;
+use tests::ceph::{ceph_exclusive, ceph_shared, StoppedOsd, TestCeph};
 use tests::{agent_bin, run, Agent, AgentBuilder, Rng};
 
 const MIB: u64 = 1 << 20;
@@ -235,7 +236,7 @@ fn listed_exports(agent: &Agent) -> Vec<String> {
 
 /// Where the source's backups go (and what the destination is layered on).
 enum Backing<'a> {
-    Rbd(&'a Ceph, String),
+    Rbd(&'a TestCeph, String),
     File(PathBuf),
 }
 
@@ -299,166 +300,6 @@ fn dest_sidecar(b: &Agent) -> Value {
     let path = b.dir().join("state/images/vm1-disk0.raw.rbdsync");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_json::from_str(&text).unwrap()
-}
-
-// --------------------------------------------------------------------- Ceph
-
-/// RBD tests share the test cluster; the test that stops its OSD holds it alone.
-static CEPH: RwLock<()> = RwLock::new(());
-
-fn ceph_shared() -> RwLockReadGuard<'static, ()> {
-    CEPH.read().unwrap_or_else(|p| p.into_inner())
-}
-
-fn ceph_exclusive() -> RwLockWriteGuard<'static, ()> {
-    CEPH.write().unwrap_or_else(|p| p.into_inner())
-}
-
-/// The test cluster; removes the images it named on drop.
-struct Ceph {
-    conf: String,
-    images: Mutex<Vec<String>>,
-}
-
-impl Ceph {
-    fn new() -> Ceph {
-        let conf = std::env::var("RBDSYNC_TEST_CEPH_CONF").unwrap_or_else(|_| {
-            panic!(
-                "RBDSYNC_TEST_CEPH_CONF is not set: RBD migration tests need a test Ceph cluster. Start one with \
-                 `deploy/dev/ceph-cluster.sh up DIR` and export RBDSYNC_TEST_CEPH_CONF=DIR/ceph.conf (tests/run.sh does)"
-            )
-        });
-        assert!(Path::new(&conf).exists(), "RBDSYNC_TEST_CEPH_CONF={conf} does not exist");
-        Ceph { conf, images: Mutex::new(Vec::new()) }
-    }
-
-    fn agent_yaml(&self) -> String {
-        format!("ceph: {{conf: \"{}\", client: admin}}\n", self.conf)
-    }
-
-    /// A fresh image name `backup/mig-TAG-...`, removed with its snapshots on drop.
-    fn image(&self, tag: &str) -> String {
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
-        let name = format!("backup/mig-{tag}-{}-{nanos:08x}", std::process::id());
-        self.images.lock().unwrap().push(name.clone());
-        name
-    }
-
-    fn rbd(&self, args: &[&str]) -> Result<Output> {
-        let mut full = vec!["60", "rbd", "-c", &self.conf];
-        full.extend(args);
-        run("timeout", &full)
-    }
-
-    fn snaps(&self, image: &str) -> Vec<String> {
-        let out = self.rbd(&["snap", "ls", "--format", "json", image]).unwrap();
-        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-        v.as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap().to_owned()).collect()
-    }
-
-    /// The test cluster's OSD (pid file `DIR/run/osd.0.pid`, DIR = the conf's directory).
-    fn osd_pid(&self) -> libc::pid_t {
-        let dir = Path::new(&self.conf).parent().unwrap();
-        let file = dir.join("run/osd.0.pid");
-        let pid: libc::pid_t = std::fs::read_to_string(&file)
-            .unwrap_or_else(|e| panic!("{}: {e}", file.display()))
-            .trim()
-            .parse()
-            .unwrap();
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        assert!(
-            cmdline.contains("ceph-osd") && cmdline.contains(&self.conf),
-            "pid {pid} is not the test OSD: {cmdline}"
-        );
-        pid
-    }
-
-    /// `ceph -c CONF ARGS` with a hard timeout (without a quorum it waits forever).
-    fn ceph(&self, args: &[&str]) -> Result<Output> {
-        let mut full = vec!["20", "ceph", "-c", &self.conf, "--connect-timeout", "10"];
-        full.extend(args);
-        run("timeout", &full)
-    }
-
-    /// After a SIGSTOP longer than the read lease, the PGs of the single-OSD
-    /// test cluster stay `laggy` (ops "waiting for readable") until they
-    /// re-peer, which hangs every client. Marking the OSD down makes it
-    /// re-assert itself and re-peer; then wait until every PG is active+clean.
-    /// (Same remedy as tests/backup.rs.) An OSD marked down more than
-    /// `osd_max_markdown_count` (5) times in 10 minutes shuts itself down, so
-    /// that limit is raised first: repeated test runs must not kill the cluster.
-    fn repeer(&self) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        self.ceph(&["config", "set", "osd", "osd_max_markdown_count", "1000"])?;
-        self.ceph(&["osd", "down", "0"])?;
-        let pools: Value =
-            serde_json::from_slice(&self.ceph(&["osd", "pool", "ls", "detail", "--format", "json"])?.stdout)?;
-        let pgs: Vec<String> = pools
-            .as_array()
-            .context("pool list")?
-            .iter()
-            .flat_map(|p| (0..p["pg_num"].as_u64().unwrap_or(0)).map(move |i| format!("{}.{i:x}", p["pool_id"])))
-            .collect();
-        loop {
-            let up = self
-                .ceph(&["osd", "dump", "--format", "json"])
-                .ok()
-                .and_then(|o| serde_json::from_slice::<Value>(&o.stdout).ok())
-                .is_some_and(|v| v["osds"][0]["up"] == 1);
-            let clean = up
-                && pgs.iter().all(|pg| {
-                    self.ceph(&["pg", pg, "query"])
-                        .ok()
-                        .and_then(|o| serde_json::from_slice::<Value>(&o.stdout).ok())
-                        .is_some_and(|v| v["state"] == "active+clean")
-                });
-            if clean {
-                return Ok(());
-            }
-            ensure!(Instant::now() < deadline, "PGs not active+clean 60 s after the OSD was resumed");
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-}
-
-impl Drop for Ceph {
-    fn drop(&mut self) {
-        for image in self.images.lock().map(|v| v.clone()).unwrap_or_default() {
-            if self.rbd(&["info", &image]).is_ok() {
-                let _ = self.rbd(&["snap", "purge", &image]);
-                if let Err(e) = self.rbd(&["rm", &image]) {
-                    eprintln!("cleanup: cannot remove {image}: {e:#}");
-                }
-            }
-        }
-    }
-}
-
-/// The test cluster's OSD, SIGSTOPped; on drop (also when the test panics)
-/// SIGCONTed and re-peered.
-struct StoppedOsd<'a> {
-    ceph: &'a Ceph,
-    pid: libc::pid_t,
-}
-
-impl<'a> StoppedOsd<'a> {
-    fn stop(ceph: &'a Ceph) -> StoppedOsd<'a> {
-        let pid = ceph.osd_pid();
-        // SAFETY: kill(2) with a pid read from the test cluster's pid file and checked by osd_pid.
-        assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0, "SIGSTOP {pid}");
-        StoppedOsd { ceph, pid }
-    }
-}
-
-impl Drop for StoppedOsd<'_> {
-    fn drop(&mut self) {
-        // SAFETY: as in `stop`.
-        unsafe { libc::kill(self.pid, libc::SIGCONT) };
-        if let Err(e) = self.ceph.repeer() {
-            eprintln!("the test cluster did not recover after the OSD was resumed: {e:#}");
-        }
-    }
 }
 
 // ------------------------------------------------------------------ NBD I/O
@@ -904,7 +745,7 @@ fn lifecycle(backing: &Backing, default_seed: u64) {
 #[test]
 fn migration_on_rbd_backups_under_writes_is_exact_and_streams_off_the_backup() {
     let _ceph = ceph_shared();
-    let ceph = Ceph::new();
+    let ceph = TestCeph::new("mig");
     let backing = Backing::Rbd(&ceph, ceph.image("life"));
     lifecycle(&backing, 0x3141_0001);
 }
@@ -1163,7 +1004,7 @@ fn source_killed_during_the_cut_over_stays_authoritative_and_the_destination_sta
 #[test]
 fn destination_reads_fail_with_eio_while_the_backup_cluster_hangs_during_the_stream() {
     let _ceph = ceph_exclusive();
-    let ceph = Ceph::new();
+    let ceph = TestCeph::new("mig");
     let backing = Backing::Rbd(&ceph, ceph.image("osd"));
     let mut rng = Rng::from_env(0x3141_0006);
     let size = 32 * MIB;
@@ -1440,7 +1281,7 @@ fn migration_to_an_rbd_clone_destination_flattens_it_and_drops_the_hold() {
     // The destination disk is an RBD clone of the backup snapshot (not a
     // `file:` overlay): the stream flattens it, then the hold goes.
     let _ceph = ceph_shared();
-    let ceph = Ceph::new();
+    let ceph = TestCeph::new("mig");
     let backing = Backing::Rbd(&ceph, ceph.image("clsrc"));
     let dest = ceph.image("cldst");
     let mut rng = Rng::from_env(0x3141_000c);
