@@ -3,7 +3,8 @@
 //! with one VM over TLS with the bearer token, finds no 5xx and no response
 //! that breaks the document (status codes, content types, headers, schemas),
 //! accepts no request the document forbids, and keeps auth on every route.
-//! Every check is on except `positive_data_acceptance` (see below).
+//! Every check is on except `positive_data_acceptance` and
+//! `ensure_resource_availability` (see below).
 //!
 //! schemathesis comes from `$RBDSYNC_SCHEMATHESIS`, else the virtualenv
 //! `tests/run.sh` installs (`TARGET/schemathesis-venv`, pinned version), else
@@ -139,8 +140,13 @@ fn schemathesis_finds_no_server_error_and_no_schema_violation() {
         // must exist), and answers such requests with the documented 400.
         "--checks".to_owned(),
         "all".to_owned(),
+        // ensure_resource_availability: its stateful phase takes any 404 after
+        // a create for "created resource not found", also the documented 404
+        // for an unknown bitmap named in the body (merge sources), and which
+        // sequences it tries depends on server state (job timing), so it
+        // failed one CI run in two with the same seed.
         "--exclude-checks".to_owned(),
-        "positive_data_acceptance".to_owned(),
+        "positive_data_acceptance,ensure_resource_availability".to_owned(),
         "--max-examples".to_owned(),
         examples.to_string(),
         "--seed".to_owned(),
