@@ -4,12 +4,13 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use serde::Serialize;
 
 use super::atomic::{valid_mask, AtomicBits};
+use super::gate::{Exclusive, Gate, OwnedShared, Shared};
 use super::intent::{self, Intent, INTENT_FILE};
 use super::persist::{BitmapFile, Header, LoadError, WORDS_PER_PAGE};
 use super::persister::{page_of, PageRequest, Persister};
@@ -299,7 +300,7 @@ pub struct DiskBitmaps {
     identity: Identity,
     list: Arc<ArcSwap<Vec<Arc<Bitmap>>>>,
     intent: Option<Arc<Intent>>,
-    gate: RwLock<()>,
+    gate: Arc<Gate>,
     ops: Mutex<()>,
     persister: Persister,
 }
@@ -353,7 +354,7 @@ impl DiskBitmaps {
             identity,
             list,
             intent,
-            gate: RwLock::new(()),
+            gate: Arc::default(),
             ops: Mutex::new(()),
             persister: Persister::start(disk, checkpoint),
         };
@@ -378,12 +379,18 @@ impl DiskBitmaps {
     }
 
     /// Held by every write request across marking and the store write.
-    pub fn write_section(&self) -> RwLockReadGuard<'_, ()> {
-        self.gate.read().unwrap_or_else(|p| p.into_inner())
+    pub fn write_section(&self) -> Shared<'_> {
+        self.gate.shared()
     }
 
-    fn exclusive(&self) -> RwLockWriteGuard<'_, ()> {
-        self.gate.write().unwrap_or_else(|p| p.into_inner())
+    /// [`write_section`](Self::write_section) if that needs no wait, owned
+    /// (an asynchronous write holds it until its store IO completed).
+    pub fn try_write_section(&self) -> Option<OwnedShared> {
+        self.gate.try_shared_owned()
+    }
+
+    fn exclusive(&self) -> Exclusive<'_> {
+        self.gate.exclusive()
     }
 
     fn ops(&self) -> MutexGuard<'_, ()> {
@@ -394,6 +401,17 @@ impl DiskBitmaps {
     /// returns once the bits are durable, in the bitmap files or (for the
     /// first write into a clean region) in the write-intent log.
     pub fn mark(&self, offset: u64, length: u64) -> Result<(), BitmapError> {
+        self.mark_with(offset, length, true).map(drop)
+    }
+
+    /// [`mark`](Self::mark) without waiting: true if the bits are durable
+    /// now; false if they would need a sync first (they are set in memory
+    /// then; the caller takes the blocking path, whose `mark` syncs them).
+    pub fn try_mark(&self, offset: u64, length: u64) -> Result<bool, BitmapError> {
+        self.mark_with(offset, length, false)
+    }
+
+    fn mark_with(&self, offset: u64, length: u64, wait: bool) -> Result<bool, BitmapError> {
         let list = self.list.load();
         let mut pending = Vec::new();
         for b in list.iter() {
@@ -410,11 +428,11 @@ impl DiskBitmaps {
             }
         }
         if pending.is_empty() {
-            return Ok(());
+            return Ok(true);
         }
         let requests = match &self.intent {
             Some(intent) => match intent.note(offset, length) {
-                None => return Ok(()),
+                None => return Ok(true),
                 Some(request) => vec![request],
             },
             None => pending
@@ -425,7 +443,10 @@ impl DiskBitmaps {
                 })
                 .collect(),
         };
-        self.persister.sync(requests).or_else(|e| self.persist_failed(&pending, e))
+        if !wait {
+            return Ok(false);
+        }
+        self.persister.sync(requests).or_else(|e| self.persist_failed(&pending, e)).map(|()| true)
     }
 
     /// A writeback failed: the bits may not be durable. The bitmaps become

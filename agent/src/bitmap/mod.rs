@@ -32,12 +32,14 @@
 
 mod atomic;
 mod disk;
+mod gate;
 mod intent;
 pub mod persist;
 mod persister;
 
 pub use atomic::AtomicBits;
 pub use disk::{Bitmap, BitmapInfo, DiskBitmaps, Drained, Frozen};
+pub use gate::{OwnedShared, Shared};
 
 /// Errors of bitmap operations, named after what was wrong.
 #[derive(Debug, thiserror::Error)]

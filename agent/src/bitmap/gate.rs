@@ -1,0 +1,151 @@
+//! The write gate of one disk: every write holds it shared from marking
+//! its bits until its data reached the store; bitmap hand-offs (clear,
+//! merge, a job's begin/commit) hold it exclusively, so they happen at a
+//! moment with no write between "marked" and "stored".
+//!
+//! A reader-writer lock, with two things `std::sync::RwLock` lacks: a
+//! shared hold that is owned and `Send` (an asynchronous write keeps it
+//! across an `.await` on another thread's completion), and a `try` form
+//! that never blocks (the async path must not park a runtime thread; it
+//! falls back to the blocking path instead). Waiting writers (exclusive
+//! holders) go first, so a steady stream of writes cannot starve a hand-off.
+
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+#[derive(Debug, Default)]
+struct State {
+    /// Shared holders now.
+    shared: usize,
+    /// An exclusive holder now.
+    exclusive: bool,
+    /// Exclusive holders waiting.
+    waiting: usize,
+}
+
+/// See the module docs.
+#[derive(Debug, Default)]
+pub struct Gate {
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+impl Gate {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Holds the gate shared, waiting while it is (or is about to be) held exclusively.
+    pub fn shared(&self) -> Shared<'_> {
+        let mut s = self.lock();
+        while s.exclusive || s.waiting > 0 {
+            s = self.changed.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+        s.shared += 1;
+        Shared(self)
+    }
+
+    /// Holds the gate shared if that needs no wait; the hold owns the gate.
+    pub fn try_shared_owned(self: &Arc<Self>) -> Option<OwnedShared> {
+        let mut s = self.lock();
+        if s.exclusive || s.waiting > 0 {
+            return None;
+        }
+        s.shared += 1;
+        Some(OwnedShared(self.clone()))
+    }
+
+    /// Holds the gate exclusively, once every shared holder left.
+    pub fn exclusive(&self) -> Exclusive<'_> {
+        let mut s = self.lock();
+        s.waiting += 1;
+        while s.exclusive || s.shared > 0 {
+            s = self.changed.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+        s.waiting -= 1;
+        s.exclusive = true;
+        Exclusive(self)
+    }
+
+    fn leave_shared(&self) {
+        let mut s = self.lock();
+        s.shared -= 1;
+        if s.shared == 0 && s.waiting > 0 {
+            self.changed.notify_all();
+        }
+    }
+
+    fn leave_exclusive(&self) {
+        self.lock().exclusive = false;
+        self.changed.notify_all();
+    }
+}
+
+/// A shared hold; released on drop.
+#[must_use]
+#[derive(Debug)]
+pub struct Shared<'a>(&'a Gate);
+
+impl Drop for Shared<'_> {
+    fn drop(&mut self) {
+        self.0.leave_shared();
+    }
+}
+
+/// A shared hold that owns the gate (`Send`, `'static`); released on drop.
+#[must_use]
+#[derive(Debug)]
+pub struct OwnedShared(Arc<Gate>);
+
+impl Drop for OwnedShared {
+    fn drop(&mut self) {
+        self.0.leave_shared();
+    }
+}
+
+/// An exclusive hold; released on drop.
+#[must_use]
+#[derive(Debug)]
+pub struct Exclusive<'a>(&'a Gate);
+
+impl Drop for Exclusive<'_> {
+    fn drop(&mut self) {
+        self.0.leave_exclusive();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+    use std::time::Duration;
+
+    #[test]
+    fn exclusive_waits_for_shared_holders_and_blocks_new_ones() {
+        let gate = Arc::new(Gate::default());
+        let owned = gate.try_shared_owned().expect("free gate");
+        let entered = Arc::new(AtomicBool::new(false));
+        let waiter = {
+            let (gate, entered) = (gate.clone(), entered.clone());
+            std::thread::spawn(move || {
+                let _x = gate.exclusive();
+                entered.store(true, SeqCst);
+                std::thread::sleep(Duration::from_millis(50));
+            })
+        };
+        // The exclusive holder is waiting: new shared holds are refused (try)
+        // and the owned hold keeps it out.
+        while gate.lock().waiting == 0 {
+            std::thread::yield_now();
+        }
+        assert!(gate.try_shared_owned().is_none(), "a waiting exclusive holder goes first");
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(!entered.load(SeqCst), "exclusive entered while a shared hold was alive");
+        drop(owned);
+        // A blocking shared hold waits until the exclusive holder left.
+        let _s = gate.shared();
+        assert!(entered.load(SeqCst));
+        waiter.join().unwrap();
+        let state = gate.lock();
+        assert!(!state.exclusive && state.shared == 1);
+    }
+}
