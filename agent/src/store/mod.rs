@@ -193,6 +193,24 @@ pub struct SnapshotInfo {
     pub size: u64,
 }
 
+/// A request of a store's asynchronous data path: started when the method
+/// returned, independent of the store's lifetime (`'static`).
+pub type IoFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, StoreError>> + Send>>;
+
+/// The asynchronous data path of a store whose requests complete on the
+/// store's own threads (librbd aio): the NBD server awaits these instead of
+/// parking a blocking thread on every request. Same checks and semantics as
+/// the blocking methods of [`BlockStore`].
+pub trait AsyncIo: Send + Sync {
+    /// Appends the `len` bytes at `offset` to `buf` (a reply header, say);
+    /// yields `buf`. The bytes are not zeroed first: the store fills them.
+    fn read(&self, buf: Vec<u8>, len: usize, offset: u64) -> IoFuture<Vec<u8>>;
+    /// Writes `data` at `offset` (not durable until a flush).
+    fn write(&self, data: bytes::Bytes, offset: u64) -> IoFuture<()>;
+    /// Makes every completed write durable.
+    fn flush(&self) -> IoFuture<()>;
+}
+
 /// A block image (or a read-only snapshot view of one). All offsets are
 /// bytes; callers check ranges first. Methods a store cannot support return
 /// [`StoreError::Unsupported`]; [`Capabilities`] says which ones those are.
@@ -218,6 +236,10 @@ pub trait BlockStore: Send + Sync + std::fmt::Debug {
     /// Identity of the image.
     fn identity(&self) -> Result<Identity, StoreError>;
 
+    /// The asynchronous data path, if the store has one.
+    fn async_io(&self) -> Option<&dyn AsyncIo> {
+        None
+    }
     /// Changes the size (growing reads as zeroes).
     fn resize(&self, _size: u64) -> Result<(), StoreError> {
         Err(StoreError::Unsupported("resize"))

@@ -3,12 +3,15 @@
 //! (create, clone, remove, list) in `pool.rs`.
 
 use std::ffi::{c_int, c_void, CStr};
+use std::future::Future;
 use std::io;
 use std::ptr;
 use std::sync::{mpsc, Arc, Mutex};
 
+use bytes::Bytes;
 use rbd_sys as sys;
 
+use super::aio::{self, InFlight};
 use super::error::{check, check_len, cstring, error};
 use super::rados::{c_text, IoCtx};
 use crate::store::StoreError;
@@ -20,6 +23,8 @@ pub(super) struct Image {
     /// `pool/image` or `pool/image@snap`, for error messages.
     spec: String,
     ioctx: Arc<IoCtx>,
+    /// Asynchronous requests not yet called back; `Drop` waits for them.
+    inflight: Arc<InFlight>,
 }
 
 // SAFETY: librbd's ImageCtx guards its state with its own locks (owner_lock,
@@ -85,7 +90,7 @@ impl Image {
             ("rbd_open", unsafe { sys::rbd_open(ioctx.raw(), c_name.as_ptr(), &mut handle, ptr::null()) })
         };
         check(rc, op, &spec)?;
-        Ok(Self { handle, spec, ioctx: ioctx.clone() })
+        Ok(Self { handle, spec, ioctx: ioctx.clone(), inflight: Arc::default() })
     }
 
     /// `pool/image[@snap]`.
@@ -118,6 +123,61 @@ impl Image {
         let rc = unsafe { sys::rbd_read(self.handle, offset, buf.len(), buf.as_mut_ptr().cast()) };
         let done = check_len(rc, "rbd_read", &self.spec)?;
         short("read", offset, done, buf.len())
+    }
+
+    /// Starts reading `len` bytes at `offset` (`rbd_aio_read`) into the
+    /// spare capacity after `buf`'s content; the future yields `buf` with
+    /// them appended. It holds nothing of the image: dropping it abandons
+    /// the result, not the buffer.
+    pub(super) fn aio_read(
+        &self,
+        mut buf: Vec<u8>,
+        len: usize,
+        offset: u64,
+    ) -> impl Future<Output = Result<Vec<u8>, StoreError>> + Send + 'static {
+        buf.reserve_exact(len);
+        let ptr = buf.spare_capacity_mut().as_mut_ptr();
+        let handle = self.handle;
+        // SAFETY: one rbd_aio_read on this open image (kept open by `inflight` until the callback);
+        // `ptr..ptr+len` is spare capacity of `buf`'s heap allocation, which moves into the request
+        // unchanged and lives until the callback.
+        let request =
+            unsafe { aio::submit(&self.inflight, buf, |c, _| sys::rbd_aio_read(handle, offset, len, ptr.cast(), c)) };
+        let spec = self.spec.clone();
+        async move {
+            let (n, mut buf) = aio::finish(request, "rbd_aio_read", spec).await?;
+            short("read", offset, n, len)?;
+            // SAFETY: librbd initialized all `len` bytes after the old length (it reported `len` read; holes
+            // and parent-less ranges are zero-filled), and `reserve_exact` made room for them.
+            unsafe { buf.set_len(buf.len() + len) };
+            Ok(buf)
+        }
+    }
+
+    /// Starts writing `data` at `offset` (`rbd_aio_write`).
+    pub(super) fn aio_write(
+        &self,
+        data: Bytes,
+        offset: u64,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send + 'static {
+        let (len, handle) = (data.len(), self.handle);
+        // SAFETY: one rbd_aio_write on this open image (kept open by `inflight` until the callback); the
+        // request owns `data`, whose bytes stay at their address while it lives.
+        let request = unsafe {
+            aio::submit(&self.inflight, data, |c, d| sys::rbd_aio_write(handle, offset, len, d.as_ptr().cast(), c))
+        };
+        let spec = self.spec.clone();
+        // Unlike `rbd_write`, a completed aio write reports 0, not the byte count.
+        async move { aio::finish(request, "rbd_aio_write", spec).await.map(drop) }
+    }
+
+    /// Starts a flush of every completed write (`rbd_aio_flush`).
+    pub(super) fn aio_flush(&self) -> impl Future<Output = Result<(), StoreError>> + Send + 'static {
+        let handle = self.handle;
+        // SAFETY: one rbd_aio_flush on this open image (kept open by `inflight` until the callback).
+        let request = unsafe { aio::submit(&self.inflight, (), |c, ()| sys::rbd_aio_flush(handle, c)) };
+        let spec = self.spec.clone();
+        async move { aio::finish(request, "rbd_aio_flush", spec).await.map(drop) }
     }
 
     /// Writes `buf` at `offset`.
@@ -267,6 +327,8 @@ impl Image {
 
 impl Drop for Image {
     fn drop(&mut self) {
+        // Abandoned asynchronous requests still reference the handle until their callback ran.
+        self.inflight.wait_idle();
         // SAFETY: the handle came from a successful open and is closed only here; no call on it can be
         // running (Drop has exclusive access); the IO context and cluster outlive it (fields drop after).
         let rc = unsafe { sys::rbd_close(self.handle) };

@@ -34,6 +34,7 @@
 //! [`StoreError::Exists`] (EEXIST), [`StoreError::Busy`] (EBUSY, ENOTEMPTY)
 //! or [`StoreError::Ceph`] naming the C function and its pool/image.
 
+mod aio;
 mod error;
 mod image;
 mod pool;

@@ -6,7 +6,11 @@ use std::sync::Arc;
 
 use super::image::{DiffExtent, Image};
 use crate::config::ImageUri;
-use crate::store::{BlockStore, Capabilities, Extent, ExtentKind, Identity, SnapshotInfo, StoreError};
+use bytes::Bytes;
+
+use crate::store::{
+    AsyncIo, BlockStore, Capabilities, Extent, ExtentKind, Identity, IoFuture, SnapshotInfo, StoreError,
+};
 
 /// An open RBD image, or a read-only view of one of its snapshots.
 ///
@@ -76,7 +80,40 @@ impl std::fmt::Debug for RbdStore {
     }
 }
 
+impl AsyncIo for RbdStore {
+    fn read(&self, buf: Vec<u8>, len: usize, offset: u64) -> IoFuture<Vec<u8>> {
+        if let Err(e) = self.check_range(offset, u64::try_from(len).unwrap_or(u64::MAX)) {
+            return Box::pin(std::future::ready(Err(e)));
+        }
+        if len == 0 {
+            return Box::pin(std::future::ready(Ok(buf)));
+        }
+        Box::pin(self.image.aio_read(buf, len, offset))
+    }
+
+    fn write(&self, data: Bytes, offset: u64) -> IoFuture<()> {
+        let checked = self
+            .check_writable()
+            .and_then(|()| self.check_range(offset, u64::try_from(data.len()).unwrap_or(u64::MAX)));
+        if checked.is_err() || data.is_empty() {
+            return Box::pin(std::future::ready(checked));
+        }
+        Box::pin(self.image.aio_write(data, offset))
+    }
+
+    fn flush(&self) -> IoFuture<()> {
+        if self.read_only {
+            return Box::pin(std::future::ready(Ok(())));
+        }
+        Box::pin(self.image.aio_flush())
+    }
+}
+
 impl BlockStore for RbdStore {
+    fn async_io(&self) -> Option<&dyn AsyncIo> {
+        Some(self)
+    }
+
     fn size(&self) -> u64 {
         self.size.load(Ordering::Relaxed)
     }
