@@ -1,8 +1,9 @@
-//! The agent's RBD store without the NBD server: `--io-threads` threads call
-//! `BlockStore::write_at`/`read_at` on one `rbd:` image opened through
-//! `agent::store::Stores`, the way the NBD server's blocking pool does (one
-//! synchronous librbd call per thread at a time). Mirrors `rbd bench`'s options
-//! so the two can be compared in one run (tests/bench/rbd-store.sh does).
+//! The agent's RBD store without the NBD server: `--io-threads` requests in
+//! flight on the store's asynchronous data path (`BlockStore::async_io`,
+//! librbd aio completions), issued from one thread by as many tasks of a
+//! single-threaded tokio runtime, the way the NBD server issues reads and
+//! plain writes. Mirrors `rbd bench`'s options (which also issues aio from one
+//! thread) so the two can be compared in one run (tests/bench/rbd-store.sh does).
 //!
 //! ```sh
 //! cargo build --release -p agent --example rbd_bench
@@ -124,28 +125,39 @@ fn run(a: &Args) -> Result<(), String> {
     let issued = Arc::new(AtomicU64::new(0));
     let cpu0 = cpu_seconds();
     let start = Instant::now();
-    let result: Result<(), String> = std::thread::scope(|scope| {
-        let workers: Vec<_> = (0..a.threads)
-            .map(|t| {
-                let (store, issued) = (store.clone(), issued.clone());
-                let mut rng = a.seed ^ (t + 1).wrapping_mul(0xD1B5_4A32_D192_ED03);
-                scope.spawn(move || -> Result<(), String> {
-                    let mut buf: Vec<u8> =
-                        (0..io_len).map(|i| (i % 251).to_le_bytes()[0] ^ t.to_le_bytes()[0]).collect();
-                    loop {
-                        let n = issued.fetch_add(1, Ordering::Relaxed);
-                        if n >= ops {
-                            return Ok(());
-                        }
-                        let slot = if a.sequential { n % slots } else { next_random(&mut rng) % slots };
-                        let offset = slot * a.io_size;
-                        let done = if a.write { store.write_at(&buf, offset) } else { store.read_at(&mut buf, offset) };
-                        done.map_err(|e| format!("{} at {offset}: {e}", if a.write { "write" } else { "read" }))?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+    let result: Result<(), String> = runtime.block_on(async {
+        let mut tasks = tokio::task::JoinSet::new();
+        for t in 0..a.threads {
+            let (store, issued) = (store.clone(), issued.clone());
+            let (write, sequential, io_size) = (a.write, a.sequential, a.io_size);
+            let mut rng = a.seed ^ (t + 1).wrapping_mul(0xD1B5_4A32_D192_ED03);
+            let data: bytes::Bytes = (0..io_len).map(|i| (i % 251).to_le_bytes()[0] ^ t.to_le_bytes()[0]).collect();
+            tasks.spawn(async move {
+                let aio = store.async_io().ok_or("this store has no asynchronous data path")?;
+                let mut buf = Vec::with_capacity(io_len);
+                loop {
+                    let n = issued.fetch_add(1, Ordering::Relaxed);
+                    if n >= ops {
+                        return Ok::<(), String>(());
                     }
-                })
-            })
-            .collect();
-        workers.into_iter().try_for_each(|w| w.join().unwrap_or_else(|_| Err("worker panicked".into())))
+                    let slot = if sequential { n % slots } else { next_random(&mut rng) % slots };
+                    let offset = slot * io_size;
+                    let what = if write { "write" } else { "read" };
+                    let failed = |e| format!("{what} at {offset}: {e}");
+                    if write {
+                        aio.write(data.clone(), offset).await.map_err(failed)?;
+                    } else {
+                        buf.clear();
+                        buf = aio.read(buf, io_len, offset).await.map_err(failed)?;
+                    }
+                }
+            });
+        }
+        while let Some(done) = tasks.join_next().await {
+            done.map_err(|_| "worker panicked".to_owned())??;
+        }
+        Ok(())
     });
     result?;
     if a.write {

@@ -7,8 +7,8 @@
 #   rbd-bench  `rbd bench` (librbd aio from one thread, --io-threads 16 in flight): the reference
 #   nbd        the agent serving the image (`image: rbd:rbd/IMG`) over its NBD Unix socket, driven
 #              by fio's nbd engine at iodepth 16: the product path (NBD server + store)
-#   store      agent/examples/rbd_bench.rs: 16 threads calling the agent's RbdStore (through
-#              agent::store::Stores) directly, as the NBD server's blocking pool does: the store
+#   store      agent/examples/rbd_bench.rs: 16 requests in flight on the agent's RbdStore (through
+#              agent::store::Stores) directly, on its aio data path as the NBD server uses it: the store
 #              alone, to tell store cost from server cost
 # Workloads per side, in this order (the first fills the image, so reads read data):
 #   4M sequential write, 4M sequential read   ($TOTAL_4M each, reported in MiB/s)
@@ -22,7 +22,7 @@
 #   IMAGE_SIZE=256MiB  image size (memstore keeps data in RAM: keep it small)
 #   TOTAL_4M=1GiB      bytes moved per 4M run (wraps over the image)
 #   TOTAL_4K=128MiB    bytes moved per 4K run
-#   QD=16              requests in flight (rbd bench --io-threads, fio --iodepth, example threads)
+#   QD=16              requests in flight (rbd bench --io-threads, fio --iodepth, example tasks)
 #   SIDES="rbd-bench nbd store"   which sides (ratios need rbd-bench)
 #   CEPH_CONF=...      use this running cluster (pool rbd, client.admin) instead of starting one
 #   CEPH_MEMSTORE_BYTES  passed to ceph-cluster.sh (its default: 8 GiB, a cap, not an allocation)
@@ -373,7 +373,7 @@ header() {
     echo "- ceph: $(rbd --version | head -n1); librbd $(dpkg-query -W -f '${Version}' librbd1 2>/dev/null || echo '?')"
     echo "- cluster: $(if [[ -n $CEPH_DIR ]]; then echo "throw-away (deploy/dev/ceph-cluster.sh: 1 mon + 1 memstore OSD, size-1 pool, 127.0.0.1) in $CEPH_DIR"; else echo "existing, $CONF"; fi); images: $IMAGE_SIZE, 4 MiB objects, features from rbd_default_features, fresh per side and round"
     echo "- fio: $(fio --version) (ioengine=nbd, 1 job, 1 connection, Unix socket, --iodepth=$QD --norandommap)"
-    echo "- rbd bench: --io-threads $QD (its CPU: the process's user + system time minus the start-up CPU of a one-op rbd bench); the example: $QD threads of synchronous RbdStore calls"
+    echo "- rbd bench: --io-threads $QD (its CPU: the process's user + system time minus the start-up CPU of a one-op rbd bench); the example: $QD requests in flight on RbdStore's aio path from one thread"
     echo "- each cell: median over $ROUNDS rounds; sides run one at a time, order rotated per round"
 }
 
