@@ -15,6 +15,7 @@ use proto::ExportInfo;
 use tokio_util::sync::CancellationToken;
 
 use arc_swap::ArcSwap;
+use bytes::Bytes;
 
 use crate::bitmap::{BitmapError, DiskBitmaps, Drained};
 use crate::config::Allow;
@@ -135,9 +136,10 @@ impl Export {
             .rcu(|hooks| hooks.iter().filter(|h| Arc::as_ptr(h).cast::<()>() != target).cloned().collect::<Vec<_>>());
     }
 
-    /// Whether a job hook watches writes (they may then block on IO).
-    pub fn has_hooks(&self) -> bool {
-        !self.hooks.load().is_empty()
+    /// Whether a job hook on the write path may block on slow IO (network,
+    /// Ceph); writes must then leave the connection's task.
+    pub fn has_blocking_hooks(&self) -> bool {
+        self.hooks.load().iter().any(|h| !h.inline_safe())
     }
 
     /// Whether a write here would mark no new bit (so it needs no bitmap sync).
@@ -248,6 +250,45 @@ impl Export {
         self.tracked(offset, WriteData::Data(data), fua, || self.store.write_at(data, offset))
     }
 
+    /// The write path without a blocking call, for stores with an
+    /// asynchronous data path: `None` when anything on the way would wait
+    /// (a held barrier, a bitmap hand-off, bits not yet durable) or a job's
+    /// hook is installed; the caller then takes [`write`](Self::write). The
+    /// future holds the barrier entry and the bitmaps' write section until
+    /// the store completed the write, as the blocking path does.
+    pub fn try_write_async(
+        self: &Arc<Self>,
+        data: Bytes,
+        offset: u64,
+        fua: bool,
+    ) -> Option<impl std::future::Future<Output = Result<(), ExportError>> + Send + 'static> {
+        let aio = self.store.async_io()?;
+        if !self.barrier.try_enter() {
+            return None;
+        }
+        let entered = OwnedEntered(self.clone());
+        // After entering, as on the blocking path: a cut-over sets read-only while the barrier is closed.
+        if self.read_only() {
+            return None;
+        }
+        let section = self.bitmaps.try_write_section()?;
+        // Hooks are installed only under the exclusive gate (`drained`): none can appear while we hold it.
+        if !self.hooks.load().is_empty() || !matches!(self.bitmaps.try_mark(offset, data.len() as u64), Ok(true)) {
+            return None;
+        }
+        let write = aio.write(data, offset);
+        let flush = fua.then(|| aio.flush());
+        Some(async move {
+            let result = write.await;
+            drop((section, entered));
+            result?;
+            if let Some(flush) = flush {
+                flush.await?;
+            }
+            Ok(())
+        })
+    }
+
     /// Zeroes a range through the tracking path.
     pub fn write_zeroes(&self, offset: u64, length: u64, may_unmap: bool, fua: bool) -> Result<(), ExportError> {
         self.tracked(offset, WriteData::Zeroes(length), fua, || self.store.write_zeroes(offset, length, may_unmap))
@@ -345,6 +386,12 @@ pub trait WriteHook: Send + Sync + std::fmt::Debug {
     }
     /// The store write failed (the range may be partly written).
     fn write_failed(&self, _offset: u64, _length: u64) {}
+    /// Whether the hooks do only page-cache-speed work and short waits, so
+    /// a page-cache write may stay on the NBD connection's task instead of
+    /// going to the blocking pool.
+    fn inline_safe(&self) -> bool {
+        false
+    }
 }
 
 /// Lets a cut-over hold new writes and wait for in-flight ones.
@@ -369,6 +416,21 @@ impl WriteBarrier {
         Entered(self)
     }
 
+    /// Enters a write if the barrier is open (never waits); leave with [`leave`](Self::leave).
+    fn try_enter(&self) -> bool {
+        let mut s = self.lock();
+        if s.0 {
+            return false;
+        }
+        s.1 += 1;
+        true
+    }
+
+    fn leave(&self) {
+        self.lock().1 -= 1;
+        self.changed.notify_all();
+    }
+
     /// Closes the barrier and waits until no write is inside.
     fn close(&self) {
         let mut s = self.lock();
@@ -388,8 +450,16 @@ struct Entered<'a>(&'a WriteBarrier);
 
 impl Drop for Entered<'_> {
     fn drop(&mut self) {
-        self.0.lock().1 -= 1;
-        self.0.changed.notify_all();
+        self.0.leave();
+    }
+}
+
+/// An entry of an asynchronous write (owns the export).
+struct OwnedEntered(Arc<Export>);
+
+impl Drop for OwnedEntered {
+    fn drop(&mut self) {
+        self.0.barrier.leave();
     }
 }
 

@@ -318,6 +318,13 @@ impl Pipeline {
             () = self.stop.cancelled() => return,
         };
         let Ok(permit) = permit else { return };
+        if let Some(reply) = self.session.start_async(&req, &payload) {
+            let tx = self.tx.clone();
+            tokio::spawn(async move {
+                let _ = tx.send((reply.await, Some(permit)));
+            });
+            return;
+        }
         if self.session.inline(&req) {
             let _ = self.tx.send((self.session.execute(&req, &payload), Some(permit)));
             return;

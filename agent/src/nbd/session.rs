@@ -1,7 +1,9 @@
 //! A negotiated session: request validation and execution against an export.
 //!
-//! Everything here is synchronous; [`Session::execute`] runs on the blocking
-//! pool and returns the encoded reply.
+//! [`Session::execute`] is synchronous: it runs on the blocking pool (or
+//! inline, for page-cache files) and returns the encoded reply. Stores with
+//! an asynchronous data path run reads, flushes and plain writes through
+//! [`Session::start_async`] instead, with no thread parked per request.
 
 use std::sync::Arc;
 
@@ -14,6 +16,9 @@ use proto::{Command, Negotiated, Request};
 use crate::export::{Export, ExportError};
 use crate::metrics::NbdMetrics;
 use crate::store::{ExtentKind, StoreError};
+
+/// A request running on the store's asynchronous data path; yields the encoded reply.
+pub(crate) type AsyncReply = std::pin::Pin<Box<dyn std::future::Future<Output = Vec<u8>> + Send>>;
 
 /// Most extents returned in one BLOCK_STATUS chunk.
 const MAX_EXTENTS: usize = 1 << 16;
@@ -131,15 +136,63 @@ impl Session {
         reply
     }
 
+    /// `req` on the store's asynchronous data path (librbd aio), already
+    /// started: reads, flushes, and writes that need nothing blocking (see
+    /// [`Export::try_write_async`]). `None`: run [`execute`](Self::execute)
+    /// on the blocking pool instead.
+    pub fn start_async(self: &Arc<Self>, req: &Request, payload: &Bytes) -> Option<AsyncReply> {
+        let aio = self.export.store().async_io()?;
+        let (me, req) = (self.clone(), *req);
+        let started = self.metrics.start();
+        let finish = move |me: &Self, reply: Vec<u8>| {
+            let bytes = if matches!(req.command, Command::Read | Command::Write) { u64::from(req.length) } else { 0 };
+            me.metrics.done(op_index(req.command), bytes, reply_ok(&reply), started);
+            reply
+        };
+        match req.command {
+            Command::Read => {
+                let header = if self.structured { OFFSET_DATA_HEADER_LEN } else { SIMPLE_REPLY_LEN };
+                let len = usize::try_from(req.length).ok()?;
+                let mut buf = Vec::with_capacity(header + len);
+                buf.resize(header, 0);
+                let read = aio.read(buf, len, req.offset);
+                Some(Box::pin(async move {
+                    let reply = match read.await {
+                        Ok(out) => me.read_reply(&req, out),
+                        Err(e) => me.store_error(&req, &e),
+                    };
+                    finish(&me, reply)
+                }))
+            }
+            Command::Write => {
+                let write = self.export.try_write_async(payload.clone(), req.offset, req.has_flag(cmd_flags::FUA))?;
+                Some(Box::pin(async move {
+                    let reply = me.status_reply(&req, write.await);
+                    finish(&me, reply)
+                }))
+            }
+            Command::Flush => {
+                let flush = aio.flush();
+                Some(Box::pin(async move {
+                    let reply = me.status_reply(&req, flush.await.map_err(ExportError::from));
+                    finish(&me, reply)
+                }))
+            }
+            _ => None,
+        }
+    }
+
     /// Whether `req` may run on the connection's own task: a page-cache
-    /// read or write of a plain file image, without FUA. Everything that
-    /// can block for long (flush, FUA, layered or remote images, jobs'
-    /// copy-before-write hooks) goes to the blocking pool.
+    /// read or write of a plain file image, without FUA, whose bitmap bits
+    /// are durable already. Everything that can block for long (flush, FUA,
+    /// layered or remote images, a mirror's forwarding hook) goes to the
+    /// blocking pool; a backup's copy-before-write of a page-cache disk
+    /// (a page-cache read and a scratch-file write) stays inline.
     pub fn inline(&self, req: &Request) -> bool {
         matches!(req.command, Command::Read | Command::Write | Command::BlockStatus | Command::Cache)
             && !req.has_flag(cmd_flags::FUA)
             && self.export.store().capabilities().inline_io
-            && !self.export.has_hooks()
+            && !self.export.has_blocking_hooks()
             && (req.command != Command::Write || self.export.bitmaps_clean_for(req.offset, u64::from(req.length)))
     }
 
@@ -187,6 +240,12 @@ impl Session {
         if let Err(e) = self.export.store().read_at(&mut out[header..], req.offset) {
             return self.store_error(req, &e);
         }
+        self.read_reply(req, out)
+    }
+
+    /// Fills in the reply header of `out`, a read reply whose data is in place.
+    fn read_reply(&self, req: &Request, mut out: Vec<u8>) -> Vec<u8> {
+        let header = if self.structured { OFFSET_DATA_HEADER_LEN } else { SIMPLE_REPLY_LEN };
         let mut head = &mut out[..header];
         if self.structured {
             reply::offset_data(&mut head, req.cookie, true, req.offset, req.length);
