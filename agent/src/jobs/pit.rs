@@ -186,6 +186,13 @@ impl crate::export::WriteHook for PointInTime {
     fn before_write(&self, offset: u64, length: u64) -> Result<(), StoreError> {
         PointInTime::before_write(self, offset, length)
     }
+
+    /// Copy-before-write reads the source and writes the local scratch
+    /// file; it waits on a stripe lock at most for the job's read of one
+    /// granule from the same source. Inline-safe when the source is.
+    fn inline_safe(&self) -> bool {
+        self.source.capabilities().inline_io
+    }
 }
 
 impl Drop for PointInTime {
