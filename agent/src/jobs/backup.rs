@@ -369,7 +369,11 @@ async fn copy(job: &JobHandle, state: &Frozen2, chain: &Chain, size: u64) -> Res
             written += join_one(&mut tasks, job).await?;
         }
         let (pit, target, fresh) = (state.pit.clone(), chain.target.clone(), chain.fresh);
-        tasks.spawn_blocking(move || copy_chunk(&pit, target.as_ref(), fresh, offset, length).map(|w| (w, length)));
+        if target.async_io().is_some() {
+            tasks.spawn(async move { copy_chunk_async(pit, target, fresh, offset, length).await.map(|w| (w, length)) });
+        } else {
+            tasks.spawn_blocking(move || copy_chunk(&pit, target.as_ref(), fresh, offset, length).map(|w| (w, length)));
+        }
     }
     while !tasks.is_empty() {
         written += join_one(&mut tasks, job).await?;
@@ -396,6 +400,60 @@ async fn join_one(
 /// written (a fresh target keeps its holes) or are zeroed cheaply.
 const ZERO_UNIT: usize = 64 << 10;
 
+/// Runs of `buf` that are all zero or hold data, in [`ZERO_UNIT`]s:
+/// `(start, end, zero)`, in order, covering it.
+fn zero_runs(buf: &[u8]) -> Vec<(usize, usize, bool)> {
+    let mut runs = Vec::new();
+    let mut at = 0;
+    while at < buf.len() {
+        let zero = buf[at..(at + ZERO_UNIT).min(buf.len())].iter().all(|&b| b == 0);
+        let mut end = (at + ZERO_UNIT).min(buf.len());
+        while end < buf.len() && buf[end..(end + ZERO_UNIT).min(buf.len())].iter().all(|&b| b == 0) == zero {
+            end = (end + ZERO_UNIT).min(buf.len());
+        }
+        runs.push((at, end, zero));
+        at = end;
+    }
+    runs
+}
+
+/// [`copy_chunk`] for a target with an asynchronous data path (RBD): the
+/// view is read on the blocking pool, the data runs are written with aio
+/// (no thread parked per write, and librbd sends the buffer without a copy).
+async fn copy_chunk_async(
+    pit: Arc<PointInTime>,
+    target: Arc<dyn BlockStore>,
+    fresh: bool,
+    offset: u64,
+    length: u64,
+) -> Result<u64, StoreError> {
+    let view = pit.clone();
+    let buf = tokio::task::spawn_blocking(move || {
+        let mut buf = vec![0u8; usize::try_from(length).unwrap_or(0)];
+        view.read(&mut buf, offset).map(|()| buf)
+    })
+    .await
+    .map_err(|e| StoreError::Io { op: "backup read", offset, source: std::io::Error::other(e.to_string()) })??;
+    let runs = zero_runs(&buf);
+    let data = bytes::Bytes::from(buf);
+    let mut written = 0;
+    for (at, end, zero) in runs {
+        let pos = offset + at as u64;
+        if !zero {
+            let aio = target.async_io().ok_or(StoreError::Unsupported("asynchronous IO"))?;
+            aio.write(data.slice(at..end), pos).await?;
+            written += (end - at) as u64;
+        } else if !fresh {
+            let t = target.clone();
+            tokio::task::spawn_blocking(move || t.write_zeroes(pos, (end - at) as u64, true))
+                .await
+                .map_err(|e| StoreError::Io { op: "backup zero", offset: pos, source: std::io::Error::other(e.to_string()) })??;
+        }
+    }
+    pit.release(offset, length);
+    Ok(written)
+}
+
 /// Copies one chunk of the frozen view; returns the data bytes written.
 fn copy_chunk(
     pit: &PointInTime,
@@ -407,13 +465,7 @@ fn copy_chunk(
     let mut buf = vec![0u8; usize::try_from(length).unwrap_or(0)];
     pit.read(&mut buf, offset)?;
     let mut written = 0;
-    let mut at = 0;
-    while at < buf.len() {
-        let zero = buf[at..(at + ZERO_UNIT).min(buf.len())].iter().all(|&b| b == 0);
-        let mut end = (at + ZERO_UNIT).min(buf.len());
-        while end < buf.len() && buf[end..(end + ZERO_UNIT).min(buf.len())].iter().all(|&b| b == 0) == zero {
-            end = (end + ZERO_UNIT).min(buf.len());
-        }
+    for (at, end, zero) in zero_runs(&buf) {
         let pos = offset + at as u64;
         if !zero {
             target.write_at(&buf[at..end], pos)?;
@@ -421,7 +473,6 @@ fn copy_chunk(
         } else if !fresh {
             target.write_zeroes(pos, (end - at) as u64, true)?;
         }
-        at = end;
     }
     pit.release(offset, length);
     Ok(written)
