@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use tokio::task::JoinSet;
 
 use super::{JobError, JobHandle};
 use crate::export::Export;
@@ -46,27 +47,52 @@ pub async fn run(
     let size = export.size();
     job.set_total(size);
     let chunk = params.chunk.clamp(64 << 10, 64 << 20);
+    // Chunks in flight: the parent read of one overlaps the local write of
+    // another (and librbd serves several reads at once).
+    let mut running: JoinSet<(u64, u64, Result<u64, StoreError>)> = JoinSet::new();
     let mut copied = 0;
     let mut pos = 0;
-    while pos < size {
-        job.checkpoint().await?;
-        let n = chunk.min(size - pos);
-        job.throttle(n).await?;
-        let s = store.clone();
-        match tokio::task::spawn_blocking(move || s.copy_from_parent(pos, n))
-            .await
-            .map_err(|e| JobError::Failed(e.to_string()))?
-        {
-            Ok(bytes) => copied += bytes,
-            Err(StoreError::Unsupported(_)) if pos == 0 => {
+    let mut failed: Option<JobError> = None;
+    // The first chunk runs alone: it tells whether the store copies in chunks at all.
+    let mut limit = 1;
+    while failed.is_none() && (pos < size || !running.is_empty()) {
+        if pos < size && running.len() < limit {
+            let n = chunk.min(size - pos);
+            let admitted = async {
+                job.checkpoint().await?;
+                job.throttle(n).await
+            };
+            if let Err(e) = admitted.await {
+                failed = Some(e);
+                break;
+            }
+            let s = store.clone();
+            running.spawn_blocking(move || (pos, n, s.copy_from_parent(pos, n)));
+            pos += n;
+            continue;
+        }
+        let Some(done) = running.join_next().await else { break };
+        match done.map_err(|e| JobError::Failed(e.to_string()))? {
+            (_, n, Ok(bytes)) => {
+                copied += bytes;
+                job.progress(n);
+                limit = IN_FLIGHT;
+            }
+            (0, _, Err(StoreError::Unsupported(_))) => {
+                // No chunked copy (RBD clones): nothing was copied; flatten instead.
                 let result = flatten(&job, &export, parent.to_string()).await?;
                 release_hold(&stores, &parent, params.holder.as_deref()).await;
                 return Ok(result);
             }
-            Err(e) => return Err(JobError::from_err(&format!("Streaming from {parent} failed at offset {pos}"), &e)),
+            (at, _, Err(e)) => {
+                failed = Some(JobError::from_err(&format!("Streaming from {parent} failed at offset {at}"), &e));
+            }
         }
-        job.progress(n);
-        pos += n;
+    }
+    if let Some(e) = failed {
+        // Chunks already started finish (each is safe to stop after); none is left running.
+        drain(&mut running).await;
+        return Err(e);
     }
     let s = store.clone();
     tokio::task::spawn_blocking(move || s.detach_parent())
@@ -75,6 +101,14 @@ pub async fn run(
         .map_err(|e| JobError::from_err("Cannot detach the parent", &e))?;
     release_hold(&stores, &parent, params.holder.as_deref()).await;
     Ok(json!({ "parent": parent.to_string(), "bytes_copied": copied, "detached": true }))
+}
+
+/// Chunks copied at the same time.
+const IN_FLIGHT: usize = 4;
+
+/// Waits for every started chunk (their results no longer matter).
+async fn drain(running: &mut JoinSet<(u64, u64, Result<u64, StoreError>)>) {
+    while running.join_next().await.is_some() {}
 }
 
 /// Drops the hold on the detached parent snapshot; a failure only leaves
