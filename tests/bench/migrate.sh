@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Migration benchmark: `rbdsync migrate` (incremental mirror seeded from the backup bitmap) against a
 # `sync: full` mirror in the same run, cut-over downtime under a 4K random-write load, and the
-# destination's stream job against `rbd bench`, on a throw-away Ceph cluster
+# destination's stream job against `rbd bench` and `rbd export`, on a throw-away Ceph cluster
 # (deploy/dev/ceph-cluster.sh: one mon + one memstore OSD on 127.0.0.1).
 #
 # Part 1, per round (fresh source agent, disk and backup image every round):
@@ -20,8 +20,13 @@
 #   (the order of the two alternates), then on the incremental destination:
 #     stream       the stream job `migrate` started, timed until it concludes, against
 #                  `rbd bench --io-type read --io-pattern seq --io-size 4M` over the whole backup image
-#                  (--io-threads 16, rbd bench's default, and 1: the stream works on one 4 MiB
-#                  chunk at a time; plus 64K reads on 1 thread, the `file:` layer's copy-up pattern)
+#                  (--io-threads 16, rbd bench's default, and 1; the stream has 8 chunks of 4 MiB in
+#                  flight; plus 64K reads on 1 thread, an earlier stream's copy-up pattern),
+#                  none of which writes anything; and against the fair peer, which does what the
+#                  stream does (read the backup snapshot, write it to a local file, make it durable):
+#                  `rbd export POOL/IMAGE@SNAP` (the stream's parent) to a file on the destination's
+#                  filesystem followed by `sync --data` (fdatasync) of that file, timed together,
+#                  after the destination agent is gone (its image deleted first: one copy at a time)
 #   Bytes sent, mirror time and downtime come from the mirror job's summary (`migrate --json`
 #   prints it; `job wait --json` for the full mirror). The incremental/full byte ratio should be
 #   about the dirty fraction.
@@ -48,6 +53,12 @@
 #   SEED=1             seed of the dirty-granule permutation
 #   IMAGES_PARENT=/var/tmp  where part 1's agents (and their $SIZE images) live; on disk by default:
 #                      the memstore OSD already holds ~2x SIZE of RAM for the backup
+#   DEST_DIR=          where part 1's destination agents (state, $SIZE image) and the `rbd export`
+#                      file live: the script makes (and removes) its own directory in it; created
+#                      (and removed at the end, if empty) when missing. Default: empty, i.e. with the
+#                      source under IMAGES_PARENT. DEST_DIR=/dev/shm/rbdsync-dest takes the destination
+#                      disk out of the stream vs `rbd export` comparison (one $SIZE copy in RAM at a
+#                      time: each destination is deleted before the next, and before the export)
 #   WORK_PARENT=/dev/shm   work directory: logs, outputs, part 2's agents and images (the cluster
 #                      lives under /tmp)
 #   RBDSYNC_BIN=...    agent binary (default target/release/rbdsync, built if missing); copied first
@@ -55,7 +66,8 @@
 #   KEEP=1             keep the work directory (logs, configs, JSON outputs)
 # Needs: ceph (mon, osd, rbd CLI), fio with the nbd engine, python3-libnbd (/usr/bin/python3), jq, curl.
 # Default run (2 cores): ~4 min per round of part 1 (fill + backup ~20 s, per level ~70 s: full
-# mirror ~20 s, stream ~30 s, rbd bench ~15 s), ~2-3 min for the 20 cut-overs: ~11 minutes.
+# mirror ~20 s, stream ~30 s, rbd bench ~15 s, rbd export ~15 s), ~2-3 min for the 20 cut-overs:
+# ~12 minutes.
 set -euo pipefail
 # shellcheck source=tests/bench/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -71,6 +83,7 @@ STREAM=${STREAM:-1}
 SEED=${SEED:-1}
 WORK_PARENT=${WORK_PARENT:-/dev/shm}
 IMAGES_PARENT=${IMAGES_PARENT:-/var/tmp}
+DEST_DIR=${DEST_DIR:-}
 KEEP=${KEEP:-0}
 GRAN=$((64 << 10))
 
@@ -83,6 +96,8 @@ PY=/usr/bin/python3 # the system Python has libnbd's bindings (python3-libnbd)
 
 WORK=""
 BIG="" # part 1's agent directories (big images)
+DEST="" # part 1's destination agent directories and rbd export files ($BIG unless DEST_DIR is set)
+DEST_MADE=0 # 1 when this script created DEST_DIR (removed on exit if empty)
 CEPH_DIR="" # this script's current cluster (stopped on exit)
 CONF=""
 BIN=""      # the copy of the agent binary (its name holds no "rbdsync")
@@ -165,6 +180,15 @@ cleanup() {
             rm -rf "$BIG"
         fi
     fi
+    if [[ -n $DEST && $DEST != "$BIG" && -d $DEST ]]; then
+        if [[ $KEEP == 1 || $rc -eq 1 ]]; then
+            find "$DEST" -name '*.raw' -delete 2>/dev/null || true
+            echo "migrate.sh: destination directory kept (without images): $DEST" >&2
+        else
+            rm -rf "$DEST"
+        fi
+    fi
+    [[ $DEST_MADE == 0 ]] || rmdir "$DEST_DIR" 2>/dev/null || true
     if [[ -n $WORK && -d $WORK ]]; then
         if [[ $KEEP == 1 || $rc -eq 1 ]]; then
             # Images are big and in RAM (tmpfs): never keep them.
@@ -201,6 +225,22 @@ check_params() {
     [[ -n $DIRTY ]] || die "DIRTY is empty"
     [[ -d $WORK_PARENT ]] || die "WORK_PARENT=$WORK_PARENT is not a directory"
     [[ -d $IMAGES_PARENT ]] || die "IMAGES_PARENT=$IMAGES_PARENT is not a directory"
+    if [[ -n $DEST_DIR ]]; then
+        [[ $DEST_DIR == /* ]] || die "DEST_DIR must be an absolute path (got '$DEST_DIR')"
+        [[ -d $DEST_DIR || (! -e $DEST_DIR && -d $(dirname "$DEST_DIR")) ]] ||
+            die "DEST_DIR=$DEST_DIR is neither a directory nor a new directory in an existing one"
+    fi
+}
+
+# dest_fs: a directory on the filesystem that will hold part 1's destinations and rbd export files.
+dest_fs() {
+    if [[ -z $DEST_DIR ]]; then
+        echo "$IMAGES_PARENT"
+    elif [[ -d $DEST_DIR ]]; then
+        echo "$DEST_DIR"
+    else
+        dirname "$DEST_DIR"
+    fi
 }
 
 check_tools() {
@@ -217,16 +257,18 @@ check_tools() {
 }
 
 # Refuses to start when the data would not fit in RAM: the memstore OSD holds about twice the
-# bytes written to it (measured: ~2.1 GiB RSS for a 1 GiB backup), plus images on tmpfs.
+# bytes written to it (measured: ~2.1 GiB RSS for a 1 GiB backup), plus images on tmpfs: part 1
+# has at most one source image and one destination image (or rbd export file) at a time.
 check_memory() {
-    local avail need_b tmpfs_big=0 tmpfs_work=0
+    local avail need_b tmpfs_big=0 tmpfs_dest=0 tmpfs_work=0
     avail=$(($(awk '$1 == "MemAvailable:" {print $2}' /proc/meminfo) * 1024))
     [[ $(stat -f -c %T "$IMAGES_PARENT") != tmpfs ]] || tmpfs_big=1
+    [[ $(stat -f -c %T "$(dest_fs)") != tmpfs ]] || tmpfs_dest=1
     [[ $(stat -f -c %T "$WORK_PARENT") != tmpfs ]] || tmpfs_work=1
     need_b=$((DT_SIZE_B * (4 + 2 * tmpfs_work) + (1 << 30)))
-    ((ROUNDS == 0)) || need_b=$((need_b + SIZE_B * 9 / 4 + SIZE_B * 2 * tmpfs_big))
+    ((ROUNDS == 0)) || need_b=$((need_b + SIZE_B * 9 / 4 + SIZE_B * (tmpfs_big + tmpfs_dest)))
     ((avail >= need_b)) || die "not enough memory: $((avail >> 20)) MiB available, about $((need_b >> 20)) MiB needed
-for SIZE=$SIZE (the memstore OSD holds ~2x the backup; images on tmpfs count in full); use a smaller SIZE"
+for SIZE=$SIZE (the memstore OSD holds ~2x the backup; images on tmpfs count in full: IMAGES_PARENT, DEST_DIR); use a smaller SIZE"
 }
 
 ensure_built() {
@@ -333,12 +375,14 @@ api() {
 }
 
 # wait_job DIR ID LIMIT_S: polls the job every 50 ms until it concludes; prints its JSON.
+# The poll matches the compact JSON with a bash pattern rather than jq: twenty jq starts a
+# second cost a noticeable share of these 2 cores while the stream being timed runs.
 wait_job() {
     local dir=$1 id=$2 limit=$3 j deadline
     deadline=$(($(date +%s) + limit))
     while :; do
         j=$(api "$dir" GET "/v1/jobs/$id")
-        [[ $(jq -r .state <<<"$j") != concluded ]] || break
+        [[ $j != *'"state":"concluded"'* ]] || break
         (($(date +%s) < deadline)) || die "job $id on $dir not concluded after $limit s: $j"
         sleep 0.05
     done
@@ -451,6 +495,39 @@ rbd_bench_read() {
     awk -v sz="$3" '/elapsed:/ { for (i = 1; i <= NF; i++) if ($i == "ops/sec:") printf "%.1f\n", $(i + 1) * sz / 1048576 }' "$5"
 }
 
+# rbd_export_timed SNAP FILE LOG: `rbd export SNAP FILE` (SNAP: POOL/IMAGE@SNAP) then fdatasync of
+# FILE, timed together; prints "total_s sync_s"; removes FILE.
+#
+# Durability, so that the two figures compare like with like: the stream's time runs until its job
+# concludes, which is after detach_parent (agent/src/jobs/stream.rs -> FileStore::detach_parent in
+# agent/src/store/file/mod.rs): that flush()es the image (fdatasync of the `file:` image, then the
+# owned map's changed words written and fdatasynced), rewrites the sidecar atomically (temp file,
+# fsync, rename, fsync of the directory), registers the child on the parent and drops the hold on
+# the backup snapshot. So the stream's figure includes an fdatasync of every byte it copied (plus a
+# few small metadata writes and syncs); the export's figure includes the same fdatasync (`sync
+# --data FILE`, fdatasync(2) of that file only: not syncfs, which would also flush unrelated dirty
+# data on the filesystem) and nothing else. Both write through the page cache, so on a disk part of
+# the writeback happens while copying, and the final sync waits for the rest. Before the timer
+# starts, `sync -f` settles the filesystem (the removed destination image, the source's writes when
+# they share it), as the stream starts right after the cut-over's flush of the destination.
+rbd_export_timed() {
+    local snap=$1 file=$2 log=$3 t0 t1 t2 got
+    rm -f "$file"
+    sync -f "$(dirname "$file")" || true
+    t0=$(now)
+    timeout -k 10 900 rbd -c "$CONF" export --no-progress "$snap" "$file" >"$log" 2>&1 || {
+        rm -f "$file"
+        die "rbd export $snap failed: $(tail -n 5 "$log")"
+    }
+    t1=$(now)
+    sync --data "$file" || { rm -f "$file"; die "sync --data $file failed"; }
+    t2=$(now)
+    got=$(stat -c %s "$file")
+    rm -f "$file"
+    ((got == SIZE_B)) || die "rbd export of $snap wrote $got bytes, not $SIZE_B"
+    awk -v a="$t0" -v b="$t1" -v c="$t2" 'BEGIN {printf "%.3f %.3f\n", c - a, c - b}'
+}
+
 run_round() {
     local round=$1 csv=$2 prev=0 level=0 d
     local src="$BIG/r$round-src" img="backup/mig-$$-r$round"
@@ -475,7 +552,7 @@ run_round() {
         local order="full incremental"
         (((round + level) % 2)) || order="incremental full"
         for mode in $order; do
-            local dst="$BIG/$tag-$mode-dst"
+            local dst="$DEST/$tag-$mode-dst"
             start_agent "$dst"
             TCP_DST=$TCP
             if [[ $mode == full ]]; then
@@ -486,7 +563,7 @@ run_round() {
             else
                 inc_r=$(run_incremental "$src" "$dst" "$tag")
                 log "  incremental: sent/mirror ms/downtime ms/wall s/seeded/passes/stream job = ${inc_r% *}"
-                local stream_job t_mig stream_r="- - -" bench16="-" bench1="-" bench64k="-"
+                local stream_job t_mig stream_r="- - -" bench16="-" bench1="-" bench64k="-" parent="" export_r="- -"
                 read -r _ _ _ _ _ _ stream_job t_mig <<<"$inc_r"
                 if [[ $STREAM == 1 && $stream_job != none ]]; then
                     local sj t_end
@@ -495,6 +572,13 @@ run_round() {
                     printf '%s\n' "$sj" >"$WORK/out/$tag-stream.json"
                     [[ $(jq -r .result <<<"$sj") == success ]] || die "stream failed: $sj"
                     stream_r="$(jq -r '.summary.bytes_copied' <<<"$sj") $(awk -v a="$t_mig" -v b="$t_end" 'BEGIN {printf "%.3f", b - a}') $(jq -r .bytes_total <<<"$sj")"
+                    parent=$(jq -r '.summary.parent // ""' <<<"$sj")
+                    if [[ -z $parent ]]; then
+                        log "  stream $stream_job had no parent: no rbd export"
+                    else
+                        [[ $parent == rbd:*@* ]] || die "stream $stream_job: parent '$parent' is not an RBD snapshot: $sj"
+                        parent=${parent#rbd:}
+                    fi
                     log "  stream:      bytes copied/s/disk = $stream_r"
                     bench16=$(rbd_bench_read "$img" 16 $((4 << 20)) "$SIZE_B" "$WORK/out/$tag-rbdbench16.txt")
                     bench1=$(rbd_bench_read "$img" 1 $((4 << 20)) "$SIZE_B" "$WORK/out/$tag-rbdbench1.txt")
@@ -504,7 +588,12 @@ run_round() {
                 fi
                 stop_agent "$dst"
                 discard_dir "$dst"
-                inc_r="${inc_r% * *} $stream_r $bench16 $bench1 $bench64k"
+                if [[ -n $parent ]]; then
+                    # The fair peer, after the destination is gone (one $SIZE copy on DEST at a time).
+                    export_r=$(rbd_export_timed "$parent" "$DEST/$tag-rbd-export.raw" "$WORK/out/$tag-rbd-export.txt")
+                    log "  rbd export + fdatasync: $(awk -v s="$SIZE_B" -v t="${export_r% *}" 'BEGIN {printf "%.1f", s / 1048576 / t}') MiB/s (s total/of which fdatasync = $export_r)"
+                fi
+                inc_r="${inc_r% * *} $stream_r $bench16 $bench1 $bench64k $export_r"
             fi
         done
         echo "$round,$d,$dbytes,$SIZE_B,${full_r// /,},${inc_r// /,},$(cut -d' ' -f1 /proc/loadavg)" >>"$csv"
@@ -598,14 +687,14 @@ EOF
 # --- report --------------------------------------------------------------------------------
 
 header() {
-    echo "# Migration benchmark: incremental vs full mirror, cut-over downtime, stream vs rbd bench"
+    echo "# Migration benchmark: incremental vs full mirror, cut-over downtime, stream vs rbd bench and rbd export"
     echo
-    echo "- command: \`$ORIG_CMDLINE\` (ROUNDS=$ROUNDS SIZE=$SIZE DIRTY=\"$DIRTY\" CUTOVERS=$CUTOVERS DT_SIZE=$DT_SIZE DT_WARMUP=$DT_WARMUP DT_QD=$DT_QD STREAM=$STREAM SEED=$SEED IMAGES_PARENT=$IMAGES_PARENT WORK_PARENT=$WORK_PARENT)"
+    echo "- command: \`$ORIG_CMDLINE\` (ROUNDS=$ROUNDS SIZE=$SIZE DIRTY=\"$DIRTY\" CUTOVERS=$CUTOVERS DT_SIZE=$DT_SIZE DT_WARMUP=$DT_WARMUP DT_QD=$DT_QD STREAM=$STREAM SEED=$SEED IMAGES_PARENT=$IMAGES_PARENT DEST_DIR=$DEST_DIR WORK_PARENT=$WORK_PARENT)"
     echo "- date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
     echo "- host: $(uname -srm), $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')), $(awk '$1 == "MemTotal:" {printf "%.1f GiB RAM", $2 / 1048576}' /proc/meminfo), load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
     echo "- rbdsync: $("$BIN" --version 2>/dev/null | head -n1) ($RBDSYNC, $(date -r "$RBDSYNC" -u '+built %Y-%m-%d %H:%M UTC'), sha256 $(sha256sum "$BIN" | cut -c1-16); git $(git -C "$REPO_DIR" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$REPO_DIR" status --porcelain -- agent proto 2>/dev/null | grep -q . && echo ', agent/ or proto/ differ from HEAD'))"
     echo "- ceph: $(rbd --version | head -n1); a throw-away cluster per part (deploy/dev/ceph-cluster.sh: 1 mon + 1 memstore OSD, size-1 pools, 127.0.0.1); fio: $(fio --version)"
-    echo "- agents: source and destination are separate processes (own state dirs, NBD on 127.0.0.1:0 and a Unix socket); the mirror goes over TCP loopback; \`file:\` images of part 1 on $IMAGES_PARENT ($(stat -f -c %T "$IMAGES_PARENT")), of the cut-overs on $WORK_PARENT ($(stat -f -c %T "$WORK_PARENT"))"
+    echo "- agents: source and destination are separate processes (own state dirs, NBD on 127.0.0.1:0 and a Unix socket); the mirror goes over TCP loopback; \`file:\` images of part 1 on $IMAGES_PARENT ($(stat -f -c %T "$IMAGES_PARENT")), part 1's destinations and \`rbd export\` files on ${DEST_DIR:-$IMAGES_PARENT} ($(stat -f -c %T "$(dest_fs)")), of the cut-overs on $WORK_PARENT ($(stat -f -c %T "$WORK_PARENT"))"
 }
 
 report_part1() {
@@ -649,11 +738,14 @@ print("- downtime inc / full: the mirrors' `downtime_ms` without any guest load:
       "the bytes written since the last writeback.")
 if any(r["stream_s"] not in ("-", "") for r in rows):
     print()
-    print("### Stream on the destination vs rbd bench sequential read (4M)")
+    print("### Stream on the destination vs rbd bench sequential read (4M) and rbd export + fdatasync")
     print()
-    print("| dirty | stream copied | stream time | stream MiB/s | rbd bench 4M, 16 threads | stream / rbd bench 16 | rbd bench 4M, 1 thread | stream / rbd bench 1 | per round (vs 16) | rbd bench 64K, 1 thread |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|")
+    print("| dirty | stream copied | stream time | stream MiB/s | rbd export + fdatasync MiB/s | stream / rbd export "
+          "| per round (vs export) | rbd bench 4M, 16 threads | stream / rbd bench 16 | rbd bench 4M, 1 thread "
+          "| stream / rbd bench 1 | per round (vs 16) | rbd bench 64K, 1 thread | rbd export time (of which fdatasync) |")
+    print("|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---|---:|---:|")
     misses = []
+    size = f(rows[0], "size")
     for lv in levels:
         rs = [r for r in rows if r["dirty_pct"] == lv and r["stream_s"] not in ("-", "")]
         if not rs:
@@ -663,18 +755,34 @@ if any(r["stream_s"] not in ("-", "") for r in rows):
         per = [rate(r) / f(r, "rbd_bench16") for r in rs]
         if s / b16 < 0.9:
             misses.append(f"{lv}% ({s / b16:.2f}x)")
+        xs = [r for r in rs if r.get("rbd_export_s") not in (None, "-", "")]
+        if xs:
+            xrate = lambda r: f(r, "size") / MiB / f(r, "rbd_export_s")
+            x = med([xrate(r) for r in xs])
+            xcells = (f"{x:,.0f} | {s / x:.2f} | {', '.join(f'{rate(r) / xrate(r):.2f}' for r in xs)}",
+                      f"{med([f(r, 'rbd_export_s') for r in xs]):.2f} s ({med([f(r, 'rbd_export_sync_s') for r in xs]):.2f} s)")
+        else:
+            xcells = ("- | - | -", "-")
         print(f"| {lv}% | {med([f(r, 'stream_copied') for r in rs]) / MiB:,.0f} MiB | {med([f(r, 'stream_s') for r in rs]):.2f} s "
-              f"| {s:,.0f} | {b16:,.0f} | {s / b16:.2f} | {b1:,.0f} | {s / b1:.2f} | {', '.join(f'{x:.2f}' for x in per)} "
-              f"| {med([f(r, 'rbd_bench64k_1') for r in rs]):,.0f} |")
+              f"| {s:,.0f} | {xcells[0]} | {b16:,.0f} | {s / b16:.2f} | {b1:,.0f} | {s / b1:.2f} | {', '.join(f'{x:.2f}' for x in per)} "
+              f"| {med([f(r, 'rbd_bench64k_1') for r in rs]):,.0f} | {xcells[1]} |")
     print()
-    print("- stream: the stream job `migrate` started on the destination (4 MiB chunks, one at a time, from the RBD backup "
-          "into the `file:` image, then detach), timed from `migrate`'s return to the job's conclusion (50 ms polls); "
+    print("- stream: the stream job `migrate` started on the destination (4 MiB chunks, 8 in flight, one parent read "
+          "each, from the RBD backup into the `file:` image, then detach), timed from `migrate`'s return to the job's conclusion (50 ms polls); "
           "MiB/s = `bytes_copied` (the regions not yet written by the mirror) / time. rbd bench: "
           "`rbd bench --io-type read --io-pattern seq --io-size 4M --io-total SIZE` on the backup image right after; "
-          "the last column (64 KiB reads, one at a time, at most 1 GiB) is the stream's own access pattern "
-          "(the `file:` layer copies up one 64 KiB granule per synchronous parent read), for diagnosis only.")
+          "the 64K column (64 KiB reads, one at a time, at most 1 GiB) is the copy-up pattern of an earlier "
+          "version of the stream (one synchronous parent read per 64 KiB granule), kept for comparison only.")
+    print(f"- rbd export (the fair peer: it reads the backup and writes a local file as the stream does): "
+          f"`rbd export POOL/IMAGE@SNAP FILE` of the stream's parent snapshot ({size / MiB:,.0f} MiB, rbd's default "
+          "`rbd_concurrent_management_ops` reads in flight) to a file on the destination's filesystem, then "
+          "`sync --data FILE` (fdatasync), timed together from a settled filesystem (`sync -f` before), after the "
+          "destination agent is stopped and its image deleted; MiB/s = image size / that time. Both figures include "
+          "making the data durable: the stream's job concludes after its detach, which fdatasyncs the image (and "
+          "writes the owned map, the sidecar and the hold release, small); rbd bench includes no write at all.")
     print(f"- goal (stream >= 0.9x rbd bench sequential read, rbd bench's default 16 threads): "
-          + (f"**NOT met** on {', '.join(misses)}" if misses else "met"))
+          + (f"**NOT met** on {', '.join(misses)}" if misses else "met")
+          + "; stream / rbd export is the like-for-like ratio (no goal set here).")
 print()
 loads = [float(r["load1"]) for r in rows]
 print(f"- {len(set(r['round'] for r in rows))} round(s); each cell the median. 1-minute load average after each level: "
@@ -748,6 +856,14 @@ main() {
     trap 'exit 143' TERM
     WORK=$(mktemp -d "$WORK_PARENT/rbdsync-migrate-bench.XXXXXX")
     BIG=$(mktemp -d "$IMAGES_PARENT/rbdsync-migrate-bench-images.XXXXXX")
+    DEST=$BIG
+    if [[ -n $DEST_DIR ]]; then
+        if [[ ! -d $DEST_DIR ]]; then
+            mkdir "$DEST_DIR" || die "cannot create DEST_DIR=$DEST_DIR"
+            DEST_MADE=1
+        fi
+        DEST=$(mktemp -d "$DEST_DIR/rbdsync-migrate-bench-dest.XXXXXX")
+    fi
     mkdir -p "$WORK/out" "$RESULTS_DIR"
     BIN="$WORK/agent-under-test"
     cp "$RBDSYNC" "$BIN"
@@ -758,7 +874,7 @@ main() {
     echo
 
     local csv1="$WORK/part1.csv" csv2="$WORK/cutover.csv" round
-    echo "round,dirty_pct,dirty_bytes,size,full_sent,full_mirror_ms,full_downtime_ms,full_wall_s,inc_sent,inc_mirror_ms,inc_downtime_ms,inc_wall_s,inc_seeded,inc_passes,stream_copied,stream_s,stream_total,rbd_bench16,rbd_bench1,rbd_bench64k_1,load1" >"$csv1"
+    echo "round,dirty_pct,dirty_bytes,size,full_sent,full_mirror_ms,full_downtime_ms,full_wall_s,inc_sent,inc_mirror_ms,inc_downtime_ms,inc_wall_s,inc_seeded,inc_passes,stream_copied,stream_s,stream_total,rbd_bench16,rbd_bench1,rbd_bench64k_1,rbd_export_s,rbd_export_sync_s,load1" >"$csv1"
     echo "cutover,downtime_ms,drain_ms,bytes_sent,initial_dirty,passes,switched_after_pass,mirror_ms,migrate_ms,fio_max_lat_ms,fio_p99_ms,fio_iops,fio_error,gap_ms,load1" >"$csv2"
     local rss1="-" rss2="-" start part1_s="-" part2_s="-"
     if ((ROUNDS > 0)); then
