@@ -78,23 +78,25 @@ unsafe extern "C" fn complete<B>(c: sys::rbd_completion_t, arg: *mut c_void) {
     inflight.leave();
 }
 
-/// Submits one request now: `start(completion, buffer)` issues the librbd
-/// call for the buffer at its final place. The returned receiver yields the
+/// Submits one request now: `start(completion)` issues the librbd call,
+/// with pointers into `buffer`'s heap storage taken before the call (the
+/// storage does not move when `buffer` moves into the request; the
+/// callback may even run before `start` returns). The returned receiver yields the
 /// result code and the buffer once librbd completed the request; it holds
 /// nothing of the image (which [`InFlight`] keeps open meanwhile).
 ///
 /// # Safety
 /// `start` must issue exactly one `rbd_aio_*` call on a live image with the
-/// given completion and return its result; any pointer it passes into the
-/// buffer must stay within `B`'s heap allocation (which does not move).
+/// given completion and return its result; any pointer it passes must lie
+/// within `buffer`'s heap storage (which the request keeps alive and in
+/// place until the callback).
 pub(super) unsafe fn submit<B: Send + 'static>(
     inflight: &Arc<InFlight>,
     buffer: B,
-    start: impl FnOnce(sys::rbd_completion_t, &B) -> std::ffi::c_int,
+    start: impl FnOnce(sys::rbd_completion_t) -> std::ffi::c_int,
 ) -> Receiver<B> {
     let (done, result) = oneshot::channel();
     let pending = Box::new(Pending { buffer, done, inflight: inflight.enter() });
-    let buffer_ref: *const B = &pending.buffer;
     let arg = Box::into_raw(pending).cast::<c_void>();
     let mut c: sys::rbd_completion_t = ptr::null_mut();
     // SAFETY: `arg` is a valid pointer that the callback reclaims; `complete::<B>` matches `rbd_callback_t`.
@@ -106,9 +108,8 @@ pub(super) unsafe fn submit<B: Send + 'static>(
         let _ = pending.done.send((isize::try_from(rc).unwrap_or(-5), pending.buffer));
         return result;
     }
-    // SAFETY: the box is alive until the callback runs, which cannot happen before `start` issued the call.
-    // `start` only reads the buffer's heap pointer, which stays valid while the `Pending` lives.
-    let rc = start(c, unsafe { &*buffer_ref });
+    // From here on the callback owns the `Pending`; nothing here touches it again.
+    let rc = start(c);
     if rc < 0 {
         // librbd (16.x) never fails a submission; should it, whether the callback still runs is not
         // specified, so the `Pending` (and the buffer librbd might still use) is deliberately leaked

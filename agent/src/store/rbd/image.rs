@@ -142,7 +142,7 @@ impl Image {
         // `ptr..ptr+len` is spare capacity of `buf`'s heap allocation, which moves into the request
         // unchanged and lives until the callback.
         let request =
-            unsafe { aio::submit(&self.inflight, buf, |c, _| sys::rbd_aio_read(handle, offset, len, ptr.cast(), c)) };
+            unsafe { aio::submit(&self.inflight, buf, |c| sys::rbd_aio_read(handle, offset, len, ptr.cast(), c)) };
         let spec = self.spec.clone();
         async move {
             let (n, mut buf) = aio::finish(request, "rbd_aio_read", spec).await?;
@@ -160,12 +160,11 @@ impl Image {
         data: Bytes,
         offset: u64,
     ) -> impl Future<Output = Result<(), StoreError>> + Send + 'static {
-        let (len, handle) = (data.len(), self.handle);
+        let (len, ptr, handle) = (data.len(), data.as_ptr(), self.handle);
         // SAFETY: one rbd_aio_write on this open image (kept open by `inflight` until the callback); the
         // request owns `data`, whose bytes stay at their address while it lives.
-        let request = unsafe {
-            aio::submit(&self.inflight, data, |c, d| sys::rbd_aio_write(handle, offset, len, d.as_ptr().cast(), c))
-        };
+        let request =
+            unsafe { aio::submit(&self.inflight, data, |c| sys::rbd_aio_write(handle, offset, len, ptr.cast(), c)) };
         let spec = self.spec.clone();
         // Unlike `rbd_write`, a completed aio write reports 0, not the byte count.
         async move { aio::finish(request, "rbd_aio_write", spec).await.map(drop) }
@@ -175,7 +174,7 @@ impl Image {
     pub(super) fn aio_flush(&self) -> impl Future<Output = Result<(), StoreError>> + Send + 'static {
         let handle = self.handle;
         // SAFETY: one rbd_aio_flush on this open image (kept open by `inflight` until the callback).
-        let request = unsafe { aio::submit(&self.inflight, (), |c, ()| sys::rbd_aio_flush(handle, c)) };
+        let request = unsafe { aio::submit(&self.inflight, (), |c| sys::rbd_aio_flush(handle, c)) };
         let spec = self.spec.clone();
         async move { aio::finish(request, "rbd_aio_flush", spec).await.map(drop) }
     }
