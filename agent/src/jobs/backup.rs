@@ -445,9 +445,9 @@ async fn copy_chunk_async(
             written += (end - at) as u64;
         } else if !fresh {
             let t = target.clone();
-            tokio::task::spawn_blocking(move || t.write_zeroes(pos, (end - at) as u64, true))
-                .await
-                .map_err(|e| StoreError::Io { op: "backup zero", offset: pos, source: std::io::Error::other(e.to_string()) })??;
+            tokio::task::spawn_blocking(move || t.write_zeroes(pos, (end - at) as u64, true)).await.map_err(
+                |e| StoreError::Io { op: "backup zero", offset: pos, source: std::io::Error::other(e.to_string()) },
+            )??;
         }
     }
     pit.release(offset, length);
