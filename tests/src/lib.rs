@@ -332,6 +332,19 @@ impl Rng {
     }
 }
 
+/// qemu-io on `uri` (raw) with one `-c` per command; fails if qemu-io
+/// failed or reported a failed command or pattern verification.
+pub fn qemu_io(uri: &str, cmds: &[&str]) -> Result<String> {
+    let mut args = vec!["-f", "raw"];
+    for c in cmds {
+        args.extend(["-c", c]);
+    }
+    args.push(uri);
+    let out = stdout("qemu-io", &args)?;
+    anyhow::ensure!(!out.contains("Pattern verification failed") && !out.contains("failed:"), "qemu-io: {out}");
+    Ok(out)
+}
+
 /// The extents of metadata context `context` of the export at `uri`, as
 /// `nbdinfo --map=CONTEXT --json` reports them: `(offset, length, type)`,
 /// with neighbours of equal type merged (servers split runs differently).

@@ -1,18 +1,7 @@
 //! The NBD export driven by the real clients users run: qemu-io, qemu-img,
 //! nbdinfo, nbdcopy and nbdsh (libnbd), over TCP and Unix sockets.
 
-use tests::{nbdsh, run, stdout, AgentBuilder, Rng};
-
-fn qemu_io(uri: &str, cmds: &[&str]) -> anyhow::Result<String> {
-    let mut args = vec!["-f", "raw"];
-    for c in cmds {
-        args.extend(["-c", c]);
-    }
-    args.push(uri);
-    let out = stdout("qemu-io", &args)?;
-    anyhow::ensure!(!out.contains("Pattern verification failed") && !out.contains("failed:"), "qemu-io: {out}");
-    Ok(out)
-}
+use tests::{nbdsh, qemu_io, run, stdout, AgentBuilder, Rng};
 
 #[test]
 fn qemu_io_patterns_round_trip_over_tcp_and_unix() {

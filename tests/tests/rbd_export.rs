@@ -14,20 +14,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use tests::ceph::{ceph_shared, TestCeph};
-use tests::{map_extents, run, stdout, Agent, AgentBuilder, Rng};
+use tests::{map_extents, qemu_io, run, stdout, Agent, AgentBuilder, Rng};
 
 const MIB: u64 = 1 << 20;
-
-fn qemu_io(uri: &str, cmds: &[&str]) -> anyhow::Result<String> {
-    let mut args = vec!["-f", "raw"];
-    for c in cmds {
-        args.extend(["-c", c]);
-    }
-    args.push(uri);
-    let out = stdout("qemu-io", &args)?;
-    anyhow::ensure!(!out.contains("Pattern verification failed") && !out.contains("failed:"), "qemu-io: {out}");
-    Ok(out)
-}
 
 /// VM `vm1` with one disk on `rbd:IMAGE` and a 64 KiB bitmap `b`.
 fn vm_yaml(image: &str, size: &str, intent_region: Option<&str>) -> String {
