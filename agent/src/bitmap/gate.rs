@@ -55,7 +55,24 @@ impl Gate {
     }
 
     /// Holds the gate exclusively, once every shared holder left.
+    ///
+    /// An asynchronous write leaves only when its task is polled after
+    /// librbd's callback, so on a tokio worker the wait hands the worker's
+    /// other tasks to another thread first (`block_in_place`): otherwise a
+    /// hand-off on the only free worker would wait forever for a task that
+    /// needs that worker.
     pub fn exclusive(&self) -> Exclusive<'_> {
+        let on_current_thread_runtime = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread);
+        if on_current_thread_runtime {
+            self.wait_exclusive()
+        } else {
+            // Outside a runtime, or on a blocking thread, this runs the closure directly.
+            tokio::task::block_in_place(|| self.wait_exclusive())
+        }
+    }
+
+    fn wait_exclusive(&self) -> Exclusive<'_> {
         let mut s = self.lock();
         s.waiting += 1;
         while s.exclusive || s.shared > 0 {
@@ -118,6 +135,44 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
     use std::time::Duration;
+
+    /// The deadlock this guards against: a runtime with one worker, a task
+    /// holding the gate shared until it is polled again, and a hand-off on
+    /// that worker. Without `block_in_place` the worker (and the timer it
+    /// drives) stays blocked; a watchdog thread then aborts the test binary.
+    #[test]
+    fn a_hand_off_on_the_only_worker_lets_the_holding_task_run() {
+        let finished = Arc::new(AtomicBool::new(false));
+        let watch = finished.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(30));
+            if !watch.load(SeqCst) {
+                eprintln!("deadlock: the hand-off still waits for a task that needs its worker");
+                std::process::abort();
+            }
+        });
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_time().build().unwrap();
+        let done = runtime.block_on(async {
+            let gate = Arc::new(Gate::default());
+            let hold = gate.try_shared_owned().expect("free gate");
+            let holder = tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                drop(hold);
+            });
+            let handoff = {
+                let gate = gate.clone();
+                tokio::spawn(async move {
+                    let _x = gate.exclusive();
+                    true
+                })
+            };
+            let done = tokio::time::timeout(Duration::from_secs(10), handoff).await;
+            holder.await.unwrap();
+            done
+        });
+        finished.store(true, SeqCst);
+        assert!(matches!(done, Ok(Ok(true))), "the hand-off never got the gate: {done:?}");
+    }
 
     #[test]
     fn exclusive_waits_for_shared_holders_and_blocks_new_ones() {
