@@ -45,8 +45,13 @@ fn rbd_disk_round_trips_with_qemu_io_qemu_img_and_nbdcopy() {
     let _ceph = ceph_shared();
     let rbd = TestCeph::new("nbd");
     let image = rbd.image("disk");
-    let agent =
-        AgentBuilder::new().extra(&rbd.agent_yaml()).vm("vm1", &vm_yaml(&image, "64MiB", None)).start().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).unwrap().port();
+    let metrics = format!("metrics: {{listen: \"127.0.0.1:{port}\"}}\n");
+    let agent = AgentBuilder::new()
+        .extra(&format!("{}{metrics}", rbd.agent_yaml()))
+        .vm("vm1", &vm_yaml(&image, "64MiB", None))
+        .start()
+        .unwrap();
     assert_eq!(rbd.size(&image), 64 * MIB, "the agent creates the missing image at the configured size");
     let (tcp, unix) = (agent.tcp_uri("vm1/disk0"), agent.unix_uri("vm1/disk0"));
 
@@ -96,6 +101,12 @@ fn rbd_disk_round_trips_with_qemu_io_qemu_img_and_nbdcopy() {
     assert!(ceph_content(&rbd, &image, agent.dir()) == data, "rbd export differs from what nbdcopy wrote");
     // Every granule was written: the bitmap says so.
     assert_eq!(dirty(&agent), vec![(0, 64 * MIB)]);
+    // Requests on the asynchronous path and those that fell back to the blocking one are counted
+    // once each: nothing is left "in flight" once the clients are done.
+    let body = stdout("curl", &["-sS", &format!("http://127.0.0.1:{port}/metrics")]).unwrap();
+    let inflight: Vec<&str> =
+        body.lines().filter(|l| l.contains("nbd_inflight_requests{") && l.contains("vm1/disk0")).collect();
+    assert!(!inflight.is_empty() && inflight.iter().all(|l| l.ends_with(" 0")), "{inflight:?}\n{body}");
 }
 
 /// Writes that take the asynchronous path still mark bitmaps durably: exact
