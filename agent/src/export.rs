@@ -277,13 +277,15 @@ impl Export {
             return None;
         }
         let write = aio.write(data, offset);
-        let flush = fua.then(|| aio.flush());
+        let me = self.clone();
         Some(async move {
             let result = write.await;
             drop((section, entered));
             result?;
-            if let Some(flush) = flush {
-                flush.await?;
+            // FUA: a flush submitted after the write completed (not alongside it), so it covers the
+            // write whatever cache librbd runs with (pool or image settings can turn one back on).
+            if let Some(aio) = me.store.async_io().filter(|_| fua) {
+                aio.flush().await?;
             }
             Ok(())
         })
