@@ -74,7 +74,14 @@ pub async fn run(
             continue;
         }
         let Some(done) = running.join_next().await else { break };
-        match done.map_err(|e| JobError::Failed(e.to_string()))? {
+        let done = match done {
+            Ok(done) => done,
+            Err(e) => {
+                failed = Some(JobError::Failed(e.to_string()));
+                break;
+            }
+        };
+        match done {
             (_, n, Ok(bytes)) => {
                 copied += bytes;
                 job.progress(n);
