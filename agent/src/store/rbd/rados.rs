@@ -69,7 +69,10 @@ impl Cluster {
         // that the request owns until librbd calls back, and librbd calls
         // back only after it released the buffer. Synchronous writes copy
         // either way.
-        cluster.set("rbd_disable_zero_copy_writes", "false")?;
+        // An option older librbd lacks: without it writes are copied, as before.
+        if let Err(e) = cluster.set("rbd_disable_zero_copy_writes", "false") {
+            tracing::debug!(error = %e, "librbd has no rbd_disable_zero_copy_writes; aio writes are copied");
+        }
         // SAFETY: the handle is valid and configured, and not yet connected.
         let rc = unsafe { sys::rados_connect(cluster.handle) };
         if rc < 0 {
