@@ -114,24 +114,7 @@ load1() {
     cut -d' ' -f1 /proc/loadavg
 }
 
-# --- cleanup -------------------------------------------------------------------------------
-
-stop_pid() {
-    local pid=$1 what=$2 i
-    [[ -n $pid ]] || return 0
-    if kill -0 "$pid" 2>/dev/null; then
-        kill -TERM "$pid" 2>/dev/null || true
-        for ((i = 0; i < 100; i++)); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        if kill -0 "$pid" 2>/dev/null; then
-            echo "backup.sh: $what (pid $pid) ignored SIGTERM for 10 s; sending SIGKILL" >&2
-            kill -KILL "$pid" 2>/dev/null || true
-        fi
-    fi
-    wait "$pid" 2>/dev/null || true
-}
+# --- cleanup (stop_pid: lib.sh) ------------------------------------------------------------
 
 remove_image() {
     local image=$1 keep=() i

@@ -100,21 +100,8 @@ log() {
 
 stop_agent() {
     local pid=$AGENT_PID
-    [[ -n $pid ]] || return 0
     AGENT_PID=""
-    if kill -0 "$pid" 2>/dev/null; then
-        kill -TERM "$pid" 2>/dev/null || true
-        local i
-        for ((i = 0; i < 100; i++)); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        if kill -0 "$pid" 2>/dev/null; then
-            echo "bitmap-overhead.sh: agent (pid $pid) ignored SIGTERM for 10 s; sending SIGKILL" >&2
-            kill -KILL "$pid" 2>/dev/null || true
-        fi
-    fi
-    wait "$pid" 2>/dev/null || true
+    stop_pid "$pid" agent
 }
 
 cleanup() {

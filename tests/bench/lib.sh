@@ -21,3 +21,22 @@ bytes() {
     esac
     echo $((n * mult))
 }
+
+# stop_pid PID WHAT [TENTHS]: SIGTERM to PID (if set and alive), SIGKILL after TENTHS tenths of
+# a second (default 100) if it is still there, then reaps it. Only PIDs the script started.
+stop_pid() {
+    local pid=$1 what=$2 tenths=${3:-100} i
+    [[ -n $pid ]] || return 0
+    if kill -0 "$pid" 2>/dev/null; then
+        kill -TERM "$pid" 2>/dev/null || true
+        for ((i = 0; i < tenths; i++)); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        if kill -0 "$pid" 2>/dev/null; then
+            echo "${0##*/}: $what (pid $pid) ignored SIGTERM for $((tenths / 10)) s; sending SIGKILL" >&2
+            kill -KILL "$pid" 2>/dev/null || true
+        fi
+    fi
+    wait "$pid" 2>/dev/null || true
+}

@@ -121,23 +121,7 @@ now() { date +%s.%N; }
 
 rbd_() { timeout -k 10 120 rbd -c "$CONF" "$@"; }
 
-# --- cleanup -------------------------------------------------------------------------------
-
-stop_pid() {
-    local pid=$1 what=$2 i
-    if kill -0 "$pid" 2>/dev/null; then
-        kill -TERM "$pid" 2>/dev/null || true
-        for ((i = 0; i < 100; i++)); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        if kill -0 "$pid" 2>/dev/null; then
-            echo "migrate.sh: $what (pid $pid) ignored SIGTERM for 10 s; sending SIGKILL" >&2
-            kill -KILL "$pid" 2>/dev/null || true
-        fi
-    fi
-    wait "$pid" 2>/dev/null || true
-}
+# --- cleanup (stop_pid: lib.sh) ------------------------------------------------------------
 
 # stop_agent DIR: stops the agent running on DIR (if this script started one there).
 stop_agent() {

@@ -65,21 +65,8 @@ log() {
 
 stop_server() {
     local pid=$SERVER_PID
-    [[ -n $pid ]] || return 0
     SERVER_PID=""
-    if kill -0 "$pid" 2>/dev/null; then
-        kill -TERM "$pid" 2>/dev/null || true
-        local i
-        for ((i = 0; i < 50; i++)); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        if kill -0 "$pid" 2>/dev/null; then
-            echo "nbd-export.sh: $SERVER_NAME (pid $pid) ignored SIGTERM for 5 s; sending SIGKILL" >&2
-            kill -KILL "$pid" 2>/dev/null || true
-        fi
-    fi
-    wait "$pid" 2>/dev/null || true
+    stop_pid "$pid" "$SERVER_NAME" 50
 }
 
 cleanup() {
