@@ -114,21 +114,6 @@ check_params() {
     done
 }
 
-# Prints SIZE in bytes.
-size_bytes() {
-    local n unit mult
-    [[ $SIZE =~ ^([0-9]+)([KMGT]?)(iB)?$ ]] || die "SIZE: bad size '$SIZE' (e.g. 1GiB, 512MiB, 1073741824)"
-    n=${BASH_REMATCH[1]}
-    unit=${BASH_REMATCH[2]}
-    case $unit in
-        "") mult=1 ;;
-        K) mult=1024 ;;
-        M) mult=$((1024 ** 2)) ;;
-        G) mult=$((1024 ** 3)) ;;
-        T) mult=$((1024 ** 4)) ;;
-    esac
-    echo $((n * mult))
-}
 
 ensure_rbdsync() {
     if [[ ! -x $RBDSYNC ]]; then
@@ -412,7 +397,7 @@ main() {
     check_params
     check_tools
     local bytes
-    bytes=$(size_bytes)
+    bytes=$(bytes "$SIZE" SIZE)
     ((bytes > 0 && bytes % (1 << 20) == 0)) || die "SIZE must be a positive multiple of 1 MiB (got $SIZE = $bytes bytes)"
     [[ -d /dev/shm ]] || die "/dev/shm (tmpfs) is missing"
     local avail
