@@ -143,41 +143,47 @@ impl Session {
     pub fn start_async(self: &Arc<Self>, req: &Request, payload: &Bytes) -> Option<AsyncReply> {
         let aio = self.export.store().async_io()?;
         let (me, req) = (self.clone(), *req);
-        // Every `None` comes before the metrics count the request (`execute` counts it then).
-        let reply: AsyncReply = match req.command {
+        // Every `None` comes before `counted`, which starts the request's metrics.
+        match req.command {
             Command::Read => {
                 let header = if self.structured { OFFSET_DATA_HEADER_LEN } else { SIMPLE_REPLY_LEN };
                 let len = usize::try_from(req.length).ok()?;
                 let mut buf = Vec::with_capacity(header + len);
                 buf.resize(header, 0);
                 let read = aio.read(buf, len, req.offset);
-                let me = me.clone();
-                Box::pin(async move {
+                Some(self.counted(req, async move {
                     match read.await {
                         Ok(out) => me.read_reply(&req, out),
                         Err(e) => me.store_error(&req, &e),
                     }
-                })
+                }))
             }
             Command::Write => {
                 let write = self.export.try_write_async(payload.clone(), req.offset, req.has_flag(cmd_flags::FUA))?;
-                let me = me.clone();
-                Box::pin(async move { me.status_reply(&req, write.await) })
+                Some(self.counted(req, async move { me.status_reply(&req, write.await) }))
             }
             Command::Flush => {
                 let flush = aio.flush();
-                let me = me.clone();
-                Box::pin(async move { me.status_reply(&req, flush.await.map_err(ExportError::from)) })
+                Some(self.counted(req, async move { me.status_reply(&req, flush.await.map_err(ExportError::from)) }))
             }
-            _ => return None,
-        };
-        let started = self.metrics.start();
-        Some(Box::pin(async move {
+            _ => None,
+        }
+    }
+
+    /// `reply` as an [`AsyncReply`] that records the request's metrics
+    /// (counted in flight from now until the reply is ready).
+    fn counted(
+        self: &Arc<Self>,
+        req: Request,
+        reply: impl std::future::Future<Output = Vec<u8>> + Send + 'static,
+    ) -> AsyncReply {
+        let (me, started) = (self.clone(), self.metrics.start());
+        Box::pin(async move {
             let reply = reply.await;
             let bytes = if matches!(req.command, Command::Read | Command::Write) { u64::from(req.length) } else { 0 };
             me.metrics.done(op_index(req.command), bytes, reply_ok(&reply), started);
             reply
-        }))
+        })
     }
 
     /// Whether `req` may run on the connection's own task: a page-cache
