@@ -295,3 +295,22 @@ fn layered_file_child_survives_reopen_after_flush() {
     assert_eq!(read(child.as_ref(), 0, 1 << 20), expect);
     assert_eq!(child.parent().unwrap(), Some(base));
 }
+
+#[test]
+fn layered_file_child_with_a_bad_granularity_is_corrupt() {
+    let f = file_fixture();
+    make_parent(&f, "p");
+    let base = (f.name)("p").with_snap(Some("base"));
+    drop(f.stores.clone_image(&base, &(f.name)("c")).unwrap());
+    let ImageUri::File { path, .. } = (f.name)("c") else { unreachable!() };
+    let sidecar = super::file::sidecar::path_of(&path);
+    let text = std::fs::read_to_string(&sidecar).unwrap();
+    for bad in ["0", "3000", "256"] {
+        std::fs::write(&sidecar, text.replace("\"granularity\": 65536", &format!("\"granularity\": {bad}"))).unwrap();
+        let opened = f.stores.open(&(f.name)("c"), &OpenOptions::default());
+        assert!(
+            matches!(&opened, Err(StoreError::Corrupt(_, why)) if why.contains("granularity")),
+            "{bad}: {opened:?}"
+        );
+    }
+}

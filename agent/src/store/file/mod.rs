@@ -10,7 +10,7 @@
 //! Semantics match the RBD store so jobs need not care which one they use.
 
 mod layer;
-mod sidecar;
+pub(crate) mod sidecar;
 mod snapshot;
 
 use std::fs::{File, OpenOptions as FsOpenOptions};
@@ -256,6 +256,10 @@ fn open_layer(
     stores: &Arc<Stores>,
 ) -> Result<Layer, StoreError> {
     let uri: ImageUri = parent.parse().map_err(|e: String| StoreError::Corrupt(data.display().to_string(), e))?;
+    if !granularity.is_power_of_two() || granularity < 512 {
+        let why = format!("layer granularity {granularity} is not a power of two of at least 512");
+        return Err(StoreError::Corrupt(data.display().to_string(), why));
+    }
     let parent_store = stores.open(&uri, &OpenOptions { create_size: None, read_only: true })?;
     Layer::open(data, uri, parent_store, size, granularity, create, read_only)
 }
