@@ -35,6 +35,7 @@ pub async fn run(
     params: StreamParams,
     stores: Arc<crate::store::Stores>,
 ) -> Result<Value, JobError> {
+    let started = std::time::Instant::now();
     let store = export.store().clone();
     let parent = {
         let s = store.clone();
@@ -89,7 +90,8 @@ pub async fn run(
             }
             (0, _, Err(StoreError::Unsupported(_))) => {
                 // No chunked copy (RBD clones): nothing was copied; flatten instead.
-                let result = flatten(&job, &export, parent.to_string()).await?;
+                let mut result = flatten(&job, &export, parent.to_string()).await?;
+                result["duration_ms"] = json!(super::millis(started.elapsed()));
                 release_hold(&stores, &parent, params.holder.as_deref()).await;
                 return Ok(result);
             }
@@ -109,7 +111,8 @@ pub async fn run(
         .map_err(|e| JobError::Failed(e.to_string()))?
         .map_err(|e| JobError::from_err("Cannot detach the parent", &e))?;
     release_hold(&stores, &parent, params.holder.as_deref()).await;
-    Ok(json!({ "parent": parent.to_string(), "bytes_copied": copied, "detached": true }))
+    let duration_ms = super::millis(started.elapsed());
+    Ok(json!({ "parent": parent.to_string(), "bytes_copied": copied, "detached": true, "duration_ms": duration_ms }))
 }
 
 /// Chunks copied at the same time.
