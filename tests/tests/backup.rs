@@ -1124,3 +1124,30 @@ fn backup_target_that_is_a_served_disk_is_refused() {
     );
     agent.stop().unwrap();
 }
+
+#[test]
+fn a_backup_keeps_fewer_chunks_in_flight_while_the_guest_writes() {
+    let b = AgentBuilder::new();
+    let path = b.dir().join("backups/vm1-disk0.raw");
+    let yaml = vm_yaml("vm1", &[disk_yaml("vm1", "disk0", "64MiB", Some(&format!("file:{}", path.display())), None)]);
+    let mut agent = b.vm("vm1", &yaml).start().unwrap();
+    let disk = "vm1/disk0";
+    // Idle guest: every chunk runs at full parallelism.
+    let idle = backup_ok(&agent, &["backup", disk, "--sync", "full", "--bitmap", "backup", "--wait"]);
+    assert_eq!(u(&idle["summary"]["guest_busy_chunks"]), 0, "no guest write, yet the backup backed off: {idle}");
+    // A writer that keeps writing; the speed limit spreads the 16 chunks over ~4 s, so guest
+    // writes arrive between every two admissions.
+    let writer = Writer::start(agent.socket(), disk, 0xb0c4_0b05, (0, 64 * MIB));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while writer.writes() < 10 {
+        assert!(Instant::now() < deadline, "the writer made no progress");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let args = ["backup", disk, "--sync", "full", "--bitmap", "backup", "--speed", &(16 * MIB).to_string(), "--wait"];
+    let busy = backup_ok(&agent, &args);
+    let writes = writer.stop();
+    let chunks = u(&busy["summary"]["guest_busy_chunks"]);
+    assert!(chunks >= 1, "{writes} guest writes during the backup, yet it never backed off: {busy}");
+    assert!(chunks <= 16, "more chunks than the disk has: {busy}");
+    agent.stop().unwrap();
+}

@@ -17,6 +17,7 @@
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::bitmap::AtomicBits;
@@ -40,6 +41,8 @@ pub struct PointInTime {
     scratch: File,
     scratch_path: PathBuf,
     stripes: Vec<Mutex<()>>,
+    /// Guest writes seen (the job backs off while they come in).
+    guest_writes: AtomicU64,
 }
 
 fn scratch_err(offset: u64) -> impl FnOnce(std::io::Error) -> StoreError {
@@ -73,7 +76,13 @@ impl PointInTime {
             scratch: file,
             scratch_path: scratch.to_owned(),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            guest_writes: AtomicU64::new(0),
         })
+    }
+
+    /// Guest writes the export passed through this view so far.
+    pub fn guest_writes(&self) -> u64 {
+        self.guest_writes.load(Relaxed)
     }
 
     /// A view that preserves every granule.
@@ -184,6 +193,7 @@ impl PointInTime {
 
 impl crate::export::WriteHook for PointInTime {
     fn before_write(&self, offset: u64, length: u64) -> Result<(), StoreError> {
+        self.guest_writes.fetch_add(1, Relaxed);
         PointInTime::before_write(self, offset, length)
     }
 
