@@ -63,6 +63,22 @@ pub fn owned_path(image: &Path) -> PathBuf {
     PathBuf::from(p)
 }
 
+/// What copy-up does with one granule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fill {
+    /// Owned by the child: left alone.
+    Keep,
+    /// Parent data: written.
+    Data,
+    /// All zero in the parent: punched.
+    Zero,
+}
+
+/// Makes `offset..offset+length` of `file` a hole (reads as zeroes).
+fn punch(file: &File, offset: u64, length: u64) -> Result<(), StoreError> {
+    super::fallocate(file, "copy up", libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, length)
+}
+
 /// A stream buffer that goes back to its layer's spares when dropped.
 struct Spare<'a> {
     buf: Vec<u8>,
@@ -263,19 +279,44 @@ impl Layer {
             let buf = Spare { buf, to: &self.spare };
             read?;
             copied += stop - start;
-            // Granules a guest write owned meanwhile keep the guest's data.
-            let mut k = g;
-            while k <= end {
-                let at = k << self.shift;
-                let slice = &buf[usize::try_from(at - start).unwrap_or(0)..]
-                    [..usize::try_from(self.granularity.min(stop - at)).unwrap_or(0)];
-                if !self.owned.get(k) {
-                    if slice.iter().any(|&b| b != 0) {
-                        child.write_all_at(slice, at).map_err(io_err("copy up", at))?;
+            // Granules a guest write owned meanwhile keep the guest's data. The rest is written in
+            // runs (one pwrite per run, not per granule); all-zero runs are punched instead, as
+            // the child may hold an unflushed write there from before a crash, which must not
+            // show up once the granule is owned.
+            let mut run: Option<(Fill, u64, usize, usize)> = None;
+            for k in g..=end + 1 {
+                let fill = (k <= end).then(|| {
+                    let at = k << self.shift;
+                    let from = usize::try_from(at - start).unwrap_or(0);
+                    let len = usize::try_from(self.granularity.min(stop - at)).unwrap_or(0);
+                    let fill = if self.owned.get(k) {
+                        Fill::Keep
+                    } else if buf[from..from + len].iter().any(|&b| b != 0) {
+                        Fill::Data
+                    } else {
+                        Fill::Zero
+                    };
+                    (fill, at, from, len)
+                });
+                match (&mut run, fill) {
+                    (Some((kind, _, _, n)), Some((fill, _, _, len))) if *kind == fill => *n += len,
+                    (_, next) => {
+                        if let Some((kind, at, from, n)) = std::mem::replace(&mut run, next) {
+                            match kind {
+                                Fill::Keep => {}
+                                Fill::Data => {
+                                    child.write_all_at(&buf[from..from + n], at).map_err(io_err("copy up", at))?;
+                                }
+                                Fill::Zero => punch(child, at, n as u64)?,
+                            }
+                        }
                     }
+                }
+            }
+            for k in g..=end {
+                if !self.owned.get(k) {
                     self.set_owned(k, k);
                 }
-                k += 1;
             }
             g = end + 1;
         }
@@ -352,11 +393,20 @@ mod tests {
 
     const MIB: u64 = 1 << 20;
 
-    /// A 16 MiB parent of 64 KiB granules with data in every granule, and a layer over it.
+    /// The parent's byte at `i`: data (never zero) in the first 12 MiB, zeroes after.
+    fn parent_byte(i: u64) -> u8 {
+        if i < 12 * MIB {
+            u8::try_from(i % 251).unwrap() | 1
+        } else {
+            0
+        }
+    }
+
+    /// A 16 MiB parent of 64 KiB granules ([`parent_byte`]) and a layer over it.
     fn layer(dir: &Path) -> (Arc<Layer>, File) {
         let uri = ImageUri::file(dir.join("parent.raw"));
         let parent = Stores::new(None).create(&uri, 16 * MIB).unwrap();
-        let data: Vec<u8> = (0..16 * MIB).map(|i| u8::try_from(i % 251).unwrap() | 1).collect();
+        let data: Vec<u8> = (0..16 * MIB).map(parent_byte).collect();
         parent.write_at(&data, 0).unwrap();
         let child_path = dir.join("child.raw");
         let child = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&child_path).unwrap();
@@ -389,12 +439,32 @@ mod tests {
         assert_eq!(copied, 4 * MIB);
         drop(held);
         copier.join().unwrap();
-        // Reused stream buffers: a second chunk gets the first one's buffer and must not show its data.
-        assert_eq!(layer.copy_up(&child, 8 * MIB, 4 * MIB).unwrap(), 4 * MIB);
+        // Reused stream buffers: a second chunk gets the first one's buffer and must not show its
+        // data. A guest write owns a granule in its middle first: the chunk is written around it.
+        layer.write(&child, &[0xee; 4096], 10 * MIB + 4096).unwrap();
+        assert_eq!(layer.copy_up(&child, 8 * MIB, 4 * MIB).unwrap(), 4 * MIB - 65536, "the owned granule is not read");
         let mut got = vec![0u8; usize::try_from(8 * MIB).unwrap()];
         layer.read(&child, &mut got, 4 * MIB).unwrap();
-        let want: Vec<u8> = (4 * MIB..12 * MIB).map(|i| u8::try_from(i % 251).unwrap() | 1).collect();
-        assert!(got == want, "streamed data differs from the parent");
+        let mut want: Vec<u8> = (4 * MIB..12 * MIB).map(parent_byte).collect();
+        let guest = usize::try_from(6 * MIB + 4096).unwrap();
+        want[guest..guest + 4096].fill(0xee);
+        assert!(got == want, "streamed data differs from the parent and the guest's write");
         assert_eq!(layer.unowned_bytes(), 8 * MIB);
+    }
+
+    #[test]
+    fn stream_of_zero_parent_granules_hides_what_an_unflushed_write_left_in_the_child() {
+        let dir = tempfile::tempdir().unwrap();
+        let (layer, child) = layer(dir.path());
+        // A write that reached the child file but not the owned map (a crash before the flush).
+        child.write_all_at(&[0xaa; 8192], 12 * MIB + 65536).unwrap();
+        let mut got = vec![0xffu8; usize::try_from(4 * MIB).unwrap()];
+        layer.read(&child, &mut got, 12 * MIB).unwrap();
+        assert!(got.iter().all(|&b| b == 0), "unowned granules read from the (zero) parent");
+        layer.copy_up(&child, 12 * MIB, 4 * MIB).unwrap();
+        assert_eq!(layer.unowned_bytes(), 12 * MIB);
+        got.fill(0xff);
+        layer.read(&child, &mut got, 12 * MIB).unwrap();
+        assert!(got.iter().all(|&b| b == 0), "the stream brought back data the disk never showed");
     }
 }

@@ -173,16 +173,7 @@ impl FileStore {
     }
 
     fn fallocate(&self, op: &'static str, mode: libc::c_int, offset: u64, length: u64) -> Result<(), StoreError> {
-        let err = io_err(op, offset);
-        let off = libc::off_t::try_from(offset).map_err(|_| io_err(op, offset)(io::ErrorKind::InvalidInput.into()))?;
-        let len = libc::off_t::try_from(length).map_err(|_| err(io::ErrorKind::InvalidInput.into()))?;
-        // SAFETY: fallocate on a file descriptor we own; no memory is passed.
-        let rc = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, off, len) };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(io_err(op, offset)(io::Error::last_os_error()))
-        }
+        fallocate(&self.file, op, mode, offset, length)
     }
 
     fn punch(&self, offset: u64, length: u64) -> Result<(), StoreError> {
@@ -242,6 +233,26 @@ impl FileStore {
             done += n;
         }
         Ok(())
+    }
+}
+
+/// `fallocate(2)` of `offset..offset+length` of `file` with `mode`.
+pub(super) fn fallocate(
+    file: &File,
+    op: &'static str,
+    mode: libc::c_int,
+    offset: u64,
+    length: u64,
+) -> Result<(), StoreError> {
+    let err = io_err(op, offset);
+    let off = libc::off_t::try_from(offset).map_err(|_| io_err(op, offset)(io::ErrorKind::InvalidInput.into()))?;
+    let len = libc::off_t::try_from(length).map_err(|_| err(io::ErrorKind::InvalidInput.into()))?;
+    // SAFETY: fallocate on an open file descriptor; no memory is passed.
+    let rc = unsafe { libc::fallocate(file.as_raw_fd(), mode, off, len) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io_err(op, offset)(io::Error::last_os_error()))
     }
 }
 
