@@ -4,13 +4,15 @@
 //! `IMAGE.owned` holds one bit per granule: set when the child's own data
 //! is authoritative there. A write to a granule the child does not own
 //! copies the rest of that granule from the parent first (copy-up), under a
-//! per-granule stripe lock that the stream (`copy_up`) takes too, so a
-//! guest write is never overwritten by older parent data.
+//! stripe lock (one per 4 MiB group of granules) that the stream
+//! (`copy_up`) takes too, so a guest write is never overwritten by older
+//! parent data.
 //!
-//! Durability: owned bits reach the disk only in `persist`, which `flush`
-//! runs after the child's data is synced. After a crash, granules written
-//! since the last flush may read from the parent again, which the NBD
-//! contract allows for unflushed writes; flushed data is never hidden.
+//! Durability: owned bits reach the disk only in [`Layer::flush`], which
+//! takes the changed ones, syncs the child's data, then writes them. After
+//! a crash, granules written since the last flush may read from the parent
+//! again, which the NBD contract allows for unflushed writes; flushed data
+//! is never hidden, and an owned bit is never on disk before its data.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -42,15 +44,20 @@ pub struct Layer {
     file: File,
     path: PathBuf,
     stripes: Vec<Mutex<()>>,
-    /// Stream buffers kept for the next chunk (see [`Layer::copy_up`]).
-    spare: Mutex<Vec<Vec<u8>>>,
+    /// Held by a flush from taking the changed owned words to persisting them.
+    flushing: Mutex<()>,
 }
 
-/// Stream buffers kept per layer, and the largest kept: a stream has 8
-/// chunks of 4 MiB in flight; a fresh buffer costs a memset and a page
-/// fault per page (~7% of the stream's CPU, perf 2026-11-27).
-const SPARE_BUFFERS: usize = 8;
+/// Largest stream buffer a thread keeps for its next chunk. A fresh 4 MiB
+/// buffer per chunk cost a memset and a page fault per page (~7% of the
+/// stream's CPU, perf 2026-11-27). Kept per thread, not per layer: the
+/// stream's chunks run on the blocking pool, whose idle threads exit (and
+/// free theirs) within seconds once the stream is over.
 const SPARE_MAX: usize = 8 << 20;
+
+thread_local! {
+    static SPARE: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+}
 
 fn io_err(op: &'static str, offset: u64) -> impl FnOnce(std::io::Error) -> StoreError {
     move |source| StoreError::Io { op, offset, source }
@@ -70,35 +77,72 @@ enum Fill {
     Keep,
     /// Parent data: written.
     Data,
-    /// All zero in the parent: punched.
+    /// All zero in the parent: made to read as zeroes in the child.
     Zero,
 }
 
-/// Makes `offset..offset+length` of `file` a hole (reads as zeroes).
-fn punch(file: &File, offset: u64, length: u64) -> Result<(), StoreError> {
-    super::fallocate(file, "copy up", libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, length)
-}
-
-/// A stream buffer that goes back to its layer's spares when dropped.
-struct Spare<'a> {
-    buf: Vec<u8>,
-    to: &'a Mutex<Vec<Vec<u8>>>,
-}
-
-impl std::ops::Deref for Spare<'_> {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        &self.buf
+/// Makes `offset..offset+length` of `file` read as zeroes: nothing when
+/// it holds no data there (the usual case: a fresh child), else a punched
+/// hole, or written zeroes where the file system cannot punch.
+fn clear(file: &File, offset: u64, length: u64) -> Result<(), StoreError> {
+    use std::os::fd::AsRawFd;
+    let off = libc::off_t::try_from(offset)
+        .map_err(|_| io_err("copy up", offset)(std::io::ErrorKind::InvalidInput.into()))?;
+    // SAFETY: lseek on an open file descriptor; pread/pwrite do not use the file offset it moves.
+    let data = unsafe { libc::lseek(file.as_raw_fd(), off, libc::SEEK_DATA) };
+    match u64::try_from(data) {
+        Ok(at) if at >= offset + length => return Ok(()),
+        Ok(_) => {}
+        // ENXIO: no data at or after `offset`; other errors: try to punch anyway.
+        Err(_) if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) => return Ok(()),
+        Err(_) => {}
+    }
+    let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    match super::fallocate(file, "copy up", mode, offset, length) {
+        Err(StoreError::Io { source, .. }) if source.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+            let zeroes = vec![0u8; usize::try_from(length.min(1 << 20)).unwrap_or(0)];
+            let mut pos = offset;
+            while pos < offset + length {
+                let n = (offset + length - pos).min(zeroes.len() as u64);
+                file.write_all_at(&zeroes[..usize::try_from(n).unwrap_or(0)], pos).map_err(io_err("copy up", pos))?;
+                pos += n;
+            }
+            Ok(())
+        }
+        other => other,
     }
 }
 
-impl Drop for Spare<'_> {
+/// This thread's stream buffer while a chunk uses it; handed back on drop.
+struct Spare(Vec<u8>);
+
+impl Spare {
+    fn take(len: usize) -> Self {
+        let mut buf = SPARE.with(std::cell::Cell::take);
+        buf.resize(len, 0);
+        Self(buf)
+    }
+}
+
+impl std::ops::Deref for Spare {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Spare {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.0
+    }
+}
+
+impl Drop for Spare {
     fn drop(&mut self) {
-        if self.buf.len() <= SPARE_MAX {
-            let mut spare = self.to.lock().unwrap_or_else(|p| p.into_inner());
-            if spare.len() < SPARE_BUFFERS {
-                spare.push(std::mem::take(&mut self.buf));
-            }
+        if self.0.len() <= SPARE_MAX {
+            let buf = std::mem::take(&mut self.0);
+            // A thread being torn down has no slot left: the buffer is just freed.
+            let _ = SPARE.try_with(|s| s.set(buf));
         }
     }
 }
@@ -139,7 +183,7 @@ impl Layer {
             file,
             path,
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
-            spare: Mutex::new(Vec::new()),
+            flushing: Mutex::new(()),
         })
     }
 
@@ -251,7 +295,8 @@ impl Layer {
     /// Copies every unowned granule of the range from the parent (stream);
     /// returns the bytes read from the parent. Each run of unowned granules
     /// is read from the parent in one request (a stream chunk is one 4 MiB
-    /// RBD read, not 64 small ones); all-zero granules are not written.
+    /// RBD read, not 64 small ones) and written in runs; all-zero runs are
+    /// not written but cleared (see [`clear`]).
     pub fn copy_up(&self, child: &File, offset: u64, length: u64) -> Result<u64, StoreError> {
         let (first, last) = self.granules(offset, length);
         let last = last.min(self.owned.len().saturating_sub(1));
@@ -273,11 +318,8 @@ impl Layer {
             let _lock = self.lock(g, end);
             let start = g << self.shift;
             let stop = ((end + 1) << self.shift).min(self.size);
-            let mut buf = self.spare.lock().unwrap_or_else(|p| p.into_inner()).pop().unwrap_or_default();
-            buf.resize(usize::try_from(stop - start).unwrap_or(0), 0);
-            let read = self.parent.read_at(&mut buf, start);
-            let buf = Spare { buf, to: &self.spare };
-            read?;
+            let mut buf = Spare::take(usize::try_from(stop - start).unwrap_or(0));
+            self.parent.read_at(&mut buf, start)?;
             copied += stop - start;
             // Granules a guest write owned meanwhile keep the guest's data. The rest is written in
             // runs (one pwrite per run, not per granule); all-zero runs are punched instead, as
@@ -307,7 +349,7 @@ impl Layer {
                                 Fill::Data => {
                                     child.write_all_at(&buf[from..from + n], at).map_err(io_err("copy up", at))?;
                                 }
-                                Fill::Zero => punch(child, at, n as u64)?,
+                                Fill::Zero => clear(child, at, n as u64)?,
                             }
                         }
                     }
@@ -323,18 +365,59 @@ impl Layer {
         Ok(copied)
     }
 
-    /// Writes the changed words of the owned map durably (after the child's data is synced).
-    pub fn persist(&self) -> Result<(), StoreError> {
+    /// Makes the child's data and then its owned map durable. Flushes run
+    /// one at a time: a flush returns only once every owned bit set before
+    /// it started is on disk, including bits another flush had taken.
+    pub fn flush(&self, child: &File) -> Result<(), StoreError> {
+        let _one = self.flushing.lock().unwrap_or_else(|p| p.into_inner());
+        let changes = self.take_changes();
+        if let Err(e) = child.sync_data() {
+            self.unpersist(&changes);
+            return Err(io_err("flush", 0)(e));
+        }
+        self.persist(&changes)
+    }
+
+    /// Takes the owned-map words changed since the last flush, with their
+    /// values now. Called *before* the child's data is synced: every bit
+    /// in a taken value had its data written before it was set, so the
+    /// sync that follows covers it; a bit set after this stays changed
+    /// for the next flush. (Taking them after the sync would persist the
+    /// bit of a copy-up whose data the sync missed: after a crash the
+    /// granule would read the child's zeroes instead of the parent.)
+    fn take_changes(&self) -> Vec<(u64, u64)> {
         let words: Vec<u64> = self.changed_words.runs_from(0).flat_map(|(f, n)| f..f + n).collect();
-        if words.is_empty() {
+        words
+            .into_iter()
+            .map(|w| {
+                // Cleared before the value is read: a later set marks the word again.
+                self.changed_words.and_not_word(w / 64, 1 << (w % 64));
+                (w, self.owned.word(w))
+            })
+            .collect()
+    }
+
+    /// Writes taken words durably (after the child's data is synced); on
+    /// failure they count as changed again.
+    fn persist(&self, changes: &[(u64, u64)]) -> Result<(), StoreError> {
+        if changes.is_empty() {
             return Ok(());
         }
-        for &w in &words {
-            self.changed_words.and_not_word(w / 64, 1 << (w % 64));
-            let value = self.owned.word(w);
-            self.file.write_all_at(&value.to_le_bytes(), w * 8).map_err(io_err("write owned map", w * 8))?;
+        let written = changes.iter().try_for_each(|&(w, value)| {
+            self.file.write_all_at(&value.to_le_bytes(), w * 8).map_err(io_err("write owned map", w * 8))
+        });
+        let synced = written.and_then(|()| self.file.sync_data().map_err(io_err("sync owned map", 0)));
+        if synced.is_err() {
+            self.unpersist(changes);
         }
-        self.file.sync_data().map_err(io_err("sync owned map", 0))
+        synced
+    }
+
+    /// Marks taken words changed again (their flush failed).
+    fn unpersist(&self, changes: &[(u64, u64)]) {
+        for &(w, _) in changes {
+            self.changed_words.set_range(w, w);
+        }
     }
 
     /// Allocation: owned runs from the child, the rest from the parent.
@@ -439,8 +522,10 @@ mod tests {
         assert_eq!(copied, 4 * MIB);
         drop(held);
         copier.join().unwrap();
-        // Reused stream buffers: a second chunk gets the first one's buffer and must not show its
-        // data. A guest write owns a granule in its middle first: the chunk is written around it.
+        // Reused stream buffers: chunk 0 leaves its data in this thread's buffer, and the chunk
+        // at 8 MiB must not show it. A guest write owns a granule in the middle of that chunk
+        // first: the chunk is written around it.
+        assert_eq!(layer.copy_up(&child, 0, 4 * MIB).unwrap(), 4 * MIB);
         layer.write(&child, &[0xee; 4096], 10 * MIB + 4096).unwrap();
         assert_eq!(layer.copy_up(&child, 8 * MIB, 4 * MIB).unwrap(), 4 * MIB - 65536, "the owned granule is not read");
         let mut got = vec![0u8; usize::try_from(8 * MIB).unwrap()];
@@ -449,7 +534,32 @@ mod tests {
         let guest = usize::try_from(6 * MIB + 4096).unwrap();
         want[guest..guest + 4096].fill(0xee);
         assert!(got == want, "streamed data differs from the parent and the guest's write");
-        assert_eq!(layer.unowned_bytes(), 8 * MIB);
+        assert_eq!(layer.unowned_bytes(), 4 * MIB);
+    }
+
+    /// The owned bits on disk, one bool per granule.
+    fn owned_on_disk(dir: &Path, granules: usize) -> Vec<bool> {
+        let raw = std::fs::read(owned_path(&dir.join("child.raw"))).unwrap();
+        (0..granules).map(|g| raw[g / 8] & (1 << (g % 8)) != 0).collect()
+    }
+
+    #[test]
+    fn a_flush_never_persists_an_owned_bit_whose_data_it_did_not_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let (layer, child) = layer(dir.path());
+        layer.copy_up(&child, 0, 4 * MIB).unwrap();
+        // A flush takes the changed words, then a stream chunk lands before its sync.
+        let changes = layer.take_changes();
+        layer.copy_up(&child, 4 * MIB, 4 * MIB).unwrap();
+        child.sync_data().unwrap();
+        layer.persist(&changes).unwrap();
+        let on_disk = owned_on_disk(dir.path(), 256);
+        assert!(on_disk[..64].iter().all(|&b| b), "the first chunk's bits were taken and synced");
+        assert!(on_disk[64..].iter().all(|&b| !b), "a bit reached the owned map before a sync covered its data");
+        // The next flush persists the rest.
+        layer.flush(&child).unwrap();
+        let on_disk = owned_on_disk(dir.path(), 256);
+        assert!(on_disk[..128].iter().all(|&b| b) && on_disk[128..].iter().all(|&b| !b));
     }
 
     #[test]

@@ -339,10 +339,9 @@ impl BlockStore for FileStore {
         if self.read_only {
             return Ok(());
         }
-        self.file.sync_data().map_err(io_err("flush", 0))?;
         match self.layer.load().as_ref() {
-            Some(layer) => layer.persist(),
-            None => Ok(()),
+            Some(layer) => layer.flush(&self.file),
+            None => self.file.sync_data().map_err(io_err("flush", 0)),
         }
     }
 
@@ -420,6 +419,8 @@ impl BlockStore for FileStore {
     /// job's unit of work); returns bytes read from the parent (0 if not layered).
     fn copy_from_parent(&self, offset: u64, length: u64) -> Result<u64, StoreError> {
         self.check_writable()?;
+        // A write like any other: a snapshot waits for it.
+        let _gate = self.writes();
         match self.layer.load_full() {
             Some(layer) => layer.copy_up(&self.file, offset, length),
             None => Ok(0),
