@@ -359,10 +359,9 @@ api() {
     printf '%s\n' "$out"
 }
 
-# wait_job DIR ID LIMIT_S: polls the job every 50 ms until it concludes; prints its JSON.
-# The poll matches the compact JSON with a bash pattern rather than jq: twenty jq starts a
-# second cost a noticeable share of these 2 cores while the stream being timed runs.
-# wait_job DIR ID LIMIT_S [POLL_S]: the job's record once concluded (polled every POLL_S, default 0.05).
+# wait_job DIR ID LIMIT_S [POLL_S]: polls the job every POLL_S seconds (default 0.05) until it
+# concludes; prints its JSON. The poll matches the compact JSON with a bash pattern rather than
+# jq: jq starts cost a noticeable share of these 2 cores while a job being timed runs.
 wait_job() {
     local dir=$1 id=$2 limit=$3 poll=${4:-0.05} j deadline
     deadline=$(($(date +%s) + limit))
@@ -559,7 +558,7 @@ run_round() {
                     sj=$(wait_job "$dst" "$stream_job" 900 1)
                     printf '%s\n' "$sj" >"$WORK/out/$tag-stream.json"
                     [[ $(jq -r .result <<<"$sj") == success ]] || die "stream failed: $sj"
-                    stream_r=$(jq -r '.summary | "\(.bytes_copied) \(.duration_ms / 1000) "' <<<"$sj")$(jq -r .bytes_total <<<"$sj")
+                    stream_r=$(jq -r '.summary | "\(.bytes_copied) \((.duration_ms // 0) / 1000) "' <<<"$sj")$(jq -r .bytes_total <<<"$sj")
                     parent=$(jq -r '.summary.parent // ""' <<<"$sj")
                     if [[ -z $parent ]]; then
                         log "  stream $stream_job had no parent: no rbd export"

@@ -367,7 +367,7 @@ header() {
     echo "- ceph: $(rbd --version | head -n1); librbd $(dpkg-query -W -f '${Version}' librbd1 2>/dev/null || echo '?')"
     echo "- cluster: $(if [[ -n $CEPH_DIR ]]; then echo "throw-away (deploy/dev/ceph-cluster.sh: 1 mon + 1 memstore OSD, size-1 pool, 127.0.0.1) in $CEPH_DIR"; else echo "existing, $CONF"; fi); images: $IMAGE_SIZE, 4 MiB objects, features from rbd_default_features, fresh per side and round"
     echo "- fio: $(fio --version) (ioengine=nbd, 1 job, 1 connection, Unix socket, --iodepth=$QD --norandommap)"
-    echo "- rbd bench: --io-threads $QD (its CPU: the process's user + system time minus the start-up CPU of a one-op rbd bench); the example: $QD requests in flight on RbdStore's aio path from one thread"
+    echo "- rbd bench: --io-threads $QD (its CPU: the process's user + system time minus the start-up CPU of a one-op rbd bench, measured with librbd's defaults and subtracted from both rbd bench sides); rbd-bench-nocache: the same with --rbd-cache=false, as the agent runs librbd; the example: $QD requests in flight on RbdStore's aio path from one thread"
     echo "- each cell: median over $ROUNDS rounds; sides run one at a time, order rotated per round"
 }
 

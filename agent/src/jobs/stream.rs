@@ -43,7 +43,10 @@ pub async fn run(
     }
     .map_err(|e| JobError::from_err("Cannot read the parent", &e))?;
     let Some(parent) = parent else {
-        return Ok(json!({ "parent": null, "bytes_copied": 0, "note": "the disk has no parent" }));
+        let duration_ms = super::millis(started.elapsed());
+        return Ok(
+            json!({ "parent": null, "bytes_copied": 0, "note": "the disk has no parent", "duration_ms": duration_ms }),
+        );
     };
     let size = export.size();
     job.set_total(size);
