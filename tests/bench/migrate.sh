@@ -755,7 +755,7 @@ if any(r["stream_s"] not in ("-", "") for r in rows):
               f"| {med([f(r, 'rbd_bench64k_1') for r in rs]):,.0f} | {xcells[1]} |")
     print()
     print("- stream: the stream job `migrate` started on the destination (4 MiB chunks, 8 in flight, one parent read "
-          "each, from the RBD backup into the `file:` image, then detach), timed from `migrate`'s return to the job's conclusion (50 ms polls); "
+          "each, from the RBD backup into the `file:` image, then detach), timed by the job itself (summary.duration_ms: from its start to the parent detached); "
           "MiB/s = `bytes_copied` (the regions not yet written by the mirror) / time. rbd bench: "
           "`rbd bench --io-type read --io-pattern seq --io-size 4M --io-total SIZE` on the backup image right after; "
           "the 64K column (64 KiB reads, one at a time, at most 1 GiB) is the copy-up pattern of an earlier "
