@@ -277,14 +277,14 @@ impl Export {
             return None;
         }
         let write = aio.write(data, offset);
-        let me = self.clone();
+        // FUA: a flush submitted after the write completed (not alongside it), so it covers the
+        // write whatever cache librbd runs with (pool or image settings can turn one back on).
+        let flush_after = fua.then(|| self.store.clone());
         Some(async move {
             let result = write.await;
             drop((section, entered));
             result?;
-            // FUA: a flush submitted after the write completed (not alongside it), so it covers the
-            // write whatever cache librbd runs with (pool or image settings can turn one back on).
-            if let Some(aio) = me.store.async_io().filter(|_| fua) {
+            if let Some(aio) = flush_after.as_ref().and_then(|store| store.async_io()) {
                 aio.flush().await?;
             }
             Ok(())

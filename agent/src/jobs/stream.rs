@@ -28,7 +28,8 @@ pub struct StreamParams {
     pub holder: Option<String>,
 }
 
-/// Streams the parent's data into the disk and detaches the parent.
+/// Streams the parent's data into the disk and detaches the parent; the
+/// summary says how long that took (`duration_ms`).
 pub async fn run(
     job: JobHandle,
     export: Arc<Export>,
@@ -36,6 +37,17 @@ pub async fn run(
     stores: Arc<crate::store::Stores>,
 ) -> Result<Value, JobError> {
     let started = std::time::Instant::now();
+    let mut summary = stream(job, export, params, stores).await?;
+    summary["duration_ms"] = json!(super::millis(started.elapsed()));
+    Ok(summary)
+}
+
+async fn stream(
+    job: JobHandle,
+    export: Arc<Export>,
+    params: StreamParams,
+    stores: Arc<crate::store::Stores>,
+) -> Result<Value, JobError> {
     let store = export.store().clone();
     let parent = {
         let s = store.clone();
@@ -43,10 +55,7 @@ pub async fn run(
     }
     .map_err(|e| JobError::from_err("Cannot read the parent", &e))?;
     let Some(parent) = parent else {
-        let duration_ms = super::millis(started.elapsed());
-        return Ok(
-            json!({ "parent": null, "bytes_copied": 0, "note": "the disk has no parent", "duration_ms": duration_ms }),
-        );
+        return Ok(json!({ "parent": null, "bytes_copied": 0, "note": "the disk has no parent" }));
     };
     let size = export.size();
     job.set_total(size);
@@ -93,8 +102,7 @@ pub async fn run(
             }
             (0, _, Err(StoreError::Unsupported(_))) => {
                 // No chunked copy (RBD clones): nothing was copied; flatten instead.
-                let mut result = flatten(&job, &export, parent.to_string()).await?;
-                result["duration_ms"] = json!(super::millis(started.elapsed()));
+                let result = flatten(&job, &export, parent.to_string()).await?;
                 release_hold(&stores, &parent, params.holder.as_deref()).await;
                 return Ok(result);
             }
@@ -114,8 +122,7 @@ pub async fn run(
         .map_err(|e| JobError::Failed(e.to_string()))?
         .map_err(|e| JobError::from_err("Cannot detach the parent", &e))?;
     release_hold(&stores, &parent, params.holder.as_deref()).await;
-    let duration_ms = super::millis(started.elapsed());
-    Ok(json!({ "parent": parent.to_string(), "bytes_copied": copied, "detached": true, "duration_ms": duration_ms }))
+    Ok(json!({ "parent": parent.to_string(), "bytes_copied": copied, "detached": true }))
 }
 
 /// Chunks copied at the same time.

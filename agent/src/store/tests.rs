@@ -297,6 +297,25 @@ fn layered_file_child_survives_reopen_after_flush() {
 }
 
 #[test]
+fn stream_of_zero_parent_granules_hides_what_an_unflushed_write_left_in_the_child() {
+    let f = file_fixture();
+    make_parent(&f, "p");
+    let base = (f.name)("p").with_snap(Some("base"));
+    let child = f.stores.clone_image(&base, &(f.name)("c")).unwrap();
+    // A write that reached the child file but not the owned map (a crash before the flush),
+    // where the parent is all zeroes.
+    let ImageUri::File { path, .. } = (f.name)("c") else { unreachable!() };
+    let raw = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&raw, &[0xaa; 8192], (2 << 20) + 65536).unwrap();
+    assert_eq!(read(child.as_ref(), 1 << 20, 3 << 20), vec![0; 3 << 20], "unowned granules read from the parent");
+    child.copy_from_parent(0, 8 << 20).unwrap();
+    assert_eq!(read(child.as_ref(), 1 << 20, 3 << 20), vec![0; 3 << 20], "the stream showed data never written");
+    assert_eq!(read(child.as_ref(), 0, 1 << 20), pattern(5, 1 << 20));
+    child.detach_parent().unwrap();
+    assert_eq!(read(child.as_ref(), 1 << 20, 3 << 20), vec![0; 3 << 20], "detached, the leftover is gone");
+}
+
+#[test]
 fn layered_file_child_with_a_bad_granularity_is_corrupt() {
     let f = file_fixture();
     make_parent(&f, "p");

@@ -173,11 +173,35 @@ impl FileStore {
     }
 
     fn fallocate(&self, op: &'static str, mode: libc::c_int, offset: u64, length: u64) -> Result<(), StoreError> {
-        fallocate(&self.file, op, mode, offset, length)
+        let err = io_err(op, offset);
+        let off = libc::off_t::try_from(offset).map_err(|_| io_err(op, offset)(io::ErrorKind::InvalidInput.into()))?;
+        let len = libc::off_t::try_from(length).map_err(|_| err(io::ErrorKind::InvalidInput.into()))?;
+        // SAFETY: fallocate on a file descriptor we own; no memory is passed.
+        let rc = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, off, len) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io_err(op, offset)(io::Error::last_os_error()))
+        }
     }
 
     fn punch(&self, offset: u64, length: u64) -> Result<(), StoreError> {
         self.fallocate("discard", libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, length)
+    }
+
+    /// Makes a range read as zeroes where it may hold data: nothing where
+    /// it is a hole already (a fresh child), else punched, or written
+    /// zeroes where the file system cannot punch.
+    fn clear(&self, offset: u64, length: u64) -> Result<(), StoreError> {
+        if self.seek(offset, libc::SEEK_DATA)?.is_none_or(|data| data >= offset + length) {
+            return Ok(());
+        }
+        match self.punch(offset, length) {
+            Err(StoreError::Io { source, .. }) if source.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                self.write_zero_buffers(offset, length)
+            }
+            other => other,
+        }
     }
 
     fn check_writable(&self) -> Result<(), StoreError> {
@@ -233,26 +257,6 @@ impl FileStore {
             done += n;
         }
         Ok(())
-    }
-}
-
-/// `fallocate(2)` of `offset..offset+length` of `file` with `mode`.
-pub(super) fn fallocate(
-    file: &File,
-    op: &'static str,
-    mode: libc::c_int,
-    offset: u64,
-    length: u64,
-) -> Result<(), StoreError> {
-    let err = io_err(op, offset);
-    let off = libc::off_t::try_from(offset).map_err(|_| io_err(op, offset)(io::ErrorKind::InvalidInput.into()))?;
-    let len = libc::off_t::try_from(length).map_err(|_| err(io::ErrorKind::InvalidInput.into()))?;
-    // SAFETY: fallocate on an open file descriptor; no memory is passed.
-    let rc = unsafe { libc::fallocate(file.as_raw_fd(), mode, off, len) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io_err(op, offset)(io::Error::last_os_error()))
     }
 }
 
@@ -422,7 +426,7 @@ impl BlockStore for FileStore {
         // A write like any other: a snapshot waits for it.
         let _gate = self.writes();
         match self.layer.load_full() {
-            Some(layer) => layer.copy_up(&self.file, offset, length),
+            Some(layer) => layer.copy_up(&self.file, offset, length, &|o, l| self.clear(o, l)),
             None => Ok(0),
         }
     }
