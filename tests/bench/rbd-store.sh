@@ -9,6 +9,11 @@
 #              writearound) completes a write before the OSD has it (up to rbd_cache_max_dirty)
 #   rbd-bench-nocache  the same with --rbd-cache=false: librbd set up as the agent sets it up (as QEMU
 #              cache=none does), so a write completes when the OSD acknowledges it: like for like
+#   fio-rbd    fio's rbd engine (librbd's C API, as the agent uses it; fio's own buffers, whose
+#              contents fio changes between writes) at iodepth 16, with librbd set up as the agent
+#              sets it up (no cache, zero-copy aio writes): the same client program as the nbd side
+#              without the NBD hop, and a real-data librbd client beside rbd bench, which writes
+#              one unchanging buffer (its CRC computed once) and reads into librbd's own buffers
 #   nbd        the agent serving the image (`image: rbd:rbd/IMG`) over its NBD Unix socket, driven
 #              by fio's nbd engine at iodepth 16: the product path (NBD server + store)
 #   store      agent/examples/rbd_bench.rs: 16 requests in flight on the agent's RbdStore (through
@@ -27,14 +32,15 @@
 #   TOTAL_4M=1GiB      bytes moved per 4M run (wraps over the image)
 #   TOTAL_4K=128MiB    bytes moved per 4K run
 #   QD=16              requests in flight (rbd bench --io-threads, fio --iodepth, example tasks)
-#   SIDES="rbd-bench rbd-bench-nocache nbd store"   which sides (ratios need an rbd-bench side)
+#   SIDES="rbd-bench rbd-bench-nocache fio-rbd nbd store"   which sides (ratios need a peer side:
+#                      rbd-bench, rbd-bench-nocache or fio-rbd)
 #   CEPH_CONF=...      use this running cluster (pool rbd, client.admin) instead of starting one
 #   CEPH_MEMSTORE_BYTES  passed to ceph-cluster.sh (its default: 8 GiB, a cap, not an allocation)
 #   RBDSYNC=...        agent binary (default target/release/rbdsync, built if missing)
 #   RBD_BENCH=...      example binary (default target/release/examples/rbd_bench, built if missing)
 #   KEEP=1             keep the work directory (logs, configs, outputs; cluster logs too)
-# Needs: ceph (mon, osd, rbd CLI), fio with the nbd engine, python3.
-# Default run: ~1 min of cluster + build checks, 5 rounds x 3 sides x ~10 s = about 3-4 minutes.
+# Needs: ceph (mon, osd, rbd CLI), fio with the nbd and rbd engines, python3.
+# Default run: ~1 min of cluster + build checks, 5 rounds x 5 sides x ~8 s = about 4-5 minutes.
 set -euo pipefail
 # shellcheck source=tests/bench/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -44,7 +50,7 @@ IMAGE_SIZE=${IMAGE_SIZE:-256MiB}
 TOTAL_4M=${TOTAL_4M:-1GiB}
 TOTAL_4K=${TOTAL_4K:-128MiB}
 QD=${QD:-16}
-SIDES=${SIDES:-"rbd-bench rbd-bench-nocache nbd store"}
+SIDES=${SIDES:-"rbd-bench rbd-bench-nocache fio-rbd nbd store"}
 KEEP=${KEEP:-0}
 POOL=rbd
 EXPORT=bench/disk0
@@ -133,8 +139,8 @@ check_params() {
     local s
     for s in $SIDES; do
         case $s in
-            rbd-bench | rbd-bench-nocache | nbd | store) ;;
-            *) die "SIDES: unknown side '$s' (known: rbd-bench rbd-bench-nocache nbd store)" ;;
+            rbd-bench | rbd-bench-nocache | fio-rbd | nbd | store) ;;
+            *) die "SIDES: unknown side '$s' (known: rbd-bench rbd-bench-nocache fio-rbd nbd store)" ;;
         esac
     done
 }
@@ -145,6 +151,7 @@ check_tools() {
     need python3 python3
     need timeout coreutils
     fio --enghelp=nbd >/dev/null 2>&1 || die "this fio has no nbd engine (fio --enghelp=nbd failed)"
+    fio --enghelp=rbd >/dev/null 2>&1 || die "this fio has no rbd engine (fio --enghelp=rbd failed)"
     if [[ -z $CONF ]]; then
         need ceph-mon ceph-mon
         need ceph-osd ceph-osd
@@ -179,11 +186,31 @@ start_cluster() {
     rbd_ ls "$POOL" >/dev/null || die "'rbd -c $CONF ls $POOL' failed"
 }
 
-# Prints the OSD's resident memory in MiB (or ? when the cluster is not ours).
+# Sets OSD_PID: the OSD of the cluster this script started, or of a CEPH_CONF cluster made by
+# ceph-cluster.sh (its pid file is under the conf's run_dir); empty when not found.
+OSD_PID=""
+find_osd() {
+    local run="$CEPH_DIR/run"
+    [[ -n $CEPH_DIR ]] || run=$(awk -F' *= *' '$1 == "run_dir" {print $2; exit}' "$CONF")
+    OSD_PID=$(cat "$run/osd.0.pid" 2>/dev/null) || OSD_PID=""
+    [[ $OSD_PID =~ ^[0-9]+$ && -r /proc/$OSD_PID/stat ]] || OSD_PID=""
+    [[ -n $OSD_PID ]] || log "OSD process not found: its CPU per operation is not reported"
+}
+
+# Prints the OSD's resident memory in MiB (or ? when unknown).
 osd_rss() {
-    local pid
-    pid=$(cat "$CEPH_DIR/run/osd.0.pid" 2>/dev/null) || { echo "?"; return; }
-    awk '$1 == "VmRSS:" {printf "%d", $2 / 1024}' "/proc/$pid/status" 2>/dev/null || echo "?"
+    [[ -n $OSD_PID ]] || { echo "?"; return; }
+    awk '$1 == "VmRSS:" {printf "%d", $2 / 1024}' "/proc/$OSD_PID/status" 2>/dev/null || echo "?"
+}
+
+# proc_ticks PID: user + system clock ticks of PID so far (empty if PID is empty or gone).
+proc_ticks() {
+    local stat
+    [[ -n $1 ]] && stat=$(<"/proc/$1/stat") 2>/dev/null || return 0
+    stat=${stat##*) }
+    local -a f
+    read -r -a f <<<"$stat"
+    echo $((f[11] + f[12]))
 }
 
 # --- the sides -----------------------------------------------------------------------------
@@ -199,7 +226,8 @@ workload_args() {
 }
 
 # Each run_* prints "OPS_PER_S CPU_S FIO_CPU_S": operations per second, CPU seconds of the
-# process doing the librbd calls (rbd, the agent, the example) and, for nbd, fio's CPU seconds.
+# process doing the librbd calls (rbd, fio with its rbd engine, the agent, the example) and, for
+# nbd, fio's CPU seconds.
 
 # CPU seconds an `rbd bench` process spends outside its IO (start, connect, open, close), set by
 # measure_rbd_startup and subtracted from every rbd bench run: the other sides' CPU is measured
@@ -252,6 +280,88 @@ run_store() {
     awk '$1 == "ops" {printf "%s %.3f 0\n", $6, $10 + $12}' "$out"
 }
 
+# The configuration fio's rbd engine reads (through $CEPH_CONF): the cluster's, plus librbd set up
+# as the agent sets it up (agent/src/store/rbd/rados.rs).
+fio_rbd_conf() {
+    local conf="$WORK/fio-rbd.conf"
+    if [[ ! -s $conf ]]; then
+        {
+            cat "$CONF"
+            printf '\n[client]\nrbd_cache = false\nrbd_disable_zero_copy_writes = false\n'
+        } >"$conf"
+    fi
+    echo "$conf"
+}
+
+# fio_result JSON DIRECTION PROCESS_CPU_S: prints "OPS_PER_S PROCESS_CPU_S FIO_THREAD_CPU_S".
+fio_result() {
+    python3 - "$@" <<'EOF'
+import json, sys
+path, direction, process_cpu = sys.argv[1], sys.argv[2], sys.argv[3]
+text = open(path).read()
+job = json.loads(text[text.index("{"):])["jobs"][0]
+if job.get("error"):
+    sys.exit(f"fio reported error {job['error']} in {path}")
+d = job[direction]
+if d["io_bytes"] == 0:
+    sys.exit(f"fio moved no data in {path}")
+fio_cpu = (job["usr_cpu"] + job["sys_cpu"]) / 100 * job["job_runtime"] / 1000
+print(f"{d['iops']:.1f} {process_cpu} {fio_cpu:.3f}")
+EOF
+}
+
+fio_rw() {
+    case $1 in
+        write4m) echo write ;;
+        read4m) echo read ;;
+        write4k) echo randwrite ;;
+        read4k) echo randread ;;
+    esac
+}
+
+# fio_rbd WORKLOAD OUT [FIO_OPTION...]: runs fio's rbd engine on $POOL/$IMAGE; its user and system
+# CPU seconds (the whole process: fio's thread and librbd's) go to OUT.time.
+fio_rbd() {
+    local workload=$1 out=$2 conf
+    shift 2
+    workload_args "$workload"
+    conf=$(fio_rbd_conf)
+    local TIMEFORMAT='%U %S'
+    # From $WORK: fio may lay out a local file named after the job.
+    { time env -C "$WORK" CEPH_CONF="$conf" timeout 300 fio --name="$workload" --ioengine=rbd --clientname=admin --pool="$POOL" \
+        --rbdname="$IMAGE" --rw="$(fio_rw "$workload")" --bs="$IO_SIZE" --iodepth="$QD" --numjobs=1 \
+        --size="$IMAGE_B" --io_size="$TOTAL" --norandommap --randrepeat=0 --output-format=json "$@" \
+        --output="$out" >"$out.stdout" 2>&1; } 2>"$out.time" ||
+        die "fio (rbd engine) $workload failed: $(tail -n 5 "$out.stdout")"
+}
+
+# CPU seconds a fio rbd-engine process spends outside its IO (start, connect, open, close): the
+# median of three one-op runs, subtracted from every fio-rbd run, as for rbd bench.
+FIO_RBD_STARTUP_CPU=0
+
+measure_fio_rbd_startup() {
+    local k
+    local -a runs=()
+    IMAGE="bench-$$-fio-startup"
+    rbd_ create --size 64M "$POOL/$IMAGE" >/dev/null || die "rbd create $POOL/$IMAGE failed"
+    for k in 1 2 3; do
+        fio_rbd read4k "$WORK/out/fio-startup-$k" --size=64M --io_size=4096
+        runs+=("$(awk '{print $1 + $2}' "$WORK/out/fio-startup-$k.time")")
+    done
+    remove_image
+    FIO_RBD_STARTUP_CPU=$(printf '%s\n' "${runs[@]}" | sort -g | sed -n 2p)
+    log "fio rbd-engine start-up CPU (median of 3 one-op runs): ${FIO_RBD_STARTUP_CPU}s, subtracted from every fio-rbd run"
+}
+
+# run_fio_rbd WORKLOAD OUT: the fio-rbd side; CPU as for rbd bench (start-up subtracted).
+run_fio_rbd() {
+    local workload=$1 out=$2 result
+    fio_rbd "$workload" "$out"
+    result=$(fio_result "$out" "$DIR" "$(awk -v s="$FIO_RBD_STARTUP_CPU" '{c = $1 + $2 - s; if (c < 0) c = 0; printf "%.3f", c}' "$out.time")") ||
+        return 1
+    echo "${result% *} 0"
+}
+
 # start_agent: serves $POOL/$IMAGE as $EXPORT on $WORK/agent/nbd.sock; sets AGENT_PID, URI.
 start_agent() {
     local dir="$WORK/agent" i
@@ -288,64 +398,49 @@ EOF
 }
 
 agent_ticks() {
-    local stat
-    stat=$(<"/proc/$AGENT_PID/stat") || die "agent (pid $AGENT_PID) is gone"
-    stat=${stat##*) }
-    local -a f
-    read -r -a f <<<"$stat"
-    echo $((f[11] + f[12]))
+    local ticks
+    ticks=$(proc_ticks "$AGENT_PID")
+    [[ -n $ticks ]] || die "agent (pid $AGENT_PID) is gone"
+    echo "$ticks"
 }
 
 run_nbd() {
-    local workload=$1 out=$2 rw ticks0 ticks1
+    local workload=$1 out=$2 ticks0 ticks1
     workload_args "$workload"
-    case $workload in
-        write4m) rw="write" ;;
-        read4m) rw="read" ;;
-        write4k) rw=randwrite ;;
-        read4k) rw=randread ;;
-    esac
     ticks0=$(agent_ticks)
-    if ! timeout 300 fio --name="$workload" --ioengine=nbd --uri="$URI" --rw="$rw" --bs="$IO_SIZE" \
+    if ! timeout 300 fio --name="$workload" --ioengine=nbd --uri="$URI" --rw="$(fio_rw "$workload")" --bs="$IO_SIZE" \
         --iodepth="$QD" --numjobs=1 --size="$IMAGE_B" --io_size="$TOTAL" --norandommap --randrepeat=0 \
         --output-format=json --output="$out" >"$out.stdout" 2>&1; then
         die "fio $workload failed: $(tail -n 5 "$out.stdout"); agent log: $(tail -n 3 "$WORK/agent.log")"
     fi
     ticks1=$(agent_ticks)
-    python3 - "$out" "$DIR" "$((ticks1 - ticks0))" "$(getconf CLK_TCK)" <<'EOF'
-import json, sys
-path, direction, ticks, hz = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-text = open(path).read()
-job = json.loads(text[text.index("{"):])["jobs"][0]
-if job.get("error"):
-    sys.exit(f"fio reported error {job['error']} in {path}")
-d = job[direction]
-if d["io_bytes"] == 0:
-    sys.exit(f"fio moved no data in {path}")
-fio_cpu = (job["usr_cpu"] + job["sys_cpu"]) / 100 * job["job_runtime"] / 1000
-print(f"{d['iops']:.1f} {ticks / hz:.3f} {fio_cpu:.3f}")
-EOF
+    fio_result "$out" "$DIR" "$(awk -v t="$((ticks1 - ticks0))" -v hz="$(getconf CLK_TCK)" 'BEGIN {printf "%.3f", t / hz}')"
 }
 
 # run_side SIDE ROUND CSV: fresh image, the four workloads, image removed.
 run_side() {
-    local side=$1 round=$2 csv=$3 workload ops cpu fio_cpu load
+    local side=$1 round=$2 csv=$3 workload ops cpu fio_cpu load osd0 osd1 osd_cpu
     IMAGE="bench-$$-r$round-$side"
     rbd_ create --size "$((IMAGE_B >> 20))M" "$POOL/$IMAGE" >/dev/null || die "rbd create $POOL/$IMAGE failed"
     [[ $side == nbd ]] && start_agent
     for workload in "${WORKLOADS[@]}"; do
         local out="$WORK/out/r$round-$side-$workload"
+        osd0=$(proc_ticks "$OSD_PID")
         case $side in
             rbd-bench) read -r ops cpu fio_cpu < <(run_rbd_bench "$workload" "$out") || true ;;
             rbd-bench-nocache) read -r ops cpu fio_cpu < <(run_rbd_bench "$workload" "$out" --rbd-cache=false) || true ;;
+            fio-rbd) read -r ops cpu fio_cpu < <(run_fio_rbd "$workload" "$out") || true ;;
             store) read -r ops cpu fio_cpu < <(run_store "$workload" "$out") || true ;;
             nbd) read -r ops cpu fio_cpu < <(run_nbd "$workload" "$out") || true ;;
         esac
         [[ -n ${fio_cpu:-} ]] || die "$side $workload gave no result (see above; output in $out)"
+        osd1=$(proc_ticks "$OSD_PID")
+        osd_cpu=""
+        [[ -z $osd0 || -z $osd1 ]] || osd_cpu=$(awk -v t="$((osd1 - osd0))" -v hz="$(getconf CLK_TCK)" 'BEGIN {printf "%.3f", t / hz}')
         load=$(cut -d' ' -f1 /proc/loadavg)
         workload_args "$workload"
-        echo "$round,$side,$workload,$IO_SIZE,$TOTAL,$ops,$cpu,$fio_cpu,$load" >>"$csv"
-        log "round $round, $side: $workload $ops ops/s (CPU ${cpu}s, fio ${fio_cpu}s, load $load)"
+        echo "$round,$side,$workload,$IO_SIZE,$TOTAL,$ops,$cpu,$fio_cpu,$osd_cpu,$load" >>"$csv"
+        log "round $round, $side: $workload $ops ops/s (CPU ${cpu}s, fio ${fio_cpu}s, OSD ${osd_cpu:-?}s, load $load)"
         ops="" cpu="" fio_cpu=""
     done
     stop_agent
@@ -366,17 +461,17 @@ header() {
     fi
     echo "- ceph: $(rbd --version | head -n1); librbd $(dpkg-query -W -f '${Version}' librbd1 2>/dev/null || echo '?')"
     echo "- cluster: $(if [[ -n $CEPH_DIR ]]; then echo "throw-away (deploy/dev/ceph-cluster.sh: 1 mon + 1 memstore OSD, size-1 pool, 127.0.0.1) in $CEPH_DIR"; else echo "existing, $CONF"; fi); images: $IMAGE_SIZE, 4 MiB objects, features from rbd_default_features, fresh per side and round"
-    echo "- fio: $(fio --version) (ioengine=nbd, 1 job, 1 connection, Unix socket, --iodepth=$QD --norandommap)"
+    echo "- fio: $(fio --version) (nbd side: ioengine=nbd, 1 job, 1 connection, Unix socket; fio-rbd side: ioengine=rbd, 1 job, rbd_cache=false, rbd_disable_zero_copy_writes=false; both --iodepth=$QD --norandommap)"
     echo "- rbd bench: --io-threads $QD (its CPU: the process's user + system time minus the start-up CPU of a one-op rbd bench, measured with librbd's defaults and subtracted from both rbd bench sides); rbd-bench-nocache: the same with --rbd-cache=false, as the agent runs librbd; the example: $QD requests in flight on RbdStore's aio path from one thread"
     echo "- each cell: median over $ROUNDS rounds; sides run one at a time, order rotated per round"
 }
 
 report() {
     python3 - "$1" "$SIDES" <<'EOF'
-import csv, statistics, sys
+import csv, os, statistics, sys
 path, sides = sys.argv[1], sys.argv[2].split()
 med = statistics.median
-ops, cpu, fio_cpu, loads, meta, by_round = {}, {}, {}, [], {}, {}
+ops, cpu, fio_cpu, osd_cpu, loads, meta, by_round = {}, {}, {}, {}, [], {}, {}
 with open(path) as f:
     for r in csv.DictReader(f):
         k = (r["workload"], r["side"])
@@ -385,10 +480,13 @@ with open(path) as f:
         ops.setdefault(k, []).append(float(r["ops_per_s"]))
         cpu.setdefault(k, []).append(float(r["cpu_s"]) / n * 1e6)
         fio_cpu.setdefault(k, []).append(float(r["fio_cpu_s"]) / n * 1e6)
+        if r["osd_cpu_s"]:
+            osd_cpu.setdefault(k, []).append(float(r["osd_cpu_s"]) / n * 1e6)
         loads.append(float(r["load1"]))
         meta[r["workload"]] = int(r["io_size"])
 names = {"write4m": "4M seq write", "read4m": "4M seq read", "write4k": "4K rand write", "read4k": "4K rand read"}
-refs = [s for s in ("rbd-bench", "rbd-bench-nocache") if s in sides]
+refs = [s for s in ("rbd-bench", "rbd-bench-nocache", "fio-rbd") if s in sides]
+benches = [s for s in refs if s != "fio-rbd"]
 others = [s for s in sides if s not in refs]
 ref = bool(refs)
 
@@ -406,11 +504,12 @@ unit = lambda w: "MiB/s" if meta[w] >= 1 << 20 else "IOPS"
 print("Throughput (median over rounds; higher is better):")
 print()
 head = ["workload", "unit"] + sides + [f"{s}/{r}" for r in refs for s in others]
+head += [f"fio-rbd/{r}" for r in benches if "fio-rbd" in sides]
 head += [f"nbd/{r} per round" for r in refs if "nbd" in sides]
 head += ["spread " + " / ".join(sides)]
 print("| " + " | ".join(head) + " |")
 print("|---|---|" + "---:|" * (len(head) - 2))
-misses = {r: [] for r in refs}
+misses = {(s, r): [] for r in benches for s in ("nbd", "store")}
 for w in names:
     if not any((w, s) in ops for s in sides):
         continue
@@ -419,8 +518,11 @@ for w in names:
         for s in others:
             r = rate(w, s) / rate(w, rf) if (w, s) in ops and (w, rf) in ops else None
             line.append(f"{r:.2f}" if r is not None else "-")
-            if s == "nbd" and r is not None and r < 0.9:
-                misses[rf].append(f"{names[w]} ({r:.2f}x)")
+            if (s, rf) in misses and r is not None and r < 0.9:
+                misses[(s, rf)].append(f"{names[w]} ({r:.2f}x)")
+    for rf in benches if "fio-rbd" in sides else []:
+        ok = (w, "fio-rbd") in ops and (w, rf) in ops
+        line.append(f"{rate(w, 'fio-rbd') / rate(w, rf):.2f}" if ok else "-")
     for rf in refs:
         if "nbd" not in sides:
             continue
@@ -430,11 +532,15 @@ for w in names:
     line.append(" / ".join(f"{spread(ops[(w, s)]) * 100:.0f}%" if (w, s) in ops else "-" for s in sides))
     print("| " + " | ".join(line) + " |")
 print()
-print("CPU per operation in the process making the librbd calls (rbd bench; the agent; the example), "
+print("CPU per operation in the process making the librbd calls (rbd bench; fio with its rbd engine; the agent; "
+      "the example), "
       "user + system, all threads, microseconds (median; lower is better). fio's own CPU (the NBD client) "
-      "is listed apart:")
+      "is listed apart, and so is the OSD's CPU per operation during each side's runs (the OSD shares the "
+      "machine's CPUs with every side):")
 print()
+osd = [s for s in sides if any((w, s) in osd_cpu for w in names)]
 head = ["workload"] + [f"{s} us/op" for s in sides] + (["fio us/op"] if "nbd" in sides else [])
+head += [f"OSD during {s} us/op" for s in osd]
 print("| " + " | ".join(head) + " |")
 print("|---|" + "---:|" * (len(head) - 1))
 for w in names:
@@ -443,14 +549,56 @@ for w in names:
     line = [names[w]] + [f"{med(cpu[(w, s)]):,.1f}" if (w, s) in cpu else "-" for s in sides]
     if "nbd" in sides:
         line.append(f"{med(fio_cpu[(w, 'nbd')]):,.1f}" if (w, "nbd") in fio_cpu else "-")
+    line += [f"{med(osd_cpu[(w, s)]):,.1f}" if (w, s) in osd_cpu else "-" for s in osd]
     print("| " + " | ".join(line) + " |")
 print()
-for rf in refs if "nbd" in sides else []:
+if osd:
+    print("CPU per operation of the whole IO path (the process calling librbd + fio for nbd + the OSD), "
+          "microseconds, and the CPUs it kept busy (CPU per op x ops per second; this machine has "
+          f"{os.cpu_count()}). When every side keeps the same number of CPUs busy, the machine is the limit "
+          "and throughput ratios are ratios of these CPU costs:")
+    print()
+    head = ["workload"] + [f"{s} us/op" for s in osd] + [f"{s} CPUs busy" for s in osd]
+    print("| " + " | ".join(head) + " |")
+    print("|---|" + "---:|" * (len(head) - 1))
+    for w in names:
+        if not any((w, s) in osd_cpu for s in osd):
+            continue
+        total = {s: med(cpu[(w, s)]) + (med(fio_cpu[(w, s)]) if s == "nbd" else 0) + med(osd_cpu[(w, s)])
+                 for s in osd if (w, s) in osd_cpu}
+        line = [names[w]] + [f"{total[s]:,.0f}" if s in total else "-" for s in osd]
+        line += [f"{total[s] * med(ops[(w, s)]) / 1e6:.2f}" if s in total else "-" for s in osd]
+        print("| " + " | ".join(line) + " |")
+    print()
+    pairs = [(s, rf) for s in ("nbd", "store") for rf in benches if s in osd and rf in osd]
+    if pairs:
+        print("What 0.9x would take on this machine, modelled from the table above (same CPUs busy, so "
+              "throughput = CPUs / CPU per op): the rbd bench side's whole-path CPU per op / 0.9, minus what "
+              "the rest of our path spent (the OSD; fio for nbd), is the most the agent (or the example) "
+              "could spend per op. Beside it: what it spent, and what rbd bench's own process spent:")
+        print()
+        print("| workload | side / peer | most it could spend, us/op | spent, us/op | the peer's own process, us/op |")
+        print("|---|---|---:|---:|---:|")
+        for w in names:
+            for s, rf in pairs:
+                if (w, s) not in osd_cpu or (w, rf) not in osd_cpu:
+                    continue
+                peer = med(cpu[(w, rf)]) + med(osd_cpu[(w, rf)])
+                rest = med(osd_cpu[(w, s)]) + (med(fio_cpu[(w, s)]) if s == "nbd" else 0)
+                print(f"| {names[w]} | {s} / {rf} | {peer / 0.9 - rest:,.0f} | {med(cpu[(w, s)]):,.0f} | "
+                      f"{med(cpu[(w, rf)]):,.0f} |")
+        print()
+for (s, rf), missed in misses.items():
+    if s not in sides:
+        continue
     peer = {"rbd-bench": "rbd bench, librbd defaults", "rbd-bench-nocache": "rbd bench --rbd-cache=false"}[rf]
-    if misses[rf]:
-        print(f"- goal (nbd >= 0.9x {peer} on every row): **NOT met** on {', '.join(misses[rf])}")
+    if missed:
+        print(f"- goal ({s} >= 0.9x {peer} on every row): **NOT met** on {', '.join(missed)}")
     else:
-        print(f"- goal (nbd >= 0.9x {peer} on every row): met")
+        print(f"- goal ({s} >= 0.9x {peer} on every row): met")
+if "fio-rbd" in sides and benches:
+    print("- fio-rbd/rbd-bench: how close a librbd client that writes real (changing) buffers and reads into its "
+          "own buffers through the C API gets to rbd bench on this machine")
 print(f"- spread = (max - min) / median over the rounds. 1-minute load average after each run: min {min(loads):.2f}, "
       f"median {med(loads):.2f}, max {max(loads):.2f}.")
 EOF
@@ -481,6 +629,7 @@ main() {
         cp "$RBD_BENCH" "$STORE_BIN"
     fi
     start_cluster
+    find_osd
 
     local hdr
     hdr=$(header)
@@ -488,8 +637,9 @@ main() {
     echo
 
     [[ " $SIDES " != *" rbd-bench"* ]] || measure_rbd_startup
+    [[ " $SIDES " != *" fio-rbd "* ]] || measure_fio_rbd_startup
     local csv="$WORK/runs.csv"
-    echo "round,side,workload,io_size,total,ops_per_s,cpu_s,fio_cpu_s,load1" >"$csv"
+    echo "round,side,workload,io_size,total,ops_per_s,cpu_s,fio_cpu_s,osd_cpu_s,load1" >"$csv"
     local -a sides
     read -r -a sides <<<"$SIDES"
     local n=${#sides[@]} round i
@@ -504,12 +654,12 @@ main() {
     rss=$(osd_rss)
     {
         echo "$hdr"
-        echo "- load average at end: $(cut -d' ' -f1-3 /proc/loadavg); OSD resident memory at end: $rss MiB; rbd bench start-up CPU subtracted per run: ${RBD_STARTUP_CPU}s"
+        echo "- load average at end: $(cut -d' ' -f1-3 /proc/loadavg); OSD resident memory at end: $rss MiB; rbd bench start-up CPU subtracted per run: ${RBD_STARTUP_CPU}s; fio rbd-engine start-up CPU subtracted per run: ${FIO_RBD_STARTUP_CPU}s"
         echo
         echo "$table"
     } >"$RESULTS_DIR/rbd-store.md"
     cp "$csv" "$RESULTS_DIR/rbd-store.csv"
-    echo "- load average at end: $(cut -d' ' -f1-3 /proc/loadavg); OSD resident memory at end: $rss MiB; rbd bench start-up CPU subtracted per run: ${RBD_STARTUP_CPU}s"
+    echo "- load average at end: $(cut -d' ' -f1-3 /proc/loadavg); OSD resident memory at end: $rss MiB; rbd bench start-up CPU subtracted per run: ${RBD_STARTUP_CPU}s; fio rbd-engine start-up CPU subtracted per run: ${FIO_RBD_STARTUP_CPU}s"
     echo
     echo "$table"
     echo
