@@ -215,21 +215,45 @@ impl Layer {
         Ok(())
     }
 
-    /// Writes `data` at `offset`, copying up partial unowned granules first.
+    /// Writes `data` at `offset`, copying up the parts of unowned granules
+    /// it does not cover first. Only unowned granules are read and
+    /// rewritten: an owned granule gets just `data`'s bytes, as on the
+    /// lock-free path, so a concurrent write elsewhere in it (which takes
+    /// no lock) is never replaced by a stale copy.
     pub fn write(&self, child: &File, data: &[u8], offset: u64) -> Result<(), StoreError> {
         let (first, last) = self.granules(offset, data.len() as u64);
         if self.owned.all_set(first, last) {
             return child.write_all_at(data, offset).map_err(io_err("write", offset));
         }
         let _locks = self.lock(first, last);
-        let start = first << self.shift;
-        let end = ((last + 1) << self.shift).min(self.size);
-        let mut merged = vec![0u8; usize::try_from(end - start).unwrap_or(0)];
-        self.read(child, &mut merged, start)?;
-        let at = usize::try_from(offset - start).unwrap_or(0);
-        merged[at..at + data.len()].copy_from_slice(data);
-        child.write_all_at(&merged, start).map_err(io_err("write", start))?;
-        self.set_owned(first, last);
+        let end = offset + data.len() as u64;
+        // Owned bits only change under the stripe locks, so they are stable here.
+        let mut g = first;
+        while g <= last {
+            let owned = self.owned.get(g);
+            let mut run_last = g;
+            while run_last < last && self.owned.get(run_last + 1) == owned {
+                run_last += 1;
+            }
+            let run_start = g << self.shift;
+            let run_end = ((run_last + 1) << self.shift).min(self.size);
+            let (from, to) = (run_start.max(offset), run_end.min(end));
+            let part = &data[usize::try_from(from - offset).unwrap_or(0)..usize::try_from(to - offset).unwrap_or(0)];
+            child.write_all_at(part, from).map_err(io_err("write", from))?;
+            if !owned {
+                // The rest of the run's edge granules comes from the parent (the whole granule is
+                // written, so nothing a crash left in the child file shows through).
+                for (s, e) in [(run_start, from), (to, run_end)] {
+                    if e > s {
+                        let mut fill = vec![0u8; usize::try_from(e - s).unwrap_or(0)];
+                        self.parent.read_at(&mut fill, s)?;
+                        child.write_all_at(&fill, s).map_err(io_err("write", s))?;
+                    }
+                }
+                self.set_owned(g, run_last);
+            }
+            g = run_last + 1;
+        }
         Ok(())
     }
 
@@ -603,6 +627,45 @@ mod tests {
         want[at..at + 4096].fill(0xee);
         assert!(got == want, "the stream overwrote the guest's write with parent data");
         assert_eq!(layer.unowned_bytes(), 12 * MIB);
+    }
+
+    #[test]
+    fn a_write_that_copies_up_leaves_a_concurrent_write_to_an_owned_granule_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let (plain, child) = layer(dir.path());
+        let parent = Arc::new(GatedParent {
+            inner: plain.parent.clone(),
+            held: Mutex::new(false),
+            opened: std::sync::Condvar::new(),
+            waited: std::sync::atomic::AtomicUsize::new(0),
+        });
+        drop(plain);
+        let child_path = dir.path().join("child.raw");
+        let uri = ImageUri::file(dir.path().join("parent.raw"));
+        let layer = Arc::new(Layer::open(&child_path, uri, parent.clone(), 16 * MIB, 64 << 10, false, false).unwrap());
+        // Granule 0 is owned (written whole); granule 1 is not.
+        layer.write(&child, &[0xaa; 65536], 0).unwrap();
+        *parent.held.lock().unwrap() = true;
+        // A write across both copies up the rest of granule 1 from the parent, and waits there.
+        let across = {
+            let (layer, child) = (layer.clone(), child.try_clone().unwrap());
+            std::thread::spawn(move || layer.write(&child, &[0xbb; 8192], 65536 - 4096).unwrap())
+        };
+        while parent.waited.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // Meanwhile a write inside owned granule 0 takes the lock-free path and completes.
+        layer.write(&child, &[0xcc; 4096], 0).unwrap();
+        parent.open();
+        across.join().unwrap();
+        let mut got = vec![0u8; 2 * 65536];
+        layer.read(&child, &mut got, 0).unwrap();
+        let mut want: Vec<u8> = (0..2 * 65536).map(parent_byte).collect();
+        want[..65536].fill(0xaa);
+        want[..4096].fill(0xcc);
+        want[65536 - 4096..65536 + 4096].fill(0xbb);
+        assert!(got[..4096] == want[..4096], "the copy-up rewrote granule 0 and lost the concurrent write");
+        assert!(got == want);
     }
 
     /// The owned bits on disk, one bool per granule.
