@@ -177,10 +177,16 @@ impl PointInTime {
         Ok(())
     }
 
-    /// The job no longer needs these granules: writes stop copying them.
+    /// The job copied `offset..offset+length`: writes stop copying the
+    /// granules it covers whole (the last one when it reaches the disk's
+    /// end). A granule only partly covered stays needed: with granules
+    /// larger than the job's copy chunks, its other chunks have yet to read
+    /// the point-in-time content; such granules stay needed to the job's end.
     pub fn release(&self, offset: u64, length: u64) {
-        let (first, last) = (offset >> self.shift, (offset + length.max(1) - 1) >> self.shift);
-        for g in first..=last.min(self.needed.len().saturating_sub(1)) {
+        let end = offset.saturating_add(length).min(self.size);
+        let first = offset.div_ceil(1 << self.shift);
+        let stop = if end == self.size { self.size.div_ceil(1 << self.shift) } else { end >> self.shift };
+        for g in first..stop.min(self.needed.len()) {
             self.needed.and_not_word(g / 64, 1 << (g % 64));
         }
     }
@@ -229,6 +235,44 @@ mod tests {
                 (x >> 24) as u8
             })
             .collect()
+    }
+
+    #[test]
+    fn a_granule_larger_than_a_copied_chunk_stays_needed_after_the_chunk() {
+        const G: u64 = 8 << 20;
+        const SIZE: u64 = 2 * G + (1 << 20); // a short last granule
+        let dir = tempfile::tempdir().unwrap();
+        let stores = Stores::new(None);
+        let store: Arc<dyn BlockStore> = Arc::new(FileStore::create(&dir.path().join("d.raw"), SIZE, &stores).unwrap());
+        let before = pattern(SIZE as usize, 3);
+        store.write_at(&before, 0).unwrap();
+        let view = PointInTime::whole(store.clone(), G, &dir.path().join("scratch")).unwrap();
+        // The job copied the first 4 MiB chunk of granule 0 and of granule 1; then the guest writes
+        // the second half of each.
+        view.release(0, 4 << 20);
+        view.release(G, 4 << 20);
+        for at in [4 << 20, G + (4 << 20)] {
+            view.before_write(at, 4096).unwrap();
+            store.write_at(&[0xee; 4096], at).unwrap();
+        }
+        for at in [4 << 20, G + (4 << 20)] {
+            let mut seen = vec![0u8; 4096];
+            view.read(&mut seen, at).unwrap();
+            assert!(seen[..] == before[at as usize..at as usize + 4096], "the view lost the old data at {at}");
+        }
+        // Its other half copied, granule 1 still is needed (no chunk covered it whole); granule 0,
+        // copied whole, and the last granule, copied up to the disk's end, are released.
+        view.release(G + (4 << 20), 4 << 20);
+        view.release(0, G);
+        view.release(2 * G, 1 << 20);
+        for (at, released) in [(G + (5 << 20), false), (5 << 20, true), (2 * G, true)] {
+            view.before_write(at, 4096).unwrap();
+            store.write_at(&[0xdd; 4096], at).unwrap();
+            let mut seen = vec![0u8; 4096];
+            view.read(&mut seen, at).unwrap();
+            let want = if released { &[0xdd; 4096][..] } else { &before[at as usize..at as usize + 4096] };
+            assert!(seen == want, "granule of {at}: released should be {released}");
+        }
     }
 
     #[test]
