@@ -8,7 +8,7 @@ use serde_json::Value;
 use super::{to_json, ApiError, Control, Size};
 use crate::config::DiskConfig;
 use crate::export::Export;
-use crate::jobs::backup::{self, BackupParams, Group, SyncMode};
+use crate::jobs::backup::{self, BackupParams, Group, Member, SyncMode};
 use crate::jobs::mirror::{self, CopyMode, MirrorParams, MirrorSync};
 use crate::jobs::stream::{self, StreamParams};
 use crate::jobs::verify::{self, VerifyParams};
@@ -146,10 +146,13 @@ impl Control {
                     }
                     plans.push(self.backup_plan(disk, sync, bitmap.clone(), target.clone(), auto)?);
                 }
-                let group = (plans.len() > 1).then(|| Group::new(plans.len()));
+                // A member that does not start (or fails before its end) reports a failure when
+                // its place is dropped, so the started ones never wait for it.
+                let mut members: Vec<Option<Member>> =
+                    if plans.len() > 1 { Group::members(plans.len()).into_iter().map(Some).collect() } else { vec![None] };
                 let mut started = Vec::new();
-                for (export, params) in plans {
-                    let (env, group, name) = (self.env.clone(), group.clone(), export.name().to_owned());
+                for ((export, params), group) in plans.into_iter().zip(members.drain(..)) {
+                    let (env, name) = (self.env.clone(), export.name().to_owned());
                     let (tx, rx) = tokio::sync::oneshot::channel();
                     let job = self.jobs.start("backup", &name, to_json(&params), speed, move |handle| {
                         backup::run(handle, env, export, params, group, tx)

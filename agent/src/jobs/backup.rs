@@ -123,14 +123,27 @@ pub struct Group {
     decided: watch::Sender<Option<bool>>,
 }
 
+/// One member's place in a [`Group`]. Every member reports exactly once:
+/// through [`Member::arrive`], or, on any other way out (an early error,
+/// a job that never started, a dropped task), by being dropped, which
+/// reports a failure without waiting. So the others never wait for a
+/// member that will not come.
+#[derive(Debug)]
+pub struct Member {
+    group: Arc<Group>,
+    reported: bool,
+}
+
 impl Group {
-    /// A group of `n` members.
-    pub fn new(n: usize) -> Arc<Self> {
-        Arc::new(Self { pending: AtomicUsize::new(n), failed: Mutex::new(false), decided: watch::channel(None).0 })
+    /// A group of `n` members: their places.
+    pub fn members(n: usize) -> Vec<Member> {
+        let group =
+            Arc::new(Self { pending: AtomicUsize::new(n), failed: Mutex::new(false), decided: watch::channel(None).0 });
+        (0..n).map(|_| Member { group: group.clone(), reported: false }).collect()
     }
 
-    /// Reports a member's outcome and waits for the group's: true = commit.
-    async fn arrive(&self, ok: bool) -> bool {
+    /// Counts one member's outcome; the last one decides for all.
+    fn report(&self, ok: bool) {
         if !ok {
             *self.failed.lock().unwrap_or_else(|p| p.into_inner()) = true;
         }
@@ -138,9 +151,25 @@ impl Group {
             let failed = *self.failed.lock().unwrap_or_else(|p| p.into_inner());
             let _ = self.decided.send(Some(!failed));
         }
-        let mut rx = self.decided.subscribe();
+    }
+}
+
+impl Member {
+    /// Reports this member's outcome and waits for the group's: true = commit.
+    async fn arrive(mut self, ok: bool) -> bool {
+        self.reported = true;
+        self.group.report(ok);
+        let mut rx = self.group.decided.subscribe();
         let decided = rx.wait_for(Option::is_some).await.map(|d| *d);
         decided.ok().flatten().unwrap_or(false)
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        if !self.reported {
+            self.group.report(false);
+        }
     }
 }
 
@@ -244,7 +273,7 @@ pub async fn run(
     env: BackupEnv,
     export: Arc<Export>,
     params: BackupParams,
-    group: Option<Arc<Group>>,
+    group: Option<Member>,
     frozen: tokio::sync::oneshot::Sender<()>,
 ) -> Result<Value, JobError> {
     let started = unix_now();
@@ -279,7 +308,7 @@ pub async fn run(
     result
 }
 
-async fn finish_group(group: Option<Arc<Group>>, result: Result<Value, JobError>) -> Result<Value, JobError> {
+async fn finish_group(group: Option<Member>, result: Result<Value, JobError>) -> Result<Value, JobError> {
     if let Some(g) = group {
         g.arrive(false).await;
     }
@@ -512,7 +541,7 @@ async fn finish(
     state: &Frozen2,
     copied: Copied,
     started: u64,
-    group: Option<Arc<Group>>,
+    group: Option<Member>,
 ) -> Result<Value, JobError> {
     let written = copied.written;
     job.checkpoint().await?;
@@ -612,4 +641,35 @@ pub(crate) fn retention(target: &dyn BlockStore, keep: u32, newest: &str) -> Res
         }
     }
     Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(std::time::Duration::from_secs(5), f).await.expect("a group member waited forever")
+    }
+
+    #[tokio::test]
+    async fn a_group_commits_only_when_every_member_arrived_ok() {
+        let mut m = Group::members(2);
+        let (a, b) = (m.remove(0), m.remove(0));
+        let (a, b) = within(async { tokio::join!(a.arrive(true), b.arrive(true)) }).await;
+        assert!(a && b);
+        let mut m = Group::members(2);
+        let (a, b) = (m.remove(0), m.remove(0));
+        let (a, b) = within(async { tokio::join!(a.arrive(true), b.arrive(false)) }).await;
+        assert!(!a && !b);
+    }
+
+    #[tokio::test]
+    async fn a_member_that_never_arrives_fails_the_group_instead_of_holding_it() {
+        // One member's job never starts (or leaves on an early error): its place is dropped.
+        let mut m = Group::members(3);
+        let (a, b) = (m.remove(0), m.remove(0));
+        drop(m);
+        let (a, b) = within(async { tokio::join!(a.arrive(true), b.arrive(true)) }).await;
+        assert!(!a && !b, "the group committed without one of its disks");
+    }
 }
