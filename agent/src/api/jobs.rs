@@ -148,8 +148,11 @@ impl Control {
                 }
                 // A member that does not start (or fails before its end) reports a failure when
                 // its place is dropped, so the started ones never wait for it.
-                let mut members: Vec<Option<Member>> =
-                    if plans.len() > 1 { Group::members(plans.len()).into_iter().map(Some).collect() } else { vec![None] };
+                let mut members: Vec<Option<Member>> = if plans.len() > 1 {
+                    Group::members(plans.len()).into_iter().map(Some).collect()
+                } else {
+                    vec![None]
+                };
                 let mut started = Vec::new();
                 for ((export, params), group) in plans.into_iter().zip(members.drain(..)) {
                     let (env, name) = (self.env.clone(), export.name().to_owned());

@@ -401,11 +401,28 @@ struct Copied {
 }
 
 async fn copy(job: &JobHandle, state: &Frozen2, chain: &Chain, size: u64) -> Result<Copied, JobError> {
+    let mut tasks = tokio::task::JoinSet::new();
+    let result = copy_chunks(job, state, chain, size, &mut tasks).await;
+    if result.is_err() {
+        // Let the chunks in flight finish (not abort them: a librbd write already submitted would
+        // still land), so that none writes to the target after the job has ended, where it could
+        // overwrite what a retry wrote there.
+        while tasks.join_next().await.is_some() {}
+    }
+    result
+}
+
+async fn copy_chunks(
+    job: &JobHandle,
+    state: &Frozen2,
+    chain: &Chain,
+    size: u64,
+    tasks: &mut tokio::task::JoinSet<Result<(u64, u64), StoreError>>,
+) -> Result<Copied, JobError> {
     let chunks = plan(state, size);
     job.set_total(chunks.iter().map(|c| c.1).sum());
     let mut written = 0;
     let mut guest_busy_chunks = 0;
-    let mut tasks = tokio::task::JoinSet::new();
     let mut guest_writes = state.pit.guest_writes();
     for (offset, length) in chunks {
         job.checkpoint().await?;
@@ -419,7 +436,7 @@ async fn copy(job: &JobHandle, state: &Frozen2, chain: &Chain, size: u64) -> Res
             PARALLEL_GUEST_BUSY
         };
         while tasks.len() >= limit {
-            written += join_one(&mut tasks, job).await?;
+            written += join_one(tasks, job).await?;
         }
         let (pit, target, fresh) = (state.pit.clone(), chain.target.clone(), chain.fresh);
         if target.async_io().is_some() {
@@ -429,7 +446,7 @@ async fn copy(job: &JobHandle, state: &Frozen2, chain: &Chain, size: u64) -> Res
         }
     }
     while !tasks.is_empty() {
-        written += join_one(&mut tasks, job).await?;
+        written += join_one(tasks, job).await?;
     }
     Ok(Copied { written, guest_busy_chunks })
 }
