@@ -23,4 +23,5 @@ pub mod fuzzing;
 pub mod jobs;
 pub mod metrics;
 pub mod nbd;
+mod rt;
 pub mod store;

@@ -62,14 +62,7 @@ impl Gate {
     /// hand-off on the only free worker would wait forever for a task that
     /// needs that worker.
     pub fn exclusive(&self) -> Exclusive<'_> {
-        let on_current_thread_runtime = tokio::runtime::Handle::try_current()
-            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread);
-        if on_current_thread_runtime {
-            self.wait_exclusive()
-        } else {
-            // Outside a runtime, or on a blocking thread, this runs the closure directly.
-            tokio::task::block_in_place(|| self.wait_exclusive())
-        }
+        crate::rt::blocking(|| self.wait_exclusive())
     }
 
     fn wait_exclusive(&self) -> Exclusive<'_> {

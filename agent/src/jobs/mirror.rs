@@ -30,7 +30,7 @@ use super::{JobError, JobHandle, JobState};
 use crate::bitmap::AtomicBits;
 use crate::export::{Export, WriteData, WriteHook};
 use crate::nbd::client::{NbdClient, NbdUri};
-use crate::store::{ExtentKind, StoreError};
+use crate::store::{BlockStore, ExtentKind, StoreError};
 
 /// Largest piece sent in one request.
 const PIECE: u64 = 4 << 20;
@@ -87,6 +87,8 @@ pub struct Tracker {
     locks: Vec<Arc<AsyncMutex<()>>>,
     blocking: AtomicBool,
     client: Arc<NbdClient>,
+    /// The disk's store: a forwarded write sends what it holds now.
+    source: Arc<dyn BlockStore>,
     runtime: tokio::runtime::Handle,
     sent: AtomicU64,
     /// Why forwarding a guest write failed (the mirror then fails; the
@@ -126,40 +128,50 @@ impl WriteHook for Tracker {
         Ok(())
     }
 
-    /// Write-blocking: forward the write under the granule locks (so it
-    /// lands after any copy of the same granules that read older data),
-    /// then drop the dirty bits of granules it covered completely. If the
-    /// mode changed since `before_write`, or forwarding fails, the granules
-    /// become dirty instead.
+    /// Write-blocking: under the granule locks, send the range as the
+    /// source holds it now, then drop the dirty bits of granules it covered
+    /// completely. Sending the source's content rather than this write's
+    /// data keeps overlapping writes in flight from reaching the
+    /// destination in the other order: whichever forward goes last read the
+    /// source after both writes were stored. The locks also order it after
+    /// any copy of the same granules that read older data. WRITE_ZEROES and
+    /// TRIM, and writes when the mode changed since `before_write` or
+    /// forwarding fails, make the granules dirty instead (a pass copies
+    /// them). A write on a runtime worker (the connection's own task) waits
+    /// through [`crate::rt::blocking`].
     fn after_write(&self, offset: u64, data: &WriteData<'_>) -> Result<(), StoreError> {
         let (first, last) = self.granules(offset, data.len());
-        if !self.blocking.load(SeqCst) {
+        if !self.blocking.load(SeqCst) || matches!(data, WriteData::Zeroes(_)) {
             self.dirty.set_range(first, last);
             return Ok(());
         }
-        let locks = self.stripes(first, last);
-        let guards: Vec<_> = locks.iter().map(|l| l.blocking_lock()).collect();
-        let sent = self.runtime.block_on(async {
-            match data {
-                WriteData::Data(d) => self.client.write(offset, Bytes::copy_from_slice(d), false).await,
-                WriteData::Zeroes(n) => zero(&self.client, offset, *n).await,
+        let length = data.len();
+        crate::rt::blocking(|| {
+            let locks = self.stripes(first, last);
+            let guards: Vec<_> = locks.iter().map(|l| l.blocking_lock()).collect();
+            let mut now = vec![0u8; usize::try_from(length).unwrap_or(0)];
+            let sent = match self.source.read_at(&mut now, offset) {
+                Ok(()) => {
+                    self.runtime.block_on(self.client.write(offset, Bytes::from(now), false)).map_err(|e| e.to_string())
+                }
+                Err(e) => Err(format!("reading the source failed: {e}")),
+            };
+            if let Err(e) = sent {
+                self.dirty.set_range(first, last);
+                self.blocking.store(false, SeqCst);
+                tracing::error!(offset, error = %e, "forwarding a write to the mirror target failed; the mirror fails");
+                let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+                failed.get_or_insert_with(|| format!("Forwarding a write to the destination failed: {e}"));
+                return;
             }
+            self.sent.fetch_add(length, SeqCst);
+            let g = 1u64 << self.shift;
+            let (full_first, end) = (offset.div_ceil(g), (offset + length) / g);
+            for gr in full_first..end {
+                self.dirty.and_not_word(gr / 64, 1 << (gr % 64));
+            }
+            drop(guards);
         });
-        if let Err(e) = sent {
-            self.dirty.set_range(first, last);
-            self.blocking.store(false, SeqCst);
-            tracing::error!(offset, error = %e, "forwarding a write to the mirror target failed; the mirror fails");
-            let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
-            failed.get_or_insert_with(|| format!("Forwarding a write to the destination failed: {e}"));
-            return Ok(());
-        }
-        self.sent.fetch_add(data.len(), SeqCst);
-        let g = 1u64 << self.shift;
-        let (full_first, end) = (offset.div_ceil(g), (offset + data.len()) / g);
-        for gr in full_first..end {
-            self.dirty.and_not_word(gr / 64, 1 << (gr % 64));
-        }
-        drop(guards);
         Ok(())
     }
 
@@ -260,6 +272,7 @@ fn start_tracking(
             locks: (0..STRIPES).map(|_| Arc::new(AsyncMutex::new(()))).collect(),
             blocking: AtomicBool::new(params.copy_mode == CopyMode::WriteBlocking),
             client,
+            source: export.store().clone(),
             runtime: tokio::runtime::Handle::current(),
             sent: AtomicU64::new(0),
             failed: std::sync::Mutex::new(None),
@@ -439,4 +452,82 @@ async fn copy_piece(export: Arc<Export>, t: Arc<Tracker>, first: u64, last: u64)
     t.sent.fetch_add(end - start, SeqCst);
     drop(guards);
     Ok(end - start)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::file::FileStore;
+    use crate::store::Stores;
+    use std::process::{Child, Command, Stdio};
+
+    /// `qemu-nbd` serving a raw file on a Unix socket (the mirror's destination), killed on drop.
+    struct QemuNbd(Child);
+
+    impl Drop for QemuNbd {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    /// Two overlapping writes are stored A then B; their forwards run B first, then A, A's on a
+    /// runtime worker (a write on the connection's own task, which can meet a write-blocking
+    /// mirror that started while it waited for the gate).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn forwards_of_overlapping_writes_in_the_other_order_leave_the_destination_as_the_source() {
+        const SIZE: u64 = 1 << 20;
+        let dir = tempfile::tempdir().unwrap();
+        let stores = Stores::new(None);
+        let source: Arc<dyn BlockStore> =
+            Arc::new(FileStore::create(&dir.path().join("src.raw"), SIZE, &stores).unwrap());
+        let dest = dir.path().join("dst.raw");
+        std::fs::File::create(&dest).unwrap().set_len(SIZE).unwrap();
+        let socket = dir.path().join("dst.sock");
+        let _server = QemuNbd(
+            Command::new("qemu-nbd")
+                .args(["-t", "-f", "raw", "-k"])
+                .arg(&socket)
+                .arg(&dest)
+                .stdin(Stdio::null())
+                .spawn()
+                .expect("qemu-nbd (qemu-utils) must be installed"),
+        );
+        let uri: NbdUri = format!("nbd+unix:///?socket={}", socket.display()).parse().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let client = loop {
+            match NbdClient::connect(&uri, None).await {
+                Ok(c) => break Arc::new(c),
+                Err(e) if Instant::now() > deadline => panic!("connecting to qemu-nbd: {e}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        };
+        let tracker = Arc::new(Tracker {
+            dirty: AtomicBits::new(SIZE >> 16),
+            shift: 16,
+            size: SIZE,
+            locks: (0..STRIPES).map(|_| Arc::new(AsyncMutex::new(()))).collect(),
+            blocking: AtomicBool::new(true),
+            client: client.clone(),
+            source: source.clone(),
+            runtime: tokio::runtime::Handle::current(),
+            sent: AtomicU64::new(0),
+            failed: std::sync::Mutex::new(None),
+        });
+        let (a, b) = (vec![0xaa; 8192], vec![0xbb; 8192]);
+        tracker.before_write(4096, 8192).unwrap();
+        source.write_at(&a, 4096).unwrap();
+        tracker.before_write(8192, 8192).unwrap();
+        source.write_at(&b, 8192).unwrap();
+        let t = tracker.clone();
+        tokio::task::spawn_blocking(move || t.after_write(8192, &WriteData::Data(&b))).await.unwrap().unwrap();
+        tracker.after_write(4096, &WriteData::Data(&a)).unwrap();
+        assert!(tracker.failed.lock().unwrap().is_none());
+        client.flush().await.unwrap();
+        let got = client.read(0, 32768).await.unwrap();
+        let mut want = vec![0u8; 32768];
+        source.read_at(&mut want, 0).unwrap();
+        assert!(got[..] == want[..], "the destination kept the older write where the two overlap");
+        assert_eq!(tracker.remaining(), 0, "no granule was left dirty");
+    }
 }
