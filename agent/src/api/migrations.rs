@@ -258,25 +258,38 @@ impl Control {
             .flatten()
             .filter_map(|d| d["disk"].as_str().map(str::to_owned))
             .collect();
-        let mut jobs = Vec::new();
-        for disk in &disks {
-            let export = self.disk_any(disk)?;
+        // All or nothing: every disk is found before any goes live, and once they are live the
+        // answer is success (the source's `migrate` backs out on an error, which must mean
+        // that nothing went live). A stream that cannot start is reported, not an error.
+        let exports = disks.iter().map(|disk| self.disk_any(disk)).collect::<Result<Vec<_>, _>>()?;
+        for (disk, export) in disks.iter().zip(&exports) {
             export.activate();
             env.incoming.remove(disk);
-            if req.stream.unwrap_or(true) {
-                let params = StreamParams { chunk: 4 << 20, holder: Some(format!("{}:{disk}", self.env.node)) };
-                let stores = self.env.stores.clone();
-                let job = self
-                    .jobs
-                    .start("stream", disk, to_json(&params), speed, move |h| stream::run(h, export, params, stores))?;
-                jobs.push(job.record().id);
-            }
         }
         record["state"] = "active".into();
-        record["stream_jobs"] = to_json(&jobs);
         record["activated_at"] = unix_now().into();
         env.save(&record);
         tracing::info!(migration = %id, "incoming migration activated");
+        let (mut jobs, mut stream_errors) = (Vec::new(), Vec::new());
+        for (disk, export) in disks.iter().zip(exports).filter(|_| req.stream.unwrap_or(true)) {
+            let params = StreamParams { chunk: 4 << 20, holder: Some(format!("{}:{disk}", self.env.node)) };
+            let stores = self.env.stores.clone();
+            match self
+                .jobs
+                .start("stream", disk, to_json(&params), speed, move |h| stream::run(h, export, params, stores))
+            {
+                Ok(job) => jobs.push(job.record().id),
+                Err(e) => {
+                    tracing::warn!(migration = %id, disk = %disk, error = %e, "the stream job did not start");
+                    stream_errors.push(serde_json::json!({ "disk": disk, "error": e.to_string() }));
+                }
+            }
+        }
+        record["stream_jobs"] = to_json(&jobs);
+        if !stream_errors.is_empty() {
+            record["stream_errors"] = stream_errors.into();
+        }
+        env.save(&record);
         Ok(redact(record))
     }
 

@@ -154,7 +154,19 @@ pub async fn migrate(source: &Endpoint, json_out: bool, a: MigrateArgs) -> Resul
     let complete = json!({ "stream": !a.no_stream, "speed": a.speed });
     let active = match call(&dest, "POST", &format!("/v1/migrations/{id}/complete"), Some(complete)).await {
         Ok(active) => active,
-        Err(e) => return Err(back_out(source, &id, &mirrors, e).await),
+        // The source takes its disks back only if the destination shows that none went live
+        // (`complete` is all or nothing); an answer lost on the way must not make both writable.
+        Err(e) => match call(&dest, "GET", &format!("/v1/migrations/{id}"), None).await {
+            Ok(m) if m["state"] == "active" => m,
+            Ok(m) if m["state"] == "prepared" => return Err(back_out(source, &id, &mirrors, e).await),
+            _ => {
+                return Err(fail(format!(
+                    "{e}; whether the destination went live is unknown, so the source stays fenced \
+                     (read-only): see GET /v1/migrations/{id} on the destination, then complete it there, \
+                     or abort it and DELETE /v1/disks/DISK/fence on the source"
+                )))
+            }
+        },
     };
     let summary = summarize(&a.vm, &id, &results, &active, a.verify, started.elapsed());
     if json_out {
