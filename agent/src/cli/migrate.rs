@@ -146,6 +146,19 @@ pub async fn migrate(source: &Endpoint, json_out: bool, a: MigrateArgs) -> Resul
     // fenced, destination hidden" is safe (a retry or DELETE .../fence
     // recovers it); "both writable" never happens.
     for (disk, _) in &mirrors {
+        // The cut-over left the disk read-only in memory; if it is writable now (the source agent
+        // restarted, or reloaded the disk), writes may have landed that the destination lacks.
+        match call(source, "GET", &format!("/v1/disks/{disk}"), None).await {
+            Ok(info) if info["read_only"] == true => {}
+            Ok(_) => {
+                let e = fail(format!(
+                    "{disk} became writable on the source after the cut-over (agent restarted or disk reloaded?); \
+                     the destination may lack writes made since"
+                ));
+                return Err(back_out(source, &id, &mirrors, e).await);
+            }
+            Err(e) => return Err(back_out(source, &id, &mirrors, e).await),
+        }
         let body = json!({ "target": format!("{} {id}", a.to) });
         if let Err(e) = call(source, "POST", &format!("/v1/disks/{disk}/fence"), Some(body)).await {
             return Err(back_out(source, &id, &mirrors, e).await);
