@@ -1106,6 +1106,55 @@ fn mirror_outpaced_by_writes_switches_itself_to_write_blocking_and_completes() {
     assert_model("destination", &b.unix_uri(DISK), &model, &scratch);
 }
 
+/// An operator's `set-copy-mode background` must not undo the mirror's own
+/// switch to write-blocking on every later pass (it then never converged).
+#[test]
+fn a_copy_mode_set_by_hand_does_not_keep_undoing_the_switch_to_write_blocking() {
+    let store = tempfile::tempdir().unwrap();
+    let backing = Backing::File(store.path().join("backups/vm1-disk0.raw"));
+    let mut rng = Rng::from_env(0x3141_000b);
+    let (a, b, model, _) = small_setup(&backing, &mut rng, 0);
+    let scratch = b.dir().join("scratch.raw");
+    // As in the test above: a hot set, all dirty before the mirror starts, rewritten faster than
+    // the mirror may send.
+    let hot: Vec<u64> = (0..48).map(|i| 64 + 2 * i).collect();
+    let mut conn = Nbd::connect(&a.socket(), DISK).unwrap();
+    let ranges: Vec<(u64, u64)> = hot.iter().map(|&g| (g * GRANULE, GRANULE)).collect();
+    write_ranges(&mut conn, &model, &mut rng, &ranges);
+    drop(conn);
+    let writer = Writer::start(a.socket(), model.clone(), hot.clone(), 4 * MIB, rng.next_u64());
+    writer.wait_acked(5);
+    let child = migrate_cmd(&a, &b, true, &["--speed", "2MiB", "--ready-threshold", "0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn migrate");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut child = Some(child);
+    let id = loop {
+        if let Some(job) = jobs_of(&a, "mirror").into_iter().find(|j| j["state"] == "running") {
+            break job["id"].as_str().unwrap().to_owned();
+        }
+        if Instant::now() > deadline {
+            let out = finish_within(child.take().unwrap(), Duration::from_secs(1), |_| {});
+            panic!("no running mirror job on the source: {}; jobs {:?}", show(&out), jobs_of(&a, "mirror"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let child = child.take().unwrap();
+    let set = cli_json(&a, &["job", "set-copy-mode", &id, "background"]);
+    eprintln!("set-copy-mode background: {set}");
+    let out = finish_within(child, Duration::from_secs(90), |_| {});
+    assert!(out.status.success(), "migrate failed: {}{}", show(&out), logs(&a, &b));
+    let log = writer.wait_refused(Duration::from_secs(10));
+    assert!(log.error.is_none(), "writer failed: {log:?}");
+    let mirror = jobs_of(&a, "mirror").pop().unwrap();
+    assert_eq!(mirror["result"], "success", "{mirror:#}");
+    assert!(mirror["summary"]["switched_to_write_blocking_after_pass"].is_u64(), "{mirror:#}");
+    assert_identical("source vs destination", &a.unix_uri(DISK), &b.unix_uri(DISK));
+    assert_model("destination", &b.unix_uri(DISK), &model, &scratch);
+}
+
 #[test]
 fn source_stays_read_only_after_a_restart_following_a_completed_migration() {
     let store = tempfile::tempdir().unwrap();

@@ -315,6 +315,9 @@ async fn mirror(
             if stalled >= STALLED_PASSES {
                 tracing::warn!(remaining = left, "mirror not converging; switching to write-blocking");
                 t.blocking.store(true, SeqCst);
+                // Recorded as the job's setting: the next pass applies it instead of an older
+                // `copy_mode` that would switch it back.
+                job.set_setting("copy_mode", json!(CopyMode::WriteBlocking));
                 switched_at = Some(passes);
             }
         } else {

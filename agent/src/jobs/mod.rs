@@ -287,6 +287,21 @@ impl JobHandle {
     pub fn settings(&self) -> Value {
         self.0.settings.borrow().clone()
     }
+
+    /// Records a setting the job changed itself (e.g. a mirror switching
+    /// to write-blocking), so it stays in force and shows.
+    pub fn set_setting(&self, key: &str, value: Value) {
+        set_in(&self.0.settings, key, value);
+    }
+}
+
+fn set_in(settings: &watch::Sender<Value>, key: &str, value: Value) {
+    settings.send_modify(|s| {
+        if !s.is_object() {
+            *s = Value::Object(Default::default());
+        }
+        s[key] = value;
+    });
 }
 
 /// Errors of job control requests.
@@ -504,12 +519,7 @@ impl JobManager {
     /// Changes a job-specific setting of a running job.
     pub fn set_setting(&self, id: &str, key: &str, value: Value) -> Result<JobRecord, JobControlError> {
         let job = self.live(id)?;
-        job.settings.send_modify(|s| {
-            if !s.is_object() {
-                *s = Value::Object(Default::default());
-            }
-            s[key] = value;
-        });
+        set_in(&job.settings, key, value);
         Ok(job.record())
     }
 
