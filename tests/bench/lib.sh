@@ -40,3 +40,18 @@ stop_pid() {
     fi
     wait "$pid" 2>/dev/null || true
 }
+
+# proc_ticks PID: user + system clock ticks of PID so far (empty if PID is empty or gone).
+proc_ticks() {
+    local stat
+    [[ -n $1 ]] && stat=$(<"/proc/$1/stat") 2>/dev/null || return 0
+    stat=${stat##*) }
+    local -a f
+    read -r -a f <<<"$stat"
+    echo $((f[11] + f[12]))
+}
+
+# ticks_s TICKS: clock ticks as seconds (3 decimals).
+ticks_s() {
+    awk -v t="$1" -v hz="$(getconf CLK_TCK)" 'BEGIN {printf "%.3f", t / hz}'
+}

@@ -291,9 +291,14 @@ stop_cluster() {
     CEPH_DIR=""
 }
 
+osd_pid() {
+    cat "$CEPH_DIR/run/osd.0.pid" 2>/dev/null || true
+}
+
 osd_rss() {
     local pid
-    pid=$(cat "$CEPH_DIR/run/osd.0.pid" 2>/dev/null) || { echo "?"; return; }
+    pid=$(osd_pid)
+    [[ -n $pid ]] || { echo "?"; return; }
     awk '$1 == "VmRSS:" {printf "%d", $2 / 1024}' "/proc/$pid/status" 2>/dev/null || echo "?"
 }
 
@@ -474,6 +479,18 @@ run_incremental() {
         '.disks[0] as $d | "\($d.bytes_sent) \($d.mirror_ms) \($d.downtime_ms) \($w) \($d.initial_dirty_bytes) \($d.passes) \(.stream_jobs[0] // "none") \($t1)"' "$out"
 }
 
+# rbd_bench_read_cpu IMAGE THREADS IO_SIZE TOTAL OUT: "MiB/s CPU_S OSD_CPU_S": rbd_bench_read, with
+# the CPU seconds of the rbd process (user + system) and of the OSD meanwhile.
+rbd_bench_read_cpu() {
+    local osd0 osd1 rate
+    osd0=$(proc_ticks "$(osd_pid)")
+    local TIMEFORMAT='%U %S'
+    { time rbd_bench_read "$@" >"$5.rate"; } 2>"$5.time"
+    osd1=$(proc_ticks "$(osd_pid)")
+    rate=$(<"$5.rate")
+    echo "$rate $(awk '{printf "%.3f", $1 + $2}' "$5.time") $( [[ -n $osd0 && -n $osd1 ]] && ticks_s "$((osd1 - osd0))" || echo -)"
+}
+
 # rbd_bench_read IMAGE THREADS IO_SIZE TOTAL OUT: MiB/s of a sequential read of TOTAL bytes.
 rbd_bench_read() {
     rbd_ bench --io-type read --io-pattern seq --io-size "$3" --io-threads "$2" --io-total "$4" "$1" >"$5" 2>&1 ||
@@ -482,7 +499,8 @@ rbd_bench_read() {
 }
 
 # rbd_export_timed SNAP FILE LOG: `rbd export SNAP FILE` (SNAP: POOL/IMAGE@SNAP) then fdatasync of
-# FILE, timed together; prints "total_s sync_s"; removes FILE.
+# FILE, timed together; prints "total_s sync_s cpu_s osd_cpu_s" (CPU: the rbd and sync processes,
+# user + system; the OSD's meanwhile); removes FILE.
 #
 # Durability, so that the two figures compare like with like: the stream's time runs until its job
 # concludes, which is after detach_parent (agent/src/jobs/stream.rs -> FileStore::detach_parent in
@@ -497,21 +515,26 @@ rbd_bench_read() {
 # starts, `sync -f` settles the filesystem (the removed destination image, the source's writes when
 # they share it), as the stream starts right after the cut-over's flush of the destination.
 rbd_export_timed() {
-    local snap=$1 file=$2 log=$3 t0 t1 t2 got
+    local snap=$1 file=$2 log=$3 t0 t1 t2 got osd0 osd1 osd="-"
     rm -f "$file"
     sync -f "$(dirname "$file")" || true
+    osd0=$(proc_ticks "$(osd_pid)")
+    local TIMEFORMAT='%U %S'
     t0=$(now)
-    timeout -k 10 900 rbd -c "$CONF" export --no-progress "$snap" "$file" >"$log" 2>&1 || {
+    { time timeout -k 10 900 rbd -c "$CONF" export --no-progress "$snap" "$file" >"$log" 2>&1; } 2>"$log.time" || {
         rm -f "$file"
         die "rbd export $snap failed: $(tail -n 5 "$log")"
     }
     t1=$(now)
-    sync --data "$file" || { rm -f "$file"; die "sync --data $file failed"; }
+    { time sync --data "$file"; } 2>"$log.sync-time" || { rm -f "$file"; die "sync --data $file failed"; }
     t2=$(now)
+    osd1=$(proc_ticks "$(osd_pid)")
+    [[ -z $osd0 || -z $osd1 ]] || osd=$(ticks_s "$((osd1 - osd0))")
     got=$(stat -c %s "$file")
     rm -f "$file"
     ((got == SIZE_B)) || die "rbd export of $snap wrote $got bytes, not $SIZE_B"
-    awk -v a="$t0" -v b="$t1" -v c="$t2" 'BEGIN {printf "%.3f %.3f\n", c - a, c - b}'
+    awk -v a="$t0" -v b="$t1" -v c="$t2" -v osd="$osd" '{cpu += $1 + $2} END {printf "%.3f %.3f %.3f %s\n", c - a, c - b, cpu, osd}' \
+        "$log.time" "$log.sync-time"
 }
 
 # warm_dest: on a tmpfs $DEST, writes and removes a $SIZE file first. On this VM, memory that
@@ -565,8 +588,12 @@ run_round() {
                 discard_dir "$dst"
             else
                 inc_r=$(run_incremental "$src" "$dst" "$tag")
+                # CPU from here to the stream's end: the destination agent (streaming) and the OSD.
+                local agent0 osd0 stream_cpu="- -"
+                agent0=$(proc_ticks "${AGENT_PIDS[$dst]}")
+                osd0=$(proc_ticks "$(osd_pid)")
                 log "  incremental: sent/mirror ms/downtime ms/wall s/seeded/passes/stream job = ${inc_r% *}"
-                local stream_job stream_r="- - -" bench16="-" bench1="-" bench64k="-" parent="" export_r="- -"
+                local stream_job stream_r="- - -" bench16="- - -" bench1="-" bench64k="-" parent="" export_r="- - - -"
                 read -r _ _ _ _ _ _ stream_job _ <<<"$inc_r"
                 if [[ $STREAM == 1 && $stream_job != none ]]; then
                     # The stream's time is its own (summary.duration_ms: job start to detached), so
@@ -574,6 +601,12 @@ run_round() {
                     # stream being timed (perf, 2026-11-27).
                     local sj
                     sj=$(wait_job "$dst" "$stream_job" 900 1)
+                    local agent1 osd1
+                    agent1=$(proc_ticks "${AGENT_PIDS[$dst]}")
+                    osd1=$(proc_ticks "$(osd_pid)")
+                    if [[ -n $agent0 && -n $agent1 && -n $osd0 && -n $osd1 ]]; then
+                        stream_cpu="$(ticks_s "$((agent1 - agent0))") $(ticks_s "$((osd1 - osd0))")"
+                    fi
                     printf '%s\n' "$sj" >"$WORK/out/$tag-stream.json"
                     [[ $(jq -r .result <<<"$sj") == success ]] || die "stream failed: $sj"
                     stream_r=$(jq -r '.summary | "\(.bytes_copied) \((.duration_ms // 0) / 1000) "' <<<"$sj")$(jq -r .bytes_total <<<"$sj")
@@ -585,20 +618,20 @@ run_round() {
                         parent=${parent#rbd:}
                     fi
                     log "  stream:      bytes copied/s/disk = $stream_r"
-                    bench16=$(rbd_bench_read "$img" 16 $((4 << 20)) "$SIZE_B" "$WORK/out/$tag-rbdbench16.txt")
+                    bench16=$(rbd_bench_read_cpu "$img" 16 $((4 << 20)) "$SIZE_B" "$WORK/out/$tag-rbdbench16.txt")
                     bench1=$(rbd_bench_read "$img" 1 $((4 << 20)) "$SIZE_B" "$WORK/out/$tag-rbdbench1.txt")
                     # The stream's access pattern (one 64 KiB granule read at a time), for diagnosis.
                     bench64k=$(rbd_bench_read "$img" 1 "$GRAN" $((SIZE_B < 1 << 30 ? SIZE_B : 1 << 30)) "$WORK/out/$tag-rbdbench64k.txt")
-                    log "  rbd bench seq read: 4M $bench16 MiB/s (16 threads), 4M $bench1 MiB/s (1 thread), 64K $bench64k MiB/s (1 thread)"
+                    log "  rbd bench seq read: 4M ${bench16%% *} MiB/s (16 threads), 4M $bench1 MiB/s (1 thread), 64K $bench64k MiB/s (1 thread)"
                 fi
                 stop_agent "$dst"
                 discard_dir "$dst"
                 if [[ -n $parent ]]; then
                     # The fair peer, after the destination is gone (one $SIZE copy on DEST at a time).
                     export_r=$(rbd_export_timed "$parent" "$DEST/$tag-rbd-export.raw" "$WORK/out/$tag-rbd-export.txt")
-                    log "  rbd export + fdatasync: $(awk -v s="$SIZE_B" -v t="${export_r% *}" 'BEGIN {printf "%.1f", s / 1048576 / t}') MiB/s (s total/of which fdatasync = $export_r)"
+                    log "  rbd export + fdatasync: $(awk -v s="$SIZE_B" -v t="${export_r%% *}" 'BEGIN {printf "%.1f", s / 1048576 / t}') MiB/s (s total/of which fdatasync/CPU/OSD CPU = $export_r)"
                 fi
-                inc_r="${inc_r% * *} $stream_r $bench16 $bench1 $bench64k $export_r"
+                inc_r="${inc_r% * *} $stream_r $bench1 $bench64k $export_r $bench16 $stream_cpu"
             fi
         done
         echo "$round,$d,$dbytes,$SIZE_B,${full_r// /,},${inc_r// /,},$(cut -d' ' -f1 /proc/loadavg)" >>"$csv"
@@ -704,7 +737,7 @@ header() {
 
 report_part1() {
     "$PY" - "$1" <<'EOF'
-import csv, statistics, sys
+import csv, os, statistics, sys
 med = statistics.median
 rows = list(csv.DictReader(open(sys.argv[1])))
 if not rows:
@@ -788,6 +821,41 @@ if any(r["stream_s"] not in ("-", "") for r in rows):
     print(f"- goal (stream >= 0.9x rbd bench sequential read, rbd bench's default 16 threads): "
           + (f"**NOT met** on {', '.join(misses)}" if misses else "met")
           + "; stream / rbd export is the like-for-like ratio (no goal set here).")
+    known = lambda r, *ks: all(r.get(k) not in (None, "", "-") for k in ks)
+    cpu_rows = []
+    for lv in levels:
+        rs = [r for r in rows if r["dirty_pct"] == lv and known(r, "stream_cpu_s", "stream_osd_s", "rbd_bench16_cpu_s",
+                                                                 "rbd_bench16_osd_s", "rbd_export_cpu_s", "rbd_export_osd_s")]
+        if rs:
+            cpu_rows.append((lv, rs))
+    if cpu_rows:
+        print()
+        print("CPU per MiB moved (milliseconds; the process doing the work, user + system, and the OSD meanwhile) and "
+              f"the CPUs kept busy (CPU seconds / seconds; this machine has {os.cpu_count()}). The stream's process is "
+              "the destination agent (its reads from librbd and its writes into the destination file); rbd export's is "
+              "rbd plus `sync`; rbd bench only reads:")
+        print()
+        print("| dirty | stream: agent + OSD | rbd export: rbd + OSD | rbd bench 16: rbd + OSD | CPUs busy: stream / "
+              "export / bench | for 0.9x rbd bench the agent may spend at most | agent spent | rbd export's process |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for lv, rs in cpu_rows:
+            ms = lambda k, mib: med([f(r, k) * 1000 / mib(r) for r in rs])
+            moved = lambda r: f(r, "stream_copied") / MiB
+            whole = lambda r: f(r, "size") / MiB
+            s_agent, s_osd = ms("stream_cpu_s", moved), ms("stream_osd_s", moved)
+            x_rbd, x_osd = ms("rbd_export_cpu_s", whole), ms("rbd_export_osd_s", whole)
+            b_rbd, b_osd = ms("rbd_bench16_cpu_s", whole), ms("rbd_bench16_osd_s", whole)
+            busy_s = med([(f(r, "stream_cpu_s") + f(r, "stream_osd_s")) / f(r, "stream_s") for r in rs])
+            busy_x = med([(f(r, "rbd_export_cpu_s") + f(r, "rbd_export_osd_s")) / f(r, "rbd_export_s") for r in rs])
+            busy_b = med([(f(r, "rbd_bench16_cpu_s") + f(r, "rbd_bench16_osd_s")) / (whole(r) / f(r, "rbd_bench16"))
+                          for r in rs])
+            budget = (b_rbd + b_osd) / 0.9 - s_osd
+            print(f"| {lv}% | {s_agent:.2f} + {s_osd:.2f} | {x_rbd:.2f} + {x_osd:.2f} | {b_rbd:.2f} + {b_osd:.2f} "
+                  f"| {busy_s:.2f} / {busy_x:.2f} / {busy_b:.2f} | {budget:.2f} | {s_agent:.2f} | {x_rbd:.2f} |")
+        print()
+        print("- the budget column models a CPU-bound machine (the same CPUs busy on both sides, so throughput = "
+              "CPUs / CPU per MiB): rbd bench's CPU per MiB / 0.9, minus the OSD's CPU per MiB during the stream. "
+              "When the stream keeps fewer CPUs busy than rbd bench, it waits on something other than CPU.")
 print()
 loads = [float(r["load1"]) for r in rows]
 print(f"- {len(set(r['round'] for r in rows))} round(s); each cell the median. 1-minute load average after each level: "
@@ -879,7 +947,7 @@ main() {
     echo
 
     local csv1="$WORK/part1.csv" csv2="$WORK/cutover.csv" round
-    echo "round,dirty_pct,dirty_bytes,size,full_sent,full_mirror_ms,full_downtime_ms,full_wall_s,inc_sent,inc_mirror_ms,inc_downtime_ms,inc_wall_s,inc_seeded,inc_passes,stream_copied,stream_s,stream_total,rbd_bench16,rbd_bench1,rbd_bench64k_1,rbd_export_s,rbd_export_sync_s,load1" >"$csv1"
+    echo "round,dirty_pct,dirty_bytes,size,full_sent,full_mirror_ms,full_downtime_ms,full_wall_s,inc_sent,inc_mirror_ms,inc_downtime_ms,inc_wall_s,inc_seeded,inc_passes,stream_copied,stream_s,stream_total,rbd_bench1,rbd_bench64k_1,rbd_export_s,rbd_export_sync_s,rbd_export_cpu_s,rbd_export_osd_s,rbd_bench16,rbd_bench16_cpu_s,rbd_bench16_osd_s,stream_cpu_s,stream_osd_s,load1" >"$csv1"
     echo "cutover,downtime_ms,drain_ms,bytes_sent,initial_dirty,passes,switched_after_pass,mirror_ms,migrate_ms,fio_max_lat_ms,fio_p99_ms,fio_iops,fio_error,gap_ms,load1" >"$csv2"
     local rss1="-" rss2="-" start part1_s="-" part2_s="-"
     if ((ROUNDS > 0)); then

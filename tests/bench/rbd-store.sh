@@ -203,15 +203,6 @@ osd_rss() {
     awk '$1 == "VmRSS:" {printf "%d", $2 / 1024}' "/proc/$OSD_PID/status" 2>/dev/null || echo "?"
 }
 
-# proc_ticks PID: user + system clock ticks of PID so far (empty if PID is empty or gone).
-proc_ticks() {
-    local stat
-    [[ -n $1 ]] && stat=$(<"/proc/$1/stat") 2>/dev/null || return 0
-    stat=${stat##*) }
-    local -a f
-    read -r -a f <<<"$stat"
-    echo $((f[11] + f[12]))
-}
 
 # --- the sides -----------------------------------------------------------------------------
 
@@ -414,7 +405,7 @@ run_nbd() {
         die "fio $workload failed: $(tail -n 5 "$out.stdout"); agent log: $(tail -n 3 "$WORK/agent.log")"
     fi
     ticks1=$(agent_ticks)
-    fio_result "$out" "$DIR" "$(awk -v t="$((ticks1 - ticks0))" -v hz="$(getconf CLK_TCK)" 'BEGIN {printf "%.3f", t / hz}')"
+    fio_result "$out" "$DIR" "$(ticks_s "$((ticks1 - ticks0))")"
 }
 
 # run_side SIDE ROUND CSV: fresh image, the four workloads, image removed.
@@ -436,7 +427,7 @@ run_side() {
         [[ -n ${fio_cpu:-} ]] || die "$side $workload gave no result (see above; output in $out)"
         osd1=$(proc_ticks "$OSD_PID")
         osd_cpu=""
-        [[ -z $osd0 || -z $osd1 ]] || osd_cpu=$(awk -v t="$((osd1 - osd0))" -v hz="$(getconf CLK_TCK)" 'BEGIN {printf "%.3f", t / hz}')
+        [[ -z $osd0 || -z $osd1 ]] || osd_cpu=$(ticks_s "$((osd1 - osd0))")
         load=$(cut -d' ' -f1 /proc/loadavg)
         workload_args "$workload"
         echo "$round,$side,$workload,$IO_SIZE,$TOTAL,$ops,$cpu,$fio_cpu,$osd_cpu,$load" >>"$csv"
