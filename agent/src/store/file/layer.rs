@@ -46,6 +46,11 @@ pub struct Layer {
     stripes: Vec<Mutex<()>>,
     /// Held by a flush from taking the changed owned words to persisting them.
     flushing: Mutex<()>,
+    /// Taken around the stream's writes into the child: the kernel runs
+    /// writes to one file one at a time anyway (the inode lock), but its
+    /// waiters spin; with 8 chunks in flight that spinning took a fifth of
+    /// the stream's CPU (`perf`, 25% dirty). Waiters here sleep.
+    stream_writes: Mutex<()>,
 }
 
 /// Largest stream buffer a thread keeps for its next chunk. A fresh 4 MiB
@@ -152,6 +157,7 @@ impl Layer {
             path,
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             flushing: Mutex::new(()),
+            stream_writes: Mutex::new(()),
         })
     }
 
@@ -366,6 +372,8 @@ impl Layer {
             for same in fills.chunk_by(|a, b| a == b) {
                 let (next, at) = (k + same.len() as u64, k << self.shift);
                 let data = &buf[byte(k)..byte(next)];
+                let _writing =
+                    (same[0] != Fill::Keep).then(|| self.stream_writes.lock().unwrap_or_else(|p| p.into_inner()));
                 match same[0] {
                     Fill::Keep => {}
                     Fill::Data => child.write_all_at(data, at).map_err(io_err("copy up", at))?,
