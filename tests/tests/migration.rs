@@ -1155,6 +1155,42 @@ fn a_copy_mode_set_by_hand_does_not_keep_undoing_the_switch_to_write_blocking() 
     assert_model("destination", &b.unix_uri(DISK), &model, &scratch);
 }
 
+/// A fence follows a cut-over, which leaves the disk read-only; a disk that
+/// is writable (again) may have taken writes the destination lacks.
+#[test]
+fn fencing_a_writable_disk_is_refused() {
+    let store = tempfile::tempdir().unwrap();
+    let backing = Backing::File(store.path().join("backups/vm1-disk0.raw"));
+    let mut rng = Rng::from_env(0x3141_000c);
+    let (a, _b, model, _) = small_setup(&backing, &mut rng, 0);
+    let sock = a.dir().join("control.sock");
+    let out = run(
+        "curl",
+        &[
+            "-sS",
+            "--unix-socket",
+            sock.to_str().unwrap(),
+            "-X",
+            "POST",
+            "-H",
+            "Content-Type: application/json",
+            "--data",
+            r#"{"target": "elsewhere"}"#,
+            "-w",
+            "\n%{http_code}",
+            &format!("http://agent/v1/disks/{DISK}/fence"),
+        ],
+    )
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(text.ends_with("\n409"), "fencing a writable disk: {text}");
+    assert_eq!(disk_info(&a)["read_only"], false, "a refused fence changed the disk");
+    assert!(!a.dir().join("state/fenced").join("vm1__disk0.json").exists(), "a refused fence left a fence file");
+    let mut conn = Nbd::connect(&a.socket(), DISK).unwrap();
+    assert_eq!(conn.write(0, &vec![0x11; GRANULE as usize]).unwrap(), 0, "the disk is not writable");
+    drop(model);
+}
+
 #[test]
 fn source_stays_read_only_after_a_restart_following_a_completed_migration() {
     let store = tempfile::tempdir().unwrap();

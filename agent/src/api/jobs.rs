@@ -240,9 +240,18 @@ impl Control {
         }
     }
 
-    /// Fences a migrated-away disk: read-only now and after restarts.
+    /// Fences a migrated-away disk: read-only now and after restarts. Only
+    /// a disk that is read-only already (since a mirror's cut-over) can be
+    /// fenced: one that is writable again (the agent restarted or reloaded
+    /// it) may have taken writes the destination lacks.
     pub(super) fn fence(&self, disk: &str, target: &str) -> Result<Value, ApiError> {
         let export = self.disk(disk)?;
+        if !export.read_only() {
+            return Err(ApiError::Conflict(format!(
+                "{disk} is writable: a fence follows a mirror's cut-over, which leaves the disk read-only \
+                 (writes since may be missing on the destination)"
+            )));
+        }
         mirror::write_fence(&self.env.fence(disk), disk, target)
             .map_err(|e| ApiError::Internal(format!("Cannot write the fence of {disk}: {e}")))?;
         export.set_read_only();

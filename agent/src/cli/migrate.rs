@@ -146,19 +146,8 @@ pub async fn migrate(source: &Endpoint, json_out: bool, a: MigrateArgs) -> Resul
     // fenced, destination hidden" is safe (a retry or DELETE .../fence
     // recovers it); "both writable" never happens.
     for (disk, _) in &mirrors {
-        // The cut-over left the disk read-only in memory; if it is writable now (the source agent
-        // restarted, or reloaded the disk), writes may have landed that the destination lacks.
-        match call(source, "GET", &format!("/v1/disks/{disk}"), None).await {
-            Ok(info) if info["read_only"] == true => {}
-            Ok(_) => {
-                let e = fail(format!(
-                    "{disk} became writable on the source after the cut-over (agent restarted or disk reloaded?); \
-                     the destination may lack writes made since"
-                ));
-                return Err(back_out(source, &id, &mirrors, e).await);
-            }
-            Err(e) => return Err(back_out(source, &id, &mirrors, e).await),
-        }
+        // The agent refuses to fence a disk that is writable again since the cut-over (restarted
+        // or reloaded): writes may have landed that the destination lacks.
         let body = json!({ "target": format!("{} {id}", a.to) });
         if let Err(e) = call(source, "POST", &format!("/v1/disks/{disk}/fence"), Some(body)).await {
             return Err(back_out(source, &id, &mirrors, e).await);
@@ -171,7 +160,13 @@ pub async fn migrate(source: &Endpoint, json_out: bool, a: MigrateArgs) -> Resul
         // (`complete` is all or nothing); an answer lost on the way must not make both writable.
         Err(e) => match call(&dest, "GET", &format!("/v1/migrations/{id}"), None).await {
             Ok(m) if m["state"] == "active" => m,
-            Ok(m) if m["state"] == "prepared" => return Err(back_out(source, &id, &mirrors, e).await),
+            // Aborted (possible only while prepared), it can no longer go live later.
+            Ok(m)
+                if m["state"] == "prepared"
+                    && call(&dest, "POST", &format!("/v1/migrations/{id}/abort"), None).await.is_ok() =>
+            {
+                return Err(back_out(source, &id, &mirrors, e).await)
+            }
             _ => {
                 return Err(fail(format!(
                     "{e}; whether the destination went live is unknown, so the source stays fenced \

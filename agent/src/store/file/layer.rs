@@ -248,12 +248,16 @@ impl Layer {
             child.write_all_at(part, from).map_err(io_err("write", from))?;
             if !owned {
                 // The rest of the run's edge granules comes from the parent (the whole granule is
-                // written, so nothing a crash left in the child file shows through).
-                for (s, e) in [(run_start, from), (to, run_end)] {
-                    if e > s {
-                        let mut fill = vec![0u8; usize::try_from(e - s).unwrap_or(0)];
-                        self.parent.read_at(&mut fill, s)?;
-                        child.write_all_at(&fill, s).map_err(io_err("write", s))?;
+                // written, so nothing a crash left in the child file shows through): one parent
+                // read, of the span from the first byte needed to the last.
+                let edges: Vec<(u64, u64)> =
+                    [(run_start, from), (to, run_end)].into_iter().filter(|(s, e)| e > s).collect();
+                if let (Some(&(lo, _)), Some(&(_, hi))) = (edges.first(), edges.last()) {
+                    let mut fill = vec![0u8; usize::try_from(hi - lo).unwrap_or(0)];
+                    self.parent.read_at(&mut fill, lo)?;
+                    for (s, e) in edges {
+                        let part = &fill[usize::try_from(s - lo).unwrap_or(0)..usize::try_from(e - lo).unwrap_or(0)];
+                        child.write_all_at(part, s).map_err(io_err("write", s))?;
                     }
                 }
                 self.set_owned(g, run_last);
@@ -753,6 +757,14 @@ mod tests {
         }
         assert!(got == want, "copy-up lost the guest's granules or copied the wrong parent bytes");
         assert_eq!(layer.unowned_bytes(), 8 * MIB);
+        // A guest write inside an unowned granule fetches the rest of it in one parent read.
+        let at = 150 * 65536 + 4096;
+        assert_eq!(reads(&|| layer.write(&child, &[0x11; 4096], at).unwrap()), 1);
+        let mut got = vec![0u8; 65536];
+        layer.read(&child, &mut got, 150 * 65536).unwrap();
+        let mut want: Vec<u8> = (150 * 65536..151 * 65536).map(parent_byte).collect();
+        want[4096..8192].fill(0x11);
+        assert!(got == want, "the write's granule lost the parent's bytes around it");
     }
 
     /// The owned bits on disk, one bool per granule.
