@@ -225,19 +225,37 @@ workload_args() {
 # over their IO only.
 RBD_STARTUP_CPU=0
 
-measure_rbd_startup() {
+# startup_probe_rbd OUT: one rbd bench op; its CPU to OUT.time.
+startup_probe_rbd() {
+    local TIMEFORMAT='%U %S'
+    { time rbd_ bench --io-type read --io-size 4096 --io-threads 1 --io-total 4096 "$POOL/$IMAGE" \
+        >"$1" 2>&1; } 2>"$1.time" || die "rbd bench (startup probe) failed"
+}
+
+# startup_probe_fio OUT: one fio rbd-engine op; its CPU to OUT.time.
+startup_probe_fio() {
+    fio_rbd read4k "$1" --size=64M --io_size=4096
+}
+
+# median_startup_cpu PROBE: sets STARTUP_CPU to the median CPU seconds of three runs of PROBE on a
+# fresh 64 MiB image.
+STARTUP_CPU=0
+median_startup_cpu() {
     local k
     local -a runs=()
-    IMAGE="bench-$$-startup"
+    IMAGE="bench-$$-$1"
     rbd_ create --size 64M "$POOL/$IMAGE" >/dev/null || die "rbd create $POOL/$IMAGE failed"
-    local TIMEFORMAT='%U %S'
     for k in 1 2 3; do
-        { time rbd_ bench --io-type read --io-size 4096 --io-threads 1 --io-total 4096 "$POOL/$IMAGE" \
-            >"$WORK/out/startup-$k" 2>&1; } 2>"$WORK/out/startup-$k.time" || die "rbd bench (startup probe) failed"
-        runs+=("$(awk '{print $1 + $2}' "$WORK/out/startup-$k.time")")
+        "$1" "$WORK/out/$1-$k"
+        runs+=("$(awk '{print $1 + $2}' "$WORK/out/$1-$k.time")")
     done
     remove_image
-    RBD_STARTUP_CPU=$(printf '%s\n' "${runs[@]}" | sort -g | sed -n 2p)
+    STARTUP_CPU=$(printf '%s\n' "${runs[@]}" | sort -g | sed -n 2p)
+}
+
+measure_rbd_startup() {
+    median_startup_cpu startup_probe_rbd
+    RBD_STARTUP_CPU=$STARTUP_CPU
     log "rbd bench start-up CPU (median of 3 one-op runs): ${RBD_STARTUP_CPU}s, subtracted from every rbd bench run"
 }
 
@@ -331,16 +349,8 @@ fio_rbd() {
 FIO_RBD_STARTUP_CPU=0
 
 measure_fio_rbd_startup() {
-    local k
-    local -a runs=()
-    IMAGE="bench-$$-fio-startup"
-    rbd_ create --size 64M "$POOL/$IMAGE" >/dev/null || die "rbd create $POOL/$IMAGE failed"
-    for k in 1 2 3; do
-        fio_rbd read4k "$WORK/out/fio-startup-$k" --size=64M --io_size=4096
-        runs+=("$(awk '{print $1 + $2}' "$WORK/out/fio-startup-$k.time")")
-    done
-    remove_image
-    FIO_RBD_STARTUP_CPU=$(printf '%s\n' "${runs[@]}" | sort -g | sed -n 2p)
+    median_startup_cpu startup_probe_fio
+    FIO_RBD_STARTUP_CPU=$STARTUP_CPU
     log "fio rbd-engine start-up CPU (median of 3 one-op runs): ${FIO_RBD_STARTUP_CPU}s, subtracted from every fio-rbd run"
 }
 

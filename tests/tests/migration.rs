@@ -1063,6 +1063,20 @@ fn destination_reads_fail_with_eio_while_the_backup_cluster_hangs_during_the_str
     assert_model("destination after the restarted stream", &b.unix_uri(DISK), &model, &b.dir().join("scratch.raw"));
 }
 
+/// A hot set of 48 granules, every other one (so each dirty granule is a
+/// piece of its own for the mirror), all dirty before the mirror starts, and
+/// a writer that rewrites it at 4 MiB/s (the tests let the mirror send 2 MiB/s).
+fn outpacing_writer(a: &Agent, model: &Model, rng: &mut Rng) -> Writer {
+    let hot: Vec<u64> = (0..48).map(|i| 64 + 2 * i).collect();
+    let mut conn = Nbd::connect(&a.socket(), DISK).unwrap();
+    let ranges: Vec<(u64, u64)> = hot.iter().map(|&g| (g * GRANULE, GRANULE)).collect();
+    write_ranges(&mut conn, model, rng, &ranges);
+    drop(conn);
+    let writer = Writer::start(a.socket(), model.clone(), hot, 4 * MIB, rng.next_u64());
+    writer.wait_acked(5);
+    writer
+}
+
 #[test]
 fn mirror_outpaced_by_writes_switches_itself_to_write_blocking_and_completes() {
     let store = tempfile::tempdir().unwrap();
@@ -1070,16 +1084,7 @@ fn mirror_outpaced_by_writes_switches_itself_to_write_blocking_and_completes() {
     let mut rng = Rng::from_env(0x3141_0007);
     let (a, b, model, _) = small_setup(&backing, &mut rng, 0);
     let scratch = b.dir().join("scratch.raw");
-    // A hot set of 48 granules, every other one (so each dirty granule is a
-    // piece of its own for the mirror), all dirty before the mirror starts.
-    let hot: Vec<u64> = (0..48).map(|i| 64 + 2 * i).collect();
-    let mut conn = Nbd::connect(&a.socket(), DISK).unwrap();
-    let ranges: Vec<(u64, u64)> = hot.iter().map(|&g| (g * GRANULE, GRANULE)).collect();
-    write_ranges(&mut conn, &model, &mut rng, &ranges);
-    drop(conn);
-    // The writer rewrites the hot set at 4 MiB/s; the mirror may send 2 MiB/s.
-    let writer = Writer::start(a.socket(), model.clone(), hot.clone(), 4 * MIB, rng.next_u64());
-    writer.wait_acked(5);
+    let writer = outpacing_writer(&a, &model, &mut rng);
     let summary = migrate_ok(&a, &b, &["--speed", "2MiB", "--ready-threshold", "0"], Duration::from_secs(90));
     let log = writer.wait_refused(Duration::from_secs(10));
     assert!(log.error.is_none(), "writer failed: {log:?}");
@@ -1115,15 +1120,7 @@ fn a_copy_mode_set_by_hand_does_not_keep_undoing_the_switch_to_write_blocking() 
     let mut rng = Rng::from_env(0x3141_000b);
     let (a, b, model, _) = small_setup(&backing, &mut rng, 0);
     let scratch = b.dir().join("scratch.raw");
-    // As in the test above: a hot set, all dirty before the mirror starts, rewritten faster than
-    // the mirror may send.
-    let hot: Vec<u64> = (0..48).map(|i| 64 + 2 * i).collect();
-    let mut conn = Nbd::connect(&a.socket(), DISK).unwrap();
-    let ranges: Vec<(u64, u64)> = hot.iter().map(|&g| (g * GRANULE, GRANULE)).collect();
-    write_ranges(&mut conn, &model, &mut rng, &ranges);
-    drop(conn);
-    let writer = Writer::start(a.socket(), model.clone(), hot.clone(), 4 * MIB, rng.next_u64());
-    writer.wait_acked(5);
+    let writer = outpacing_writer(&a, &model, &mut rng);
     let child = migrate_cmd(&a, &b, true, &["--speed", "2MiB", "--ready-threshold", "0"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -592,6 +592,22 @@ mod tests {
         }
     }
 
+    /// [`layer`] over a [`GatedParent`] (reads wait while `held`).
+    fn gated_layer(dir: &Path, held: bool) -> (Arc<GatedParent>, Arc<Layer>, File) {
+        let (plain, child) = layer(dir);
+        let parent = Arc::new(GatedParent {
+            inner: plain.parent.clone(),
+            held: Mutex::new(held),
+            opened: std::sync::Condvar::new(),
+            waited: std::sync::atomic::AtomicUsize::new(0),
+            reads: std::sync::atomic::AtomicUsize::new(0),
+        });
+        drop(plain);
+        let uri = ImageUri::file(dir.join("parent.raw"));
+        let layer = Layer::open(&dir.join("child.raw"), uri, parent.clone(), 16 * MIB, 64 << 10, false, false).unwrap();
+        (parent, Arc::new(layer), child)
+    }
+
     impl BlockStore for GatedParent {
         fn size(&self) -> u64 {
             self.inner.size()
@@ -634,18 +650,7 @@ mod tests {
     #[test]
     fn a_stream_chunk_that_planned_a_granule_before_a_guest_write_owned_it_keeps_the_guest_data() {
         let dir = tempfile::tempdir().unwrap();
-        let (plain, child) = layer(dir.path());
-        let parent = Arc::new(GatedParent {
-            inner: plain.parent.clone(),
-            held: Mutex::new(true),
-            opened: std::sync::Condvar::new(),
-            waited: std::sync::atomic::AtomicUsize::new(0),
-            reads: std::sync::atomic::AtomicUsize::new(0),
-        });
-        drop(plain);
-        let child_path = dir.path().join("child.raw");
-        let uri = ImageUri::file(dir.path().join("parent.raw"));
-        let layer = Arc::new(Layer::open(&child_path, uri, parent.clone(), 16 * MIB, 64 << 10, false, false).unwrap());
+        let (parent, layer, child) = gated_layer(dir.path(), true);
         // The guest's partial write of granule 5 copies up: it holds object 0's stripe and waits in
         // its parent read.
         let guest = {
@@ -678,18 +683,7 @@ mod tests {
     #[test]
     fn a_write_that_copies_up_leaves_a_concurrent_write_to_an_owned_granule_alone() {
         let dir = tempfile::tempdir().unwrap();
-        let (plain, child) = layer(dir.path());
-        let parent = Arc::new(GatedParent {
-            inner: plain.parent.clone(),
-            held: Mutex::new(false),
-            opened: std::sync::Condvar::new(),
-            waited: std::sync::atomic::AtomicUsize::new(0),
-            reads: std::sync::atomic::AtomicUsize::new(0),
-        });
-        drop(plain);
-        let child_path = dir.path().join("child.raw");
-        let uri = ImageUri::file(dir.path().join("parent.raw"));
-        let layer = Arc::new(Layer::open(&child_path, uri, parent.clone(), 16 * MIB, 64 << 10, false, false).unwrap());
+        let (parent, layer, child) = gated_layer(dir.path(), false);
         // Granule 0 is owned (written whole); granule 1 is not.
         layer.write(&child, &[0xaa; 65536], 0).unwrap();
         *parent.held.lock().unwrap() = true;
@@ -718,18 +712,7 @@ mod tests {
     #[test]
     fn a_chunk_split_by_many_owned_granules_is_one_parent_read() {
         let dir = tempfile::tempdir().unwrap();
-        let (plain, child) = layer(dir.path());
-        let parent = Arc::new(GatedParent {
-            inner: plain.parent.clone(),
-            held: Mutex::new(false),
-            opened: std::sync::Condvar::new(),
-            waited: std::sync::atomic::AtomicUsize::new(0),
-            reads: std::sync::atomic::AtomicUsize::new(0),
-        });
-        drop(plain);
-        let child_path = dir.path().join("child.raw");
-        let uri = ImageUri::file(dir.path().join("parent.raw"));
-        let layer = Layer::open(&child_path, uri, parent.clone(), 16 * MIB, 64 << 10, false, false).unwrap();
+        let (parent, layer, child) = gated_layer(dir.path(), false);
         // A quarter of object 0's granules written by the guest (the mirror), every fourth one;
         // in object 1, only granule 0 and the last one are unowned, far apart.
         for g in (1..64).step_by(4) {
