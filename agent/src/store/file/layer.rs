@@ -248,14 +248,16 @@ impl Layer {
             child.write_all_at(part, from).map_err(io_err("write", from))?;
             if !owned {
                 // The rest of the run's edge granules comes from the parent (the whole granule is
-                // written, so nothing a crash left in the child file shows through): one parent
-                // read, of the span from the first byte needed to the last.
+                // written, so nothing a crash left in the child file shows through). Head and tail
+                // of one granule (a small write) are one parent read; in a longer run they are
+                // read apart, not with the written middle.
                 let edges: Vec<(u64, u64)> =
                     [(run_start, from), (to, run_end)].into_iter().filter(|(s, e)| e > s).collect();
-                if let (Some(&(lo, _)), Some(&(_, hi))) = (edges.first(), edges.last()) {
+                let reads = if g == run_last && edges.len() == 2 { vec![(run_start, run_end)] } else { edges.clone() };
+                for (lo, hi) in reads {
                     let mut fill = vec![0u8; usize::try_from(hi - lo).unwrap_or(0)];
                     self.parent.read_at(&mut fill, lo)?;
-                    for (s, e) in edges {
+                    for &(s, e) in edges.iter().filter(|&&(s, e)| s >= lo && e <= hi) {
                         let part = &fill[usize::try_from(s - lo).unwrap_or(0)..usize::try_from(e - lo).unwrap_or(0)];
                         child.write_all_at(part, s).map_err(io_err("write", s))?;
                     }
