@@ -25,16 +25,20 @@ pub(crate) fn blocking<T>(f: impl FnOnce() -> T) -> T {
 mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_worker_may_block_on_a_runtime_future_through_it() {
-        let lock = tokio::sync::Mutex::new(0u32);
-        let handle = tokio::runtime::Handle::current();
-        // On this worker, `blocking_lock` and `block_on` alone panic ("Cannot block the current
-        // thread from within a runtime").
-        let got = super::blocking(|| {
-            let mut guard = lock.blocking_lock();
-            *guard += 1;
-            handle.block_on(async { tokio::task::yield_now().await });
-            *guard
-        });
+        // On a worker (a spawned task, as a connection's task is), `blocking_lock` and `block_on`
+        // alone panic ("Cannot block the current thread from within a runtime").
+        let got = tokio::spawn(async {
+            let lock = tokio::sync::Mutex::new(0u32);
+            let handle = tokio::runtime::Handle::current();
+            super::blocking(|| {
+                let mut guard = lock.blocking_lock();
+                *guard += 1;
+                handle.block_on(async { tokio::task::yield_now().await });
+                *guard
+            })
+        })
+        .await
+        .unwrap();
         assert_eq!(got, 1);
         // And on a blocking-pool thread.
         let got = tokio::task::spawn_blocking(|| super::blocking(|| 2)).await.unwrap();

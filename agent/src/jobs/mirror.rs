@@ -474,8 +474,8 @@ mod tests {
         }
     }
 
-    /// Two overlapping writes are stored A then B; their forwards run B first, then A, A's on a
-    /// runtime worker (a write on the connection's own task, which can meet a write-blocking
+    /// Two overlapping writes are stored A then B; their forwards run B first, then A, A's in a
+    /// task on a runtime worker (a write on the connection's own task, which can meet a write-blocking
     /// mirror that started while it waited for the gate).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn forwards_of_overlapping_writes_in_the_other_order_leave_the_destination_as_the_source() {
@@ -524,7 +524,8 @@ mod tests {
         source.write_at(&b, 8192).unwrap();
         let t = tracker.clone();
         tokio::task::spawn_blocking(move || t.after_write(8192, &WriteData::Data(&b))).await.unwrap().unwrap();
-        tracker.after_write(4096, &WriteData::Data(&a)).unwrap();
+        let t = tracker.clone();
+        tokio::spawn(async move { t.after_write(4096, &WriteData::Data(&a)) }).await.unwrap().unwrap();
         assert!(tracker.failed.lock().unwrap().is_none());
         client.flush().await.unwrap();
         let got = client.read(0, 32768).await.unwrap();
