@@ -37,6 +37,8 @@ const PIECE: u64 = 4 << 20;
 /// Pieces in flight.
 const PARALLEL: usize = 8;
 const STRIPES: u64 = 256;
+/// Granularity of a mirror without a bitmap.
+const DEFAULT_GRANULARITY: u64 = 64 << 10;
 /// Background passes that may fail to shrink the dirty set before the
 /// mirror switches itself to write-blocking.
 const STALLED_PASSES: u32 = 3;
@@ -90,6 +92,10 @@ pub struct Tracker {
     /// The disk's store: a forwarded write sends what it holds now.
     source: Arc<dyn BlockStore>,
     runtime: tokio::runtime::Handle,
+    /// Forwards cover whole blocks of this size (the destination's minimum
+    /// block size, at most a granule), so a destination that requires
+    /// aligned requests takes unaligned guest writes too.
+    align: u64,
     sent: AtomicU64,
     /// Why forwarding a guest write failed (the mirror then fails; the
     /// guest's write, already on the authoritative source, succeeds).
@@ -112,6 +118,38 @@ impl Tracker {
     fn remaining(&self) -> u64 {
         (self.dirty.count() << self.shift).min(self.size)
     }
+
+    /// Sends `start..end` as the source holds it now (the caller holds the
+    /// granule locks). On failure the granules are dirty again and the
+    /// mirror fails.
+    fn forward(&self, start: u64, end: u64) {
+        let g = 1u64 << self.shift;
+        let full_end = if end == self.size { end.div_ceil(g) } else { end / g };
+        // Dropped before the source is read: a write stored after the read sets its bit again.
+        for gr in start.div_ceil(g)..full_end {
+            self.dirty.and_not_word(gr / 64, 1 << (gr % 64));
+        }
+        let mut now = vec![0u8; usize::try_from(end - start).unwrap_or(0)];
+        let sent = match self.source.read_at(&mut now, start) {
+            Ok(()) => {
+                self.runtime.block_on(self.client.write(start, Bytes::from(now), false)).map_err(|e| e.to_string())
+            }
+            Err(e) => Err(format!("reading the source failed: {e}")),
+        };
+        match sent {
+            Ok(()) => {
+                self.sent.fetch_add(end - start, SeqCst);
+            }
+            Err(e) => {
+                let (first, last) = self.granules(start, end - start);
+                self.dirty.set_range(first, last);
+                self.blocking.store(false, SeqCst);
+                tracing::error!(offset = start, error = %e, "forwarding a write to the mirror target failed; the mirror fails");
+                let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+                failed.get_or_insert_with(|| format!("Forwarding a write to the destination failed: {e}"));
+            }
+        }
+    }
 }
 
 impl WriteHook for Tracker {
@@ -128,48 +166,37 @@ impl WriteHook for Tracker {
         Ok(())
     }
 
-    /// Write-blocking: under the granule locks, send the range as the
-    /// source holds it now, then drop the dirty bits of granules it covered
-    /// completely. Sending the source's content rather than this write's
-    /// data keeps overlapping writes in flight from reaching the
-    /// destination in the other order: whichever forward goes last read the
-    /// source after both writes were stored. The locks also order it after
-    /// any copy of the same granules that read older data. WRITE_ZEROES and
-    /// TRIM, and writes when the mode changed since `before_write` or
-    /// forwarding fails, make the granules dirty instead (a pass copies
-    /// them). A write on a runtime worker (the connection's own task) waits
-    /// through [`crate::rt::blocking`].
+    /// Write-blocking: under the granule locks, drop the dirty bits of the
+    /// granules the forward covers completely, then send the range (widened
+    /// to the destination's block size) as the source holds it now. Sending
+    /// the source's content rather than this write's data keeps overlapping
+    /// writes in flight from reaching the destination in the other order:
+    /// whichever forward goes last read the source after both writes were
+    /// stored. The locks also order it after any copy of the same granules
+    /// that read older data.
+    ///
+    /// Bits are only ever dropped *before* the source is read (here and in
+    /// [`copy_piece`]), and set only *after* a write reached the store, so a
+    /// bit set by a concurrent write (a WRITE_ZEROES, a failed write, a write
+    /// in background mode) can never be dropped by a copy that read older
+    /// data: either the copy read after that write, or the bit stays. Those
+    /// sets therefore need no lock. WRITE_ZEROES and TRIM, and writes when
+    /// the mode changed since `before_write` or forwarding fails, make the
+    /// granules dirty (a pass copies them). A write on a runtime worker (the
+    /// connection's own task) waits through [`crate::rt::blocking`].
     fn after_write(&self, offset: u64, data: &WriteData<'_>) -> Result<(), StoreError> {
         let (first, last) = self.granules(offset, data.len());
         if !self.blocking.load(SeqCst) || matches!(data, WriteData::Zeroes(_)) {
             self.dirty.set_range(first, last);
             return Ok(());
         }
-        let length = data.len();
+        let start = offset & !(self.align - 1);
+        let end = (offset + data.len()).next_multiple_of(self.align).min(self.size);
+        let (first, last) = self.granules(start, end - start);
         crate::rt::blocking(|| {
             let locks = self.stripes(first, last);
             let guards: Vec<_> = locks.iter().map(|l| l.blocking_lock()).collect();
-            let mut now = vec![0u8; usize::try_from(length).unwrap_or(0)];
-            let sent = match self.source.read_at(&mut now, offset) {
-                Ok(()) => {
-                    self.runtime.block_on(self.client.write(offset, Bytes::from(now), false)).map_err(|e| e.to_string())
-                }
-                Err(e) => Err(format!("reading the source failed: {e}")),
-            };
-            if let Err(e) = sent {
-                self.dirty.set_range(first, last);
-                self.blocking.store(false, SeqCst);
-                tracing::error!(offset, error = %e, "forwarding a write to the mirror target failed; the mirror fails");
-                let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
-                failed.get_or_insert_with(|| format!("Forwarding a write to the destination failed: {e}"));
-                return;
-            }
-            self.sent.fetch_add(length, SeqCst);
-            let g = 1u64 << self.shift;
-            let (full_first, end) = (offset.div_ceil(g), (offset + length) / g);
-            for gr in full_first..end {
-                self.dirty.and_not_word(gr / 64, 1 << (gr % 64));
-            }
+            self.forward(start, end);
             drop(guards);
         });
         Ok(())
@@ -239,14 +266,22 @@ fn start_tracking(
     if params.sync == MirrorSync::Incremental && params.bitmap.is_none() {
         return Err(JobError::Failed("Incremental mirror needs a bitmap".into()));
     }
+    let granularity = match &params.bitmap {
+        Some(name) => bitmaps.get(name).map_err(|e| err("Bitmap")(&e))?.granularity(),
+        None => DEFAULT_GRANULARITY,
+    };
+    if granularity < client.min_block() {
+        return Err(JobError::Failed(format!(
+            "The destination's minimum block size ({} bytes) is larger than the mirror's granularity ({granularity} bytes)",
+            client.min_block()
+        )));
+    }
     bitmaps.drained(|d| {
-        let (granularity, seed) = match (&params.bitmap, params.sync) {
+        let seed = match (&params.bitmap, params.sync) {
             (Some(name), MirrorSync::Incremental) => {
-                let frozen = bitmaps.begin_job(d, name, &job.id()).map_err(|e| err("Bitmap")(&e))?;
-                (frozen.granularity, Some(frozen.bits))
+                Some(bitmaps.begin_job(d, name, &job.id()).map_err(|e| err("Bitmap")(&e))?.bits)
             }
-            (Some(name), _) => (bitmaps.get(name).map_err(|e| err("Bitmap")(&e))?.granularity(), None),
-            (None, _) => (64 << 10, None),
+            _ => None,
         };
         let len = size.div_ceil(granularity);
         let dirty = match (seed, params.sync) {
@@ -271,9 +306,10 @@ fn start_tracking(
             size,
             locks: (0..STRIPES).map(|_| Arc::new(AsyncMutex::new(()))).collect(),
             blocking: AtomicBool::new(params.copy_mode == CopyMode::WriteBlocking),
-            client,
+            client: client.clone(),
             source: export.store().clone(),
             runtime: tokio::runtime::Handle::current(),
+            align: client.min_block(),
             sent: AtomicU64::new(0),
             failed: std::sync::Mutex::new(None),
         });
@@ -300,7 +336,7 @@ async fn mirror(
         {
             t.blocking.store(mode == CopyMode::WriteBlocking, SeqCst);
         }
-        pass(job, export, t).await?;
+        pass(job, t, Pace::Job).await?;
         passes += 1;
         let left = t.remaining();
         job.set_total(t.sent.load(SeqCst) + left);
@@ -336,7 +372,7 @@ async fn mirror(
     let guard = export.quiesce().await;
     let held = Instant::now();
     while t.remaining() > 0 {
-        pass(job, export, t).await?;
+        pass(job, t, Pace::CutOver).await?;
     }
     t.client.flush().await.map_err(|e| JobError::from_err("Flushing the destination failed", &e))?;
     export.set_read_only();
@@ -368,8 +404,19 @@ pub fn write_fence(path: &std::path::Path, disk: &str, target: &str) -> std::io:
     std::fs::File::open(path.parent().unwrap_or(std::path::Path::new(".")))?.sync_all()
 }
 
+/// How a pass paces itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pace {
+    /// Before the cut-over: waits while paused, keeps to the speed limit.
+    Job,
+    /// During the cut-over, with guest writes held: as fast as it can, so
+    /// neither a pause nor a low speed holds the guest without bound (a
+    /// cancel still ends it, and the source stays writable).
+    CutOver,
+}
+
 /// One pass over the dirty set.
-async fn pass(job: &JobHandle, export: &Arc<Export>, t: &Arc<Tracker>) -> Result<(), JobError> {
+async fn pass(job: &JobHandle, t: &Arc<Tracker>, pace: Pace) -> Result<(), JobError> {
     if let Some(e) = t.failed.lock().unwrap_or_else(|p| p.into_inner()).clone() {
         return Err(JobError::Failed(e));
     }
@@ -380,12 +427,18 @@ async fn pass(job: &JobHandle, export: &Arc<Export>, t: &Arc<Tracker>) -> Result
         let mut start = first;
         while start < first + count {
             let n = (first + count - start).min(PIECE / g).max(1);
-            job.checkpoint().await?;
-            job.throttle(n * g).await?;
+            match pace {
+                Pace::Job => {
+                    job.checkpoint().await?;
+                    job.throttle(n * g).await?;
+                }
+                Pace::CutOver if job.is_cancelled() => return Err(JobError::Cancelled),
+                Pace::CutOver => {}
+            }
             while tasks.len() >= PARALLEL {
                 join(&mut tasks, job).await?;
             }
-            tasks.spawn(copy_piece(export.clone(), t.clone(), start, start + n - 1));
+            tasks.spawn(copy_piece(t.clone(), start, start + n - 1));
             start += n;
         }
     }
@@ -408,7 +461,7 @@ async fn join(tasks: &mut tokio::task::JoinSet<Result<u64, JobError>>, job: &Job
 }
 
 /// Copies granules `first..=last` under their locks; returns bytes sent.
-async fn copy_piece(export: Arc<Export>, t: Arc<Tracker>, first: u64, last: u64) -> Result<u64, JobError> {
+async fn copy_piece(t: Arc<Tracker>, first: u64, last: u64) -> Result<u64, JobError> {
     let locks = t.stripes(first, last);
     let mut guards = Vec::with_capacity(locks.len());
     for l in &locks {
@@ -424,14 +477,14 @@ async fn copy_piece(export: Arc<Export>, t: Arc<Tracker>, first: u64, last: u64)
     let Some((&lo, &hi)) = todo.first().zip(todo.last()) else { return Ok(0) };
     let start = lo << t.shift;
     let end = ((hi + 1) << t.shift).min(t.size);
-    let store = export.store().clone();
     let len = usize::try_from(end - start).unwrap_or(0);
-    let read = tokio::task::spawn_blocking(move || {
+    // Read on this task's own thread, not the blocking pool: guest writes waiting for these
+    // granule locks may hold every blocking-pool thread (`after_write` in write-blocking mode),
+    // and a read queued behind them would never run while the locks are held.
+    let read = crate::rt::blocking(|| {
         let mut buf = vec![0u8; len];
-        store.read_at(&mut buf, start).map(|()| buf)
-    })
-    .await
-    .map_err(|e| JobError::Failed(e.to_string()))?;
+        t.source.read_at(&mut buf, start).map(|()| buf)
+    });
     let data = match read {
         Ok(d) => d,
         Err(e) => {
@@ -461,16 +514,84 @@ async fn copy_piece(export: Arc<Export>, t: Arc<Tracker>, first: u64, last: u64)
 mod tests {
     use super::*;
     use crate::store::file::FileStore;
-    use crate::store::Stores;
+    use crate::store::{Extent, Stores};
+    use std::path::Path;
     use std::process::{Child, Command, Stdio};
 
-    /// `qemu-nbd` serving a raw file on a Unix socket (the mirror's destination), killed on drop.
-    struct QemuNbd(Child);
+    const SIZE: u64 = 1 << 20;
 
-    impl Drop for QemuNbd {
+    /// An NBD server (the mirror's destination) serving a raw file on a Unix socket, killed on drop.
+    struct Server(Child);
+
+    impl Drop for Server {
         fn drop(&mut self) {
             let _ = self.0.kill();
             let _ = self.0.wait();
+        }
+    }
+
+    /// `program args… SOCKET more…` serving `dir/dst.raw` (SIZE bytes), and a client of it.
+    async fn destination(dir: &Path, program: &str, args: &[&str], more: &[&str]) -> (Server, Arc<NbdClient>) {
+        let dest = dir.join("dst.raw");
+        std::fs::File::create(&dest).unwrap().set_len(SIZE).unwrap();
+        let socket = dir.join("dst.sock");
+        let more: Vec<String> = more.iter().map(|m| m.replace("DEST", &dest.display().to_string())).collect();
+        let server = Server(
+            Command::new(program)
+                .args(args)
+                .arg(&socket)
+                .args(&more)
+                .stdin(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| panic!("{program} must be installed: {e}")),
+        );
+        let uri: NbdUri = format!("nbd+unix:///?socket={}", socket.display()).parse().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let client = loop {
+            match NbdClient::connect(&uri, None).await {
+                Ok(c) => break Arc::new(c),
+                Err(e) if Instant::now() > deadline => panic!("connecting to {program}: {e}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        };
+        (server, client)
+    }
+
+    /// `qemu-nbd` serving `dir/dst.raw`.
+    async fn qemu_nbd(dir: &Path) -> (Server, Arc<NbdClient>) {
+        destination(dir, "qemu-nbd", &["-t", "-f", "raw", "-k"], &["DEST"]).await
+    }
+
+    fn source(dir: &Path) -> Arc<dyn BlockStore> {
+        Arc::new(FileStore::create(&dir.join("src.raw"), SIZE, &Stores::new(None)).unwrap())
+    }
+
+    /// A write-blocking tracker of `source` with 64 KiB granules.
+    fn tracker(client: &Arc<NbdClient>, source: Arc<dyn BlockStore>) -> Arc<Tracker> {
+        Arc::new(Tracker {
+            dirty: AtomicBits::new(SIZE >> 16),
+            shift: 16,
+            size: SIZE,
+            locks: (0..STRIPES).map(|_| Arc::new(AsyncMutex::new(()))).collect(),
+            blocking: AtomicBool::new(true),
+            client: client.clone(),
+            source,
+            runtime: tokio::runtime::Handle::current(),
+            align: client.min_block(),
+            sent: AtomicU64::new(0),
+            failed: std::sync::Mutex::new(None),
+        })
+    }
+
+    /// Asserts that every 64 KiB granule where the destination differs from the source is dirty
+    /// (a later pass copies exactly those: anything else is lost on the destination).
+    async fn assert_differences_dirty(t: &Tracker) {
+        t.client.flush().await.unwrap();
+        let got = t.client.read(0, u32::try_from(SIZE).unwrap()).await.unwrap();
+        let mut want = vec![0u8; usize::try_from(SIZE).unwrap()];
+        t.source.read_at(&mut want, 0).unwrap();
+        for (g, (a, b)) in got.chunks(1 << 16).zip(want.chunks(1 << 16)).enumerate() {
+            assert!(a == b || t.dirty.get(g as u64), "granule {g} differs on the destination and is not dirty");
         }
     }
 
@@ -479,44 +600,10 @@ mod tests {
     /// mirror that started while it waited for the gate).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn forwards_of_overlapping_writes_in_the_other_order_leave_the_destination_as_the_source() {
-        const SIZE: u64 = 1 << 20;
         let dir = tempfile::tempdir().unwrap();
-        let stores = Stores::new(None);
-        let source: Arc<dyn BlockStore> =
-            Arc::new(FileStore::create(&dir.path().join("src.raw"), SIZE, &stores).unwrap());
-        let dest = dir.path().join("dst.raw");
-        std::fs::File::create(&dest).unwrap().set_len(SIZE).unwrap();
-        let socket = dir.path().join("dst.sock");
-        let _server = QemuNbd(
-            Command::new("qemu-nbd")
-                .args(["-t", "-f", "raw", "-k"])
-                .arg(&socket)
-                .arg(&dest)
-                .stdin(Stdio::null())
-                .spawn()
-                .expect("qemu-nbd (qemu-utils) must be installed"),
-        );
-        let uri: NbdUri = format!("nbd+unix:///?socket={}", socket.display()).parse().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let client = loop {
-            match NbdClient::connect(&uri, None).await {
-                Ok(c) => break Arc::new(c),
-                Err(e) if Instant::now() > deadline => panic!("connecting to qemu-nbd: {e}"),
-                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
-            }
-        };
-        let tracker = Arc::new(Tracker {
-            dirty: AtomicBits::new(SIZE >> 16),
-            shift: 16,
-            size: SIZE,
-            locks: (0..STRIPES).map(|_| Arc::new(AsyncMutex::new(()))).collect(),
-            blocking: AtomicBool::new(true),
-            client: client.clone(),
-            source: source.clone(),
-            runtime: tokio::runtime::Handle::current(),
-            sent: AtomicU64::new(0),
-            failed: std::sync::Mutex::new(None),
-        });
+        let source = source(dir.path());
+        let (_server, client) = qemu_nbd(dir.path()).await;
+        let tracker = tracker(&client, source.clone());
         let (a, b) = (vec![0xaa; 8192], vec![0xbb; 8192]);
         tracker.before_write(4096, 8192).unwrap();
         source.write_at(&a, 4096).unwrap();
@@ -533,5 +620,153 @@ mod tests {
         source.read_at(&mut want, 0).unwrap();
         assert!(got[..] == want[..], "the destination kept the older write where the two overlap");
         assert_eq!(tracker.remaining(), 0, "no granule was left dirty");
+    }
+
+    type Hook = Box<dyn FnOnce() + Send>;
+
+    /// A source whose next read runs `hook` after reading (while the reader holds its granule locks).
+    struct HookedSource {
+        inner: Arc<dyn BlockStore>,
+        hook: std::sync::Mutex<Option<Hook>>,
+    }
+
+    impl std::fmt::Debug for HookedSource {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("HookedSource")
+        }
+    }
+
+    impl BlockStore for HookedSource {
+        fn size(&self) -> u64 {
+            self.inner.size()
+        }
+        fn capabilities(&self) -> crate::store::Capabilities {
+            self.inner.capabilities()
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), StoreError> {
+            self.inner.read_at(buf, offset)?;
+            let hook = self.hook.lock().unwrap().take();
+            if let Some(hook) = hook {
+                hook();
+            }
+            Ok(())
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), StoreError> {
+            self.inner.write_at(buf, offset)
+        }
+        fn write_zeroes(&self, offset: u64, length: u64, may_unmap: bool) -> Result<(), StoreError> {
+            self.inner.write_zeroes(offset, length, may_unmap)
+        }
+        fn discard(&self, offset: u64, length: u64) -> Result<(), StoreError> {
+            self.inner.discard(offset, length)
+        }
+        fn flush(&self) -> Result<(), StoreError> {
+            self.inner.flush()
+        }
+        fn extents(&self, offset: u64, length: u64) -> Result<Vec<Extent>, StoreError> {
+            self.inner.extents(offset, length)
+        }
+        fn identity(&self) -> Result<crate::store::Identity, StoreError> {
+            self.inner.identity()
+        }
+    }
+
+    /// A WRITE_ZEROES lands on the source after a forward of an overlapping whole-granule write read
+    /// the source, and marks its granule dirty (it takes no granule lock). The forward must not drop
+    /// that bit afterwards, or the zeroes never reach the destination.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_zeroes_during_a_forward_keeps_its_dirty_bit() {
+        let dir = tempfile::tempdir().unwrap();
+        let inner = source(dir.path());
+        let (_server, client) = qemu_nbd(dir.path()).await;
+        let hooked = Arc::new(HookedSource { inner: inner.clone(), hook: std::sync::Mutex::new(None) });
+        let tracker = tracker(&client, hooked.clone());
+        let data = vec![0x5a; 1 << 16];
+        tracker.before_write(0, 1 << 16).unwrap();
+        inner.write_at(&data, 0).unwrap();
+        let t = tracker.clone();
+        *hooked.hook.lock().unwrap() = Some(Box::new(move || {
+            t.before_write(0, 4096).unwrap();
+            t.source.write_zeroes(0, 4096, false).unwrap();
+            t.after_write(0, &WriteData::Zeroes(4096)).unwrap();
+        }));
+        let t = tracker.clone();
+        tokio::task::spawn_blocking(move || t.after_write(0, &WriteData::Data(&data))).await.unwrap().unwrap();
+        assert!(tracker.failed.lock().unwrap().is_none());
+        assert!(hooked.hook.lock().unwrap().is_none(), "the hook ran");
+        assert_differences_dirty(&tracker).await;
+    }
+
+    /// A destination that requires 512-byte aligned requests (nbdkit's blocksize-policy filter)
+    /// gets a guest's unaligned write as whole blocks read from the source.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unaligned_guest_write_reaches_a_destination_that_requires_aligned_requests() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = source(dir.path());
+        let (_server, client) = destination(
+            dir.path(),
+            "nbdkit",
+            &["-f", "--filter=blocksize-policy", "-U"],
+            &["file", "DEST", "blocksize-minimum=512", "blocksize-error-policy=error"],
+        )
+        .await;
+        assert_eq!(client.min_block(), 512);
+        let tracker = tracker(&client, source.clone());
+        let data = vec![0x77; 1000];
+        tracker.before_write(100_000, 1000).unwrap();
+        source.write_at(&data, 100_000).unwrap();
+        let t = tracker.clone();
+        tokio::task::spawn_blocking(move || t.after_write(100_000, &WriteData::Data(&data))).await.unwrap().unwrap();
+        let failed = tracker.failed.lock().unwrap().clone();
+        assert!(failed.is_none(), "forwarding failed: {failed:?}");
+        assert_differences_dirty(&tracker).await;
+        assert_eq!(tracker.remaining(), 0);
+    }
+
+    /// Guest writes waiting for a granule lock fill the blocking pool while a copy piece holds that
+    /// lock: the piece's source read must still run (it once queued on the full pool: deadlock).
+    #[test]
+    fn a_copy_piece_finishes_while_guest_writes_waiting_for_its_locks_fill_the_blocking_pool() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .max_blocking_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let source = source(dir.path());
+            let (_server, client) = qemu_nbd(dir.path()).await;
+            let tracker = tracker(&client, source.clone());
+            tracker.dirty.set_range(0, 1);
+            // Granule 1's stripe is held, so the piece takes granule 0's and waits for granule 1's.
+            let held = tracker.locks[1].clone().lock_owned().await;
+            let piece = tokio::spawn(copy_piece(tracker.clone(), 0, 1));
+            while tracker.locks[0].try_lock().is_ok() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let writers: Vec<_> = (0..2u8)
+                .map(|i| {
+                    let t = tracker.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let data = vec![i + 1; 4096];
+                        t.source.write_at(&data, u64::from(i) * 4096).unwrap();
+                        t.after_write(u64::from(i) * 4096, &WriteData::Data(&data)).unwrap();
+                    })
+                })
+                .collect();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            drop(held);
+            let done = tokio::time::timeout(Duration::from_secs(20), async {
+                piece.await.unwrap().unwrap();
+                for w in writers {
+                    w.await.unwrap();
+                }
+            })
+            .await;
+            assert!(done.is_ok(), "the copy piece and the guest writes waiting for its locks deadlocked");
+            assert!(tracker.failed.lock().unwrap().is_none());
+            assert_differences_dirty(&tracker).await;
+        });
     }
 }

@@ -262,6 +262,12 @@ impl NbdClient {
         self.info.size
     }
 
+    /// The server's minimum block size: requests must be aligned to it (1
+    /// if the server named none).
+    pub fn min_block(&self) -> u64 {
+        self.info.block_sizes.map_or(1, |(min, _, _)| u64::from(min)).max(1).next_power_of_two()
+    }
+
     /// Where it is connected.
     pub fn uri(&self) -> &NbdUri {
         &self.uri
