@@ -23,5 +23,7 @@ pub mod fuzzing;
 pub mod jobs;
 pub mod metrics;
 pub mod nbd;
+#[cfg(test)]
+mod pause;
 mod rt;
 pub mod store;

@@ -248,6 +248,8 @@ impl Bitmap {
                 .map(|w| {
                     let t = self.bits.word(w);
                     self.persisted.and_not_word(w, !t);
+                    #[cfg(test)]
+                    crate::pause::at("bitmap.write_pages.between_reads", &self.name);
                     self.bits.word(w)
                 })
                 .collect();
@@ -535,14 +537,23 @@ impl DiskBitmaps {
         if let Some(job) = &b.meta().busy {
             return Err(BitmapError::Busy { name: name.to_owned(), job: job.clone() });
         }
+        // The file may come back after a power loss (the unlink not yet durable): with a newer
+        // generation it no longer matches any backup chain taken against this bitmap.
+        if let Err(e) = self.bump_generation(&b) {
+            if b.is_consistent() {
+                return Err(e);
+            }
+        }
         self.replace_list(|list| list.retain(|x| x.name != name));
         *b.file.lock().unwrap_or_else(|p| p.into_inner()) = None;
         let path = self.dir.join(format!("{name}.bitmap"));
+        let persist = |source| BitmapError::Persist { name: name.to_owned(), source };
         match std::fs::remove_file(&path) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => return Err(BitmapError::Persist { name: name.to_owned(), source }),
+            Err(source) => return Err(persist(source)),
         }
+        std::fs::File::open(&self.dir).and_then(|d| d.sync_all()).map_err(persist)?;
         tracing::info!(disk = %self.disk, bitmap = name, "bitmap removed");
         Ok(())
     }
@@ -554,6 +565,11 @@ impl DiskBitmaps {
         b.check_usable()?;
         let _gate = self.exclusive();
         self.bump_generation(&b)?;
+        #[cfg(test)]
+        crate::pause::at("bitmap.clear.after_bump", name);
+        // `persisted` first (the writeback protocol): a writeback that read a word before this
+        // must not keep counting its bits as durable once they are gone from memory.
+        b.persisted.clear_all();
         b.bits.clear_all();
         self.persister.lazy(b.all_pages());
         Ok(b.info())
@@ -649,7 +665,10 @@ impl DiskBitmaps {
         if result.is_ok() {
             for w in frozen.bits.dirty_words() {
                 let again = successor.as_ref().map_or(0, |s| s.word(w));
-                b.bits.and_not_word(w, frozen.bits.word(w) & !again);
+                let dropped = frozen.bits.word(w) & !again;
+                // `persisted` first, as in `clear`.
+                b.persisted.and_not_word(w, dropped);
+                b.bits.and_not_word(w, dropped);
             }
             self.persister.lazy(b.all_pages());
         }

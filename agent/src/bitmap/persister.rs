@@ -37,11 +37,23 @@ struct Queue {
     lazy: Vec<PageRequest>,
     started: u64,
     finished: u64,
+    /// Why a batch failed, kept until every writer waiting for it has read it.
     failed: BTreeMap<u64, String>,
+    /// Writers waiting for each batch.
+    waiting: BTreeMap<u64, usize>,
     stop: bool,
 }
 
+impl Queue {
+    /// Whether a writer waits for the next batch.
+    fn awaited(&self) -> bool {
+        self.waiting.contains_key(&(self.started + 1))
+    }
+}
+
 struct Shared {
+    #[cfg(test)]
+    disk: String,
     queue: Mutex<Queue>,
     work: Condvar,
     done: Condvar,
@@ -64,11 +76,25 @@ impl std::fmt::Debug for Persister {
 
 impl Persister {
     pub fn start(disk: &str, checkpoint: Option<Checkpoint>) -> Self {
-        let shared = Arc::new(Shared { queue: Mutex::default(), work: Condvar::new(), done: Condvar::new() });
+        Self::start_with(disk, checkpoint, write_back)
+    }
+
+    fn start_with(
+        disk: &str,
+        checkpoint: Option<Checkpoint>,
+        write: impl Fn(Vec<PageRequest>) -> Result<(), String> + Send + 'static,
+    ) -> Self {
+        let shared = Arc::new(Shared {
+            #[cfg(test)]
+            disk: disk.to_owned(),
+            queue: Mutex::default(),
+            work: Condvar::new(),
+            done: Condvar::new(),
+        });
         let worker = shared.clone();
         let thread = std::thread::Builder::new()
             .name(format!("bitmap-sync {disk}"))
-            .spawn(move || worker.run(checkpoint))
+            .spawn(move || worker.run(checkpoint, write))
             .expect("spawn bitmap writeback thread");
         Self { shared, thread: Mutex::new(Some(thread)) }
     }
@@ -79,14 +105,26 @@ impl Persister {
         let mut q = self.shared.lock();
         q.sync.extend(requests);
         let ticket = q.started + 1;
+        *q.waiting.entry(ticket).or_default() += 1;
         self.shared.work.notify_one();
         while q.finished < ticket {
             q = self.shared.done.wait(q).unwrap_or_else(|p| p.into_inner());
         }
-        match q.failed.get(&ticket) {
-            Some(e) => Err(e.clone()),
-            None => Ok(()),
+        #[cfg(test)]
+        let mut q = {
+            drop(q);
+            crate::pause::at("persister.sync.woken", &self.shared.disk);
+            self.shared.lock()
+        };
+        let failed = q.failed.get(&ticket).cloned();
+        if let Some(n) = q.waiting.get_mut(&ticket) {
+            *n -= 1;
+            if *n == 0 {
+                q.waiting.remove(&ticket);
+                q.failed.remove(&ticket);
+            }
         }
+        failed.map_or(Ok(()), Err)
     }
 
     /// Queues pages for a writeback nobody waits for (after bits were cleared).
@@ -115,7 +153,7 @@ impl Shared {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn run(&self, checkpoint: Option<Checkpoint>) {
+    fn run(&self, checkpoint: Option<Checkpoint>, write: impl Fn(Vec<PageRequest>) -> Result<(), String>) {
         let mut last_checkpoint = Instant::now();
         let mut q = self.lock();
         loop {
@@ -125,11 +163,11 @@ impl Shared {
                 last_checkpoint = Instant::now();
                 q = self.lock();
             }
-            if q.sync.is_empty() && !q.stop {
+            if !q.awaited() && !q.stop {
                 let (guard, timeout) = self.work.wait_timeout(q, LAZY_INTERVAL).unwrap_or_else(|p| p.into_inner());
                 q = guard;
                 let lazy_due = timeout.timed_out() && !q.lazy.is_empty();
-                if q.sync.is_empty() && !lazy_due && !q.stop {
+                if !q.awaited() && !lazy_due && !q.stop {
                     continue;
                 }
             }
@@ -139,13 +177,15 @@ impl Shared {
             let ticket = q.started;
             let stop = q.stop;
             drop(q);
-            let result = write_back(batch);
+            let result = write(batch);
             q = self.lock();
-            if let Err(e) = result {
-                q.failed.insert(ticket, e);
+            if let Err(e) = result.map_err(|e| (q.waiting.contains_key(&ticket), e)) {
+                match e {
+                    (true, e) => drop(q.failed.insert(ticket, e)),
+                    (false, _) => {}
+                }
             }
             q.finished = ticket;
-            q.failed.retain(|&t, _| t + 64 > ticket);
             self.done.notify_all();
             if stop && q.sync.is_empty() && q.lazy.is_empty() {
                 return;
@@ -174,4 +214,31 @@ fn write_back(batch: Vec<PageRequest>) -> Result<(), String> {
 /// Page holding word `w`.
 pub(crate) fn page_of(word: u64) -> u64 {
     word / WORDS_PER_PAGE
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A writer whose batch failed is slow to wake up; 64 more batches finish meanwhile. It must
+    /// still see its failure (its bits may not be durable), not a success.
+    #[test]
+    fn a_slow_waiter_still_sees_its_failed_batch_after_many_later_batches() {
+        let calls = std::sync::atomic::AtomicUsize::new(0);
+        let persister = Arc::new(Persister::start_with("persister-test/slow-waiter", None, move |_| {
+            match calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) {
+                0 => Err("disk full".to_owned()),
+                _ => Ok(()),
+            }
+        }));
+        let later = persister.clone();
+        crate::pause::set("persister.sync.woken", "persister-test/slow-waiter", move || {
+            for _ in 0..100 {
+                later.sync(Vec::new()).unwrap();
+            }
+        });
+        assert_eq!(persister.sync(Vec::new()), Err("disk full".to_owned()));
+        let q = persister.shared.lock();
+        assert!(q.failed.is_empty() && q.waiting.is_empty(), "failures are kept only while someone waits");
+    }
 }

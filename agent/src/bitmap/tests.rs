@@ -352,3 +352,50 @@ fn an_unreadable_intent_log_distrusts_bitmaps_that_were_not_closed_cleanly() {
     let disk = open_with(dir.path(), &[], REGION);
     assert!(disk.get("b").unwrap().is_consistent());
 }
+
+/// A `clear` drops a bit while a writeback of its page is between its two reads of the word (the
+/// writeback read it set, then writes it clear). `persisted` must not keep claiming that bit: a
+/// write there would then be acknowledged with no sync while the file lacks its bit, and a crash
+/// before the next writeback would lose it (with the generation still matching the chain).
+#[test]
+fn a_clear_during_a_writeback_leaves_no_bit_counted_durable_that_the_file_lacks() {
+    use std::sync::mpsc::channel;
+    let dir = tempfile::tempdir().unwrap();
+    let disk = open(dir.path(), &[("race6", 65536)]);
+    disk.mark(0, 4096).unwrap();
+    let bitmap = disk.get("race6").unwrap();
+    let (reached, between) = channel();
+    let (go, resume) = channel::<()>();
+    crate::pause::set("bitmap.write_pages.between_reads", "race6", move || {
+        reached.send(()).unwrap();
+        resume.recv().unwrap();
+    });
+    let writeback = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let (b, w) = (bitmap.clone(), writeback.clone());
+    crate::pause::set("bitmap.clear.after_bump", "race6", move || {
+        *w.lock().unwrap() = Some(std::thread::spawn(move || b.write_pages(&BTreeSet::from([0])).unwrap()));
+        between.recv().unwrap();
+    });
+    disk.clear("race6").unwrap();
+    go.send(()).unwrap();
+    writeback.lock().unwrap().take().unwrap().join().unwrap();
+    let (_, _, body) = persist::BitmapFile::open(&dir.path().join("race6.bitmap")).unwrap();
+    let claimed = bitmap.persisted.word(0) & !body[0];
+    assert_eq!(claimed, 0, "persisted claims bits {claimed:#x} that the bitmap file lacks");
+}
+
+/// After a power loss the unlink of a removed bitmap's file may be lost. What the file then
+/// holds (here: seen through a second link) must not match a backup chain taken against it.
+#[test]
+fn a_removed_bitmap_whose_file_comes_back_no_longer_matches_its_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = open(dir.path(), &[("gone", 65536)]);
+    disk.mark(0, 4096).unwrap();
+    let generation = disk.get("gone").unwrap().generation();
+    let survivor = dir.path().join("survivor");
+    std::fs::hard_link(dir.path().join("gone.bitmap"), &survivor).unwrap();
+    disk.remove("gone").unwrap();
+    assert!(!dir.path().join("gone.bitmap").exists());
+    let (_, header, _) = persist::BitmapFile::open(&survivor).unwrap();
+    assert!(header.generation > generation, "the removed file still claims generation {}", header.generation);
+}
