@@ -179,11 +179,9 @@ impl Shared {
             drop(q);
             let result = write(batch);
             q = self.lock();
-            if let Err(e) = result.map_err(|e| (q.waiting.contains_key(&ticket), e)) {
-                match e {
-                    (true, e) => drop(q.failed.insert(ticket, e)),
-                    (false, _) => {}
-                }
+            // Kept only for writers that wait for it (each removes it once all have read it).
+            if let (Err(e), true) = (result, q.waiting.contains_key(&ticket)) {
+                q.failed.insert(ticket, e);
             }
             q.finished = ticket;
             self.done.notify_all();
