@@ -46,6 +46,11 @@ pub struct Layer {
     stripes: Vec<Mutex<()>>,
     /// Held by a flush from taking the changed owned words to persisting them.
     flushing: Mutex<()>,
+    /// Read-held while an owned bit and its changed word are set, write-held
+    /// while a flush takes the changed words: a flush never runs between the
+    /// two, so a write that saw a granule owned (and skipped the copy-up) is
+    /// covered by its flush.
+    owning: std::sync::RwLock<()>,
     /// Taken around the stream's writes into the child: the kernel runs
     /// writes to one file one at a time anyway (the inode lock), but its
     /// waiters spin; with 8 chunks in flight that spinning took a fifth of
@@ -157,6 +162,7 @@ impl Layer {
             path,
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             flushing: Mutex::new(()),
+            owning: std::sync::RwLock::new(()),
             stream_writes: Mutex::new(()),
         })
     }
@@ -193,7 +199,10 @@ impl Layer {
     }
 
     fn set_owned(&self, first: u64, last: u64) {
+        let _owning = self.owning.read().unwrap_or_else(|p| p.into_inner());
         self.owned.set_range(first, last);
+        #[cfg(test)]
+        crate::pause::at("layer.set_owned", &self.path.display().to_string());
         self.changed_words.set_range(first / 64, last / 64);
     }
 
@@ -415,6 +424,7 @@ impl Layer {
     /// bit of a copy-up whose data the sync missed: after a crash the
     /// granule would read the child's zeroes instead of the parent.)
     fn take_changes(&self) -> Vec<(u64, u64)> {
+        let _owning = self.owning.write().unwrap_or_else(|p| p.into_inner());
         let words: Vec<u64> = self.changed_words.runs_from(0).flat_map(|(f, n)| f..f + n).collect();
         words
             .into_iter()
@@ -775,5 +785,48 @@ mod tests {
         layer.flush(&child).unwrap();
         let on_disk = owned_on_disk(dir.path(), 256);
         assert!(on_disk[..128].iter().all(|&b| b) && on_disk[128..].iter().all(|&b| !b));
+    }
+
+    /// A copy-up sets granule 5's owned bit; before it marks the bit's word changed, a second
+    /// write sees the granule owned (no copy-up) and flushes. That flush returns only once the
+    /// owned bit is on disk: else after a power loss the granule reads from the parent and the
+    /// flushed write is gone.
+    #[test]
+    fn a_flush_after_a_write_into_a_granule_just_owned_persists_its_owned_bit() {
+        let dir = tempfile::tempdir().unwrap();
+        let (layer, child) = layer(dir.path());
+        let (reached, at_pause) = mpsc::channel();
+        let (go, resume) = mpsc::channel::<()>();
+        let key = owned_path(&dir.path().join("child.raw")).display().to_string();
+        crate::pause::set("layer.set_owned", &key, move || {
+            reached.send(()).unwrap();
+            resume.recv().unwrap();
+        });
+        let copy_up = {
+            let (layer, child) = (layer.clone(), child.try_clone().unwrap());
+            std::thread::spawn(move || layer.write(&child, &[0xaa; 4096], 5 * 65536).unwrap())
+        };
+        at_pause.recv().unwrap();
+        let (done, flushed) = mpsc::channel();
+        let second = {
+            let (layer, child) = (layer.clone(), child.try_clone().unwrap());
+            std::thread::spawn(move || {
+                layer.write(&child, &[0xbb; 4096], 5 * 65536 + 8192).unwrap();
+                layer.flush(&child).unwrap();
+                done.send(()).unwrap();
+            })
+        };
+        let on_disk = || {
+            let mut word = [0u8; 8];
+            File::open(&key).unwrap().read_exact_at(&mut word, 0).unwrap();
+            u64::from_le_bytes(word) & (1 << 5) != 0
+        };
+        if flushed.recv_timeout(std::time::Duration::from_millis(300)).is_ok() {
+            assert!(on_disk(), "the flush returned, but granule 5's owned bit is not on disk");
+        }
+        go.send(()).unwrap();
+        copy_up.join().unwrap();
+        second.join().unwrap();
+        assert!(on_disk(), "the flush returned, but granule 5's owned bit is not on disk");
     }
 }
