@@ -221,6 +221,7 @@ impl Bitmap {
             uuid: meta.uuid,
             enabled: self.enabled.load(SeqCst),
             clean,
+            inconsistent: !self.is_consistent(),
             image_mtime_ns,
             identity: self.identity.clone(),
         }
@@ -752,6 +753,9 @@ fn load(path: &Path, size: u64, identity: &Identity) -> (Bitmap, bool) {
 fn distrust(name: &str, h: &Header, body: &[u64], size: u64, identity: &Identity) -> Option<String> {
     if h.name != name {
         return Some(format!("file holds bitmap {:?}", h.name));
+    }
+    if h.inconsistent {
+        return Some("marked inconsistent before the agent stopped (a bitmap writeback had failed)".into());
     }
     if h.disk_size != size {
         return Some(format!("disk size changed from {} to {} bytes", h.disk_size, size));

@@ -46,6 +46,8 @@ pub struct Header {
     pub enabled: bool,
     /// Written by a clean shutdown: the body is exact, `image_mtime_ns` valid.
     pub clean: bool,
+    /// The body is known to miss writes (a writeback failed): load as inconsistent.
+    pub inconsistent: bool,
     /// Image modification time at clean shutdown (ns since the epoch).
     pub image_mtime_ns: u64,
     /// Identity of the image this bitmap tracks.
@@ -158,7 +160,7 @@ fn encode(h: &Header, seq: u64) -> io::Result<Vec<u8>> {
         p.extend_from_slice(&v.to_le_bytes());
     }
     p.extend_from_slice(&h.uuid);
-    let flags = u32::from(h.enabled) | u32::from(h.clean) << 1;
+    let flags = u32::from(h.enabled) | u32::from(h.clean) << 1 | u32::from(h.inconsistent) << 2;
     p.extend_from_slice(&flags.to_le_bytes());
     for s in [&h.name, &h.identity] {
         if s.len() > MAX_FIELD {
@@ -209,6 +211,7 @@ fn decode(p: &[u8]) -> Result<(u64, Header), String> {
         uuid,
         enabled: flags & 1 != 0,
         clean: flags & 2 != 0,
+        inconsistent: flags & 4 != 0,
         image_mtime_ns,
         identity,
     };
@@ -253,6 +256,7 @@ mod tests {
             enabled: true,
             clean: false,
             image_mtime_ns: 0,
+            inconsistent: false,
             identity: "file:1:2".into(),
         }
     }

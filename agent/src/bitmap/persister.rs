@@ -21,6 +21,9 @@ use super::disk::Bitmap;
 use super::intent::CHECKPOINT_INTERVAL;
 use super::persist::WORDS_PER_PAGE;
 
+/// Why a sync after [`Persister::stop`] fails.
+const STOPPED: &str = "the disk's bitmaps are closed";
+
 /// How often lazily cleared pages are written back.
 const LAZY_INTERVAL: Duration = Duration::from_millis(500);
 
@@ -42,6 +45,8 @@ struct Queue {
     /// Writers waiting for each batch.
     waiting: BTreeMap<u64, usize>,
     stop: bool,
+    /// The thread has ended: nothing will be written any more.
+    exited: bool,
 }
 
 impl Queue {
@@ -103,12 +108,18 @@ impl Persister {
     /// bitmap whose file could not be written.
     pub fn sync(&self, requests: Vec<PageRequest>) -> Result<(), String> {
         let mut q = self.shared.lock();
+        if q.exited {
+            return Err(STOPPED.to_owned());
+        }
         q.sync.extend(requests);
         let ticket = q.started + 1;
         *q.waiting.entry(ticket).or_default() += 1;
         self.shared.work.notify_one();
-        while q.finished < ticket {
+        while q.finished < ticket && !q.exited {
             q = self.shared.done.wait(q).unwrap_or_else(|p| p.into_inner());
+        }
+        if q.finished < ticket {
+            return Err(STOPPED.to_owned());
         }
         #[cfg(test)]
         let mut q = {
@@ -185,7 +196,9 @@ impl Shared {
             }
             q.finished = ticket;
             self.done.notify_all();
-            if stop && q.sync.is_empty() && q.lazy.is_empty() {
+            if stop && !q.awaited() && q.lazy.is_empty() {
+                q.exited = true;
+                self.done.notify_all();
                 return;
             }
         }

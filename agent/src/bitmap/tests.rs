@@ -399,3 +399,22 @@ fn a_removed_bitmap_whose_file_comes_back_no_longer_matches_its_chain() {
     let (_, header, _) = persist::BitmapFile::open(&survivor).unwrap();
     assert!(header.generation > generation, "the removed file still claims generation {}", header.generation);
 }
+
+/// A write that marks after the disk's bitmaps were closed (a connection that outlived the
+/// shutdown's wait) must not wait forever for a writeback thread that is gone, nor leave a
+/// bitmap that looks complete without its bit.
+#[test]
+fn a_mark_after_close_returns_and_leaves_no_consistent_bitmap_without_its_bit() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = std::sync::Arc::new(open(dir.path(), &[("late", 65536)]));
+    disk.close(&identity());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let d = disk.clone();
+    std::thread::spawn(move || tx.send(d.mark(3 << 20, 4096).map_err(|e| e.to_string())).unwrap());
+    let marked = rx.recv_timeout(std::time::Duration::from_secs(10)).expect("mark() after close() hangs");
+    drop(disk);
+    let disk = open(dir.path(), &[]);
+    let b = disk.get("late").unwrap();
+    let has_bit = dirty(&disk, "late").iter().any(|&(o, l)| o <= 3 << 20 && (3 << 20) < o + l);
+    assert!(!b.is_consistent() || has_bit, "bitmap loads consistent without the late write's bit ({marked:?})");
+}
