@@ -36,6 +36,7 @@ fn every_corrupted_header_byte_is_handled() {
         uuid: [1; 16],
         enabled: true,
         clean: false,
+        inconsistent: false,
         image_mtime_ns: 0,
         identity: "x".into(),
     };
