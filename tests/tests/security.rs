@@ -950,3 +950,74 @@ fn idle_tcp_sessions_do_not_lock_out_the_unix_socket() {
     assert!(qemu_io_ok(&out), "16 idle TCP sessions lock out the Unix socket: {}", text(&out));
     drop(idle);
 }
+
+/// A client that pipelines BLOCK_STATUS over a fragmented image and never reads the replies:
+/// each 28-byte request asks for a reply of up to 512 KiB per context. The replies must count
+/// against the connection's in-flight budget like READ data, or the agent's memory grows
+/// without bound.
+#[test]
+fn unread_block_status_replies_do_not_grow_memory_without_bound() {
+    let builder = AgentBuilder::new().simple_vm("vm1", "64MiB");
+    // Every other 4 KiB block holds data: 16384 extents, a 128 KiB reply per request.
+    let images = builder.dir().join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    let image = std::fs::File::create(images.join("vm1-disk0.raw")).unwrap();
+    image.set_len(64 << 20).unwrap();
+    for block in (0..(64u64 << 20) / 8192).map(|i| i * 8192) {
+        std::os::unix::fs::FileExt::write_all_at(&image, &[0xab; 4096], block).unwrap();
+    }
+    image.sync_all().unwrap();
+    let agent = builder.start().unwrap();
+    let pid = agent_pid(&agent);
+    let mut s = dial(&agent);
+    s.write_all(&FLAGS).unwrap();
+    s.write_all(&option(opt::STRUCTURED_REPLY, &[])).unwrap();
+    assert_eq!(opt_reply(&mut s).unwrap().1, rep::ACK);
+    let mut meta = BytesMut::new();
+    meta.put_u32(u32::try_from(EXPORT.len()).unwrap());
+    meta.put_slice(EXPORT.as_bytes());
+    meta.put_u32(1);
+    meta.put_u32(15);
+    meta.put_slice(b"base:allocation");
+    s.write_all(&option(opt::SET_META_CONTEXT, &meta)).unwrap();
+    while opt_reply(&mut s).unwrap().1 != rep::ACK {}
+    s.write_all(&option(opt::GO, &go_data(EXPORT))).unwrap();
+    loop {
+        let (_, ty, body) = opt_reply(&mut s).unwrap();
+        assert_eq!(ty & rep::ERR_BIT, 0, "GO refused {ty:#x}: {}", String::from_utf8_lossy(&body));
+        if ty == rep::ACK {
+            break;
+        }
+    }
+    let rss0 = proc_kib(pid, "VmRSS");
+    let bound = 256 << 10; // KiB: the 64 MiB budget, replies in the writer and the socket, slack
+                           // 28-byte requests: 20,000 fit in the socket buffers whether or not the agent reads them.
+    let mut out = BytesMut::new();
+    for cookie in 0..20_000u64 {
+        Request { cookie, command: Cmd::BlockStatus, flags: 0, offset: 0, length: 64 << 20 }.encode(&mut out);
+    }
+    s.set_nonblocking(true).unwrap();
+    let (mut sent, mut grew, mut peak_at) = (0, 0, Instant::now());
+    let started = Instant::now();
+    // Until the agent's memory stopped growing for 3 s (it holds what the budget allows) or
+    // passed the bound; at most 60 s.
+    while started.elapsed() < Duration::from_secs(60) && peak_at.elapsed() < Duration::from_secs(3) {
+        match s.write(&out[sent..]) {
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+            Err(e) => panic!("sending requests: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        let now = proc_kib(pid, "VmRSS").saturating_sub(rss0);
+        if now > grew + 1024 {
+            (grew, peak_at) = (now, Instant::now());
+            eprintln!("{} requests sent, {:?}: RSS +{} MiB", sent / 28, started.elapsed(), grew >> 10);
+        }
+        if grew > bound {
+            break;
+        }
+    }
+    drop(s);
+    assert!(grew <= bound, "agent RSS grew by {} MiB for unread BLOCK_STATUS replies", grew >> 10);
+    assert_serves(&agent, None, "unread BLOCK_STATUS replies");
+}

@@ -308,10 +308,7 @@ impl Pipeline {
             self.send_small(reply).await;
             return;
         }
-        let units = match req.command {
-            Command::Read | Command::Write => 1 + u64::from(req.length) / UNIT,
-            _ => 1,
-        };
+        let units = 1 + self.session.in_flight_bytes(&req) / UNIT;
         let units = u32::try_from(units).unwrap_or(BUDGET_UNITS).min(BUDGET_UNITS);
         let permit = tokio::select! {
             p = self.budget.clone().acquire_many_owned(units) => p,

@@ -81,6 +81,25 @@ impl Session {
         &self.export
     }
 
+    /// The most bytes `req` can hold in flight: its payload or its reply
+    /// (a READ's data; a BLOCK_STATUS reply of up to [`MAX_EXTENTS`]
+    /// extents per selected context, 8 bytes each, and never more extents
+    /// than bytes asked about).
+    pub fn in_flight_bytes(&self, req: &Request) -> u64 {
+        match req.command {
+            Command::Read | Command::Write => u64::from(req.length),
+            Command::BlockStatus => {
+                let extents = if req.has_flag(cmd_flags::REQ_ONE) {
+                    1
+                } else {
+                    u64::from(req.length).clamp(1, MAX_EXTENTS as u64)
+                };
+                self.contexts.len() as u64 * (extents * 8 + 32)
+            }
+            _ => 0,
+        }
+    }
+
     /// Checks a request's meaning: command, flags, range, permissions.
     pub fn validate(&self, req: &Request) -> Result<(), Rejection> {
         let writes = matches!(req.command, Command::Write | Command::Trim | Command::WriteZeroes);
