@@ -121,6 +121,10 @@ impl BlockStore for NbdReader {
             offset,
             source: std::io::Error::other(e.to_string()),
         })?;
+        if data.len() != buf.len() {
+            let short = format!("the server answered {} of {} bytes", data.len(), buf.len());
+            return Err(StoreError::Io { op: "nbd read", offset, source: std::io::Error::other(short) });
+        }
         buf.copy_from_slice(&data);
         Ok(())
     }

@@ -161,7 +161,18 @@ struct Pending {
 
 #[derive(Default)]
 struct InFlight {
-    map: HashMap<u64, (Request, BytesMut, Reply, Option<NbdClientError>)>,
+    map: HashMap<u64, Entry>,
+}
+
+/// A request waiting for its reply.
+struct Entry {
+    request: Request,
+    /// A READ's data so far (zero-filled where no chunk arrived yet).
+    data: BytesMut,
+    /// Bytes of a READ that chunks have covered.
+    covered: u64,
+    reply: Reply,
+    error: Option<NbdClientError>,
 }
 
 /// A connected client.
@@ -345,12 +356,8 @@ async fn send_loop<W: AsyncWrite + Unpin>(mut w: W, mut rx: mpsc::Receiver<Pendi
         p.request.encode(&mut buf);
         let disc = p.request.command == Command::Disc;
         if !disc {
-            let data = BytesMut::new();
-            inflight
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .map
-                .insert(p.request.cookie, (p.request, data, p.reply, None));
+            let entry = Entry { request: p.request, data: BytesMut::new(), covered: 0, reply: p.reply, error: None };
+            inflight.lock().unwrap_or_else(|e| e.into_inner()).map.insert(p.request.cookie, entry);
         }
         let sent = async {
             w.write_all(&buf).await?;
@@ -373,7 +380,7 @@ async fn receive_loop<R: AsyncRead + Unpin>(mut r: R, mut buf: BytesMut, infligh
             let map = inflight.clone();
             let read_len = move |cookie: u64| {
                 let m = map.lock().unwrap_or_else(|e| e.into_inner());
-                m.map.get(&cookie).filter(|e| e.0.command == Command::Read).map(|e| e.0.length)
+                m.map.get(&cookie).filter(|e| e.request.command == Command::Read).map(|e| e.request.length)
             };
             decoder.decode(&mut buf, &read_len)
         };
@@ -397,35 +404,52 @@ fn complete(inflight: &Mutex<InFlight>, ev: ReplyEvent) {
     let cookie = ev.cookie();
     let done = ev.is_done();
     let Some(entry) = m.map.get_mut(&cookie) else { return };
+    let offset = entry.request.offset;
     match ev {
-        ReplyEvent::Simple { errno: 0, data, .. } => entry.1.extend_from_slice(&data),
-        ReplyEvent::Simple { errno, .. } => entry.3 = Some(server_error(errno, entry.0.offset, String::new())),
-        ReplyEvent::Data { offset, data, .. } => place(entry, offset, &data),
-        ReplyEvent::Hole { offset, length, .. } => place(entry, offset, &vec![0; usize::try_from(length).unwrap_or(0)]),
-        ReplyEvent::Error { errno, message, .. } => entry.3 = Some(server_error(errno, entry.0.offset, message)),
+        ReplyEvent::Simple { errno: 0, data, .. } => place(entry, offset, data.len() as u64, Some(&data)),
+        ReplyEvent::Simple { errno, .. } => entry.error = Some(server_error(errno, offset, String::new())),
+        ReplyEvent::Data { offset, data, .. } => place(entry, offset, data.len() as u64, Some(&data)),
+        ReplyEvent::Hole { offset, length, .. } => place(entry, offset, u64::from(length), None),
+        ReplyEvent::Error { errno, message, .. } => entry.error = Some(server_error(errno, offset, message)),
         ReplyEvent::BlockStatus { .. } | ReplyEvent::None { .. } => {}
     }
     if done {
-        if let Some((_, data, reply, err)) = m.map.remove(&cookie) {
-            let _ = reply.send(match err {
-                Some(e) => Err(e),
-                None => Ok(data.freeze()),
-            });
+        if let Some(e) = m.map.remove(&cookie) {
+            let short = e.request.command == Command::Read && e.covered != u64::from(e.request.length);
+            let result = match e.error {
+                Some(err) => Err(err),
+                None if short => {
+                    Err(NbdClientError::Protocol(proto::DecodeError::Invalid("read reply does not cover the request")))
+                }
+                None => Ok(e.data.freeze()),
+            };
+            let _ = e.reply.send(result);
         }
     }
 }
 
-fn place(entry: &mut (Request, BytesMut, Reply, Option<NbdClientError>), offset: u64, data: &[u8]) {
-    let len = usize::try_from(entry.0.length).unwrap_or(0);
-    if entry.1.len() < len {
-        entry.1.resize(len, 0);
+/// Puts a READ chunk (`data`, or zeroes for a hole) in place, after checking
+/// it lies inside the request: a hostile server's lengths never size a buffer.
+fn place(entry: &mut Entry, offset: u64, length: u64, data: Option<&[u8]>) {
+    let len = u64::from(entry.request.length);
+    let range = offset
+        .checked_sub(entry.request.offset)
+        .and_then(|at| Some((at, at.checked_add(length)?)))
+        .filter(|&(_, end)| end <= len)
+        .and_then(|(at, end)| Some(usize::try_from(at).ok()?..usize::try_from(end).ok()?));
+    let Some(range) = range else {
+        entry.error = Some(NbdClientError::Protocol(proto::DecodeError::Invalid("chunk outside the request")));
+        return;
+    };
+    let len = usize::try_from(len).unwrap_or(0);
+    if entry.data.len() < len {
+        entry.data.resize(len, 0);
     }
-    let at = usize::try_from(offset.saturating_sub(entry.0.offset)).unwrap_or(usize::MAX);
-    if at.saturating_add(data.len()) <= len {
-        entry.1[at..at + data.len()].copy_from_slice(data);
-    } else {
-        entry.3 = Some(NbdClientError::Protocol(proto::DecodeError::Invalid("chunk outside the request")));
+    match data {
+        Some(d) => entry.data[range].copy_from_slice(d),
+        None => entry.data[range].fill(0),
     }
+    entry.covered += length;
 }
 
 fn server_error(errno: u32, offset: u64, message: String) -> NbdClientError {
@@ -434,7 +458,58 @@ fn server_error(errno: u32, offset: u64, message: String) -> NbdClientError {
 
 fn fail_all(inflight: &Mutex<InFlight>) {
     let mut m = inflight.lock().unwrap_or_else(|e| e.into_inner());
-    for (_, (_, _, reply, _)) in m.map.drain() {
-        let _ = reply.send(Err(NbdClientError::Closed));
+    for (_, entry) in m.map.drain() {
+        let _ = entry.reply.send(Err(NbdClientError::Closed));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A client on one end of an in-memory pipe; the test plays a hostile server on the other.
+    fn client_with_server() -> (NbdClient, tokio::io::DuplexStream) {
+        let (near, far) = tokio::io::duplex(1 << 20);
+        let (r, w) = tokio::io::split(near);
+        let info = ClientNegotiated { size: 1 << 30, flags: 0, structured_replies: true, block_sizes: None };
+        let uri: NbdUri = "nbd+unix:///x?socket=/nonexistent".parse().unwrap();
+        (NbdClient::start(&uri, Box::new(r), Box::new(w), BytesMut::new(), info), far)
+    }
+
+    /// Reads the client's next request (a READ has no payload).
+    async fn next_request(server: &mut tokio::io::DuplexStream) -> Request {
+        let mut buf = BytesMut::new();
+        let mut decoder = proto::RequestDecoder::new(64 << 20);
+        loop {
+            if let Ok(proto::Decoded::Request(req, _)) = decoder.decode(&mut buf) {
+                return req;
+            }
+            assert!(server.read_buf(&mut buf).await.unwrap() > 0, "client closed");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_hole_chunk_longer_than_the_read_is_an_error_not_an_allocation() {
+        let (client, mut server) = client_with_server();
+        let read = tokio::spawn(async move { client.read(4096, 4096).await });
+        let req = next_request(&mut server).await;
+        let mut out = BytesMut::new();
+        proto::reply::offset_hole(&mut out, req.cookie, true, 4096, u32::MAX);
+        server.write_all(&out).await.unwrap();
+        let got = read.await.unwrap();
+        assert!(matches!(got, Err(NbdClientError::Protocol(_))), "{got:?}");
+    }
+
+    #[tokio::test]
+    async fn a_structured_read_reply_that_covers_part_of_the_request_is_an_error() {
+        let (client, mut server) = client_with_server();
+        let read = tokio::spawn(async move { client.read(0, 8192).await });
+        let req = next_request(&mut server).await;
+        let mut out = BytesMut::new();
+        proto::reply::offset_data(&mut out, req.cookie, true, 0, 4096);
+        out.extend_from_slice(&[7; 4096]);
+        server.write_all(&out).await.unwrap();
+        let got = read.await.unwrap();
+        assert!(matches!(got, Err(NbdClientError::Protocol(_))), "a short read reply was taken: {got:?}");
     }
 }
