@@ -43,6 +43,10 @@ pub struct PointInTime {
     stripes: Vec<Mutex<()>>,
     /// Guest writes seen (the job backs off while they come in).
     guest_writes: AtomicU64,
+    /// Why copy-before-write failed: the view no longer holds the moment,
+    /// so every read fails from then on (the job fails, the guest's write
+    /// went through).
+    broken: Mutex<Option<String>>,
 }
 
 fn scratch_err(offset: u64) -> impl FnOnce(std::io::Error) -> StoreError {
@@ -77,6 +81,7 @@ impl PointInTime {
             scratch_path: scratch.to_owned(),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             guest_writes: AtomicU64::new(0),
+            broken: Mutex::new(None),
         })
     }
 
@@ -154,6 +159,24 @@ impl PointInTime {
         Ok(())
     }
 
+    fn broken(&self) -> MutexGuard<'_, Option<String>> {
+        self.broken.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Fails once copy-before-write has failed. A read that passed this
+    /// check under the granule's lock read old content: the write whose copy
+    /// failed reaches the store only after the failure was recorded.
+    fn check_intact(&self, offset: u64) -> Result<(), StoreError> {
+        match self.broken().as_ref() {
+            Some(why) => Err(StoreError::Io {
+                op: "point-in-time view",
+                offset,
+                source: std::io::Error::other(format!("copy-before-write failed, the view is lost: {why}")),
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// Reads the content at the view's moment.
     pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<(), StoreError> {
         let end = offset + buf.len() as u64;
@@ -162,6 +185,7 @@ impl PointInTime {
             let g = pos >> self.shift;
             let stop = ((g + 1) << self.shift).min(end);
             let _lock = self.lock(g);
+            self.check_intact(pos)?;
             for (a, b, saved) in self.unit_runs(pos >> self.unit, (stop - 1) >> self.unit) {
                 let (from, to) = ((a << self.unit).max(pos), ((b + 1) << self.unit).min(stop));
                 let at = usize::try_from(from - offset).unwrap_or(0);
@@ -198,9 +222,20 @@ impl PointInTime {
 }
 
 impl crate::export::WriteHook for PointInTime {
+    /// A failed copy-before-write (scratch space full, a source read error)
+    /// never fails the guest's write: the view is marked lost before the
+    /// write can reach the store, every later read fails, and the job fails
+    /// with every bitmap bit kept.
     fn before_write(&self, offset: u64, length: u64) -> Result<(), StoreError> {
         self.guest_writes.fetch_add(1, Relaxed);
-        PointInTime::before_write(self, offset, length)
+        if self.broken().is_some() {
+            return Ok(());
+        }
+        if let Err(e) = PointInTime::before_write(self, offset, length) {
+            tracing::error!(offset, error = %e, "copy-before-write failed; the job fails, the guest's write goes on");
+            self.broken().get_or_insert_with(|| e.to_string());
+        }
+        Ok(())
     }
 
     /// Copy-before-write reads the source and writes the local scratch
@@ -329,5 +364,29 @@ mod tests {
             view.read(&mut b, offset).unwrap();
             assert!(b == before[offset as usize..offset as usize + len], "read {offset}+{len}");
         }
+    }
+
+    /// Scratch space full (the scratch file is /dev/full): the guest's write must succeed, and the
+    /// job's reads fail from then on instead of returning post-snapshot data.
+    #[test]
+    fn a_failed_copy_before_write_fails_the_view_not_the_guest_write() {
+        use crate::export::WriteHook;
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn BlockStore> =
+            Arc::new(FileStore::create(&dir.path().join("disk.raw"), 1 << 20, &Stores::new(None)).unwrap());
+        store.write_at(&pattern(1 << 20, 5), 0).unwrap();
+        let scratch = dir.path().join("scratch");
+        std::os::unix::fs::symlink("/dev/full", &scratch).unwrap();
+        let view = PointInTime::whole(store.clone(), 64 << 10, &scratch).unwrap();
+        let mut before = vec![0u8; 4096];
+        view.read(&mut before, 0).unwrap();
+        assert_eq!(before, pattern(1 << 20, 5)[..4096]);
+        let written = WriteHook::before_write(&view, 8192, 4096);
+        assert!(written.is_ok(), "the guest's write failed: {written:?}");
+        store.write_at(&[0xee; 4096], 8192).unwrap();
+        let mut after = vec![0u8; 4096];
+        assert!(view.read(&mut after, 8192).is_err(), "the view returned data written after its moment");
+        assert!(view.read(&mut after, 1 << 19).is_err(), "the lost view still serves reads");
+        assert!(WriteHook::before_write(&view, 1 << 19, 4096).is_ok());
     }
 }
