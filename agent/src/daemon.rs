@@ -274,6 +274,7 @@ pub async fn run(config: AgentConfig) -> Result<(), DaemonError> {
         nbd_tls: tls.policy() != proto::TlsPolicy::Unavailable,
         records: std::sync::Mutex::new(migration_records),
         dir: migrations_dir,
+        steps: tokio::sync::Mutex::new(()),
     });
     let serving = tokio::spawn(server.run(shutdown.clone()));
     tracing::info!(node = %config.node, exports = disks.configs.len(), "agent started");

@@ -18,6 +18,7 @@ pub mod bitmap;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod durable;
 pub mod export;
 pub mod fuzzing;
 pub mod jobs;

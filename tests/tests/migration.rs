@@ -150,11 +150,20 @@ fn u(v: &Value) -> u64 {
 
 /// The control API through curl (for what the CLI does not offer).
 fn api(agent: &Agent, method: &str, path: &str) -> (u16, Value) {
+    api_with(agent, method, path, None)
+}
+
+/// [`api`] with a JSON body.
+fn api_with(agent: &Agent, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
     let sock = agent.dir().join("control.sock");
     let url = format!("http://agent{path}");
-    let out =
-        run("curl", &["-sS", "--unix-socket", sock.to_str().unwrap(), "-X", method, "-w", "\n%{http_code}", &url])
-            .unwrap();
+    let mut args = vec!["-sS", "--unix-socket", sock.to_str().unwrap(), "-X", method, "-w", "\n%{http_code}"];
+    let body = body.map(Value::to_string);
+    if let Some(body) = &body {
+        args.extend(["-H", "content-type: application/json", "--data-binary", body]);
+    }
+    args.push(&url);
+    let out = run("curl", &args).unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let (body, code) = text.rsplit_once('\n').unwrap_or_else(|| panic!("curl: {text}"));
     let code: u16 = code.trim().parse().unwrap_or_else(|_| panic!("curl: no status in {text}"));
@@ -1276,6 +1285,68 @@ fn write_blocking_under_small_writes_converges_in_few_passes() {
     assert_eq!(u(&migrated_disk(&summary)["bytes_sent"]), u(&s["bytes_sent"]));
     assert_identical("source vs destination", &a.unix_uri(DISK), &b.unix_uri(DISK));
     assert_model("destination", &b.unix_uri(DISK), &model, &b.dir().join("scratch.raw"));
+}
+
+#[test]
+fn a_destination_that_cannot_record_the_migration_refuses_it() {
+    // The destination's migration records cannot be written (here: `state/migrations` is a
+    // file). A restart of that agent would find the VM file but no record, and serve the disk
+    // writable with only the backup's content: prepare must fail, and nothing be left behind.
+    let store = tempfile::tempdir().unwrap();
+    let backing = Backing::File(store.path().join("backups/vm1-disk0.raw"));
+    let mut rng = Rng::from_env(0x3141_0011);
+    let (a, b, model, seeded) = small_setup(&backing, &mut rng, 2);
+    let records = b.dir().join("state/migrations");
+    let _ = std::fs::remove_dir_all(&records);
+    std::fs::write(&records, "not a directory").unwrap();
+    let out = output_within(migrate_cmd(&a, &b, false, &[]), Duration::from_secs(60));
+    assert!(!out.status.success(), "migrate succeeded without a migration record on the destination: {}", show(&out));
+    assert!(!b.dir().join("vms.d/vm1.yaml").exists(), "the destination kept the VM file{}", logs(&a, &b));
+    assert!(listed_exports(&b).is_empty(), "the destination serves {:?}", listed_exports(&b));
+    assert_eq!(disk_info(&a)["read_only"], false);
+    assert_eq!(u(&bitmap(&a)["dirty_bytes"]), seeded.len() as u64 * GRANULE);
+    assert_model("source", &a.unix_uri(DISK), &model, &a.dir().join("scratch.raw"));
+}
+
+#[test]
+fn complete_and_abort_of_one_incoming_migration_never_both_succeed() {
+    // Both check that the migration is prepared, then act: without one lock around each, an
+    // abort that is removing the disks and a complete that activates them could both succeed.
+    let store = tempfile::tempdir().unwrap();
+    let backing = Backing::File(store.path().join("backups/vm1-disk0.raw"));
+    let mut rng = Rng::from_env(0x3141_0012);
+    let (a, b, _, _) = small_setup(&backing, &mut rng, 0);
+    let (code, chain) = api(&a, "GET", &format!("/v1/disks/{DISK}/chain"));
+    assert_eq!(code, 200, "{chain}");
+    let prepare = serde_json::json!({"vm": "vm1", "disks": [{"name": "disk0", "backing": chain["backing"]}]});
+    // The abort goes first; the complete follows after a shorter wait each round, until it wins.
+    for (round, delay_us) in (0..40u64).rev().map(|i| i * 500).enumerate() {
+        let (code, prep) = api_with(&b, "POST", "/v1/migrations", Some(&prepare));
+        assert!((200..300).contains(&code), "prepare: {code} {prep}{}", logs(&a, &b));
+        let id = prep["id"].as_str().unwrap().to_owned();
+        let (abort, complete) = std::thread::scope(|s| {
+            let abort = s.spawn(|| api(&b, "POST", &format!("/v1/migrations/{id}/abort")));
+            std::thread::sleep(Duration::from_micros(delay_us));
+            let body = serde_json::json!({"stream": false});
+            let complete = api_with(&b, "POST", &format!("/v1/migrations/{id}/complete"), Some(&body));
+            (abort.join().unwrap(), complete)
+        });
+        eprintln!("round {round} (+{delay_us} µs): abort {}, complete {}", abort.0, complete.0);
+        let ok = |code: u16| (200..300).contains(&code);
+        assert!(
+            !ok(abort.0) || !ok(complete.0),
+            "abort and complete both succeeded: {abort:?} {complete:?}{}",
+            logs(&a, &b)
+        );
+        let (_, record) = api(&b, "GET", &format!("/v1/migrations/{id}"));
+        if record["state"] == "active" {
+            assert!(ok(complete.0), "{record}");
+            assert!(listed_exports(&b).contains(&DISK.to_owned()), "active, but {DISK} is not served");
+            break;
+        }
+        assert_eq!(record["state"], "aborted", "{record}");
+        assert!(!b.dir().join("vms.d/vm1.yaml").exists(), "aborted, but the VM file stayed");
+    }
 }
 
 #[test]

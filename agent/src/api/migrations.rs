@@ -44,6 +44,9 @@ pub struct MigrationEnv {
     pub records: Mutex<BTreeMap<String, Value>>,
     /// `STATE_DIR/migrations`.
     pub dir: PathBuf,
+    /// Held through each prepare, complete and abort: they check a record's
+    /// state and then act on it, so two of them must never interleave.
+    pub steps: tokio::sync::Mutex<()>,
 }
 
 impl MigrationEnv {
@@ -52,6 +55,9 @@ impl MigrationEnv {
     pub fn load_records(dir: &std::path::Path, incoming: &Incoming) -> BTreeMap<String, Value> {
         let mut out = BTreeMap::new();
         for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            if entry.path().extension().is_none_or(|e| e != "json") {
+                continue;
+            }
             let Ok(text) = std::fs::read_to_string(entry.path()) else { continue };
             let Ok(record) = serde_json::from_str::<Value>(&text) else { continue };
             let Some(id) = record["id"].as_str().map(str::to_owned) else { continue };
@@ -68,14 +74,15 @@ impl MigrationEnv {
         out
     }
 
-    fn save(&self, record: &Value) {
-        let Some(id) = record["id"].as_str() else { return };
+    /// Writes a record durably, then shows it; a record that could not be
+    /// written fails the step (a restart must find what the agent did).
+    fn save(&self, record: &Value) -> Result<(), ApiError> {
+        let id = record["id"].as_str().ok_or_else(|| ApiError::Internal("migration record without id".into()))?;
         let path = self.dir.join(format!("{id}.json"));
-        let write = std::fs::create_dir_all(&self.dir).and_then(|()| write_file(&path, &record.to_string()));
-        if let Err(e) = write {
-            tracing::error!(migration = id, error = %e, "cannot persist migration record");
-        }
+        crate::durable::write_file(&path, record.to_string().as_bytes())
+            .map_err(|e| ApiError::Internal(format!("Cannot persist migration record {}: {e}", path.display())))?;
         self.records.lock().unwrap_or_else(|p| p.into_inner()).insert(id.to_owned(), record.clone());
+        Ok(())
     }
 }
 
@@ -129,6 +136,7 @@ impl Control {
     /// Creates the layered disks and serves them hidden behind a token.
     pub(super) async fn prepare_migration(&self, req: Prepare) -> Result<Value, ApiError> {
         let env = self.migration_env()?;
+        let _steps = env.steps.lock().await;
         check_name(&req.vm).map_err(ApiError::BadRequest)?;
         let vms_dir = env
             .vms_dir
@@ -145,7 +153,7 @@ impl Control {
         };
         for id in stale {
             tracing::warn!(migration = %id, "aborting an earlier, never activated migration of the same VM");
-            self.abort_migration(&id).await?;
+            self.abort_locked(&id).await?;
         }
         let taken = self.vms.load().iter().any(|v| v.name == req.vm) || vm_file.exists();
         if taken {
@@ -169,27 +177,6 @@ impl Control {
         }
         let token = uuid::Uuid::new_v4().simple().to_string();
         let id = format!("migration-{}-{}", req.vm, &token[..8]);
-        let stores = self.env.stores.clone();
-        let created = {
-            let (plan, holder) = (plan.clone(), format!("{}:{}/", self.env.node, req.vm));
-            tokio::task::spawn_blocking(move || create_children(&stores, &plan, &holder))
-                .await
-                .map_err(|e| ApiError::Internal(e.to_string()))?
-        };
-        created.map_err(ApiError::BadRequest)?;
-        for (name, _, _) in &plan {
-            env.incoming.insert(&format!("{}/{}", req.vm, name), &token);
-        }
-        let yaml = vm_yaml(&req.vm, &plan);
-        let write = std::fs::create_dir_all(&vms_dir).and_then(|()| write_file(&vm_file, &yaml));
-        if let Err(e) = write.map_err(|e| ApiError::Internal(format!("Cannot write {}: {e}", vm_file.display()))) {
-            self.undo(&req.vm, &plan, None).await;
-            return Err(e);
-        }
-        if let Err(e) = self.reload().await {
-            self.undo(&req.vm, &plan, Some(&vm_file)).await;
-            return Err(e);
-        }
         let exports: Vec<Value> = plan
             .iter()
             .map(|(name, backing, image)| {
@@ -201,23 +188,76 @@ impl Control {
                 })
             })
             .collect();
-        let record = serde_json::json!({
+        let mut record = serde_json::json!({
             "id": id, "vm": req.vm, "state": "prepared", "created_at": unix_now(), "token": token,
             "disks": exports, "nbd": env.nbd.load().as_ref().clone(), "nbd_tls": env.nbd_tls, "stream_jobs": [],
         });
-        env.save(&record);
+        // The record first, durably: an agent restarted at any later step finds it and keeps the
+        // disks hidden (a VM file without its record would serve them writable by their own name).
+        env.save(&record)?;
+        for (name, _, _) in &plan {
+            env.incoming.insert(&format!("{}/{}", req.vm, name), &token);
+        }
+        let done = self.create_and_serve(&req.vm, &plan, &vm_file).await;
+        if let Err(e) = done {
+            record["state"] = "aborted".into();
+            if let Err(saved) = env.save(&record) {
+                tracing::error!(migration = %id, error = %saved, "cannot record the failed prepare");
+            }
+            return Err(e);
+        }
         tracing::info!(migration = %id, vm = %req.vm, "incoming migration prepared");
         Ok(record)
     }
 
-    async fn undo(&self, vm: &str, plan: &[(String, ImageUri, ImageUri)], vm_file: Option<&PathBuf>) {
+    /// Creates the layered disks, writes the VM file and loads it (the disks
+    /// are already marked incoming); undoes everything on failure.
+    async fn create_and_serve(
+        &self,
+        vm: &str,
+        plan: &[(String, ImageUri, ImageUri)],
+        vm_file: &std::path::Path,
+    ) -> Result<(), ApiError> {
+        let stores = self.env.stores.clone();
+        let created = {
+            let (plan, holder) = (plan.to_vec(), format!("{}:{vm}/", self.env.node));
+            tokio::task::spawn_blocking(move || create_children(&stores, &plan, &holder))
+                .await
+                .map_err(|e| ApiError::Internal(e.to_string()))?
+        };
+        if let Err(e) = created {
+            // `create_children` removed what it created; nothing else to undo but the markers.
+            if let Ok(env) = self.migration_env() {
+                for (name, _, _) in plan {
+                    env.incoming.remove(&format!("{vm}/{name}"));
+                }
+            }
+            return Err(ApiError::BadRequest(e));
+        }
+        let yaml = vm_yaml(vm, plan);
+        let write = crate::durable::write_file(vm_file, yaml.as_bytes())
+            .map_err(|e| ApiError::Internal(format!("Cannot write {}: {e}", vm_file.display())));
+        if let Err(e) = write {
+            self.undo(vm, plan, None).await;
+            return Err(e);
+        }
+        if let Err(e) = self.reload().await {
+            self.undo(vm, plan, Some(vm_file)).await;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    async fn undo(&self, vm: &str, plan: &[(String, ImageUri, ImageUri)], vm_file: Option<&std::path::Path>) {
         if let Ok(env) = self.migration_env() {
             for (name, _, _) in plan {
                 env.incoming.remove(&format!("{vm}/{name}"));
             }
         }
         if let Some(f) = vm_file {
-            let _ = std::fs::remove_file(f);
+            if let Err(e) = crate::durable::remove_file(f) {
+                tracing::error!(file = %f.display(), error = %e, "cannot remove the VM file of an undone migration");
+            }
             let _ = self.reload().await;
         }
         let stores = self.env.stores.clone();
@@ -247,6 +287,7 @@ impl Control {
     /// Serves the disks under their own names and starts streaming.
     pub(super) async fn complete_migration(&self, id: &str, req: Complete) -> Result<Value, ApiError> {
         let env = self.migration_env()?;
+        let _steps = env.steps.lock().await;
         let mut record = self.stored(id)?;
         if record["state"] != "prepared" {
             return Err(ApiError::Conflict(format!("Migration {id} is {}", record["state"])));
@@ -262,13 +303,15 @@ impl Control {
         // answer is success (the source's `migrate` backs out on an error, which must mean
         // that nothing went live). A stream that cannot start is reported, not an error.
         let exports = disks.iter().map(|disk| self.disk_any(disk)).collect::<Result<Vec<_>, _>>()?;
+        // Recorded active before any disk goes live: if the record cannot be written, nothing
+        // went live (and a restart never finds a live disk whose record says prepared).
+        record["state"] = "active".into();
+        record["activated_at"] = unix_now().into();
+        env.save(&record)?;
         for (disk, export) in disks.iter().zip(&exports) {
             export.activate();
             env.incoming.remove(disk);
         }
-        record["state"] = "active".into();
-        record["activated_at"] = unix_now().into();
-        env.save(&record);
         tracing::info!(migration = %id, "incoming migration activated");
         let (mut jobs, mut stream_errors) = (Vec::new(), Vec::new());
         for (disk, export) in disks.iter().zip(exports).filter(|_| req.stream.unwrap_or(true)) {
@@ -289,14 +332,25 @@ impl Control {
         if !stream_errors.is_empty() {
             record["stream_errors"] = stream_errors.into();
         }
-        env.save(&record);
+        // The disks are live whatever happens here: a record that misses its stream jobs is
+        // only logged (the answer must say "active", or the source would take its disks back).
+        if let Err(e) = env.save(&record) {
+            tracing::error!(migration = %id, error = %e, "cannot record the stream jobs");
+        }
         Ok(redact(record))
     }
 
     /// Removes what `prepare` created (only before `complete`).
     pub(super) async fn abort_migration(&self, id: &str) -> Result<Value, ApiError> {
         let env = self.migration_env()?;
-        let mut record = self.record(id)?;
+        let _steps = env.steps.lock().await;
+        self.abort_locked(id).await
+    }
+
+    /// [`abort_migration`](Self::abort_migration) under the steps lock.
+    async fn abort_locked(&self, id: &str) -> Result<Value, ApiError> {
+        let env = self.migration_env()?;
+        let mut record = self.stored(id)?;
         if record["state"] != "prepared" {
             return Err(ApiError::Conflict(format!(
                 "Migration {id} is {}; only a prepared one can be aborted",
@@ -314,9 +368,10 @@ impl Control {
             })
             .collect();
         let vm_file = env.vms_dir.as_ref().map(|d| d.join(format!("{vm}.yaml")));
-        self.undo(&vm, &plan, vm_file.as_ref()).await;
+        // Recorded aborted first: a restart must not find the record prepared with its disks gone.
         record["state"] = "aborted".into();
-        env.save(&record);
+        env.save(&record)?;
+        self.undo(&vm, &plan, vm_file.as_deref()).await;
         Ok(redact(record))
     }
 
@@ -385,11 +440,4 @@ fn vm_yaml(vm: &str, plan: &[(String, ImageUri, ImageUri)]) -> String {
         y.push_str(&format!("  - name: {name}\n    image: \"{image}\"\n"));
     }
     y
-}
-
-fn write_file(path: &std::path::Path, body: &str) -> std::io::Result<()> {
-    let tmp = path.with_extension("yaml.tmp");
-    std::fs::write(&tmp, body)?;
-    std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, path)
 }

@@ -393,15 +393,8 @@ async fn mirror(
 
 /// Records durably that `disk` now lives at `target`.
 pub fn write_fence(path: &std::path::Path, disk: &str, target: &str) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
     let body = json!({ "disk": disk, "target": target, "at": super::unix_now() }).to_string();
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, body)?;
-    std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    std::fs::File::open(path.parent().unwrap_or(std::path::Path::new(".")))?.sync_all()
+    crate::durable::write_file(path, body.as_bytes())
 }
 
 /// How a pass paces itself.

@@ -560,9 +560,6 @@ fn conclude(job: &Job, outcome: Result<Value, JobError>) {
 }
 
 fn write_atomic(path: &Path, record: &JobRecord) -> std::io::Result<()> {
-    let tmp = path.with_extension("json.tmp");
     let body = serde_json::to_vec_pretty(record).map_err(std::io::Error::other)?;
-    std::fs::write(&tmp, body)?;
-    std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, path)
+    crate::durable::write_file(path, &body)
 }

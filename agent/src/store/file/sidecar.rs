@@ -4,7 +4,6 @@
 //! leaves either the old or the new version.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -87,13 +86,8 @@ impl Sidecar {
     pub fn save(&self, image: &Path) -> Result<(), StoreError> {
         let path = path_of(image);
         let io = |source| StoreError::Io { op: "write metadata", offset: 0, source };
-        let tmp = path.with_extension("rbdsync.tmp");
         let body = serde_json::to_vec_pretty(self).map_err(|e| io(std::io::Error::other(e)))?;
-        let mut f = std::fs::File::create(&tmp).map_err(io)?;
-        f.write_all(&body).map_err(io)?;
-        f.sync_all().map_err(io)?;
-        std::fs::rename(&tmp, &path).map_err(io)?;
-        sync_dir(&path).map_err(io)
+        crate::durable::write_file(&path, &body).map_err(io)
     }
 }
 
@@ -109,6 +103,4 @@ pub fn edit(image: &Path, edit: impl FnOnce(&mut Sidecar)) -> Result<(), StoreEr
 }
 
 /// fsyncs the directory holding `path` (makes a rename or unlink durable).
-pub fn sync_dir(path: &Path) -> std::io::Result<()> {
-    std::fs::File::open(path.parent().unwrap_or(Path::new(".")))?.sync_all()
-}
+pub use crate::durable::sync_dir;
