@@ -1288,6 +1288,41 @@ fn write_blocking_under_small_writes_converges_in_few_passes() {
 }
 
 #[test]
+fn a_mirror_seeded_from_a_bitmap_that_moved_on_since_the_chain_check_is_refused() {
+    // `migrate` checks the chain, the destination layers on the latest snapshot S1, then the
+    // mirror is seeded from the bitmap. A backup that commits in between (S2) drops every write
+    // between S1 and S2 from the bitmap: seeded from it, the destination would miss them.
+    let store = tempfile::tempdir().unwrap();
+    let backing = Backing::File(store.path().join("backups/vm1-disk0.raw"));
+    let mut rng = Rng::from_env(0x3141_0013);
+    let (a, b, _, seeded) = small_setup(&backing, &mut rng, 2);
+    let (code, chain) = api(&a, "GET", &format!("/v1/disks/{DISK}/chain"));
+    assert_eq!(code, 200, "{chain}");
+    assert_eq!(chain["matches"], true, "{chain}");
+    backup(&a);
+    let prepare = serde_json::json!({"vm": "vm1", "disks": [{"name": "disk0", "backing": chain["backing"]}]});
+    let (code, prep) = api_with(&b, "POST", "/v1/migrations", Some(&prepare));
+    assert!((200..300).contains(&code), "prepare: {code} {prep}");
+    let export = prep["disks"][0]["export"].as_str().unwrap();
+    let mirror = serde_json::json!({
+        "kind": "mirror", "disk": DISK, "sync": "incremental", "bitmap": "backup",
+        "target": format!("nbd+unix:///{export}?socket={}", b.socket().display()),
+        "expect": chain["bitmap_state"],
+    });
+    let (code, started) = api_with(&a, "POST", "/v1/jobs", Some(&mirror));
+    assert!((200..300).contains(&code), "starting the mirror: {code} {started}");
+    let job = wait_job(&a, started["id"].as_str().unwrap(), Duration::from_secs(30));
+    assert_eq!(job["result"], "failed", "a mirror seeded from a newer bitmap state ran: {job:#}");
+    assert!(
+        job["error"].as_str().unwrap_or_default().contains("changed since the backup chain was checked"),
+        "{job:#}"
+    );
+    let after = bitmap(&a);
+    assert!(after["busy"].is_null() || after["busy"] == false, "the refused mirror left the bitmap busy: {after}");
+    assert!(seeded.len() > 1, "the test needs writes between the two backups");
+}
+
+#[test]
 fn a_destination_that_cannot_record_the_migration_refuses_it() {
     // The destination's migration records cannot be written (here: `state/migrations` is a
     // file). A restart of that agent would find the VM file but no record, and serve the disk

@@ -59,6 +59,11 @@ pub enum StartJob {
         /// Speed limit, bytes/s.
         #[serde(default)]
         speed: Option<Size>,
+        /// Refuse to start unless the bitmap still has this uuid and
+        /// generation (what `GET .../chain` reported), checked atomically
+        /// with seeding the mirror.
+        #[serde(default)]
+        expect: Option<mirror::BitmapState>,
     },
     /// Copy what a layered disk still reads from its parent (backing) into
     /// the disk, then detach the parent. Restartable: a stream that failed
@@ -179,7 +184,7 @@ impl Control {
                 let started = records;
                 Ok(if started.len() == 1 { to_json(&started[0]) } else { to_json(started) })
             }
-            StartJob::Mirror { disk, target, sync, bitmap, copy_mode, ready_threshold, speed } => {
+            StartJob::Mirror { disk, target, sync, bitmap, copy_mode, ready_threshold, speed, expect } => {
                 let speed = speed.as_ref().map(Size::bytes).transpose()?.unwrap_or(0);
                 if sync == MirrorSync::Incremental && bitmap.is_none() {
                     return Err(ApiError::BadRequest(
@@ -202,6 +207,7 @@ impl Control {
                     bitmap,
                     copy_mode: copy_mode.unwrap_or(CopyMode::Background),
                     ready_threshold,
+                    expect,
                 };
                 let job = self.jobs.start("mirror", &disk, to_json(&params), speed, move |handle| {
                     mirror::run(handle, export, params, tls)
@@ -319,6 +325,7 @@ impl Control {
             "latest": latest.as_ref().map(|(n, _)| n),
             "backing": latest.as_ref().map(|(n, _)| target.with_snap(Some(n)).to_string()),
             "bitmap": state.as_ref().map(|s| s.0.clone()),
+            "bitmap_state": state.as_ref().map(|s| mirror::BitmapState { uuid: s.1.clone(), generation: s.2 }),
             "matches": reason.is_none(),
             "reason": reason,
             "size": export.size(),

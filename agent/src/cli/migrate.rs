@@ -190,11 +190,25 @@ pub async fn migrate(source: &Endpoint, json_out: bool, a: MigrateArgs) -> Resul
 /// The destination stays prepared and hidden; a retry of `migrate` aborts
 /// it and starts over.
 async fn back_out(source: &Endpoint, id: &str, mirrors: &[(String, String)], e: ClientError) -> ClientError {
+    // Every mirror ends first: one still running (or completing) would later set its disk
+    // read-only again with no fence, or run on with its bitmap busy.
     let mut source_back = true;
-    for (disk, _) in mirrors {
-        source_back &= call(source, "DELETE", &format!("/v1/disks/{disk}/fence"), None).await.is_ok();
+    for (_, job) in mirrors {
+        let _ = call(source, "POST", &format!("/v1/jobs/{job}/cancel"), None).await;
     }
-    let source = if source_back { "the source is writable again" } else { "the source is unreachable" };
+    for (_, job) in mirrors {
+        source_back &= wait_concluded(source, job, Duration::from_secs(60)).await.is_ok();
+    }
+    if source_back {
+        for (disk, _) in mirrors {
+            source_back &= call(source, "DELETE", &format!("/v1/disks/{disk}/fence"), None).await.is_ok();
+        }
+    }
+    let source = if source_back {
+        "the source is writable again"
+    } else {
+        "the source did not confirm that its mirrors ended and its disks are writable (see `rbdsync jobs`)"
+    };
     fail(format!("{e}; {source}; the destination stays hidden (migration {id} prepared; a retry replaces it)"))
 }
 
@@ -212,6 +226,9 @@ async fn start_mirrors(
         let body = json!({
             "kind": "mirror", "disk": disk, "target": uri, "sync": "incremental", "bitmap": chain["bitmap"],
             "ready_threshold": a.ready_threshold, "speed": a.speed, "copy_mode": a.copy_mode,
+            // The state the destination's backing was checked against: refused if a backup (or a
+            // clear, a merge) moved the bitmap on since.
+            "expect": chain["bitmap_state"],
         });
         let job = call(source, "POST", "/v1/jobs", Some(body)).await?;
         mirrors.push((disk, job["id"].as_str().unwrap_or_default().to_owned()));
@@ -221,6 +238,21 @@ async fn start_mirrors(
 
 async fn job(source: &Endpoint, id: &str) -> Result<Value, ClientError> {
     call(source, "GET", &format!("/v1/jobs/{id}"), None).await
+}
+
+/// Polls a job until it concluded (at most `limit`).
+async fn wait_concluded(source: &Endpoint, id: &str, limit: Duration) -> Result<Value, ClientError> {
+    let deadline = Instant::now().checked_add(limit);
+    loop {
+        let j = job(source, id).await?;
+        if j["state"] == "concluded" {
+            return Ok(j);
+        }
+        if deadline.is_some_and(|d| Instant::now() > d) {
+            return Err(fail(format!("job {id} did not end within {} s", limit.as_secs())));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Waits until every mirror is ready.
@@ -263,13 +295,7 @@ async fn cut_over(
     }
     let mut out = Vec::new();
     for (disk, id) in mirrors {
-        let j = loop {
-            let j = job(source, id).await?;
-            if j["state"] == "concluded" {
-                break j;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
+        let j = wait_concluded(source, id, Duration::MAX).await?;
         if j["result"] != "success" {
             return Err(fail(format!("cut-over of {disk} failed: {}", j["error"].as_str().unwrap_or("?"))));
         }

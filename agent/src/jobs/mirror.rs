@@ -78,6 +78,22 @@ pub struct MirrorParams {
     pub copy_mode: CopyMode,
     /// Ready once fewer dirty bytes than this remain.
     pub ready_threshold: u64,
+    /// The bitmap state the caller checked against its backup chain (a
+    /// migration: the destination is layered on the snapshot taken at that
+    /// state). Checked under the drain that seeds the mirror: if the bitmap
+    /// moved on since (a backup committed, a clear, a merge), the seed would
+    /// miss writes the destination lacks, so the mirror refuses to start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expect: Option<BitmapState>,
+}
+
+/// A bitmap's identity and generation, as a backup snapshot records them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BitmapState {
+    /// The bitmap's uuid.
+    pub uuid: String,
+    /// Its generation.
+    pub generation: u64,
 }
 
 /// The mirror's view of the export's writes.
@@ -279,7 +295,16 @@ fn start_tracking(
     bitmaps.drained(|d| {
         let seed = match (&params.bitmap, params.sync) {
             (Some(name), MirrorSync::Incremental) => {
-                Some(bitmaps.begin_job(d, name, &job.id()).map_err(|e| err("Bitmap")(&e))?.bits)
+                let frozen = bitmaps.begin_job(d, name, &job.id()).map_err(|e| err("Bitmap")(&e))?;
+                let moved = |e: &&BitmapState| e.uuid != frozen.uuid || e.generation != frozen.generation;
+                if let Some(expect) = params.expect.as_ref().filter(moved) {
+                    bitmaps.abort_job_drained(d, name, &job.id());
+                    return Err(JobError::Failed(format!(
+                        "Bitmap {name} changed since the backup chain was checked (uuid {}, generation {};                          expected uuid {}, generation {}): the destination's backing misses writes; start over",
+                        frozen.uuid, frozen.generation, expect.uuid, expect.generation
+                    )));
+                }
+                Some(frozen.bits)
             }
             _ => None,
         };
