@@ -1151,3 +1151,60 @@ fn a_backup_keeps_fewer_chunks_in_flight_while_the_guest_writes() {
     assert!(chunks <= 16, "more chunks than the disk has: {busy}");
     agent.stop().unwrap();
 }
+
+/// A guest writes a counter to disk 1, and once that is acknowledged the same value to disk 2,
+/// over and over. A VM backup must take both disks at one point in time: disk 2's snapshot may
+/// never hold a value newer than disk 1's (each disk freezing on its own let disk 2 freeze later
+/// and see writes that came after disk 1's point in time).
+#[test]
+fn a_vm_backup_takes_every_disk_at_one_point_in_time() {
+    let store = tempfile::tempdir().unwrap();
+    let targets = [store.path().join("t1.raw"), store.path().join("t2.raw")];
+    let disks = [
+        disk_yaml("g", "d1", "16MiB", Some(&format!("file:{}", targets[0].display())), None),
+        disk_yaml("g", "d2", "16MiB", Some(&format!("file:{}", targets[1].display())), None),
+    ];
+    let agent = AgentBuilder::new().vm("g", &vm_yaml("g", &disks)).start().unwrap();
+    let uri = |export: &str| format!("nbd+unix:///{export}?socket={}", agent.socket().display());
+    let stop = agent.dir().join("stop-writer");
+    let script = r#"
+import nbd, os, sys
+h1, h2 = nbd.NBD(), nbd.NBD()
+h1.connect_uri(sys.argv[1]); h2.connect_uri(sys.argv[2])
+n = 0
+while not os.path.exists(sys.argv[3]):
+    n += 1
+    block = n.to_bytes(8, "little") * 512
+    h1.pwrite(block, 0)
+    h2.pwrite(block, 0)
+print(n)
+"#;
+    let writer = Command::new("/usr/bin/python3")
+        .args(["-c", script, &uri("g/d1"), &uri("g/d2"), stop.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let counter = |path: &Path| {
+        let mut word = [0u8; 8];
+        std::fs::File::open(path).unwrap().read_exact(&mut word).unwrap();
+        u64::from_le_bytes(word)
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    for round in 0..8 {
+        let out = cli_json(&agent, &["backup", "g", "--wait"]);
+        let jobs = out.as_array().unwrap_or_else(|| panic!("{out:#}"));
+        let snap = |disk: &str, target: &Path| {
+            let job = jobs.iter().find(|j| j["disk"] == disk).unwrap_or_else(|| panic!("no job for {disk}: {out:#}"));
+            assert_success(&agent, job);
+            counter(&PathBuf::from(format!("{}.snapshots/{}.raw", target.display(), snapshot_of(job))))
+        };
+        let (c1, c2) = (snap("g/d1", &targets[0]), snap("g/d2", &targets[1]));
+        eprintln!("round {round}: disk 1 at write {c1}, disk 2 at write {c2}");
+        assert!(c2 <= c1, "disk 2's snapshot holds write {c2}, made after disk 1's write {c1} was acknowledged");
+        assert!(c1 > 0, "the writer made no progress");
+    }
+    std::fs::write(&stop, "").unwrap();
+    let done = writer.wait_with_output().unwrap();
+    assert!(done.status.success(), "writer: {}", String::from_utf8_lossy(&done.stderr));
+}

@@ -115,12 +115,31 @@ impl BackupEnv {
     }
 }
 
-/// A set of backups that commit together.
+/// A set of backups that share one point in time and commit together.
+///
+/// The point in time: every member prepares (opens its target), waits
+/// until all are prepared, then freezes its disk inside that disk's drain
+/// and keeps the drain until every member froze. At the moment the last one
+/// froze, every disk of the group is drained at once, so no write acknowledged
+/// on one disk before that moment is missing while a later one on another
+/// disk is in (QEMU's transactions freeze all disks at one point likewise).
 #[derive(Debug)]
 pub struct Group {
     pending: AtomicUsize,
     failed: Mutex<bool>,
     decided: watch::Sender<Option<bool>>,
+    /// Members not yet prepared (or gone).
+    unprepared: watch::Sender<usize>,
+    /// Members not yet frozen (or gone).
+    unfrozen: watch::Sender<usize>,
+}
+
+/// Longest a member holds its disk drained waiting for the others to freeze
+/// (they are all prepared: only local work remains); past it the group fails.
+const FREEZE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+fn count_down(n: &watch::Sender<usize>) {
+    n.send_modify(|n| *n = n.saturating_sub(1));
 }
 
 /// One member's place in a [`Group`]. Every member reports exactly once:
@@ -132,14 +151,25 @@ pub struct Group {
 pub struct Member {
     group: Arc<Group>,
     reported: bool,
+    prepared: bool,
+    frozen: bool,
 }
 
 impl Group {
     /// A group of `n` members: their places.
     pub fn members(n: usize) -> Vec<Member> {
-        let group =
-            Arc::new(Self { pending: AtomicUsize::new(n), failed: Mutex::new(false), decided: watch::channel(None).0 });
-        (0..n).map(|_| Member { group: group.clone(), reported: false }).collect()
+        let group = Arc::new(Self {
+            pending: AtomicUsize::new(n),
+            failed: Mutex::new(false),
+            decided: watch::channel(None).0,
+            unprepared: watch::channel(n).0,
+            unfrozen: watch::channel(n).0,
+        });
+        (0..n).map(|_| Member { group: group.clone(), reported: false, prepared: false, frozen: false }).collect()
+    }
+
+    fn fail(&self) {
+        *self.failed.lock().unwrap_or_else(|p| p.into_inner()) = true;
     }
 
     /// Counts one member's outcome; the last one decides for all.
@@ -155,8 +185,42 @@ impl Group {
 }
 
 impl Member {
+    /// This member is ready to freeze; waits until every member is (or gone).
+    async fn prepared(&mut self) {
+        self.leave_prepare();
+        let _ = self.group.unprepared.subscribe().wait_for(|n| *n == 0).await;
+    }
+
+    /// Called inside this member's drain once it froze: holds the drain
+    /// until every member froze (or is gone). Blocks: call through
+    /// [`crate::rt::blocking`]. Past [`FREEZE_WAIT`] the group fails.
+    fn frozen(&mut self) {
+        self.leave_freeze();
+        let mut all = self.group.unfrozen.subscribe();
+        let waited = tokio::runtime::Handle::current()
+            .block_on(async { tokio::time::timeout(FREEZE_WAIT, all.wait_for(|n| *n == 0)).await });
+        if waited.is_err() {
+            tracing::error!("the other disks of the VM backup did not freeze in time; the group fails");
+            self.group.fail();
+        }
+    }
+
+    fn leave_prepare(&mut self) {
+        if !std::mem::replace(&mut self.prepared, true) {
+            count_down(&self.group.unprepared);
+        }
+    }
+
+    fn leave_freeze(&mut self) {
+        self.leave_prepare();
+        if !std::mem::replace(&mut self.frozen, true) {
+            count_down(&self.group.unfrozen);
+        }
+    }
+
     /// Reports this member's outcome and waits for the group's: true = commit.
     async fn arrive(mut self, ok: bool) -> bool {
+        self.leave_freeze();
         self.reported = true;
         self.group.report(ok);
         let mut rx = self.group.decided.subscribe();
@@ -167,6 +231,7 @@ impl Member {
 
 impl Drop for Member {
     fn drop(&mut self) {
+        self.leave_freeze();
         if !self.reported {
             self.group.report(false);
         }
@@ -288,7 +353,14 @@ pub async fn run(
         Ok(c) => c,
         Err(e) => return finish_group(group, Err(e)).await,
     };
-    let frozen_state = freeze(&job, &env, &export, &params, &chain);
+    let mut group = group;
+    let frozen_state = match group.as_mut() {
+        Some(member) => {
+            member.prepared().await;
+            crate::rt::blocking(|| freeze(&job, &env, &export, &params, &chain, Some(member)))
+        }
+        None => freeze(&job, &env, &export, &params, &chain, None),
+    };
     let state = match frozen_state {
         Ok(s) => s,
         Err(e) => return finish_group(group, Err(e)).await,
@@ -321,6 +393,7 @@ fn freeze(
     export: &Arc<Export>,
     params: &BackupParams,
     chain: &Chain,
+    member: Option<&mut Member>,
 ) -> Result<Frozen2, JobError> {
     let bitmaps = export.bitmaps();
     let scratch = env.scratch_dir.join(format!("{}.pit", job.id()));
@@ -328,8 +401,30 @@ fn freeze(
     if params.sync == SyncMode::Incremental && params.bitmap.is_none() {
         return Err(JobError::Failed("Incremental backup needs a bitmap (--bitmap NAME)".into()));
     }
-    let failed = |e: &dyn std::fmt::Display| JobError::Failed(e.to_string());
     bitmaps.drained(|d| {
+        let frozen = freeze_drained(d, export, params, chain, &scratch, &source, disk, &id);
+        if let Some(member) = member {
+            member.frozen();
+        }
+        frozen
+    })
+}
+
+/// [`freeze`] inside the disk's drain.
+#[allow(clippy::too_many_arguments)]
+fn freeze_drained(
+    d: &crate::bitmap::Drained,
+    export: &Arc<Export>,
+    params: &BackupParams,
+    chain: &Chain,
+    scratch: &std::path::Path,
+    source: &Arc<dyn BlockStore>,
+    disk: &str,
+    id: &str,
+) -> Result<Frozen2, JobError> {
+    let bitmaps = export.bitmaps();
+    let failed = |e: &dyn std::fmt::Display| JobError::Failed(e.to_string());
+    {
         let (mut mode, mut note) = (params.sync, None);
         if let (SyncMode::Incremental, Some(name)) = (mode, &params.bitmap) {
             let b = bitmaps.get(name).map_err(|e| failed(&e))?;
@@ -366,7 +461,7 @@ fn freeze(
         };
         export.add_hook(d, pit.clone());
         Ok(Frozen2 { pit, frozen, mode, note })
-    })
+    }
 }
 
 /// Byte ranges the job copies: dirty granules (incremental) or everything.
