@@ -440,21 +440,21 @@ fn freeze_drained(
             }
         }
         let frozen = match &params.bitmap {
-            Some(name) => Some(bitmaps.begin_job(d, name, &id).map_err(|e| failed(&e))?),
+            Some(name) => Some(bitmaps.begin_job(d, name, id).map_err(|e| failed(&e))?),
             None => None,
         };
         let pit = match (mode, &frozen) {
             (SyncMode::Incremental, Some(f)) => {
                 let needed = AtomicBits::from_words(f.bits.len(), &f.bits.snapshot());
-                PointInTime::new(source.clone(), f.granularity, needed, &scratch)
+                PointInTime::new(source.clone(), f.granularity, needed, scratch)
             }
-            (_, f) => PointInTime::whole(source.clone(), f.as_ref().map_or(64 << 10, |f| f.granularity), &scratch),
+            (_, f) => PointInTime::whole(source.clone(), f.as_ref().map_or(64 << 10, |f| f.granularity), scratch),
         };
         let pit = match pit {
             Ok(p) => Arc::new(p),
             Err(e) => {
                 if let Some(name) = &params.bitmap {
-                    bitmaps.abort_job_drained(d, name, &id);
+                    bitmaps.abort_job_drained(d, name, id);
                 }
                 return Err(JobError::from_err("Cannot create the point-in-time view", &e));
             }
