@@ -1528,3 +1528,95 @@ fn migration_to_an_rbd_clone_destination_flattens_it_and_drops_the_hold() {
     ceph.rbd(&["snap", "purge", image]).unwrap();
     assert_model("RBD clone destination without its backup", &b.unix_uri(DISK), &model, &b.dir().join("scratch.raw"));
 }
+
+/// `qemu-nbd` serving a raw file on a Unix socket, killed on drop.
+struct QemuNbd(Child);
+
+impl Drop for QemuNbd {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_deep_queue_writer_through_a_write_blocking_mirror_keeps_going_and_the_agent_still_stops() {
+    // fio with 256 writes in flight through a write-blocking mirror: each guest write waits for
+    // its granules' locks on a blocking-pool thread, so the writes can fill the pool (128
+    // threads) while a copy piece holds those locks. The piece must not need a pool thread to
+    // finish (it once queued its source read there: guest IO stopped for good, the job could not
+    // be cancelled, SIGTERM did not stop the agent).
+    let mut a = AgentBuilder::new().simple_vm("vm1", "64MiB").start().unwrap();
+    let dest = a.dir().join("dest.raw");
+    std::fs::File::create(&dest).unwrap().set_len(64 * MIB).unwrap();
+    let sock = a.dir().join("dest.sock");
+    let _server = QemuNbd(
+        Command::new("qemu-nbd")
+            .args(["-t", "-f", "raw", "-k"])
+            .arg(&sock)
+            .arg(&dest)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("qemu-nbd (qemu-utils)"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sock.exists() {
+        assert!(Instant::now() < deadline, "qemu-nbd did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let target = format!("nbd+unix:///?socket={}", sock.display());
+    let started = cli_json(
+        &a,
+        &["mirror", DISK, "--target", &target, "--sync", "full", "--copy-mode", "write-blocking", "--speed", "8MiB"],
+    );
+    let id = started["id"].as_str().unwrap().to_owned();
+    let fio = Command::new("fio")
+        .args([
+            "--name=deep",
+            "--ioengine=nbd",
+            &format!("--uri={}", a.unix_uri(DISK)),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=256",
+            "--size=64M",
+            "--time_based",
+            "--runtime=6",
+            "--output-format=terse",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("fio (with its nbd engine)");
+    let out = output_of_within(fio, Duration::from_secs(60));
+    let out = out.unwrap_or_else(|| panic!("fio hung: guest IO stopped under the mirror{}", log_tail_of(&a)));
+    assert!(out.status.success(), "fio failed: {}", show(&out));
+    let fields: Vec<&str> = std::str::from_utf8(&out.stdout).unwrap().trim().split(';').collect();
+    let writes: u64 = fields.get(48).and_then(|f| f.parse().ok()).unwrap_or(0);
+    eprintln!("deep queue: fio wrote {writes} times in 6 s through the write-blocking mirror");
+    assert!(writes > 256, "fio made no progress ({writes} writes): {}", show(&out));
+    let job = cli_json(&a, &["job", "show", &id]);
+    assert_ne!(job["state"], "concluded", "the mirror ended under the writes: {job:#}");
+    cli_json(&a, &["job", "cancel", &id]);
+    let job = wait_job(&a, &id, Duration::from_secs(20));
+    assert_eq!(job["result"], "cancelled", "{job:#}");
+    let stopped = a.stop();
+    assert!(stopped.is_ok(), "the agent did not stop on SIGTERM: {stopped:?}");
+}
+
+/// Waits for a child's output, at most `limit`; None (and the child killed) if it is still running.
+fn output_of_within(mut child: Child, limit: Duration) -> Option<Output> {
+    let deadline = Instant::now() + limit;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Some(child.wait_with_output().unwrap())
+}
+
+fn log_tail_of(a: &Agent) -> String {
+    format!("\n--- agent log:\n{}", log_tail(a))
+}
