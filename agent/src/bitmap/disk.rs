@@ -13,7 +13,7 @@ use super::atomic::{valid_mask, AtomicBits};
 use super::gate::{Exclusive, Gate, OwnedShared, Shared};
 use super::intent::{self, Intent, INTENT_FILE};
 use super::persist::{BitmapFile, Header, LoadError, WORDS_PER_PAGE};
-use super::persister::{page_of, PageRequest, Persister};
+use super::persister::{page_of, PageRequest, Persister, STOPPED};
 use super::BitmapError;
 use crate::config::{check_granularity, check_name, BitmapConfig};
 use crate::store::Identity;
@@ -228,11 +228,14 @@ impl Bitmap {
     }
 
     fn write_header(&self, clean: bool, image_mtime_ns: u64) -> Result<(), BitmapError> {
-        let header = self.header(clean, image_mtime_ns);
+        self.write_header_as(&self.header(clean, image_mtime_ns))
+    }
+
+    fn write_header_as(&self, header: &Header) -> Result<(), BitmapError> {
         let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
         match file.as_mut() {
             Some(f) => {
-                f.write_header(&header).map_err(|source| BitmapError::Persist { name: self.name.clone(), source })
+                f.write_header(header).map_err(|source| BitmapError::Persist { name: self.name.clone(), source })
             }
             None => Ok(()),
         }
@@ -306,6 +309,12 @@ pub struct DiskBitmaps {
     gate: Arc<Gate>,
     ops: Mutex<()>,
     persister: Persister,
+    /// Set by [`close`](Self::close): nothing more is written back, so a
+    /// late write makes its bitmaps inconsistent instead of relying on bits
+    /// that exist only in memory.
+    closed: AtomicBool,
+    /// One `persist_failed` at a time.
+    failing: Mutex<()>,
 }
 
 impl DiskBitmaps {
@@ -360,6 +369,8 @@ impl DiskBitmaps {
             gate: Arc::default(),
             ops: Mutex::new(()),
             persister: Persister::start(disk, checkpoint),
+            closed: AtomicBool::new(false),
+            failing: Mutex::new(()),
         };
         for b in configured {
             match me.get(&b.name) {
@@ -418,16 +429,25 @@ impl DiskBitmaps {
         let list = self.list.load();
         let mut pending = Vec::new();
         for b in list.iter() {
-            if !b.enabled.load(SeqCst) || !b.is_consistent() {
+            if !b.enabled.load(SeqCst) {
                 continue;
             }
+            // Set even while inconsistent: `persist_failed` turns a bitmap inconsistent only once
+            // that is durable, so a bitmap seen inconsistent here stays so.
             let (first, last) = b.granules(offset, length);
             b.bits.set_range(first, last);
             if let Some(successor) = b.successor.load().as_ref() {
                 successor.set_range(first, last);
             }
-            if !b.persisted.all_set(first, last) {
+            if b.is_consistent() && !b.persisted.all_set(first, last) {
                 pending.push(b.clone());
+            }
+        }
+        if self.closed.load(SeqCst) {
+            let consistent: Vec<Arc<Bitmap>> =
+                list.iter().filter(|b| b.enabled.load(SeqCst) && b.is_consistent()).cloned().collect();
+            if !consistent.is_empty() {
+                return self.persist_failed(&consistent, STOPPED.to_owned()).map(|()| true);
             }
         }
         if pending.is_empty() {
@@ -456,17 +476,18 @@ impl DiskBitmaps {
     /// inconsistent (durably if the header can still be written); if even
     /// that fails the write must fail, or a crash could hide it.
     fn persist_failed(&self, bitmaps: &[Arc<Bitmap>], error: String) -> Result<(), BitmapError> {
-        for b in bitmaps {
-            let was = b.is_consistent();
-            b.set_inconsistent(format!("bitmap writeback failed: {error}"));
-            if was {
-                b.meta().generation += 1;
-                if let Err(e) = b.write_header(false, 0) {
-                    b.consistent.store(true, SeqCst);
-                    b.meta().reason = None;
-                    return Err(e);
-                }
+        let _one = self.failing.lock().unwrap_or_else(|p| p.into_inner());
+        for b in bitmaps.iter().filter(|b| b.is_consistent()) {
+            // Durably inconsistent first, then in memory: a bitmap never looks inconsistent to
+            // a concurrent write (which then skips its sync) and consistent again afterwards.
+            b.meta().generation += 1;
+            let mut header = b.header(false, 0);
+            header.inconsistent = true;
+            if let Err(e) = b.write_header_as(&header) {
+                b.meta().generation -= 1;
+                return Err(e);
             }
+            b.set_inconsistent(format!("bitmap writeback failed: {error}"));
         }
         Ok(())
     }
@@ -697,7 +718,11 @@ impl DiskBitmaps {
     /// Clean shutdown: exact bitmaps on disk, marked clean with the
     /// image's mtime; then the write-intent log goes (if every bitmap was saved).
     pub fn close(&self, image: &Identity) {
+        self.closed.store(true, SeqCst);
         self.persister.stop();
+        // A late write's `persist_failed` either ran (the bitmap is skipped here) or runs after
+        // this, and its inconsistent header is the last one written.
+        let _failing = self.failing.lock().unwrap_or_else(|p| p.into_inner());
         let mut saved = true;
         for b in self.list.load().iter().filter(|b| b.is_consistent()) {
             let pages = (0..=page_of(b.bits.word_count().saturating_sub(1))).collect();

@@ -22,7 +22,7 @@ use super::intent::CHECKPOINT_INTERVAL;
 use super::persist::WORDS_PER_PAGE;
 
 /// Why a sync after [`Persister::stop`] fails.
-const STOPPED: &str = "the disk's bitmaps are closed";
+pub(crate) const STOPPED: &str = "the disk's bitmaps are closed";
 
 /// How often lazily cleared pages are written back.
 const LAZY_INTERVAL: Duration = Duration::from_millis(500);

@@ -418,3 +418,20 @@ fn a_mark_after_close_returns_and_leaves_no_consistent_bitmap_without_its_bit() 
     let has_bit = dirty(&disk, "late").iter().any(|&(o, l)| o <= 3 << 20 && (3 << 20) < o + l);
     assert!(!b.is_consistent() || has_bit, "bitmap loads consistent without the late write's bit ({marked:?})");
 }
+
+/// As above with the write-intent log (the default): a late write into a region the log held
+/// needs no sync, but the log is gone after close.
+#[test]
+fn a_mark_after_close_with_intent_leaves_no_consistent_bitmap_without_its_bit() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = open_with(dir.path(), &[("late", 65536)], 1 << 20);
+    disk.mark(3 << 20, 4096).unwrap();
+    disk.close(&identity());
+    let late = (3 << 20) + (128 << 10);
+    disk.mark(late, 4096).unwrap();
+    drop(disk);
+    let disk = open_with(dir.path(), &[], 1 << 20);
+    let b = disk.get("late").unwrap();
+    let has_bit = dirty(&disk, "late").iter().any(|&(o, l)| o <= late && late < o + l);
+    assert!(!b.is_consistent() || has_bit, "bitmap loads consistent without the late write's bit");
+}
