@@ -151,8 +151,16 @@ impl PointInTime {
                 }
                 let (start, len) = self.unit_span(a, b);
                 let mut buf = vec![0u8; len];
-                self.source.read_at(&mut buf, start)?;
-                self.scratch.write_all_at(&buf, start).map_err(scratch_err(start))?;
+                let saved = self
+                    .source
+                    .read_at(&mut buf, start)
+                    .and_then(|()| self.scratch.write_all_at(&buf, start).map_err(scratch_err(start)));
+                if let Err(e) = saved {
+                    // Recorded under the granule's lock: a read that takes the lock next fails
+                    // instead of reading the source while the guest's write lands there.
+                    self.broken().get_or_insert_with(|| e.to_string());
+                    return Err(e);
+                }
                 self.saved.set_range(a, b);
             }
         }
@@ -164,8 +172,9 @@ impl PointInTime {
     }
 
     /// Fails once copy-before-write has failed. A read that passed this
-    /// check under the granule's lock read old content: the write whose copy
-    /// failed reaches the store only after the failure was recorded.
+    /// check under the granule's lock reads old content: a failed copy
+    /// records the failure before it releases that lock, and its write
+    /// reaches the store only after that.
     fn check_intact(&self, offset: u64) -> Result<(), StoreError> {
         match self.broken().as_ref() {
             Some(why) => Err(StoreError::Io {
@@ -233,7 +242,6 @@ impl crate::export::WriteHook for PointInTime {
         }
         if let Err(e) = PointInTime::before_write(self, offset, length) {
             tracing::error!(offset, error = %e, "copy-before-write failed; the job fails, the guest's write goes on");
-            self.broken().get_or_insert_with(|| e.to_string());
         }
         Ok(())
     }
