@@ -61,7 +61,8 @@ impl MigrationEnv {
             let Ok(text) = std::fs::read_to_string(entry.path()) else { continue };
             let Ok(record) = serde_json::from_str::<Value>(&text) else { continue };
             let Some(id) = record["id"].as_str().map(str::to_owned) else { continue };
-            if record["state"] == "prepared" {
+            // `aborting`: killed while undoing; the VM file may still be there.
+            if record["state"] == "prepared" || record["state"] == "aborting" {
                 let token = record["token"].as_str().unwrap_or_default();
                 for d in record["disks"].as_array().into_iter().flatten() {
                     if let Some(disk) = d["disk"].as_str() {
@@ -147,7 +148,7 @@ impl Control {
             let records = env.records.lock().unwrap_or_else(|p| p.into_inner());
             records
                 .values()
-                .filter(|r| r["vm"] == req.vm.as_str() && r["state"] == "prepared")
+                .filter(|r| r["vm"] == req.vm.as_str() && (r["state"] == "prepared" || r["state"] == "aborting"))
                 .filter_map(|r| r["id"].as_str().map(str::to_owned))
                 .collect()
         };
@@ -200,9 +201,13 @@ impl Control {
         }
         let done = self.create_and_serve(&req.vm, &plan, &vm_file).await;
         if let Err(e) = done {
-            record["state"] = "aborted".into();
-            if let Err(saved) = env.save(&record) {
-                tracing::error!(migration = %id, error = %saved, "cannot record the failed prepare");
+            // `create_and_serve` undid what it did; `aborted` only if the VM file is gone for sure
+            // (else the record stays prepared: hidden after a restart, aborted by a retry).
+            if !vm_file.exists() {
+                record["state"] = "aborted".into();
+                if let Err(saved) = env.save(&record) {
+                    tracing::error!(migration = %id, error = %saved, "cannot record the failed prepare");
+                }
             }
             return Err(e);
         }
@@ -351,7 +356,7 @@ impl Control {
     async fn abort_locked(&self, id: &str) -> Result<Value, ApiError> {
         let env = self.migration_env()?;
         let mut record = self.stored(id)?;
-        if record["state"] != "prepared" {
+        if record["state"] != "prepared" && record["state"] != "aborting" {
             return Err(ApiError::Conflict(format!(
                 "Migration {id} is {}; only a prepared one can be aborted",
                 record["state"]
@@ -368,10 +373,18 @@ impl Control {
             })
             .collect();
         let vm_file = env.vms_dir.as_ref().map(|d| d.join(format!("{vm}.yaml")));
-        // Recorded aborted first: a restart must not find the record prepared with its disks gone.
-        record["state"] = "aborted".into();
+        // `aborting` first: complete refuses it, and a restart keeps its disks hidden (the VM
+        // file may outlive a crash here); `aborted` once the VM file is gone for sure.
+        record["state"] = "aborting".into();
         env.save(&record)?;
         self.undo(&vm, &plan, vm_file.as_deref()).await;
+        if vm_file.as_ref().is_some_and(|f| f.exists()) {
+            return Err(ApiError::Internal(format!(
+                "Migration {id} is aborting: its VM file could not be removed (the disks stay hidden; retry the abort)"
+            )));
+        }
+        record["state"] = "aborted".into();
+        env.save(&record)?;
         Ok(redact(record))
     }
 
