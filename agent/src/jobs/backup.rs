@@ -130,13 +130,15 @@ pub struct Group {
     decided: watch::Sender<Option<bool>>,
     /// Members not yet prepared (or gone).
     unprepared: watch::Sender<usize>,
-    /// Members not yet frozen (or gone).
-    unfrozen: watch::Sender<usize>,
+    /// Members not yet frozen (or gone); waited for on plain threads, not
+    /// runtime timers (a runtime whose workers all block can drive none).
+    unfrozen: Mutex<usize>,
+    all_frozen: std::sync::Condvar,
 }
 
 /// Longest a member holds its disk drained waiting for the others to freeze
 /// (they are all prepared: only local work remains); past it the group fails.
-const FREEZE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+const FREEZE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 fn count_down(n: &watch::Sender<usize>) {
     n.send_modify(|n| *n = n.saturating_sub(1));
@@ -163,7 +165,8 @@ impl Group {
             failed: Mutex::new(false),
             decided: watch::channel(None).0,
             unprepared: watch::channel(n).0,
-            unfrozen: watch::channel(n).0,
+            unfrozen: Mutex::new(n),
+            all_frozen: std::sync::Condvar::new(),
         });
         (0..n).map(|_| Member { group: group.clone(), reported: false, prepared: false, frozen: false }).collect()
     }
@@ -192,14 +195,15 @@ impl Member {
     }
 
     /// Called inside this member's drain once it froze: holds the drain
-    /// until every member froze (or is gone). Blocks: call through
-    /// [`crate::rt::blocking`]. Past [`FREEZE_WAIT`] the group fails.
+    /// until every member froze (or is gone). Blocks (a plain thread, see
+    /// [`freeze_apart`]). Past [`FREEZE_WAIT`] the group fails.
     fn frozen(&mut self) {
         self.leave_freeze();
-        let mut all = self.group.unfrozen.subscribe();
-        let waited = tokio::runtime::Handle::current()
-            .block_on(async { tokio::time::timeout(FREEZE_WAIT, all.wait_for(|n| *n == 0)).await });
-        if waited.is_err() {
+        let left = self.group.unfrozen.lock().unwrap_or_else(|p| p.into_inner());
+        let (left, waited) =
+            self.group.all_frozen.wait_timeout_while(left, FREEZE_WAIT, |n| *n > 0).unwrap_or_else(|p| p.into_inner());
+        drop(left);
+        if waited.timed_out() {
             tracing::error!("the other disks of the VM backup did not freeze in time; the group fails");
             self.group.fail();
         }
@@ -214,7 +218,9 @@ impl Member {
     fn leave_freeze(&mut self) {
         self.leave_prepare();
         if !std::mem::replace(&mut self.frozen, true) {
-            count_down(&self.group.unfrozen);
+            let mut left = self.group.unfrozen.lock().unwrap_or_else(|p| p.into_inner());
+            *left = left.saturating_sub(1);
+            self.group.all_frozen.notify_all();
         }
     }
 
@@ -353,13 +359,14 @@ pub async fn run(
         Ok(c) => c,
         Err(e) => return finish_group(group, Err(e)).await,
     };
-    let mut group = group;
-    let frozen_state = match group.as_mut() {
-        Some(member) => {
+    let (frozen_state, group, chain) = match group {
+        Some(mut member) => {
             member.prepared().await;
-            crate::rt::blocking(|| freeze(&job, &env, &export, &params, &chain, Some(member)))
+            // A member lost with a failed thread was dropped there: it reported a failure.
+            let (state, member, chain) = freeze_apart(&job, &env, &export, &params, chain, member).await?;
+            (state, Some(member), chain)
         }
-        None => freeze(&job, &env, &export, &params, &chain, None),
+        None => (freeze(&job, &env, &export, &params, &chain, None), None, chain),
     };
     let state = match frozen_state {
         Ok(s) => s,
@@ -378,6 +385,30 @@ pub async fn run(
         }
     }
     result
+}
+
+/// A group member's [`freeze`] on a thread of its own: it holds the disk
+/// drained until the whole group froze, which must not take a runtime worker
+/// or a blocking-pool thread (guest writes waiting for the drain may fill
+/// the pool, and the other members' tasks need the workers to get there).
+async fn freeze_apart(
+    job: &JobHandle,
+    env: &BackupEnv,
+    export: &Arc<Export>,
+    params: &BackupParams,
+    chain: Chain,
+    mut member: Member,
+) -> Result<(Result<Frozen2, JobError>, Member, Chain), JobError> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let (job, env, export, params) = (job.clone(), env.clone(), export.clone(), params.clone());
+    std::thread::Builder::new()
+        .name("backup-freeze".into())
+        .spawn(move || {
+            let frozen = freeze(&job, &env, &export, &params, &chain, Some(&mut member));
+            let _ = tx.send((frozen, member, chain));
+        })
+        .map_err(|e| JobError::Failed(format!("Cannot start the freeze thread: {e}")))?;
+    rx.await.map_err(|_| JobError::Failed("The freeze thread died".into()))
 }
 
 async fn finish_group(group: Option<Member>, result: Result<Value, JobError>) -> Result<Value, JobError> {

@@ -171,6 +171,9 @@ struct Entry {
     data: BytesMut,
     /// Bytes of a READ that chunks have covered.
     covered: u64,
+    /// The chunks placed so far (start → end, relative to the request): a
+    /// chunk may not overlap another, or coverage would count twice.
+    chunks: std::collections::BTreeMap<usize, usize>,
     reply: Reply,
     error: Option<NbdClientError>,
 }
@@ -356,7 +359,14 @@ async fn send_loop<W: AsyncWrite + Unpin>(mut w: W, mut rx: mpsc::Receiver<Pendi
         p.request.encode(&mut buf);
         let disc = p.request.command == Command::Disc;
         if !disc {
-            let entry = Entry { request: p.request, data: BytesMut::new(), covered: 0, reply: p.reply, error: None };
+            let entry = Entry {
+                request: p.request,
+                data: BytesMut::new(),
+                covered: 0,
+                chunks: std::collections::BTreeMap::new(),
+                reply: p.reply,
+                error: None,
+            };
             inflight.lock().unwrap_or_else(|e| e.into_inner()).map.insert(p.request.cookie, entry);
         }
         let sent = async {
@@ -441,6 +451,14 @@ fn place(entry: &mut Entry, offset: u64, length: u64, data: Option<&[u8]>) {
         entry.error = Some(NbdClientError::Protocol(proto::DecodeError::Invalid("chunk outside the request")));
         return;
     };
+    let before = entry.chunks.range(..range.end).next_back();
+    if !range.is_empty() && before.is_some_and(|(_, &end)| end > range.start) {
+        entry.error = Some(NbdClientError::Protocol(proto::DecodeError::Invalid("overlapping read chunks")));
+        return;
+    }
+    if !range.is_empty() {
+        entry.chunks.insert(range.start, range.end);
+    }
     let len = usize::try_from(len).unwrap_or(0);
     if entry.data.len() < len {
         entry.data.resize(len, 0);
@@ -498,6 +516,21 @@ mod tests {
         server.write_all(&out).await.unwrap();
         let got = read.await.unwrap();
         assert!(matches!(got, Err(NbdClientError::Protocol(_))), "{got:?}");
+    }
+
+    #[tokio::test]
+    async fn overlapping_read_chunks_that_add_up_to_the_length_are_an_error() {
+        let (client, mut server) = client_with_server();
+        let read = tokio::spawn(async move { client.read(0, 8192).await });
+        let req = next_request(&mut server).await;
+        let mut out = BytesMut::new();
+        for done in [false, true] {
+            proto::reply::offset_data(&mut out, req.cookie, done, 0, 4096);
+            out.extend_from_slice(&[7; 4096]);
+        }
+        server.write_all(&out).await.unwrap();
+        let got = read.await.unwrap();
+        assert!(matches!(got, Err(NbdClientError::Protocol(_))), "overlapping chunks were taken: {got:?}");
     }
 
     #[tokio::test]
