@@ -7,7 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PACKAGES=(qemu-utils libnbd-bin python3-libnbd nbdkit fio jq curl openssl python3-venv
-          clang libclang-dev librbd-dev librados-dev ceph-mon ceph-osd ceph-common prometheus systemd)
+          clang libclang-dev librbd-dev librados-dev ceph-mon ceph-osd ceph-common prometheus systemd
+          python3-fusepy)
 
 # schemathesis (PyPI) for tests/tests/schemathesis.rs, pinned, in a virtualenv
 # of the system python3 where that test looks for it.
