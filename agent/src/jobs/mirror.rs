@@ -396,6 +396,7 @@ async fn mirror(
     let cutover = Instant::now();
     let guard = export.quiesce().await;
     let held = Instant::now();
+    let sent_before = t.sent.load(SeqCst);
     while t.remaining() > 0 {
         pass(job, t, Pace::CutOver).await?;
     }
@@ -413,6 +414,7 @@ async fn mirror(
         "duration_ms": super::millis(started.elapsed()),
         "downtime_ms": super::millis(downtime),
         "drain_ms": super::millis(held.duration_since(cutover)),
+        "cutover_bytes": t.sent.load(SeqCst) - sent_before,
     }))
 }
 
