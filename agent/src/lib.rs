@@ -1,13 +1,20 @@
 //! rbdsync agent: serves VM disks over NBD, tracks every write in dirty
-//! bitmaps, and (in later layers) backs disks up to Ceph RBD and migrates
-//! them between hosts.
+//! bitmaps, backs disks up to Ceph RBD (or `file:` images), and migrates
+//! them between hosts with a mirror seeded from a bitmap.
 //!
 //! # Planes
 //! - **Data plane**: [`nbd`] connections → [`export::Export`] (range checks,
-//!   bitmap marking) → [`store::BlockStore`]. Blocking IO runs on tokio's
-//!   blocking pool; nothing on this path takes a lock shared across disks.
+//!   bitmap marking, job hooks) → [`store::BlockStore`]. A request runs on
+//!   the store's asynchronous path (RBD), inline on its connection's task
+//!   (page-cache `file:` IO), or on tokio's blocking pool; nothing on this
+//!   path takes a lock shared across disks. Code on it that must block waits
+//!   through `rt::blocking`, and nothing that holds a lock a guest write
+//!   waits for may itself wait for a blocking-pool thread.
+//! - **Jobs** ([`jobs`]): backup, mirror, stream, verify, each a persisted
+//!   state machine working in bounded chunks beside the guest's IO.
 //! - **Control plane**: the daemon ([`daemon`]) owns the export registry
-//!   and applies configuration (startup, SIGHUP reload).
+//!   and applies configuration (startup, SIGHUP reload); the control API
+//!   ([`api`]) and the CLI ([`cli`]) drive it.
 //!
 //! # Ownership
 //! The registry ([`export::Exports`]) holds one `Arc<Export>` per disk;

@@ -1,7 +1,7 @@
 //! One NBD connection: negotiation, then the transmission loop.
 //!
 //! The connection task is the only reader. Validated requests run on the
-//! blocking pool; their encoded replies go through a channel to a writer
+//! store's asynchronous path, inline, or on the blocking pool; their encoded replies go through a channel to a writer
 //! task, so replies leave in completion order. A per-connection byte budget
 //! (a semaphore in 4 KiB units) bounds what can be in flight.
 
