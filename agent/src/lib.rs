@@ -31,7 +31,7 @@ pub mod fuzzing;
 pub mod jobs;
 pub mod metrics;
 pub mod nbd;
-#[cfg(test)]
-mod pause;
 mod rt;
 pub mod store;
+#[cfg(test)]
+mod testkit;

@@ -253,7 +253,7 @@ impl Bitmap {
                     let t = self.bits.word(w);
                     self.persisted.and_not_word(w, !t);
                     #[cfg(test)]
-                    crate::pause::at("bitmap.write_pages.between_reads", &self.name);
+                    crate::testkit::at("bitmap.write_pages.between_reads", &self.name);
                     self.bits.word(w)
                 })
                 .collect();
@@ -588,7 +588,7 @@ impl DiskBitmaps {
         let _gate = self.exclusive();
         self.bump_generation(&b)?;
         #[cfg(test)]
-        crate::pause::at("bitmap.clear.after_bump", name);
+        crate::testkit::at("bitmap.clear.after_bump", name);
         // `persisted` first (the writeback protocol): a writeback that read a word before this
         // must not keep counting its bits as durable once they are gone from memory.
         b.persisted.clear_all();

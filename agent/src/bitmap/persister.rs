@@ -124,7 +124,7 @@ impl Persister {
         #[cfg(test)]
         let mut q = {
             drop(q);
-            crate::pause::at("persister.sync.woken", &self.shared.disk);
+            crate::testkit::at("persister.sync.woken", &self.shared.disk);
             self.shared.lock()
         };
         let failed = q.failed.get(&ticket).cloned();
@@ -243,7 +243,7 @@ mod tests {
             }
         }));
         let later = persister.clone();
-        crate::pause::set("persister.sync.woken", "persister-test/slow-waiter", move || {
+        crate::testkit::set("persister.sync.woken", "persister-test/slow-waiter", move || {
             for _ in 0..100 {
                 later.sync(Vec::new()).unwrap();
             }

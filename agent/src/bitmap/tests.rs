@@ -366,13 +366,13 @@ fn a_clear_during_a_writeback_leaves_no_bit_counted_durable_that_the_file_lacks(
     let bitmap = disk.get("race6").unwrap();
     let (reached, between) = channel();
     let (go, resume) = channel::<()>();
-    crate::pause::set("bitmap.write_pages.between_reads", "race6", move || {
+    crate::testkit::set("bitmap.write_pages.between_reads", "race6", move || {
         reached.send(()).unwrap();
         resume.recv().unwrap();
     });
     let writeback = std::sync::Arc::new(std::sync::Mutex::new(None));
     let (b, w) = (bitmap.clone(), writeback.clone());
-    crate::pause::set("bitmap.clear.after_bump", "race6", move || {
+    crate::testkit::set("bitmap.clear.after_bump", "race6", move || {
         *w.lock().unwrap() = Some(std::thread::spawn(move || b.write_pages(&BTreeSet::from([0])).unwrap()));
         between.recv().unwrap();
     });

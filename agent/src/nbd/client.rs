@@ -506,6 +506,8 @@ mod tests {
         }
     }
 
+    /// The client's tasks run on this (current-thread) runtime's one thread, so the largest
+    /// allocation of this thread covers the client's reply handling.
     #[tokio::test]
     async fn a_hole_chunk_longer_than_the_read_is_an_error_not_an_allocation() {
         let (client, mut server) = client_with_server();
@@ -513,9 +515,12 @@ mod tests {
         let req = next_request(&mut server).await;
         let mut out = BytesMut::new();
         proto::reply::offset_hole(&mut out, req.cookie, true, 4096, u32::MAX);
+        crate::testkit::reset_largest_allocation();
         server.write_all(&out).await.unwrap();
         let got = read.await.unwrap();
         assert!(matches!(got, Err(NbdClientError::Protocol(_))), "{got:?}");
+        let largest = crate::testkit::largest_allocation();
+        assert!(largest < 1 << 20, "a hole's length sized a {largest}-byte allocation");
     }
 
     #[tokio::test]

@@ -202,7 +202,7 @@ impl Layer {
         let _owning = self.owning.read().unwrap_or_else(|p| p.into_inner());
         self.owned.set_range(first, last);
         #[cfg(test)]
-        crate::pause::at("layer.set_owned", &self.path.display().to_string());
+        crate::testkit::at("layer.set_owned", &self.path.display().to_string());
         self.changed_words.set_range(first / 64, last / 64);
     }
 
@@ -798,7 +798,7 @@ mod tests {
         let (reached, at_pause) = mpsc::channel();
         let (go, resume) = mpsc::channel::<()>();
         let key = owned_path(&dir.path().join("child.raw")).display().to_string();
-        crate::pause::set("layer.set_owned", &key, move || {
+        crate::testkit::set("layer.set_owned", &key, move || {
             reached.send(()).unwrap();
             resume.recv().unwrap();
         });
