@@ -200,10 +200,10 @@ impl Control {
             env.incoming.insert(&format!("{}/{}", req.vm, name), &token);
         }
         let done = self.create_and_serve(&req.vm, &plan, &vm_file).await;
-        if let Err(e) = done {
-            // `create_and_serve` undid what it did; `aborted` only if the VM file is gone for sure
-            // (else the record stays prepared: hidden after a restart, aborted by a retry).
-            if !vm_file.exists() {
+        if let Err((e, undone)) = done {
+            // `aborted` only if the undo is complete (else the record stays prepared: its disks
+            // stay hidden, also after a restart, and a retry aborts it).
+            if undone {
                 record["state"] = "aborted".into();
                 if let Err(saved) = env.save(&record) {
                     tracing::error!(migration = %id, error = %saved, "cannot record the failed prepare");
@@ -216,19 +216,21 @@ impl Control {
     }
 
     /// Creates the layered disks, writes the VM file and loads it (the disks
-    /// are already marked incoming); undoes everything on failure.
+    /// are already marked incoming); undoes everything on failure. The error
+    /// says whether the undo is complete (else the VM file may still be
+    /// there, with its disks hidden by their markers).
     async fn create_and_serve(
         &self,
         vm: &str,
         plan: &[(String, ImageUri, ImageUri)],
         vm_file: &std::path::Path,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), (ApiError, bool)> {
         let stores = self.env.stores.clone();
         let created = {
             let (plan, holder) = (plan.to_vec(), format!("{}:{vm}/", self.env.node));
             tokio::task::spawn_blocking(move || create_children(&stores, &plan, &holder))
                 .await
-                .map_err(|e| ApiError::Internal(e.to_string()))?
+                .unwrap_or_else(|e| Err(e.to_string()))
         };
         if let Err(e) = created {
             // `create_children` removed what it created; nothing else to undo but the markers.
@@ -237,33 +239,37 @@ impl Control {
                     env.incoming.remove(&format!("{vm}/{name}"));
                 }
             }
-            return Err(ApiError::BadRequest(e));
+            return Err((ApiError::BadRequest(e), true));
         }
         let yaml = vm_yaml(vm, plan);
         let write = crate::durable::write_file(vm_file, yaml.as_bytes())
             .map_err(|e| ApiError::Internal(format!("Cannot write {}: {e}", vm_file.display())));
         if let Err(e) = write {
-            self.undo(vm, plan, None).await;
-            return Err(e);
+            // The write may have failed after its rename: the file may be there.
+            return Err((e, self.undo(vm, plan, Some(vm_file)).await));
         }
         if let Err(e) = self.reload().await {
-            self.undo(vm, plan, Some(vm_file)).await;
-            return Err(e);
+            return Err((e, self.undo(vm, plan, Some(vm_file)).await));
         }
         Ok(())
     }
 
-    async fn undo(&self, vm: &str, plan: &[(String, ImageUri, ImageUri)], vm_file: Option<&std::path::Path>) {
+    /// Removes the VM file (durably), reloads so its disks are detached,
+    /// then forgets their incoming markers and removes the images. If the VM
+    /// file cannot be removed nothing else is undone (the markers keep the
+    /// disks hidden, also on a reload) and the answer is false.
+    async fn undo(&self, vm: &str, plan: &[(String, ImageUri, ImageUri)], vm_file: Option<&std::path::Path>) -> bool {
+        if let Some(f) = vm_file {
+            if let Err(e) = crate::durable::remove_file(f) {
+                tracing::error!(file = %f.display(), error = %e, "cannot remove the VM file of an undone migration");
+                return false;
+            }
+            let _ = self.reload().await;
+        }
         if let Ok(env) = self.migration_env() {
             for (name, _, _) in plan {
                 env.incoming.remove(&format!("{vm}/{name}"));
             }
-        }
-        if let Some(f) = vm_file {
-            if let Err(e) = crate::durable::remove_file(f) {
-                tracing::error!(file = %f.display(), error = %e, "cannot remove the VM file of an undone migration");
-            }
-            let _ = self.reload().await;
         }
         let stores = self.env.stores.clone();
         let holder = format!("{}:{vm}/", self.env.node);
@@ -275,6 +281,7 @@ impl Control {
             }
         })
         .await;
+        true
     }
 
     /// A migration record as stored (with its token).
@@ -377,8 +384,7 @@ impl Control {
         // file may outlive a crash here); `aborted` once the VM file is gone for sure.
         record["state"] = "aborting".into();
         env.save(&record)?;
-        self.undo(&vm, &plan, vm_file.as_deref()).await;
-        if vm_file.as_ref().is_some_and(|f| f.exists()) {
+        if !self.undo(&vm, &plan, vm_file.as_deref()).await {
             return Err(ApiError::Internal(format!(
                 "Migration {id} is aborting: its VM file could not be removed (the disks stay hidden; retry the abort)"
             )));

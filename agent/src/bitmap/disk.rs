@@ -444,6 +444,9 @@ impl DiskBitmaps {
             }
         }
         if self.closed.load(SeqCst) {
+            if !wait {
+                return Ok(false);
+            }
             let consistent: Vec<Arc<Bitmap>> =
                 list.iter().filter(|b| b.enabled.load(SeqCst) && b.is_consistent()).cloned().collect();
             if !consistent.is_empty() {

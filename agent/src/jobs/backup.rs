@@ -171,8 +171,15 @@ impl Group {
         (0..n).map(|_| Member { group: group.clone(), reported: false, prepared: false, frozen: false }).collect()
     }
 
+    /// Fails the group; members waiting to freeze stop waiting.
     fn fail(&self) {
         *self.failed.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        let _frozen = self.unfrozen.lock().unwrap_or_else(|p| p.into_inner());
+        self.all_frozen.notify_all();
+    }
+
+    fn has_failed(&self) -> bool {
+        *self.failed.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Counts one member's outcome; the last one decides for all.
@@ -200,8 +207,11 @@ impl Member {
     fn frozen(&mut self) {
         self.leave_freeze();
         let left = self.group.unfrozen.lock().unwrap_or_else(|p| p.into_inner());
-        let (left, waited) =
-            self.group.all_frozen.wait_timeout_while(left, FREEZE_WAIT, |n| *n > 0).unwrap_or_else(|p| p.into_inner());
+        let (left, waited) = self
+            .group
+            .all_frozen
+            .wait_timeout_while(left, FREEZE_WAIT, |n| *n > 0 && !self.group.has_failed())
+            .unwrap_or_else(|p| p.into_inner());
         drop(left);
         if waited.timed_out() {
             tracing::error!("the other disks of the VM backup did not freeze in time; the group fails");
@@ -434,8 +444,14 @@ fn freeze(
     }
     bitmaps.drained(|d| {
         let frozen = freeze_drained(d, export, params, chain, &scratch, &source, disk, &id);
-        if let Some(member) = member {
-            member.frozen();
+        match (member, &frozen) {
+            (Some(member), Ok(_)) => member.frozen(),
+            // Nothing to hold the drain for: the group fails, and the others stop waiting.
+            (Some(member), Err(_)) => {
+                member.group.fail();
+                member.leave_freeze();
+            }
+            (None, _) => {}
         }
         frozen
     })
