@@ -347,9 +347,10 @@ impl Export {
     }
 }
 
-/// Compares secrets without leaking where they differ through timing.
+/// Compares secrets without leaking where they differ through timing
+/// (`subtle`; only a length difference shows).
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    subtle::ConstantTimeEq::ct_eq(a, b).into()
 }
 
 /// What a write carries, for hooks that need the data.
