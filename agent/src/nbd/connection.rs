@@ -1,9 +1,11 @@
 //! One NBD connection: negotiation, then the transmission loop.
 //!
 //! The connection task is the only reader. Validated requests run on the
-//! store's asynchronous path, inline, or on the blocking pool; their encoded replies go through a channel to a writer
-//! task, so replies leave in completion order. A per-connection byte budget
-//! (a semaphore in 4 KiB units) bounds what can be in flight.
+//! store's asynchronous path, inline, or on the blocking pool; their encoded
+//! replies go through a channel to a writer task, so replies leave in
+//! completion order. A per-connection byte budget (a semaphore in 4 KiB
+//! units, charged a request's payload or its largest reply) bounds what can
+//! be in flight.
 
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
