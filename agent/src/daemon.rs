@@ -276,6 +276,8 @@ pub async fn run(config: AgentConfig) -> Result<(), DaemonError> {
         dir: migrations_dir,
         steps: tokio::sync::Mutex::new(()),
     });
+    control.set_outgoing_env(api::OutgoingEnv::load(config.state_dir.join("migrations").join("outgoing")));
+    control.recover_outgoing().await;
     let serving = tokio::spawn(server.run(shutdown.clone()));
     tracing::info!(node = %config.node, exports = disks.configs.len(), "agent started");
 
@@ -355,6 +357,7 @@ fn server_settings(config: &AgentConfig) -> ServerSettings {
         max_connections: usize::try_from(nbd.max_connections).unwrap_or(usize::MAX),
         max_per_export: usize::try_from(nbd.max_connections_per_export).unwrap_or(usize::MAX),
         idle_timeout: (nbd.idle_timeout_secs > 0).then(|| Duration::from_secs(nbd.idle_timeout_secs)),
+        incoming_timeout: Duration::from_secs(nbd.incoming_io_timeout_secs),
     }
 }
 

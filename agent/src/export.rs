@@ -54,6 +54,12 @@ pub struct Export {
     base_read_only: bool,
     barrier: WriteBarrier,
     incoming: Mutex<Option<String>>,
+    /// True while the export is served to its own clients (not an incoming
+    /// migration target); their IO waits for it.
+    live: tokio::sync::watch::Sender<bool>,
+    /// Set by the first IO a client sends under the real name while the
+    /// export is incoming (the `first-io` cut-over trigger).
+    first_io: tokio::sync::watch::Sender<bool>,
     detached: CancellationToken,
     allow: ArcSwap<Vec<Allow>>,
     connections: AtomicUsize,
@@ -89,6 +95,8 @@ impl Export {
             base_read_only: read_only,
             barrier: WriteBarrier::default(),
             incoming: Mutex::new(None),
+            live: tokio::sync::watch::Sender::new(true),
+            first_io: tokio::sync::watch::Sender::new(false),
             detached: CancellationToken::new(),
             allow: ArcSwap::default(),
             connections: AtomicUsize::new(0),
@@ -155,15 +163,40 @@ impl Export {
         QuiesceGuard(self.clone())
     }
 
-    /// Hides the export as a migration target: only clients that name
-    /// `migration/TOKEN/VM/DISK` reach it, until [`activate`](Self::activate).
+    /// Makes the export an incoming migration target: the source's mirror
+    /// writes through `migration/TOKEN/VM/DISK`; clients that open it by its
+    /// own name (the destination's QEMU) connect, but their IO waits until
+    /// [`activate`](Self::activate).
     pub fn set_incoming(&self, token: &str) {
         *self.incoming.lock().unwrap_or_else(|p| p.into_inner()) = Some(token.to_owned());
+        self.live.send_replace(false);
     }
 
-    /// Ends the incoming state: the export is served under its own name.
+    /// Ends the incoming state: the export is served under its own name,
+    /// and IO held until now runs.
     pub fn activate(&self) {
         *self.incoming.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.live.send_replace(true);
+    }
+
+    /// Waits (at most `limit`) until the export is live, for a client that
+    /// opened it by its own name; the first call while it is incoming
+    /// raises [`first_io`](Self::first_io). False: still incoming.
+    pub async fn wait_live(&self, limit: std::time::Duration) -> bool {
+        let mut live = self.live.subscribe();
+        if *live.borrow_and_update() {
+            return true;
+        }
+        if !self.first_io.send_replace(true) {
+            tracing::info!(disk = %self.name, "first IO on an incoming export: held until the cut-over");
+        }
+        let woken = tokio::time::timeout(limit, live.wait_for(|l| *l)).await;
+        matches!(woken, Ok(Ok(_)))
+    }
+
+    /// Whether a client sent IO by the export's own name while it was incoming.
+    pub fn first_io(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.first_io.subscribe()
     }
 
     /// The migration token while the export is an incoming target.
@@ -486,8 +519,9 @@ pub struct Exports {
 pub const MIGRATION_PREFIX: &str = "migration/";
 
 impl Exports {
-    /// Resolves a name a client asked for: `VM/DISK` for served exports,
-    /// `migration/TOKEN/VM/DISK` for an incoming migration target.
+    /// Resolves a name a client asked for: `VM/DISK` for every export
+    /// (an incoming one holds that client's IO until it is activated),
+    /// `migration/TOKEN/VM/DISK` for an incoming migration target's writer.
     pub fn resolve(&self, name: &str) -> Option<Arc<Export>> {
         if let Some(rest) = name.strip_prefix(MIGRATION_PREFIX) {
             let (token, disk) = rest.split_once('/')?;
@@ -495,7 +529,7 @@ impl Exports {
             let expected = export.incoming()?;
             return constant_time_eq(expected.as_bytes(), token.as_bytes()).then_some(export);
         }
-        self.get(name).filter(|e| e.incoming().is_none())
+        self.get(name)
     }
 
     /// Looks an export up.

@@ -929,7 +929,7 @@ fn source_killed_during_the_cut_over_stays_authoritative_and_the_destination_sta
     let (mut a, b, model, _) = small_setup(&backing, &mut rng, 4);
     let scratch = b.dir().join("scratch.raw");
     let dirty_before = u(&bitmap(&a)["dirty_bytes"]);
-    for (round, trigger, extra) in [(0u64, "cutting over", &[][..]), (1, "verifying", &["--verify"][..])] {
+    for (round, trigger, extra) in [(0u64, "cutting over", &[][..]), (1, "cutting over", &["--verify"][..])] {
         // SIGKILL the source the moment migrate says it reached `trigger`
         // (from the thread reading migrate's stderr, so it lands within
         // microseconds: in the cut-over, or during the verification).

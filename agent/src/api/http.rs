@@ -54,6 +54,17 @@ pub fn router(control: Arc<Control>) -> Router {
         .route("/v1/jobs/{id}/copy-mode", post(set_job_copy_mode))
         .route("/v1/jobs/{id}/{action}", post(job_action))
         .route("/v1/migrations", get(|s: Ctl| run(s, Command::Migrations)).post(prepare_migration))
+        .route("/v1/migrations/outgoing", get(|s: Ctl| run(s, Command::OutgoingList)).post(start_outgoing))
+        .route("/v1/migrations/outgoing/{vm}", get(show_outgoing))
+        .route(
+            "/v1/migrations/outgoing/{vm}/cutover",
+            post(|s: Ctl, Path(vm): Path<String>| run(s, Command::OutgoingCutover(vm))),
+        )
+        .route(
+            "/v1/migrations/outgoing/{vm}/abort",
+            post(|s: Ctl, Path(vm): Path<String>| run(s, Command::OutgoingAbort(vm))),
+        )
+        .route("/v1/migrations/{id}/first-io", get(first_io))
         .route("/v1/migrations/{id}", get(|s: Ctl, Path(id): Path<String>| run(s, Command::Migration(id))))
         .route("/v1/migrations/{id}/complete", post(complete_migration))
         .route("/v1/migrations/{id}/abort", post(|s: Ctl, Path(id): Path<String>| run(s, Command::AbortMigration(id))))
@@ -213,6 +224,44 @@ async fn prepare_migration(s: Ctl, body: Result<Bytes, BytesRejection>) -> Respo
         Ok(p) => created(run(s, Command::PrepareMigration(p)).await),
         Err(e) => error(e),
     }
+}
+
+async fn start_outgoing(s: Ctl, body: Result<Bytes, BytesRejection>) -> Response {
+    match body_of(body).and_then(|b| parse::<super::StartMigration>(&b)) {
+        Ok(m) => created(run(s, Command::StartOutgoing(m)).await),
+        Err(e) => error(e),
+    }
+}
+
+/// `?wait=STATE&timeout=SECS`: answers once the state differs from STATE.
+async fn show_outgoing(s: Ctl, Path(vm): Path<String>, RawQuery(q): RawQuery) -> Response {
+    let (mut wait, mut timeout) = (None, 30);
+    for (k, v) in query_params(&q) {
+        match k.as_str() {
+            "wait" => match serde_json::from_value::<super::OutState>(Value::String(v.clone())) {
+                Ok(state) => wait = Some(state),
+                Err(_) => return error(ApiError::BadRequest(format!("Unknown state {v:?}"))),
+            },
+            "timeout" => match v.parse() {
+                Ok(t) => timeout = t,
+                Err(_) => return error(ApiError::BadRequest(format!("Bad timeout {v:?} (seconds)"))),
+            },
+            _ => return error(ApiError::BadRequest(format!("Unknown query parameter {k:?}"))),
+        }
+    }
+    run(s, Command::OutgoingShow(vm, wait, timeout)).await
+}
+
+/// `?wait=SECS` (default 20, at most 60).
+async fn first_io(s: Ctl, Path(id): Path<String>, RawQuery(q): RawQuery) -> Response {
+    let mut wait = 20;
+    for (k, v) in query_params(&q) {
+        match (k.as_str(), v.parse()) {
+            ("wait", Ok(w)) => wait = w,
+            _ => return error(ApiError::BadRequest(format!("Bad query parameter {k}={v}"))),
+        }
+    }
+    run(s, Command::FirstIo(id, wait)).await
 }
 
 /// The body is optional: none means the defaults.

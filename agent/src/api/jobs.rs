@@ -210,7 +210,7 @@ impl Control {
                     expect,
                 };
                 let job = self.jobs.start("mirror", &disk, to_json(&params), speed, move |handle| {
-                    mirror::run(handle, export, params, tls)
+                    mirror::run(handle, export, params, tls, None)
                 })?;
                 Ok(to_json(job.record()))
             }
@@ -268,7 +268,7 @@ impl Control {
     /// Removes a fence (or the in-memory read-only state after a cut-over): writable again.
     pub(super) fn unfence(&self, disk: &str) -> Result<Value, ApiError> {
         let export = self.disk(disk)?;
-        match std::fs::remove_file(self.env.fence(disk)) {
+        match crate::durable::remove_file(&self.env.fence(disk)) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                 return Err(ApiError::Internal(format!("Cannot remove the fence of {disk}: {e}")))
             }

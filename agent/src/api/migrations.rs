@@ -95,19 +95,83 @@ pub struct Prepare {
     pub vm: String,
     /// Its disks.
     pub disks: Vec<IncomingDisk>,
+    /// The VM's `allow` list (who may open its disks once they are here).
+    #[serde(default)]
+    pub allow: Vec<String>,
 }
 
-/// One disk of an incoming migration.
+/// One disk of an incoming migration, with the state it carries over.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct IncomingDisk {
     /// Disk name.
     pub name: String,
-    /// Backup snapshot to layer on (`rbd:pool/img@snap` or `file:/x@snap`).
-    pub backing: String,
+    /// Backup snapshot to layer on (`rbd:pool/img@snap` or `file:/x@snap`);
+    /// absent: a plain image of `size` bytes, which a full mirror fills.
+    #[serde(default)]
+    pub backing: Option<String>,
+    /// Disk size in bytes (required without `backing`).
+    #[serde(default)]
+    pub size: Option<u64>,
     /// Destination image (default `file:STATE_DIR/images/VM-DISK.raw`).
     #[serde(default)]
     pub image: Option<String>,
+    /// The source's bitmaps; `uuid` and `generation` make one continue the
+    /// source's (its backup chain stays valid here).
+    #[serde(default)]
+    pub bitmaps: Vec<IncomingBitmap>,
+    /// The source's `backup:` section.
+    #[serde(default)]
+    pub backup: Option<IncomingBackup>,
+    /// The source's `intent_region` in bytes.
+    #[serde(default)]
+    pub intent_region: Option<u64>,
+}
+
+/// A bitmap an incoming disk carries over.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct IncomingBitmap {
+    /// Name.
+    pub name: String,
+    /// Bytes per bit.
+    pub granularity: u64,
+    /// Recording writes.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// The source bitmap's uuid.
+    #[serde(default)]
+    pub uuid: Option<String>,
+    /// The source bitmap's generation.
+    #[serde(default)]
+    pub generation: Option<u64>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A disk's `backup:` section, carried over.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct IncomingBackup {
+    /// Backup target URI.
+    pub target: String,
+    /// Bitmap for incremental backups.
+    #[serde(default)]
+    pub bitmap: Option<String>,
+    /// Backup snapshots to keep.
+    #[serde(default)]
+    pub keep: Option<u32>,
+}
+
+/// What `prepare` creates for one disk.
+#[derive(Debug, Clone)]
+struct Planned {
+    name: String,
+    backing: Option<ImageUri>,
+    size: u64,
+    image: ImageUri,
 }
 
 /// Body of `POST /v1/migrations/{id}/complete`.
@@ -166,26 +230,42 @@ impl Control {
         let mut plan = Vec::new();
         for d in &req.disks {
             check_name(&d.name).map_err(ApiError::BadRequest)?;
-            let backing: ImageUri = d.backing.parse().map_err(ApiError::BadRequest)?;
-            if backing.snap().is_none() {
-                return Err(ApiError::BadRequest(format!("Backing {} must name a snapshot", d.backing)));
+            let backing: Option<ImageUri> =
+                d.backing.as_deref().map(str::parse).transpose().map_err(ApiError::BadRequest)?;
+            if backing.as_ref().is_some_and(|b| b.snap().is_none()) {
+                return Err(ApiError::BadRequest(format!("Backing {:?} must name a snapshot", d.backing)));
             }
+            let size = match (&backing, d.size) {
+                (_, Some(size)) if size > 0 && size % 512 == 0 => size,
+                (Some(_), None) => 0,
+                (_, size) => {
+                    return Err(ApiError::BadRequest(format!(
+                        "Disk {}: a size (a positive multiple of 512) is needed without a backing, got {size:?}",
+                        d.name
+                    )))
+                }
+            };
             let image = match &d.image {
                 Some(i) => i.parse().map_err(ApiError::BadRequest)?,
                 None => ImageUri::file(env.images_dir.join(format!("{}-{}.raw", req.vm, d.name))),
             };
-            plan.push((d.name.clone(), backing, image));
+            plan.push(Planned { name: d.name.clone(), backing, size, image });
         }
+        // The VM file is checked as the agent will load it before anything is created.
+        let vm_text = vm_file_text(&req, &plan);
+        crate::config::VmConfig::from_str(&vm_text, &vm_file)
+            .map_err(|e| ApiError::BadRequest(format!("The VM's settings do not make a valid VM file here: {e}")))?;
         let token = uuid::Uuid::new_v4().simple().to_string();
         let id = format!("migration-{}-{}", req.vm, &token[..8]);
         let exports: Vec<Value> = plan
             .iter()
-            .map(|(name, backing, image)| {
+            .map(|p| {
                 serde_json::json!({
-                    "disk": format!("{}/{}", req.vm, name),
-                    "export": format!("{MIGRATION_PREFIX}{token}/{}/{}", req.vm, name),
-                    "backing": backing.to_string(),
-                    "image": image.to_string(),
+                    "disk": format!("{}/{}", req.vm, p.name),
+                    "export": format!("{MIGRATION_PREFIX}{token}/{}/{}", req.vm, p.name),
+                    "backing": p.backing.as_ref().map(ToString::to_string),
+                    "size": p.size,
+                    "image": p.image.to_string(),
                 })
             })
             .collect();
@@ -196,10 +276,10 @@ impl Control {
         // The record first, durably: an agent restarted at any later step finds it and keeps the
         // disks hidden (a VM file without its record would serve them writable by their own name).
         env.save(&record)?;
-        for (name, _, _) in &plan {
-            env.incoming.insert(&format!("{}/{}", req.vm, name), &token);
+        for p in &plan {
+            env.incoming.insert(&format!("{}/{}", req.vm, p.name), &token);
         }
-        let done = self.create_and_serve(&req.vm, &plan, &vm_file).await;
+        let done = self.create_and_serve(&req, &plan, &vm_file, &vm_text).await;
         if let Err((e, undone)) = done {
             // `aborted` only if the undo is complete (else the record stays prepared: its disks
             // stay hidden, also after a restart, and a retry aborts it).
@@ -216,15 +296,18 @@ impl Control {
     }
 
     /// Creates the layered disks, writes the VM file and loads it (the disks
-    /// are already marked incoming); undoes everything on failure. The error
-    /// says whether the undo is complete (else the VM file may still be
-    /// there, with its disks hidden by their markers).
+    /// are already marked incoming), then gives the bitmaps the source's
+    /// identities; undoes everything on failure. The error says whether the
+    /// undo is complete (else the VM file may still be there, with its disks
+    /// hidden by their markers).
     async fn create_and_serve(
         &self,
-        vm: &str,
-        plan: &[(String, ImageUri, ImageUri)],
+        req: &Prepare,
+        plan: &[Planned],
         vm_file: &std::path::Path,
+        vm_text: &str,
     ) -> Result<(), (ApiError, bool)> {
+        let vm = req.vm.as_str();
         let stores = self.env.stores.clone();
         let created = {
             let (plan, holder) = (plan.to_vec(), format!("{}:{vm}/", self.env.node));
@@ -235,14 +318,13 @@ impl Control {
         if let Err(e) = created {
             // `create_children` removed what it created; nothing else to undo but the markers.
             if let Ok(env) = self.migration_env() {
-                for (name, _, _) in plan {
-                    env.incoming.remove(&format!("{vm}/{name}"));
+                for p in plan {
+                    env.incoming.remove(&format!("{vm}/{}", p.name));
                 }
             }
             return Err((ApiError::BadRequest(e), true));
         }
-        let yaml = vm_yaml(vm, plan);
-        let write = crate::durable::write_file(vm_file, yaml.as_bytes())
+        let write = crate::durable::write_file(vm_file, vm_text.as_bytes())
             .map_err(|e| ApiError::Internal(format!("Cannot write {}: {e}", vm_file.display())));
         if let Err(e) = write {
             // The write may have failed after its rename: the file may be there.
@@ -251,6 +333,24 @@ impl Control {
         if let Err(e) = self.reload().await {
             return Err((e, self.undo(vm, plan, Some(vm_file)).await));
         }
+        if let Err(e) = self.adopt_bitmaps(req) {
+            return Err((e, self.undo(vm, plan, Some(vm_file)).await));
+        }
+        Ok(())
+    }
+
+    /// Gives each carried-over bitmap the source's uuid and generation
+    /// (before the source can write: it has no token yet).
+    fn adopt_bitmaps(&self, req: &Prepare) -> Result<(), ApiError> {
+        for d in &req.disks {
+            let disk = format!("{}/{}", req.vm, d.name);
+            let export = self.disk_any(&disk)?;
+            for b in &d.bitmaps {
+                if let (Some(uuid), Some(generation)) = (&b.uuid, b.generation) {
+                    export.bitmaps().adopt(&b.name, uuid, generation)?;
+                }
+            }
+        }
         Ok(())
     }
 
@@ -258,7 +358,7 @@ impl Control {
     /// then forgets their incoming markers and removes the images. If the VM
     /// file cannot be removed nothing else is undone (the markers keep the
     /// disks hidden, also on a reload) and the answer is false.
-    async fn undo(&self, vm: &str, plan: &[(String, ImageUri, ImageUri)], vm_file: Option<&std::path::Path>) -> bool {
+    async fn undo(&self, vm: &str, plan: &[Planned], vm_file: Option<&std::path::Path>) -> bool {
         if let Some(f) = vm_file {
             if let Err(e) = crate::durable::remove_file(f) {
                 tracing::error!(file = %f.display(), error = %e, "cannot remove the VM file of an undone migration");
@@ -267,17 +367,19 @@ impl Control {
             let _ = self.reload().await;
         }
         if let Ok(env) = self.migration_env() {
-            for (name, _, _) in plan {
-                env.incoming.remove(&format!("{vm}/{name}"));
+            for p in plan {
+                env.incoming.remove(&format!("{vm}/{}", p.name));
             }
         }
         let stores = self.env.stores.clone();
         let holder = format!("{}:{vm}/", self.env.node);
         let plan = plan.to_vec();
         let _ = tokio::task::spawn_blocking(move || {
-            for (name, backing, image) in &plan {
-                drop(stores.remove(image));
-                drop(holds::release(&stores, backing, &format!("{holder}{name}")));
+            for p in &plan {
+                drop(stores.remove(&p.image));
+                if let Some(backing) = &p.backing {
+                    drop(holds::release(&stores, backing, &format!("{holder}{}", p.name)));
+                }
             }
         })
         .await;
@@ -370,13 +472,17 @@ impl Control {
             )));
         }
         let vm = record["vm"].as_str().unwrap_or_default().to_owned();
-        let plan: Vec<(String, ImageUri, ImageUri)> = record["disks"]
+        let plan: Vec<Planned> = record["disks"]
             .as_array()
             .into_iter()
             .flatten()
             .filter_map(|d| {
-                let name = d["disk"].as_str()?.split('/').nth(1)?.to_owned();
-                Some((name, d["backing"].as_str()?.parse().ok()?, d["image"].as_str()?.parse().ok()?))
+                Some(Planned {
+                    name: d["disk"].as_str()?.split('/').nth(1)?.to_owned(),
+                    backing: d["backing"].as_str().and_then(|b| b.parse().ok()),
+                    size: d["size"].as_u64().unwrap_or(0),
+                    image: d["image"].as_str()?.parse().ok()?,
+                })
             })
             .collect();
         let vm_file = env.vms_dir.as_ref().map(|d| d.join(format!("{vm}.yaml")));
@@ -392,6 +498,42 @@ impl Control {
         record["state"] = "aborted".into();
         env.save(&record)?;
         Ok(redact(record))
+    }
+
+    /// Waits (at most `wait`) until a client sent IO by its own name on one
+    /// of the migration's incoming exports (the `first-io` trigger; the
+    /// source long-polls this).
+    pub(super) async fn first_io(&self, id: &str, wait: std::time::Duration) -> Result<Value, ApiError> {
+        let record = self.stored(id)?;
+        let mut watches: Vec<_> = record["disks"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|d| self.exports.get(d["disk"].as_str()?))
+            .map(|e| e.first_io())
+            .collect();
+        let seen = |w: &mut Vec<tokio::sync::watch::Receiver<bool>>| w.iter_mut().any(|r| *r.borrow_and_update());
+        let mut fired = record["state"] == "prepared" && seen(&mut watches);
+        if record["state"] == "prepared" && !fired {
+            let (tx, mut rx) = mpsc::channel::<()>(1);
+            let tasks: Vec<_> = watches
+                .into_iter()
+                .map(|mut w| {
+                    let tx = tx.clone();
+                    tokio::spawn(async move {
+                        if w.wait_for(|v| *v).await.is_ok() {
+                            let _ = tx.send(()).await;
+                        }
+                    })
+                })
+                .collect();
+            drop(tx);
+            fired = matches!(tokio::time::timeout(wait, rx.recv()).await, Ok(Some(())));
+            for t in tasks {
+                t.abort();
+            }
+        }
+        Ok(serde_json::json!({ "id": id, "state": self.stored(id)?["state"], "first_io": fired }))
     }
 
     /// Every migration this agent received.
@@ -415,21 +557,18 @@ fn redact(mut record: Value) -> Value {
     record
 }
 
-/// Creates each disk layered on its backup snapshot and holds the snapshot
-/// (`holder_prefix` + disk name) so retention keeps it until the stream
-/// detaches the disk; undoes everything on the first failure.
-fn create_children(
-    stores: &Arc<crate::store::Stores>,
-    plan: &[(String, ImageUri, ImageUri)],
-    holder_prefix: &str,
-) -> Result<(), String> {
-    let mut done: Vec<(&ImageUri, &ImageUri, String)> = Vec::new();
-    for (name, backing, image) in plan {
-        let holder = format!("{holder_prefix}{name}");
+/// Creates each disk (layered on its backup snapshot, or plain) and holds
+/// the snapshot (`holder_prefix` + disk name) so retention keeps it until
+/// the stream detaches the disk; undoes everything on the first failure.
+fn create_children(stores: &Arc<crate::store::Stores>, plan: &[Planned], holder_prefix: &str) -> Result<(), String> {
+    let mut done: Vec<(&Planned, String)> = Vec::new();
+    for p in plan {
+        let holder = format!("{holder_prefix}{}", p.name);
+        let image = &p.image;
         let exists = stores.exists(image).map_err(|e| e.to_string())?;
         let result = if exists {
             Err(format!("Destination image {image} already exists; refusing to overwrite it"))
-        } else {
+        } else if let Some(backing) = &p.backing {
             stores
                 .clone_image(backing, image)
                 .map(drop)
@@ -440,23 +579,61 @@ fn create_children(
                         format!("Cannot hold {backing} for {image}: {e}")
                     })
                 })
+        } else {
+            stores.create(image, p.size).map(drop).map_err(|e| format!("Cannot create {image}: {e}"))
         };
         if let Err(e) = result {
-            for (backing, image, holder) in done {
-                let _ = stores.remove(image);
-                let _ = holds::release(stores, backing, &holder);
+            for (p, holder) in done {
+                let _ = stores.remove(&p.image);
+                if let Some(backing) = &p.backing {
+                    let _ = holds::release(stores, backing, &holder);
+                }
             }
             return Err(e);
         }
-        done.push((backing, image, holder));
+        done.push((p, holder));
     }
     Ok(())
 }
 
-fn vm_yaml(vm: &str, plan: &[(String, ImageUri, ImageUri)]) -> String {
-    let mut y = format!("# Written by rbdsync for an incoming migration.\nname: {vm}\ndisks:\n");
-    for (name, _, image) in plan {
-        y.push_str(&format!("  - name: {name}\n    image: \"{image}\"\n"));
+/// The destination's VM file: the source's settings with the new images.
+/// Written as JSON, which is YAML too (no quoting rules to get wrong).
+fn vm_file_text(req: &Prepare, plan: &[Planned]) -> String {
+    let disks: Vec<Value> = req
+        .disks
+        .iter()
+        .zip(plan)
+        .map(|(d, p)| {
+            let mut disk = serde_json::json!({ "name": d.name, "image": p.image.to_string() });
+            if !d.bitmaps.is_empty() {
+                disk["bitmaps"] = d
+                    .bitmaps
+                    .iter()
+                    .map(|b| serde_json::json!({ "name": b.name, "granularity": b.granularity, "enabled": b.enabled }))
+                    .collect();
+            }
+            if let Some(b) = &d.backup {
+                let mut backup = serde_json::json!({ "target": b.target });
+                if let Some(bitmap) = &b.bitmap {
+                    backup["bitmap"] = bitmap.as_str().into();
+                }
+                if let Some(keep) = b.keep {
+                    backup["keep"] = keep.into();
+                }
+                disk["backup"] = backup;
+            }
+            if let Some(region) = d.intent_region {
+                disk["intent_region"] = region.into();
+            }
+            disk
+        })
+        .collect();
+    let mut vm = serde_json::json!({ "name": req.vm, "disks": disks });
+    if !req.allow.is_empty() {
+        vm["allow"] = req.allow.clone().into();
     }
-    y
+    format!(
+        "# Written by rbdsync for an incoming migration.\n{}\n",
+        serde_json::to_string_pretty(&vm).unwrap_or_default()
+    )
 }

@@ -10,9 +10,11 @@ pub mod client;
 pub mod http;
 mod jobs;
 pub mod migrations;
+pub mod outgoing;
 
 pub use jobs::{JobAction, StartJob};
 pub use migrations::{Complete, MigrationEnv, Prepare};
+pub use outgoing::{OutState, OutgoingEnv, StartMigration};
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -71,6 +73,19 @@ pub enum Command {
     Migration(String),
     /// A disk's backup chain against a bitmap.
     Chain(String, Option<String>),
+    /// Wait for the first IO on an incoming migration's exports (seconds).
+    FirstIo(String, u64),
+    /// Start an outgoing migration (source).
+    StartOutgoing(StartMigration),
+    /// Outgoing migrations.
+    OutgoingList,
+    /// One outgoing migration, by VM; optionally once its state differs
+    /// from the one given (waiting at most the seconds given).
+    OutgoingShow(String, Option<OutState>, u64),
+    /// Cut an outgoing migration over now.
+    OutgoingCutover(String),
+    /// Abort an outgoing migration.
+    OutgoingAbort(String),
     /// Fence a disk that was migrated away.
     Fence(String, String),
     /// Remove a disk's fence.
@@ -214,6 +229,7 @@ pub struct Control {
     env: BackupEnv,
     vms: ArcSwap<Vec<VmConfig>>,
     migrations: std::sync::OnceLock<MigrationEnv>,
+    outgoing: std::sync::OnceLock<OutgoingEnv>,
     started: Instant,
 }
 
@@ -227,6 +243,7 @@ impl Control {
             env,
             vms: ArcSwap::default(),
             migrations: Default::default(),
+            outgoing: Default::default(),
             started: Instant::now(),
         }
     }
@@ -234,6 +251,11 @@ impl Control {
     /// Enables the migration endpoints (once the servers are bound).
     pub fn set_migration_env(&self, env: MigrationEnv) {
         let _ = self.migrations.set(env);
+    }
+
+    /// Enables the outgoing migrations (records loaded).
+    pub fn set_outgoing_env(&self, env: OutgoingEnv) {
+        let _ = self.outgoing.set(env);
     }
 
     /// An export by name, incoming ones included.
@@ -264,7 +286,7 @@ impl Control {
     }
 
     /// Runs one command; returns the JSON result (`null` for "no content").
-    pub async fn execute(&self, command: Command) -> Result<Value, ApiError> {
+    pub async fn execute(self: &Arc<Self>, command: Command) -> Result<Value, ApiError> {
         match command {
             Command::Status => Ok(json!({
                 "node": self.node,
@@ -292,6 +314,14 @@ impl Control {
             Command::Migrations => self.list_migrations(),
             Command::Migration(id) => self.record(&id),
             Command::Chain(disk, bitmap) => self.chain(&disk, bitmap).await,
+            Command::FirstIo(id, wait) => self.first_io(&id, std::time::Duration::from_secs(wait.min(60))).await,
+            Command::StartOutgoing(start) => self.start_outgoing(start).await,
+            Command::OutgoingList => self.list_outgoing(),
+            Command::OutgoingShow(vm, wait, secs) => {
+                self.show_outgoing(&vm, wait, std::time::Duration::from_secs(secs.min(60))).await
+            }
+            Command::OutgoingCutover(vm) => self.cutover_outgoing(&vm),
+            Command::OutgoingAbort(vm) => self.abort_outgoing(&vm),
             Command::Fence(disk, target) => self.fence(&disk, &target),
             Command::Unfence(disk) => {
                 let export = self.exports.get(&disk).ok_or_else(|| ApiError::DiskNotFound(disk.clone()))?;

@@ -600,6 +600,29 @@ impl DiskBitmaps {
         Ok(b.info())
     }
 
+    /// Gives a bitmap the identity (uuid and generation) of the bitmap it
+    /// continues: on a migration's destination, the bitmap goes on recording
+    /// the writes since the same backup snapshot, so that snapshot's chain
+    /// stays valid for it (the next backup there is incremental).
+    pub fn adopt(&self, name: &str, uuid: &str, generation: u64) -> Result<BitmapInfo, BitmapError> {
+        let uuid =
+            uuid::Uuid::parse_str(uuid).map_err(|e| BitmapError::Invalid(format!("bad bitmap uuid {uuid:?}: {e}")))?;
+        let _ops = self.ops();
+        let b = self.get(name)?;
+        let old = {
+            let mut meta = b.meta();
+            let old = (meta.uuid, meta.generation);
+            (meta.uuid, meta.generation) = (*uuid.as_bytes(), generation);
+            old
+        };
+        if let Err(e) = b.write_header(false, 0) {
+            let mut meta = b.meta();
+            (meta.uuid, meta.generation) = old;
+            return Err(e);
+        }
+        Ok(b.info())
+    }
+
     fn bump_generation(&self, b: &Bitmap) -> Result<(), BitmapError> {
         b.meta().generation += 1;
         b.write_header(false, 0).inspect_err(|_| b.meta().generation -= 1)

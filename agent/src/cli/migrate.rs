@@ -1,20 +1,9 @@
-//! `rbdsync migrate VM --to DEST`: the whole incremental migration,
-//! orchestrated from the CLI against both agents' control APIs.
-//!
-//! 1. source: each disk's backup chain must match its bitmap (the bitmap
-//!    holds exactly the writes since the latest backup snapshot);
-//! 2. destination: prepare (disks layered on those snapshots, hidden behind a token);
-//! 3. source: incremental mirrors seeded from the bitmaps, until all are ready;
-//! 4. all mirrors switch to write-blocking, then complete (source read-only);
-//! 5. optionally verify destination against source;
-//! 6. destination: activate and stream the rest from the backups.
-//!
-//! Any failure before step 4 cancels the mirrors and aborts the destination:
-//! the source stays authoritative with every bitmap bit.
+//! `rbdsync migrate VM --to DEST` and `rbdsync migration ...`: clients of
+//! the outgoing migration the source agent holds (see
+//! `agent::api::outgoing`). `migrate` starts it and follows its states; the
+//! agent carries it through (killing the CLI changes nothing).
 
-use std::time::{Duration, Instant};
-
-use clap::Args;
+use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 
 use super::jobs::human;
@@ -42,17 +31,53 @@ pub struct MigrateArgs {
     /// write-blocking if it does not converge) or write-blocking.
     #[arg(long, default_value = "background", value_parser = ["background", "write-blocking"])]
     copy_mode: String,
-    /// Compare destination and source at cut-over (reads both disks in full).
+    /// Compare destination and source at cut-over (reads both disks in full; adds to the downtime).
     #[arg(long)]
     verify: bool,
     /// Do not start the stream jobs on the destination.
     #[arg(long)]
     no_stream: bool,
+    /// What starts the cut-over once every disk is ready: auto (at once),
+    /// manual (`rbdsync migration cutover VM`), first-io (the first IO a
+    /// client sends on the destination, i.e. the VM resumed there).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "manual", "first-io"])]
+    cutover: String,
+    /// With manual or first-io: wait until the migration ended (else return once ready).
+    #[arg(long)]
+    wait: bool,
+    /// Mirror whole disks onto plain destination images (no backup needed).
+    #[arg(long)]
+    full: bool,
     /// Destination image per disk, with {vm} and {disk} filled in, e.g.
     /// `rbd:vms/{vm}-{disk}` for an RBD clone of the backup (default: a
     /// `file:` image under the destination's state_dir).
     #[arg(long)]
     dest_image: Option<String>,
+}
+
+/// `rbdsync migration ...`: the outgoing migrations of the agent.
+#[derive(Debug, Subcommand)]
+pub enum MigrationCmd {
+    /// Every outgoing migration (running and ended).
+    List,
+    /// One VM's outgoing migration.
+    Show {
+        /// VM name.
+        vm: String,
+    },
+    /// Cut a ready migration over now (all the VM's disks together).
+    Cutover {
+        /// VM name.
+        vm: String,
+        /// Return at once instead of waiting for the outcome.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Roll the migration back: the source keeps serving the VM's disks.
+    Abort {
+        /// VM name.
+        vm: String,
+    },
 }
 
 fn fail(message: String) -> ClientError {
@@ -65,292 +90,162 @@ fn say(json_out: bool, msg: &str) {
     }
 }
 
-/// Picks an NBD address of the destination reachable from here.
-fn nbd_uri(prep: &Value, dest: &Endpoint, export: &str) -> Result<String, ClientError> {
-    let s = if prep["nbd_tls"] == true { "s" } else { "" };
-    let addrs: Vec<&str> = prep["nbd"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
-    if let Some(tcp) = addrs.iter().find(|a| !a.starts_with("unix:")) {
-        let host = match (tcp.rsplit_once(':'), dest) {
-            (Some((ip, port)), Endpoint::Http(h) | Endpoint::Https(h)) if ip == "0.0.0.0" || ip == "[::]" => {
-                format!("{}:{port}", h.rsplit_once(':').map_or(h.as_str(), |x| x.0))
-            }
-            _ => (*tcp).to_owned(),
-        };
-        return Ok(format!("nbd{s}://{host}/{export}"));
-    }
-    let unix = addrs
-        .iter()
-        .find_map(|a| a.strip_prefix("unix:"))
-        .ok_or_else(|| fail("the destination serves NBD nowhere".into()))?;
-    Ok(format!("nbd{s}+unix:///{export}?socket={unix}"))
-}
-
 pub async fn migrate(source: &Endpoint, json_out: bool, a: MigrateArgs) -> Result<(), ClientError> {
-    let dest: Endpoint = a.to.parse().map_err(fail)?;
-    let started = Instant::now();
-    let disks: Vec<Value> = call(source, "GET", "/v1/disks", None).await?.as_array().cloned().unwrap_or_default();
-    let disks: Vec<Value> = disks
-        .into_iter()
-        .filter(|d| d["name"].as_str().is_some_and(|n| n.starts_with(&format!("{}/", a.vm))))
-        .collect();
-    if disks.is_empty() {
-        return Err(fail(format!("no disks of VM {} on the source", a.vm)));
-    }
-    let mut plan = Vec::new();
-    for d in &disks {
-        let name = d["name"].as_str().unwrap_or_default();
-        let query = a.bitmap.as_ref().map(|b| format!("?bitmap={b}")).unwrap_or_default();
-        let chain = call(source, "GET", &format!("/v1/disks/{name}/chain{query}"), None).await?;
-        if chain["matches"] != true {
-            return Err(fail(format!(
-                "{name}: cannot mirror incrementally: {}",
-                chain["reason"].as_str().unwrap_or("?")
-            )));
-        }
-        plan.push(chain);
-    }
-    let prepare = json!({
-        "vm": a.vm,
-        "disks": plan.iter().map(|c| {
-            let disk = c["disk"].as_str().unwrap_or_default().split('/').nth(1).unwrap_or_default();
-            let image = a.dest_image.as_ref().map(|t| t.replace("{vm}", &a.vm).replace("{disk}", disk));
-            json!({ "name": disk, "backing": c["backing"], "image": image })
-        }).collect::<Vec<_>>(),
+    let body = json!({
+        "vm": a.vm, "to": a.to, "bitmap": a.bitmap, "speed": a.speed, "ready_threshold": a.ready_threshold,
+        "copy_mode": a.copy_mode, "cutover": a.cutover, "full": a.full, "verify": a.verify,
+        "stream": !a.no_stream, "dest_image": a.dest_image,
     });
-    say(json_out, &format!("preparing {} disk(s) on the destination", plan.len()));
-    let prep = call(&dest, "POST", "/v1/migrations", Some(prepare)).await?;
-    let id = prep["id"].as_str().unwrap_or_default().to_owned();
-    let mut mirrors = Vec::new();
-    let started_mirrors = start_mirrors(source, &dest, &a, &plan, &prep, &mut mirrors).await;
-    let converged = match started_mirrors {
-        Ok(()) => converge(source, json_out, &mirrors).await,
-        Err(e) => Err(e),
-    };
-    if let Err(e) = converged {
-        for (_, job) in &mirrors {
-            let _ = call(source, "POST", &format!("/v1/jobs/{job}/cancel"), None).await;
-        }
-        let _ = call(&dest, "POST", &format!("/v1/migrations/{id}/abort"), None).await;
-        return Err(fail(format!("{e}; mirrors cancelled, destination cleaned up, the source is unchanged")));
-    }
-    let results = match cut_over(source, json_out, &mirrors).await {
-        Ok(r) => r,
-        Err(e) => return Err(back_out(source, &id, &mirrors, e).await),
-    };
-    if a.verify {
-        if let Err(e) = verify(source, json_out, &prep, &dest).await {
-            return Err(back_out(source, &id, &mirrors, e).await);
-        }
-    }
-    // Fence the source durably *before* the destination goes live: "source
-    // fenced, destination hidden" is safe (a retry or DELETE .../fence
-    // recovers it); "both writable" never happens.
-    for (disk, _) in &mirrors {
-        // The agent refuses to fence a disk that is writable again since the cut-over (restarted
-        // or reloaded): writes may have landed that the destination lacks.
-        let body = json!({ "target": format!("{} {id}", a.to) });
-        if let Err(e) = call(source, "POST", &format!("/v1/disks/{disk}/fence"), Some(body)).await {
-            return Err(back_out(source, &id, &mirrors, e).await);
-        }
-    }
-    let complete = json!({ "stream": !a.no_stream, "speed": a.speed });
-    let active = match call(&dest, "POST", &format!("/v1/migrations/{id}/complete"), Some(complete)).await {
-        Ok(active) => active,
-        // The source takes its disks back only if the destination shows that none went live
-        // (`complete` is all or nothing); an answer lost on the way must not make both writable.
-        Err(e) => match call(&dest, "GET", &format!("/v1/migrations/{id}"), None).await {
-            Ok(m) if m["state"] == "active" => m,
-            // Aborted (possible only while prepared), it can no longer go live later.
-            Ok(m)
-                if m["state"] == "prepared"
-                    && call(&dest, "POST", &format!("/v1/migrations/{id}/abort"), None).await.is_ok() =>
-            {
-                return Err(back_out(source, &id, &mirrors, e).await)
-            }
-            _ => {
-                return Err(fail(format!(
-                    "{e}; whether the destination went live is unknown, so the source stays fenced \
-                     (read-only): see GET /v1/migrations/{id} on the destination, then complete it there, \
-                     or abort it and DELETE /v1/disks/DISK/fence on the source"
-                )))
-            }
-        },
-    };
-    let summary = summarize(&a.vm, &id, &results, &active, a.verify, started.elapsed());
-    if json_out {
-        println!("{}", serde_json::to_string_pretty(&summary).unwrap_or_default());
-    } else {
-        print_summary(&summary);
-    }
-    Ok(())
+    let started = call(source, "POST", "/v1/migrations/outgoing", Some(body)).await?;
+    say(
+        json_out,
+        &format!(
+            "mirroring {} disk(s) to {} (migration {})",
+            started["disks"].as_array().map_or(0, Vec::len),
+            a.to,
+            started["id"].as_str().unwrap_or("?")
+        ),
+    );
+    let until_ready = a.cutover != "auto" && !a.wait;
+    let record = follow(source, json_out, &a.vm, started, until_ready).await?;
+    finish(json_out, &record)
 }
 
-/// After a failed cut-over or verify: the destination never went live, so
-/// the source takes its disks back (writable again, if it is reachable).
-/// The destination stays prepared and hidden; a retry of `migrate` aborts
-/// it and starts over.
-async fn back_out(source: &Endpoint, id: &str, mirrors: &[(String, String)], e: ClientError) -> ClientError {
-    // Every mirror ends first: one still running (or completing) would later set its disk
-    // read-only again with no fence, or run on with its bitmap busy.
-    let mut source_back = true;
-    for (_, job) in mirrors {
-        let _ = call(source, "POST", &format!("/v1/jobs/{job}/cancel"), None).await;
-    }
-    for (_, job) in mirrors {
-        source_back &= wait_concluded(source, job, Duration::from_secs(60)).await.is_ok();
-    }
-    if source_back {
-        for (disk, _) in mirrors {
-            source_back &= call(source, "DELETE", &format!("/v1/disks/{disk}/fence"), None).await.is_ok();
-        }
-    }
-    let source = if source_back {
-        "the source is writable again"
-    } else {
-        "the source did not confirm that its mirrors ended and its disks are writable (see `rbdsync jobs`)"
-    };
-    fail(format!("{e}; {source}; the destination stays hidden (migration {id} prepared; a retry replaces it)"))
-}
-
-async fn start_mirrors(
-    source: &Endpoint,
-    dest: &Endpoint,
-    a: &MigrateArgs,
-    plan: &[Value],
-    prep: &Value,
-    mirrors: &mut Vec<(String, String)>,
-) -> Result<(), ClientError> {
-    for (chain, target) in plan.iter().zip(prep["disks"].as_array().into_iter().flatten()) {
-        let disk = chain["disk"].as_str().unwrap_or_default().to_owned();
-        let uri = nbd_uri(prep, dest, target["export"].as_str().unwrap_or_default())?;
-        let body = json!({
-            "kind": "mirror", "disk": disk, "target": uri, "sync": "incremental", "bitmap": chain["bitmap"],
-            "ready_threshold": a.ready_threshold, "speed": a.speed, "copy_mode": a.copy_mode,
-            // The state the destination's backing was checked against: refused if a backup (or a
-            // clear, a merge) moved the bitmap on since.
-            "expect": chain["bitmap_state"],
-        });
-        let job = call(source, "POST", "/v1/jobs", Some(body)).await?;
-        mirrors.push((disk, job["id"].as_str().unwrap_or_default().to_owned()));
-    }
-    Ok(())
-}
-
-async fn job(source: &Endpoint, id: &str) -> Result<Value, ClientError> {
-    call(source, "GET", &format!("/v1/jobs/{id}"), None).await
-}
-
-/// Polls a job until it concluded (at most `limit`).
-async fn wait_concluded(source: &Endpoint, id: &str, limit: Duration) -> Result<Value, ClientError> {
-    let deadline = Instant::now().checked_add(limit);
-    loop {
-        let j = job(source, id).await?;
-        if j["state"] == "concluded" {
-            return Ok(j);
-        }
-        if deadline.is_some_and(|d| Instant::now() > d) {
-            return Err(fail(format!("job {id} did not end within {} s", limit.as_secs())));
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Waits until every mirror is ready.
-async fn converge(source: &Endpoint, json_out: bool, mirrors: &[(String, String)]) -> Result<(), ClientError> {
-    let mut last = Instant::now();
-    loop {
-        let mut ready = 0;
-        for (disk, id) in mirrors {
-            let j = job(source, id).await?;
-            if j["state"] == "concluded" {
-                return Err(fail(format!("mirror of {disk} ended: {}", j["error"].as_str().unwrap_or("?"))));
-            }
-            if j["state"] == "ready" {
-                ready += 1;
-            }
-        }
-        if ready == mirrors.len() {
-            return Ok(());
-        }
-        if last.elapsed() > Duration::from_secs(2) {
-            say(json_out, &format!("{ready}/{} mirrors ready", mirrors.len()));
-            last = Instant::now();
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// Switches every mirror to write-blocking, completes them, waits for the results.
-async fn cut_over(
+/// Follows the migration's states (printing each) until it ended, or
+/// until it is ready when `until_ready`.
+async fn follow(
     source: &Endpoint,
     json_out: bool,
-    mirrors: &[(String, String)],
-) -> Result<Vec<(String, Value)>, ClientError> {
-    for (_, id) in mirrors {
-        call(source, "POST", &format!("/v1/jobs/{id}/copy-mode"), Some(json!({"copy_mode": "write-blocking"}))).await?;
-    }
-    say(json_out, "all mirrors ready; cutting over");
-    for (_, id) in mirrors {
-        call(source, "POST", &format!("/v1/jobs/{id}/complete"), None).await?;
-    }
-    let mut out = Vec::new();
-    for (disk, id) in mirrors {
-        let j = wait_concluded(source, id, Duration::MAX).await?;
-        if j["result"] != "success" {
-            return Err(fail(format!("cut-over of {disk} failed: {}", j["error"].as_str().unwrap_or("?"))));
+    vm: &str,
+    mut r: Value,
+    until_ready: bool,
+) -> Result<Value, ClientError> {
+    let mut last = String::new();
+    loop {
+        let state = r["state"].as_str().unwrap_or("?").to_owned();
+        if state != last {
+            say(
+                json_out,
+                &match state.as_str() {
+                    "ready" => format!(
+                        "ready: every disk mirrored in write-blocking mode ({})",
+                        match r["cutover"].as_str() {
+                            Some("manual") => format!("cut over with `rbdsync migration cutover {vm}`"),
+                            Some("first-io") => "cuts over on the destination's first IO".into(),
+                            _ => "cutting over".into(),
+                        }
+                    ),
+                    "cutting-over" => "cutting over".into(),
+                    other => other.to_owned(),
+                },
+            );
+            last = state.clone();
         }
-        out.push((disk.clone(), j));
+        if matches!(state.as_str(), "completed" | "aborted" | "failed") || (until_ready && state == "ready") {
+            return Ok(r);
+        }
+        r = call(source, "GET", &format!("/v1/migrations/outgoing/{vm}?wait={state}&timeout=30"), None).await?;
     }
-    Ok(out)
 }
 
-/// Compares each source disk (now read-only) with its destination.
-async fn verify(source: &Endpoint, json_out: bool, prep: &Value, dest: &Endpoint) -> Result<(), ClientError> {
-    for d in prep["disks"].as_array().into_iter().flatten() {
-        let disk = d["disk"].as_str().unwrap_or_default();
-        let uri = nbd_uri(prep, dest, d["export"].as_str().unwrap_or_default())?;
-        say(json_out, &format!("verifying {disk}"));
-        let j = call(source, "POST", "/v1/jobs", Some(json!({"kind": "verify", "disk": disk, "against": uri}))).await?;
-        let id = j["id"].as_str().unwrap_or_default().to_owned();
-        let done = loop {
-            let j = job(source, &id).await?;
-            if j["state"] == "concluded" {
-                break j;
+/// Prints the outcome; an aborted or failed migration is an error.
+fn finish(json_out: bool, r: &Value) -> Result<(), ClientError> {
+    let summary = summarize(r);
+    match r["state"].as_str() {
+        Some("completed" | "ready") => {
+            if json_out {
+                println!("{}", serde_json::to_string_pretty(&summary).unwrap_or_default());
+            } else {
+                print_summary(&summary);
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        };
-        if done["result"] != "success" {
-            return Err(fail(format!("verification of {disk} failed: {}", done["error"].as_str().unwrap_or("?"))));
+            Ok(())
         }
+        _ => Err(fail(format!(
+            "migration of {} {}: {}; the source is unchanged and keeps serving its disks",
+            r["vm"].as_str().unwrap_or("?"),
+            r["state"].as_str().unwrap_or("?"),
+            r["error"].as_str().unwrap_or("?")
+        ))),
     }
-    Ok(())
 }
 
-fn summarize(vm: &str, id: &str, results: &[(String, Value)], active: &Value, verified: bool, took: Duration) -> Value {
-    let disks: Vec<Value> = results
-        .iter()
-        .map(|(disk, j)| {
-            let s = &j["summary"];
-            json!({
-                "disk": disk,
-                "disk_size": s["disk_size"], "bytes_sent": s["bytes_sent"], "initial_dirty_bytes": s["initial_dirty_bytes"],
-                "downtime_ms": s["downtime_ms"], "mirror_ms": s["duration_ms"], "passes": s["passes"],
-            })
-        })
-        .collect();
-    let downtime = results.iter().filter_map(|(_, j)| j["summary"]["downtime_ms"].as_u64()).max();
+/// `rbdsync migration ...`.
+pub async fn migration(source: &Endpoint, json_out: bool, cmd: MigrationCmd) -> Result<(), ClientError> {
+    match cmd {
+        MigrationCmd::List => {
+            let list = call(source, "GET", "/v1/migrations/outgoing", None).await?;
+            if json_out {
+                println!("{}", serde_json::to_string_pretty(&list).unwrap_or_default());
+            } else {
+                println!("{:<16} {:<13} {:<9} {:>10} TO", "VM", "STATE", "CUTOVER", "DOWNTIME");
+                for r in list.as_array().into_iter().flatten() {
+                    println!(
+                        "{:<16} {:<13} {:<9} {:>10} {}",
+                        r["vm"].as_str().unwrap_or("?"),
+                        r["state"].as_str().unwrap_or("?"),
+                        r["cutover"].as_str().unwrap_or("?"),
+                        r["downtime_ms"].as_u64().map_or("-".into(), |d| format!("{d} ms")),
+                        r["to"].as_str().unwrap_or("?")
+                    );
+                }
+            }
+            Ok(())
+        }
+        MigrationCmd::Show { vm } => {
+            let r = call(source, "GET", &format!("/v1/migrations/outgoing/{vm}"), None).await?;
+            if json_out {
+                println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+            } else {
+                print_summary(&summarize(&r));
+                if let Some(e) = r["error"].as_str() {
+                    println!("  error: {e}");
+                }
+            }
+            Ok(())
+        }
+        MigrationCmd::Cutover { vm, no_wait } => {
+            let r = call(source, "POST", &format!("/v1/migrations/outgoing/{vm}/cutover"), None).await?;
+            if no_wait {
+                return finish(json_out, &r);
+            }
+            let r = follow(source, json_out, &vm, r, false).await?;
+            finish(json_out, &r)
+        }
+        MigrationCmd::Abort { vm } => {
+            let r = call(source, "POST", &format!("/v1/migrations/outgoing/{vm}/abort"), None).await?;
+            let r = follow(source, true, &vm, r, false).await?;
+            if json_out {
+                println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+            } else {
+                println!(
+                    "migration of {vm}: {} ({})",
+                    r["state"].as_str().unwrap_or("?"),
+                    r["error"].as_str().unwrap_or("")
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+fn summarize(r: &Value) -> Value {
+    let disks: Vec<Value> = r["disks"].as_array().cloned().unwrap_or_default();
+    let max = disks.iter().filter_map(|d| d["downtime_ms"].as_u64()).max();
     json!({
-        "vm": vm, "migration": id, "disks": disks, "max_downtime_ms": downtime, "verified": verified,
-        "duration_ms": crate::jobs::millis(took), "stream_jobs": active["stream_jobs"],
+        "vm": r["vm"], "migration": r["id"], "state": r["state"], "cutover": r["cutover"], "disks": disks,
+        "max_downtime_ms": max, "downtime_ms": r["downtime_ms"], "verified": r["verify"],
+        "duration_ms": r["duration_ms"], "stream_jobs": r["stream_jobs"], "error": r["error"],
     })
 }
 
 fn print_summary(s: &Value) {
     println!(
-        "migrated {} ({}) in {} ms; downtime {} ms; verified: {}",
+        "migration of {} ({}): {}; {} ms; downtime {} ms (disks held {} ms); verified: {}",
         s["vm"].as_str().unwrap_or("?"),
         s["migration"].as_str().unwrap_or("?"),
+        s["state"].as_str().unwrap_or("?"),
         s["duration_ms"],
+        s["downtime_ms"],
         s["max_downtime_ms"],
         s["verified"]
     );

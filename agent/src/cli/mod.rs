@@ -36,6 +36,9 @@ pub enum ClientCmd {
     Verify(jobs::VerifyArgs),
     /// Migrate a VM to another agent: incremental mirror seeded from the bitmap, cut-over, stream.
     Migrate(migrate::MigrateArgs),
+    /// The outgoing migrations this agent holds: list, show, cutover, abort.
+    #[command(subcommand)]
+    Migration(migrate::MigrationCmd),
     /// List jobs.
     Jobs {
         /// Include concluded jobs.
@@ -144,6 +147,7 @@ pub async fn run(endpoint: &Endpoint, json_out: bool, cmd: ClientCmd) -> Result<
         ClientCmd::Verify(args) => return jobs::verify(endpoint, json_out, args).await,
         ClientCmd::Mirror(args) => return jobs::mirror(endpoint, json_out, args).await,
         ClientCmd::Migrate(args) => return migrate::migrate(endpoint, json_out, args).await,
+        ClientCmd::Migration(cmd) => return migrate::migration(endpoint, json_out, cmd).await,
         ClientCmd::Jobs { all } => {
             (call(endpoint, "GET", &format!("/v1/jobs?all={all}"), None).await?, jobs::render_jobs)
         }

@@ -137,6 +137,11 @@ pub struct NbdConfig {
     /// waits for a connect or a reply before giving the server up (default 30; 1 to 3600).
     #[serde(deserialize_with = "values::handshake_timeout")]
     pub client_timeout_secs: u64,
+    /// Seconds a request on an incoming migration target (opened by its own
+    /// name, as a destination QEMU does) waits for the cut-over before it
+    /// fails with EIO (default 60; 1 to 3600).
+    #[serde(deserialize_with = "values::handshake_timeout")]
+    pub incoming_io_timeout_secs: u64,
 }
 
 impl Default for NbdConfig {
@@ -150,6 +155,7 @@ impl Default for NbdConfig {
             max_connections_per_export: DEFAULT_MAX_CONNECTIONS_PER_EXPORT,
             idle_timeout_secs: 0,
             client_timeout_secs: 30,
+            incoming_io_timeout_secs: 60,
         }
     }
 }

@@ -487,6 +487,17 @@ impl Allow {
     }
 }
 
+impl std::fmt::Display for Allow {
+    /// The form [`FromStr`](std::str::FromStr) reads back.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Unix => f.write_str("unix"),
+            Self::Cn(name) => write!(f, "cn:{name}"),
+            Self::Net { addr, prefix } => write!(f, "{addr}/{prefix}"),
+        }
+    }
+}
+
 impl std::str::FromStr for Allow {
     type Err = String;
 

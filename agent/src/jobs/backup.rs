@@ -189,7 +189,7 @@ impl Group {
         }
         if self.pending.fetch_sub(1, SeqCst) == 1 {
             let failed = *self.failed.lock().unwrap_or_else(|p| p.into_inner());
-            let _ = self.decided.send(Some(!failed));
+            self.decided.send_replace(Some(!failed));
         }
     }
 }

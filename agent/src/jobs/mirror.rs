@@ -247,7 +247,10 @@ pub async fn run(
     export: Arc<Export>,
     params: MirrorParams,
     tls: Option<Arc<rustls::ClientConfig>>,
+    group: Option<Arc<CutOverGroup>>,
 ) -> Result<Value, JobError> {
+    // Dropped without arriving (a failure anywhere, a cancel): the group's cut-over fails.
+    let mut member = group.map(|group| Member { group, arrived: false });
     let uri: NbdUri = params.target.parse().map_err(JobError::Failed)?;
     let client = Arc::new(
         NbdClient::connect(&uri, tls.as_ref())
@@ -258,7 +261,7 @@ pub async fn run(
         return Err(JobError::Failed(format!("Mirror target has {} bytes, disk has {}", client.size(), export.size())));
     }
     let tracker = start_tracking(&job, &export, &params, client.clone())?;
-    let result = mirror(&job, &export, &params, &tracker).await;
+    let result = mirror(&job, &export, &params, &tracker, member.as_mut()).await;
     export.remove_hook(&tracker);
     if let Some(bitmap) = &params.bitmap {
         export.bitmaps().abort_job(bitmap, &job.id());
@@ -348,6 +351,7 @@ async fn mirror(
     export: &Arc<Export>,
     params: &MirrorParams,
     t: &Arc<Tracker>,
+    member: Option<&mut Member>,
 ) -> Result<Value, JobError> {
     let started = Instant::now();
     let initial = t.remaining();
@@ -401,6 +405,15 @@ async fn mirror(
         pass(job, t, Pace::CutOver).await?;
     }
     t.client.flush().await.map_err(|e| JobError::from_err("Flushing the destination failed", &e))?;
+    if let Some(member) = member {
+        // Writes stay held until every disk of the group got here: all turn read-only, or none.
+        if !member.arrive(job).await {
+            drop(guard);
+            return Err(JobError::Failed(
+                "Another disk of the VM could not cut over, so this one did not either (it stays writable here)".into(),
+            ));
+        }
+    }
     export.set_read_only();
     drop(guard);
     let downtime = cutover.elapsed();
@@ -416,6 +429,63 @@ async fn mirror(
         "drain_ms": super::millis(held.duration_since(cutover)),
         "cutover_bytes": t.sent.load(SeqCst) - sent_before,
     }))
+}
+
+/// The cut-over of several disks (a VM's) as one: each member holds its
+/// guest writes and copies the rest, and none turns read-only until every
+/// member got that far; if one fails (or is dropped before), none does.
+#[derive(Debug)]
+pub struct CutOverGroup {
+    members: usize,
+    /// Members arrived, and whether one failed.
+    state: tokio::sync::watch::Sender<(usize, bool)>,
+}
+
+impl CutOverGroup {
+    /// A group of `members` mirrors.
+    pub fn new(members: usize) -> Arc<Self> {
+        Arc::new(Self { members, state: tokio::sync::watch::Sender::new((0, false)) })
+    }
+
+    fn fail(&self) {
+        self.state.send_modify(|s| s.1 = true);
+    }
+}
+
+/// One mirror's place in a [`CutOverGroup`].
+#[derive(Debug)]
+struct Member {
+    group: Arc<CutOverGroup>,
+    arrived: bool,
+}
+
+impl Member {
+    /// Arrives and waits for the others: true once all arrived, false if
+    /// one failed (or this job was cancelled meanwhile).
+    async fn arrive(&mut self, job: &JobHandle) -> bool {
+        self.arrived = true;
+        let group = &self.group;
+        group.state.send_modify(|s| s.0 += 1);
+        let mut state = group.state.subscribe();
+        loop {
+            let done = tokio::time::timeout(Duration::from_millis(50), state.wait_for(|s| s.1 || s.0 == group.members));
+            if let Ok(Ok(s)) = done.await {
+                return !s.1;
+            }
+            if job.is_cancelled() {
+                group.fail();
+                return false;
+            }
+        }
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        if !self.arrived {
+            self.group.fail();
+        }
+    }
 }
 
 /// Records durably that `disk` now lives at `target`.

@@ -362,7 +362,7 @@ impl JobManager {
                 let _ = write_atomic(&path, &record);
             }
             let job = me.make_job(record, path);
-            let _ = job.done.send(true);
+            job.done.send_replace(true);
             me.jobs().insert(job.record().id, job);
         }
         me.next.store(max + 1, SeqCst);
@@ -478,14 +478,14 @@ impl JobManager {
     /// Pauses at the next chunk boundary.
     pub fn pause(&self, id: &str) -> Result<JobRecord, JobControlError> {
         let job = self.live(id)?;
-        let _ = job.paused.send(true);
+        job.paused.send_replace(true);
         Ok(job.record())
     }
 
     /// Resumes a paused job.
     pub fn resume(&self, id: &str) -> Result<JobRecord, JobControlError> {
         let job = self.live(id)?;
-        let _ = job.paused.send(false);
+        job.paused.send_replace(false);
         Ok(job.record())
     }
 
@@ -556,7 +556,7 @@ fn conclude(job: &Job, outcome: Result<Value, JobError>) {
     }
     drop(r);
     job.persist();
-    let _ = job.done.send(true);
+    job.done.send_replace(true);
 }
 
 fn write_atomic(path: &Path, record: &JobRecord) -> std::io::Result<()> {

@@ -72,6 +72,8 @@ pub struct ConnContext {
     pub max_per_export: usize,
     /// Close a connection idle this long (None: never).
     pub idle_timeout: Option<Duration>,
+    /// Longest a request on an incoming export waits for the cut-over (then EIO).
+    pub incoming_timeout: Duration,
 }
 
 /// Who is on the other end of a connection (for the VMs' `allow` lists),
@@ -106,8 +108,11 @@ struct Catalog<'a> {
 }
 
 impl Catalog<'_> {
+    /// The export a name reaches for this client: its VM's `allow` list
+    /// decides, except for a migration writer, whose token is its credential.
     fn visible(&self, name: &str) -> Option<Arc<Export>> {
-        self.exports.resolve(name).filter(|e| self.peer.sees(e))
+        let token = name.starts_with(crate::export::MIGRATION_PREFIX);
+        self.exports.resolve(name).filter(|e| token || self.peer.sees(e))
     }
 }
 
@@ -211,7 +216,11 @@ where
     let writer = tokio::spawn(write_replies(writer, rx));
     let stop = CancellationToken::new();
     let budget = Arc::new(Semaphore::new(BUDGET_UNITS as usize));
-    let mut pipe = Pipeline { session: session.clone(), tx, budget, stop: stop.clone() };
+    // A client that opened an incoming export by its own name (the destination's QEMU):
+    // its requests wait for the cut-over.
+    let held = (!name.starts_with(crate::export::MIGRATION_PREFIX) && session.export().incoming().is_some())
+        .then_some(ctx.incoming_timeout);
+    let mut pipe = Pipeline { session: session.clone(), tx, budget, stop: stop.clone(), held };
     let watch = {
         let (stop, shutdown, detached) = (stop.clone(), shutdown.clone(), session.export().detached().clone());
         tokio::spawn(async move {
@@ -300,10 +309,26 @@ struct Pipeline {
     budget: Arc<Semaphore>,
     /// Cancelled on shutdown or export removal: a reader waiting for budget stops waiting.
     stop: CancellationToken,
+    /// Set while requests wait for an incoming export's cut-over (at most this long each).
+    held: Option<Duration>,
 }
 
 impl Pipeline {
     async fn dispatch(&mut self, req: Request, payload: Bytes) {
+        if let Some(limit) = self.held {
+            let live = tokio::select! {
+                live = self.session.export().wait_live(limit) => live,
+                () = self.stop.cancelled() => return,
+            };
+            if !live {
+                tracing::warn!(export = %self.session.export().name(), secs = limit.as_secs(), "IO on an incoming export timed out waiting for the cut-over");
+                let reply =
+                    self.session.error_reply(&req, proto::consts::errno::EIO, "the migration did not cut over in time");
+                self.send_small(reply).await;
+                return;
+            }
+            self.held = None;
+        }
         if let Err(rejection) = self.session.validate(&req) {
             self.session.rejected(&req);
             let reply = self.session.error_reply(&req, rejection.errno, rejection.message);

@@ -36,6 +36,8 @@ pub struct ServerSettings {
     pub max_per_export: usize,
     /// Close connections idle this long (None: never).
     pub idle_timeout: Option<Duration>,
+    /// Longest a request on an incoming export waits for the cut-over.
+    pub incoming_timeout: Duration,
 }
 
 /// Errors starting the server.
@@ -89,6 +91,7 @@ impl NbdServer {
             tls,
             max_per_export: settings.max_per_export,
             idle_timeout: settings.idle_timeout,
+            incoming_timeout: settings.incoming_timeout,
         };
         Ok(Self { listeners, ctx: Arc::new(ctx), max_connections: settings.max_connections })
     }
