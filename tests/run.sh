@@ -8,7 +8,14 @@ cd "$(dirname "$0")/.."
 
 PACKAGES=(qemu-utils libnbd-bin python3-libnbd nbdkit fio jq curl openssl python3-venv
           clang libclang-dev librbd-dev librados-dev ceph-mon ceph-osd ceph-common prometheus systemd
-          python3-fusepy)
+          python3-fusepy linux-image-amd64 busybox-static nbd-client seabios ipxe-qemu
+          libaio1 libbpf1 libcapstone4 libfdt1 libfuse3-3 libibverbs1 libjpeg62-turbo libnuma1
+          libpixman-1-0 libpmem1 librdmacm1 libsasl2-2 libseccomp2 libslirp0 liburing2 libvdeplug2)
+
+# QEMU for the guest tests (tests/tests/vm_migration.rs): Debian's qemu-system-x86, unpacked
+# under target/ instead of installed, because installing it would replace the machine's newer
+# qemu-utils (see NOTES: 7.2 vs the 10.0 backport); its libraries are in PACKAGES.
+QEMU_ROOT="$(pwd)/${CARGO_TARGET_DIR:-target}/qemu-system"
 
 # schemathesis (PyPI) for tests/tests/schemathesis.rs, pinned, in a virtualenv
 # of the system python3 where that test looks for it.
@@ -32,6 +39,19 @@ install_packages() {
     fi
 }
 
+unpack_qemu() {
+    if [[ ! -x "$QEMU_ROOT/usr/bin/qemu-system-x86_64" ]]; then
+        echo "== unpacking qemu-system-x86 into $QEMU_ROOT"
+        local debs
+        debs=$(mktemp -d)
+        (cd "$debs" && apt-get download -qq qemu-system-x86 qemu-system-common qemu-system-data)
+        for deb in "$debs"/*.deb; do dpkg-deb -x "$deb" "$QEMU_ROOT"; done
+        rm -rf "$debs"
+    fi
+    export RBDSYNC_QEMU_ROOT="$QEMU_ROOT"
+    "$QEMU_ROOT/usr/bin/qemu-system-x86_64" -version | head -1
+}
+
 CEPH_DIR=""
 start_ceph() {
     CEPH_DIR=$(mktemp -d /tmp/rbdsync-ceph.XXXXXX)
@@ -50,6 +70,7 @@ stop_ceph() {
 main() {
     local start=$SECONDS
     install_packages
+    unpack_qemu
     trap stop_ceph EXIT
     start_ceph
     echo "== build (release)"

@@ -54,9 +54,8 @@ pub struct Export {
     base_read_only: bool,
     barrier: WriteBarrier,
     incoming: Mutex<Option<String>>,
-    /// True while the export is served to its own clients (not an incoming
-    /// migration target); their IO waits for it.
-    live: tokio::sync::watch::Sender<bool>,
+    /// How far the export serves clients that open it by its own name.
+    serving: tokio::sync::watch::Sender<Serving>,
     /// Set by the first IO a client sends under the real name while the
     /// export is incoming (the `first-io` cut-over trigger).
     first_io: tokio::sync::watch::Sender<bool>,
@@ -95,7 +94,7 @@ impl Export {
             base_read_only: read_only,
             barrier: WriteBarrier::default(),
             incoming: Mutex::new(None),
-            live: tokio::sync::watch::Sender::new(true),
+            serving: tokio::sync::watch::Sender::new(Serving::Live),
             first_io: tokio::sync::watch::Sender::new(false),
             detached: CancellationToken::new(),
             allow: ArcSwap::default(),
@@ -165,33 +164,54 @@ impl Export {
 
     /// Makes the export an incoming migration target: the source's mirror
     /// writes through `migration/TOKEN/VM/DISK`; clients that open it by its
-    /// own name (the destination's QEMU) connect, but their IO waits until
-    /// [`activate`](Self::activate).
+    /// own name (the destination's QEMU) connect, but their IO waits (reads
+    /// until [`set_synced`](Self::set_synced), the rest until
+    /// [`activate`](Self::activate)).
     pub fn set_incoming(&self, token: &str) {
         *self.incoming.lock().unwrap_or_else(|p| p.into_inner()) = Some(token.to_owned());
-        self.live.send_replace(false);
+        self.serving.send_replace(Serving::Hidden);
+    }
+
+    /// The source reports the export in sync (every write acknowledged
+    /// there is here, and stays so): reads by its own name are served.
+    pub fn set_synced(&self) {
+        self.serving.send_if_modified(|s| {
+            let hidden = *s == Serving::Hidden;
+            if hidden {
+                *s = Serving::Synced;
+            }
+            hidden
+        });
     }
 
     /// Ends the incoming state: the export is served under its own name,
     /// and IO held until now runs.
     pub fn activate(&self) {
         *self.incoming.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        self.live.send_replace(true);
+        self.serving.send_replace(Serving::Live);
     }
 
-    /// Waits (at most `limit`) until the export is live, for a client that
-    /// opened it by its own name; the first call while it is incoming
-    /// raises [`first_io`](Self::first_io). False: still incoming.
-    pub async fn wait_live(&self, limit: std::time::Duration) -> bool {
-        let mut live = self.live.subscribe();
-        if *live.borrow_and_update() {
+    /// Waits (at most `limit`) until a request by the export's own name may
+    /// run: a read once the export is in sync, anything else once it is
+    /// live (the first such request while incoming raises
+    /// [`first_io`](Self::first_io): the resumed VM wants to write). False:
+    /// still not allowed.
+    pub async fn admit(&self, write: bool, limit: std::time::Duration) -> bool {
+        let mut serving = self.serving.subscribe();
+        let enough = |s: &Serving| *s == Serving::Live || (!write && *s == Serving::Synced);
+        if enough(&serving.borrow_and_update()) {
             return true;
         }
-        if !self.first_io.send_replace(true) {
-            tracing::info!(disk = %self.name, "first IO on an incoming export: held until the cut-over");
+        if write && !self.first_io.send_replace(true) {
+            tracing::info!(disk = %self.name, "first write on an incoming export: held until the cut-over");
         }
-        let woken = tokio::time::timeout(limit, live.wait_for(|l| *l)).await;
+        let woken = tokio::time::timeout(limit, serving.wait_for(enough)).await;
         matches!(woken, Ok(Ok(_)))
+    }
+
+    /// Whether the export is live (not an incoming migration target).
+    pub fn is_live(&self) -> bool {
+        *self.serving.borrow() == Serving::Live
     }
 
     /// Whether a client sent IO by the export's own name while it was incoming.
@@ -378,6 +398,17 @@ impl Export {
         }
         Ok(())
     }
+}
+
+/// How far an export serves clients that open it by its own name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Serving {
+    /// An incoming migration target not yet in sync: every request waits.
+    Hidden,
+    /// In sync with the source: reads run, everything else waits.
+    Synced,
+    /// Served.
+    Live,
 }
 
 /// Compares secrets without leaking where they differ through timing

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 pub mod ceph;
+pub mod guest;
 mod pki;
 pub use pki::Pki;
 
@@ -413,5 +414,33 @@ impl AgentBuilder {
         );
         std::fs::write(d.join("agent.yaml"), config)?;
         Agent::spawn(self.dir)
+    }
+}
+
+impl Agent {
+    /// The control address (`unix:DIR/control.sock`).
+    pub fn control(&self) -> String {
+        format!("unix:{}", self.dir().join("control.sock").display())
+    }
+
+    /// `rbdsync --control ADDR` for this agent.
+    pub fn cli(&self) -> Command {
+        let mut cmd = Command::new(agent_bin());
+        cmd.arg("--control").arg(self.control()).stdin(Stdio::null());
+        cmd
+    }
+
+    /// `rbdsync --json ARGS`, which must succeed; its JSON output.
+    pub fn cli_json(&self, args: &[&str]) -> Result<serde_json::Value> {
+        let out = self.cli().arg("--json").args(args).output().context("spawn rbdsync")?;
+        if !out.status.success() {
+            bail!(
+                "rbdsync {args:?} failed ({}): {}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        serde_json::from_slice(&out.stdout).with_context(|| format!("rbdsync {args:?}: bad JSON"))
     }
 }

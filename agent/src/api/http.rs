@@ -65,6 +65,10 @@ pub fn router(control: Arc<Control>) -> Router {
             post(|s: Ctl, Path(vm): Path<String>| run(s, Command::OutgoingAbort(vm))),
         )
         .route("/v1/migrations/{id}/first-io", get(first_io))
+        .route(
+            "/v1/migrations/{id}/synced",
+            post(|s: Ctl, Path(id): Path<String>| run(s, Command::MigrationSynced(id))),
+        )
         .route("/v1/migrations/{id}", get(|s: Ctl, Path(id): Path<String>| run(s, Command::Migration(id))))
         .route("/v1/migrations/{id}/complete", post(complete_migration))
         .route("/v1/migrations/{id}/abort", post(|s: Ctl, Path(id): Path<String>| run(s, Command::AbortMigration(id))))

@@ -500,6 +500,26 @@ impl Control {
         Ok(redact(record))
     }
 
+    /// The source reports every disk in sync (write-blocking, nothing left to
+    /// copy): reads by the disks' own names are served from now on (writes
+    /// still wait for the cut-over).
+    pub(super) async fn migration_synced(&self, id: &str) -> Result<Value, ApiError> {
+        let env = self.migration_env()?;
+        let _steps = env.steps.lock().await;
+        let mut record = self.stored(id)?;
+        if record["state"] != "prepared" {
+            return Err(ApiError::Conflict(format!("Migration {id} is {}", record["state"])));
+        }
+        for d in record["disks"].as_array().into_iter().flatten() {
+            if let Some(export) = d["disk"].as_str().and_then(|disk| self.exports.get(disk)) {
+                export.set_synced();
+            }
+        }
+        record["synced"] = true.into();
+        env.save(&record)?;
+        Ok(redact(record))
+    }
+
     /// Waits (at most `wait`) until a client sent IO by its own name on one
     /// of the migration's incoming exports (the `first-io` trigger; the
     /// source long-polls this).

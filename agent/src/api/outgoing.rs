@@ -597,6 +597,11 @@ impl Control {
         }
     }
 
+    /// Whether every mirror reports the destination in sync.
+    fn all_in_sync(&self, h: &Handle) -> bool {
+        Self::jobs_of(h).iter().all(|(_, id)| self.jobs.get(id).is_ok_and(|j| j.record().detail["in_sync"] == true))
+    }
+
     fn jobs_of(h: &Handle) -> Vec<(String, String)> {
         h.get().disks.iter().filter_map(|d| Some((d.disk.clone(), d.job.clone()?))).collect()
     }
@@ -607,6 +612,7 @@ impl Control {
         let r = h.get();
         let mut request = h.request.subscribe();
         let mut first_io: Option<tokio::task::JoinHandle<Result<(), String>>> = None;
+        let mut blocking = false;
         let result = loop {
             let mut ready = 0;
             let mut ended = None;
@@ -632,10 +638,30 @@ impl Control {
                 break Err((OutState::Failed, e));
             }
             let all_ready = ready == r.disks.len();
-            if all_ready && h.get().state == OutState::Mirroring {
-                // Write-blocking from here on: the destination holds every acknowledged write.
+            if all_ready && !blocking && r.cutover != Cutover::Auto {
+                // Write-blocking from here on: every write acknowledged from now is on the destination too.
                 for (_, id) in Self::jobs_of(h) {
                     let _ = self.jobs.set_setting(&id, "copy_mode", to_json(CopyMode::WriteBlocking));
+                }
+                blocking = true;
+            }
+            // Ready for a trigger once the destination holds every acknowledged write and keeps
+            // doing so (it then serves reads by the disks' own names: the incoming QEMU's probes).
+            let in_sync = all_ready && (r.cutover == Cutover::Auto || self.all_in_sync(h));
+            if in_sync && h.get().state == OutState::Mirroring {
+                if r.cutover != Cutover::Auto {
+                    let id = r.id.clone().unwrap_or_default();
+                    let dest: Result<Endpoint, String> = r.to.parse();
+                    let told = match dest {
+                        Ok(dest) => call(&dest, "POST", &format!("/v1/migrations/{id}/synced"), None)
+                            .await
+                            .map(drop)
+                            .map_err(|e| e.to_string()),
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = told {
+                        break Err((OutState::Failed, format!("the destination did not take the in-sync notice: {e}")));
+                    }
                 }
                 if let Err(e) = env.save(h, |r| r.state = OutState::Ready) {
                     break Err((OutState::Failed, e.to_string()));
@@ -652,7 +678,7 @@ impl Control {
                 Request::CutOver if all_ready => break Ok(()),
                 _ => {}
             }
-            if all_ready && r.cutover == Cutover::Auto {
+            if in_sync && r.cutover == Cutover::Auto {
                 break Ok(());
             }
             if let Some(task) = first_io.as_mut().filter(|t| t.is_finished()) {

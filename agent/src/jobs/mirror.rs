@@ -147,6 +147,9 @@ impl Tracker {
         }
         let mut now = vec![0u8; usize::try_from(end - start).unwrap_or(0)];
         let sent = match self.source.read_at(&mut now, start) {
+            Ok(()) if now.iter().all(|&b| b == 0) => {
+                self.runtime.block_on(zero(&self.client, start, end - start)).map_err(|e| e.to_string())
+            }
             Ok(()) => {
                 self.runtime.block_on(self.client.write(start, Bytes::from(now), false)).map_err(|e| e.to_string())
             }
@@ -201,20 +204,27 @@ impl WriteHook for Tracker {
     /// granules dirty (a pass copies them). A write on a runtime worker (the
     /// connection's own task) waits through [`crate::rt::blocking`].
     fn after_write(&self, offset: u64, data: &WriteData<'_>) -> Result<(), StoreError> {
-        let (first, last) = self.granules(offset, data.len());
-        if !self.blocking.load(SeqCst) || matches!(data, WriteData::Zeroes(_)) {
+        if !self.blocking.load(SeqCst) {
+            let (first, last) = self.granules(offset, data.len());
             self.dirty.set_range(first, last);
             return Ok(());
         }
+        // WRITE_ZEROES and TRIM are forwarded too (as zeroes), in pieces: in write-blocking
+        // mode the dirty set never grows, so a mirror in sync stays in sync.
         let start = offset & !(self.align - 1);
         let end = (offset + data.len()).next_multiple_of(self.align).min(self.size);
-        let (first, last) = self.granules(start, end - start);
-        crate::rt::blocking(|| {
-            let locks = self.stripes(first, last);
-            let guards: Vec<_> = locks.iter().map(|l| l.blocking_lock()).collect();
-            self.forward(start, end);
-            drop(guards);
-        });
+        let mut at = start;
+        while at < end {
+            let to = (at + PIECE).min(end);
+            let (first, last) = self.granules(at, to - at);
+            crate::rt::blocking(|| {
+                let locks = self.stripes(first, last);
+                let guards: Vec<_> = locks.iter().map(|l| l.blocking_lock()).collect();
+                self.forward(at, to);
+                drop(guards);
+            });
+            at = to;
+        }
         Ok(())
     }
 
@@ -369,6 +379,12 @@ async fn mirror(
         passes += 1;
         let left = t.remaining();
         job.set_total(t.sent.load(SeqCst) + left);
+        // In write-blocking mode with nothing left the destination holds every acknowledged
+        // write, and keeps doing so (the dirty set no longer grows): "in sync".
+        let blocking = t.blocking.load(SeqCst);
+        job.set_detail(
+            json!({ "remaining_bytes": left, "write_blocking": blocking, "in_sync": blocking && left == 0 }),
+        );
         if left <= params.ready_threshold {
             job.set_state(JobState::Ready);
         }
@@ -398,6 +414,7 @@ async fn mirror(
     }
     job.set_state(JobState::Completing);
     let cutover = Instant::now();
+    let held_from = unix_ms();
     let guard = export.quiesce().await;
     let held = Instant::now();
     let sent_before = t.sent.load(SeqCst);
@@ -417,6 +434,7 @@ async fn mirror(
     export.set_read_only();
     drop(guard);
     let downtime = cutover.elapsed();
+    let held_until = unix_ms();
     Ok(json!({
         "target": params.target,
         "initial_dirty_bytes": initial,
@@ -428,6 +446,8 @@ async fn mirror(
         "downtime_ms": super::millis(downtime),
         "drain_ms": super::millis(held.duration_since(cutover)),
         "cutover_bytes": t.sent.load(SeqCst) - sent_before,
+        "held_from_unix_ms": held_from,
+        "held_until_unix_ms": held_until,
     }))
 }
 
@@ -486,6 +506,11 @@ impl Drop for Member {
             self.group.fail();
         }
     }
+}
+
+/// Milliseconds since the Unix epoch (when writes were held, comparable across disks).
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| super::millis(d))
 }
 
 /// Records durably that `disk` now lives at `target`.

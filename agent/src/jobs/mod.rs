@@ -126,6 +126,10 @@ pub struct JobRecord {
     pub finished_at: Option<u64>,
     /// Job-specific outcome (snapshot name, mismatches, ...).
     pub summary: Value,
+    /// Job-specific live state while it runs (a mirror: `remaining_bytes`,
+    /// `write_blocking`, `in_sync`).
+    #[serde(default, skip_serializing_if = "Value::is_null")]
+    pub detail: Value,
 }
 
 /// A non-negative float as u64 (`as` saturates; NaN becomes 0).
@@ -261,6 +265,11 @@ impl JobHandle {
     /// Sets the total (it may change while running).
     pub fn set_total(&self, total: u64) {
         self.0.lock().bytes_total = total;
+    }
+
+    /// Publishes job-specific live state (`detail` of the record).
+    pub fn set_detail(&self, detail: Value) {
+        self.0.lock().detail = detail;
     }
 
     /// Moves the job to `state` (running, ready, completing).
@@ -434,6 +443,7 @@ impl JobManager {
             created_at: unix_now(),
             finished_at: None,
             summary: Value::Null,
+            detail: Value::Null,
         };
         let job = self.make_job(record, self.dir.join(format!("{id}.json")));
         job.persist();

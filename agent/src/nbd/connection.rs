@@ -316,18 +316,22 @@ struct Pipeline {
 impl Pipeline {
     async fn dispatch(&mut self, req: Request, payload: Bytes) {
         if let Some(limit) = self.held {
-            let live = tokio::select! {
-                live = self.session.export().wait_live(limit) => live,
+            let export = self.session.export().clone();
+            let write = !matches!(req.command, Command::Read | Command::BlockStatus | Command::Cache);
+            let admitted = tokio::select! {
+                ok = export.admit(write, limit) => ok,
                 () = self.stop.cancelled() => return,
             };
-            if !live {
-                tracing::warn!(export = %self.session.export().name(), secs = limit.as_secs(), "IO on an incoming export timed out waiting for the cut-over");
+            if !admitted {
+                tracing::warn!(export = %export.name(), command = ?req.command, secs = limit.as_secs(), "IO on an incoming export timed out waiting for the cut-over");
                 let reply =
                     self.session.error_reply(&req, proto::consts::errno::EIO, "the migration did not cut over in time");
                 self.send_small(reply).await;
                 return;
             }
-            self.held = None;
+            if export.is_live() {
+                self.held = None;
+            }
         }
         if let Err(rejection) = self.session.validate(&req) {
             self.session.rejected(&req);
