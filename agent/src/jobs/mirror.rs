@@ -510,7 +510,7 @@ impl Drop for Member {
 
 /// Milliseconds since the Unix epoch (when writes were held, comparable across disks).
 fn unix_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| super::millis(d))
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, super::millis)
 }
 
 /// Records durably that `disk` now lives at `target`.
