@@ -156,9 +156,24 @@ impl Export {
 
     /// Holds new writes and waits for in-flight ones (cut-over); writes
     /// resume when the guard drops.
+    ///
+    /// The wait runs on a thread of its own, not the blocking pool: writes
+    /// held by another disk's closed barrier may fill the pool (a VM's
+    /// disks cut over together).
     pub async fn quiesce(self: &Arc<Self>) -> QuiesceGuard {
         let me = self.clone();
-        let _ = tokio::task::spawn_blocking(move || me.barrier.close()).await;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let spawned = std::thread::Builder::new().name("rbdsync-quiesce".into()).spawn(move || {
+            me.barrier.close();
+            let _ = tx.send(());
+        });
+        match spawned {
+            Ok(_) => {
+                let _ = rx.await;
+            }
+            // No thread to spare: close from here (this worker blocks until writes drained).
+            Err(_) => crate::rt::blocking(|| self.barrier.close()),
+        }
         QuiesceGuard(self.clone())
     }
 

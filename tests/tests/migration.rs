@@ -1619,3 +1619,100 @@ fn output_of_within(mut child: Child, limit: Duration) -> Option<Output> {
 fn log_tail_of(a: &Agent) -> String {
     format!("\n--- agent log:\n{}", log_tail(a))
 }
+
+/// The outgoing migration belongs to the source agent: the `migrate` CLI
+/// killed while it waits changes nothing, and the source agent killed -9 in
+/// each state (mirroring, ready, and right after a cut-over request) comes
+/// back with either the source writable and unfenced and the destination not
+/// live, or the source fenced and the destination live — never both
+/// writable, never read-only without a fence; a retry then works.
+#[test]
+fn killing_the_cli_or_the_source_agent_in_each_state_never_splits_the_disk() {
+    let store = tempfile::tempdir().unwrap();
+    let backing = Backing::File(store.path().join("backups/vm1-disk0.raw"));
+    let mut rng = Rng::from_env(0x3141_0021);
+    let (mut a, b, model, _) = small_setup(&backing, &mut rng, 4);
+    let scratch = b.dir().join("scratch.raw");
+    // The CLI killed at once: the agent carries the migration on (auto) to the end.
+    let mut child =
+        migrate_cmd(&a, &b, false, &["--speed", "4MiB"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    child.kill().unwrap();
+    let _ = child.wait();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let done = loop {
+        let (_, m) = api(&a, "GET", "/v1/migrations/outgoing/vm1");
+        if ["completed", "failed", "aborted"].contains(&m["state"].as_str().unwrap_or("")) {
+            break m;
+        }
+        assert!(Instant::now() < deadline, "migration never ended without its CLI: {m}{}", logs(&a, &b));
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(done["state"], "completed", "the migration did not go on without its CLI: {done:#}{}", logs(&a, &b));
+    assert_model("destination after the CLI was killed", &b.unix_uri(DISK), &model, &scratch);
+    drop((a, b));
+
+    for (round, at) in ["mirroring", "ready", "cutover requested"].iter().enumerate() {
+        let store = tempfile::tempdir().unwrap();
+        let backing = Backing::File(store.path().join("backups/vm1-disk0.raw"));
+        let (mut a2, b2, model2, _) = small_setup(&backing, &mut rng, 4);
+        let speed: &[&str] = if *at == "mirroring" { &["--speed", "1MiB"] } else { &[] };
+        let mut child = migrate_cmd(&a2, &b2, true, &[&["--cutover", "manual"][..], speed].concat())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let want = if *at == "mirroring" { "mirroring" } else { "ready" };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (_, m) = api(&a2, "GET", "/v1/migrations/outgoing/vm1");
+            if m["state"] == want && m["disks"][0]["job"].is_string() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "round {round}: never {want}: {m}{}", logs(&a2, &b2));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        if *at == "cutover requested" {
+            let (code, m) = api(&a2, "POST", "/v1/migrations/outgoing/vm1/cutover");
+            assert_eq!(code, 200, "{m}");
+        }
+        let (_, before) = api(&a2, "GET", "/v1/migrations/outgoing/vm1");
+        a2.kill9().unwrap();
+        eprintln!("round {round}: source killed at {at} (state {})", before["state"]);
+        a2 = a2.respawn().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let after = loop {
+            let (_, m) = api(&a2, "GET", "/v1/migrations/outgoing/vm1");
+            if ["completed", "failed", "aborted"].contains(&m["state"].as_str().unwrap_or("")) {
+                break m;
+            }
+            assert!(Instant::now() < deadline, "round {round}: not resolved after the restart: {m}{}", logs(&a2, &b2));
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let info = disk_info(&a2);
+        let fenced = a2.dir().join("state/fenced/vm1__disk0.json").exists();
+        let live = migration_states(&b2).iter().any(|s| s == "active");
+        eprintln!(
+            "round {round}: after the restart: {} (source read-only {}, fenced {fenced}; destination live {live})",
+            after["state"], info["read_only"]
+        );
+        assert!(!(live && info["read_only"] == false), "round {round}: two writable copies{}", logs(&a2, &b2));
+        assert_eq!(
+            info["read_only"] == true,
+            fenced,
+            "round {round}: read-only without a fence (or the reverse): {info}"
+        );
+        assert_eq!(live, after["state"] == "completed", "round {round}: record {after} vs destination live {live}");
+        if live {
+            assert_model(&format!("round {round}: destination"), &b2.unix_uri(DISK), &model2, &scratch);
+        } else {
+            assert_model(&format!("round {round}: source"), &a2.unix_uri(DISK), &model2, &scratch);
+            assert_eq!(bitmap(&a2)["busy"], false);
+            // A retry works.
+            migrate_ok(&a2, &b2, &[], Duration::from_secs(60));
+            assert_model(&format!("round {round}: destination after the retry"), &b2.unix_uri(DISK), &model2, &scratch);
+        }
+    }
+}

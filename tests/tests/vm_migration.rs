@@ -483,3 +483,96 @@ fn a_guest_attaches_an_export_as_dev_nbd0_and_its_writes_are_tracked() {
     assert_eq!(g.command("nbdoff", "NBDOFF", Duration::from_secs(30)).unwrap(), "0");
     drop(serial);
 }
+
+/// deploy/qemu/migrate-vm.sh, the reference integration, drives both QEMUs
+/// and rbdsync (manual cut-over at pre-switchover) for a writing guest.
+#[test]
+fn the_reference_script_live_migrates_a_writing_guest() {
+    let h = hosts(&["disk0"]);
+    let mut g1 = boot_writing(&h.spec(&h.a, "src", false));
+    back_up(&h, &mut g1);
+    let mut g2 = Qemu::start(&h.spec(&h.b, "dst", true)).unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/qemu/migrate-vm.sh");
+    let out = std::process::Command::new("bash")
+        .arg(&script)
+        .args(["--vm", "vm1", "--to", &h.b.control(), "--control", &h.a.control(), "--uri", &h.migration_uri()])
+        .arg("--src-qmp")
+        .arg(g1.dir.join("qmp.sock"))
+        .arg("--dst-qmp")
+        .arg(g2.dir.join("qmp.sock"))
+        .env("RBDSYNC", tests::agent_bin())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("migrate-vm.sh: {stderr}");
+    assert!(out.status.success(), "migrate-vm.sh failed: {stderr}{}", h.logs());
+    assert_eq!(outgoing(&h)["state"], "completed");
+    assert_eq!(g1.run_state().unwrap(), "postmigrate");
+    g2.wait_writes(30, Duration::from_secs(60)).unwrap();
+    assert_guest_intact("migrate-vm.sh", &mut g2, &h);
+}
+
+/// The benchmark behind `tests/bench/vm-migrate.sh` (ignored in the test
+/// run): the same writing guest migrated `VM_MIGRATE_RUNS` times (default 5)
+/// per mode: (a) plain QEMU live migration with both QEMUs on one shared
+/// export (the floor: no disk work), (b) rbdsync first-io, (c) rbdsync
+/// manual at pre-switchover. Prints one line per run (`ROW mode qemu_ms
+/// cutover_ms guest_visible_ms total_ms bytes_sent dirty_bound`).
+#[test]
+#[ignore = "benchmark: run tests/bench/vm-migrate.sh"]
+fn bench_vm_migrate() {
+    let runs: usize = std::env::var("VM_MIGRATE_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
+    for mode in ["shared", "first-io", "manual"] {
+        for run in 0..runs {
+            let h = hosts(&["disk0"]);
+            let mut g1 = boot_writing(&h.spec(&h.a, "src", false));
+            back_up(&h, &mut g1);
+            let (before, _) = g1.count().unwrap();
+            let started = Instant::now();
+            let dest_agent = if mode == "shared" { &h.a } else { &h.b };
+            if mode != "shared" {
+                h.a.cli_json(&["migrate", "vm1", "--to", &h.b.control(), "--cutover", mode]).unwrap();
+            }
+            let mut g2 = Qemu::start(&h.spec(dest_agent, "dst", true)).unwrap();
+            let cut = std::cell::RefCell::new(0u64);
+            let q = if mode == "manual" {
+                qemu_migrate(
+                    &h,
+                    &mut g1,
+                    &mut g2,
+                    Some(&|| {
+                        let m = h.a.cli_json(&["migration", "cutover", "vm1"]).unwrap();
+                        *cut.borrow_mut() = m["downtime_ms"].as_u64().unwrap_or(0);
+                    }),
+                )
+            } else {
+                qemu_migrate(&h, &mut g1, &mut g2, None)
+            };
+            let qemu_ms = q["downtime"].as_u64().unwrap_or(0);
+            let (cutover_ms, sent, bound, visible) = match mode {
+                "shared" => (0, 0, 0, qemu_ms),
+                _ => {
+                    let m = wait_outgoing(&h, "completed", Duration::from_secs(60));
+                    let (after, _) = g1.count().unwrap_or((before, 0));
+                    let sent: u64 =
+                        m["disks"].as_array().unwrap().iter().map(|d| d["bytes_sent"].as_u64().unwrap()).sum();
+                    let dirty: u64 =
+                        m["disks"].as_array().unwrap().iter().map(|d| d["initial_dirty_bytes"].as_u64().unwrap()).sum();
+                    let cut_ms = m["downtime_ms"].as_u64().unwrap_or(0);
+                    // manual: QEMU's downtime already spans the pause at pre-switchover.
+                    let visible = if mode == "manual" { qemu_ms } else { qemu_ms + cut_ms };
+                    (cut_ms, sent, dirty + (after - before) * (64 << 10), visible)
+                }
+            };
+            let total = crate::millis(started.elapsed());
+            g2.wait_writes(5, Duration::from_secs(60)).unwrap();
+            let (_, errors) = g2.count().unwrap();
+            assert_eq!(errors, 0, "{mode} run {run}: guest write errors");
+            println!("ROW {mode} {qemu_ms} {cutover_ms} {visible} {total} {sent} {bound}");
+        }
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}

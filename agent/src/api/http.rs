@@ -287,8 +287,15 @@ fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("Invalid JSON body: {e}")))
 }
 
+/// Carries a command out on a task of its own: a client that disconnects
+/// (a killed CLI, a caller's timeout) drops this handler, and must not stop
+/// an operation half-way (a prepare between its clone and its record, a
+/// migration between its record and its mirrors).
 async fn run(State(control): Ctl, command: Command) -> Response {
-    match control.execute(command).await {
+    let done = tokio::spawn(async move { control.execute(command).await })
+        .await
+        .unwrap_or_else(|e| Err(ApiError::Internal(format!("the operation panicked: {e}"))));
+    match done {
         Ok(Value::Null) => StatusCode::NO_CONTENT.into_response(),
         Ok(value) => Json(value).into_response(),
         Err(e) => error(e),

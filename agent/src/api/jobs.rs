@@ -109,6 +109,14 @@ pub enum JobAction {
 
 impl Control {
     pub(super) fn job_action(&self, id: &str, action: JobAction) -> Result<Value, ApiError> {
+        if matches!(action, JobAction::Complete | JobAction::SetCopyMode(_)) {
+            if let Some(vm) = self.jobs.get(id)?.settings().get("migration").and_then(Value::as_str) {
+                return Err(ApiError::Conflict(format!(
+                    "Job {id} mirrors a disk of VM {vm} for its migration: its disks cut over together \
+                     (rbdsync migration cutover {vm}) and stay write-blocking once ready"
+                )));
+            }
+        }
         let record = match action {
             JobAction::Pause => self.jobs.pause(id)?,
             JobAction::Resume => self.jobs.resume(id)?,

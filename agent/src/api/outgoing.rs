@@ -418,6 +418,13 @@ impl Control {
                 req.vm
             )));
         }
+        if req.verify && req.cutover == Cutover::FirstIo {
+            return Err(ApiError::BadRequest(
+                "--verify reads both disks in full during the cut-over, while the resumed VM's first write waits \
+                 (and times out): use it with --cutover auto or manual"
+                    .into(),
+            ));
+        }
         let speed = req.speed.as_ref().map(Size::bytes).transpose()?.unwrap_or(0);
         let ready_threshold = req.ready_threshold.as_ref().map(Size::bytes).transpose()?.unwrap_or(16 << 20);
         // Every disk is checked before anything is created anywhere.
@@ -556,7 +563,12 @@ impl Control {
             match self.jobs.start("mirror", &name, to_json(&params), speed, move |handle| {
                 mirror::run(handle, export, params, tls, Some(group))
             }) {
-                Ok(job) => jobs.push(job.record().id),
+                Ok(job) => {
+                    let id = job.record().id;
+                    // `migration cutover` completes it (with the VM's other disks), not `job complete`.
+                    let _ = self.jobs.set_setting(&id, "migration", json!(vm.name));
+                    jobs.push(id);
+                }
                 Err(e) => {
                     failed = Some(ApiError::from(e));
                     break;
@@ -918,11 +930,19 @@ impl Control {
 async fn wait_first_io(dest: &str, id: &str) -> Result<(), String> {
     let dest: Endpoint = dest.parse()?;
     loop {
+        let asked = Instant::now();
         let answer = call(&dest, "GET", &format!("/v1/migrations/{id}/first-io?wait=20"), None)
             .await
             .map_err(|e| e.to_string())?;
         if answer["first_io"] == true {
             return Ok(());
+        }
+        if answer["state"] != "prepared" {
+            return Err(format!("the destination's migration is {}", answer["state"]));
+        }
+        // A long poll that came back early (the destination restarted, say) is not retried hot.
+        if asked.elapsed() < Duration::from_secs(1) {
+            tokio::time::sleep(Duration::from_secs(1)).await;
         }
     }
 }

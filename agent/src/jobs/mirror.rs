@@ -424,7 +424,7 @@ async fn mirror(
     t.client.flush().await.map_err(|e| JobError::from_err("Flushing the destination failed", &e))?;
     if let Some(member) = member {
         // Writes stay held until every disk of the group got here: all turn read-only, or none.
-        if !member.arrive(job).await {
+        if !member.arrive(|| job.is_cancelled()).await {
             drop(guard);
             return Err(JobError::Failed(
                 "Another disk of the VM could not cut over, so this one did not either (it stays writable here)".into(),
@@ -450,6 +450,10 @@ async fn mirror(
         "held_until_unix_ms": held_until,
     }))
 }
+
+/// Longest a disk holds its guest writes waiting for the rest of its group
+/// at the cut-over; then the group fails (all stay writable).
+const GROUP_WAIT: Duration = Duration::from_secs(30);
 
 /// The cut-over of several disks (a VM's) as one: each member holds its
 /// guest writes and copies the rest, and none turns read-only until every
@@ -481,20 +485,32 @@ struct Member {
 
 impl Member {
     /// Arrives and waits for the others: true once all arrived, false if
-    /// one failed (or this job was cancelled meanwhile).
-    async fn arrive(&mut self, job: &JobHandle) -> bool {
+    /// one failed, this job was cancelled before all arrived, or the others
+    /// did not arrive within [`GROUP_WAIT`] (guest writes are held meanwhile).
+    /// The outcome is decided once for all: after the last arrival a cancel
+    /// no longer fails the group.
+    async fn arrive(&mut self, cancelled: impl Fn() -> bool) -> bool {
         self.arrived = true;
         let group = &self.group;
+        let members = group.members;
         group.state.send_modify(|s| s.0 += 1);
         let mut state = group.state.subscribe();
+        let deadline = Instant::now() + GROUP_WAIT;
         loop {
-            let done = tokio::time::timeout(Duration::from_millis(50), state.wait_for(|s| s.1 || s.0 == group.members));
+            let done = tokio::time::timeout(Duration::from_millis(50), state.wait_for(|s| s.1 || s.0 == members));
             if let Ok(Ok(s)) = done.await {
                 return !s.1;
             }
-            if job.is_cancelled() {
-                group.fail();
-                return false;
+            if cancelled() || Instant::now() > deadline {
+                let mut go = false;
+                group.state.send_modify(|s| {
+                    if s.0 == members && !s.1 {
+                        go = true;
+                    } else {
+                        s.1 = true;
+                    }
+                });
+                return go;
             }
         }
     }
@@ -538,11 +554,15 @@ async fn pass(job: &JobHandle, t: &Arc<Tracker>, pace: Pace) -> Result<(), JobEr
     let g = 1u64 << t.shift;
     let runs: Vec<(u64, u64)> = t.dirty.runs_from(0).collect();
     let mut tasks = tokio::task::JoinSet::new();
-    for (first, count) in runs {
+    'runs: for (first, count) in runs {
         let mut start = first;
         while start < first + count {
             let n = (first + count - start).min(PIECE / g).max(1);
             match pace {
+                // Completion requested: the cut-over copies the rest at full speed; a pass that
+                // went on at the speed limit (or paused) would hold the disks of the VM that
+                // already hold their guest writes.
+                Pace::Job if job.is_completion_requested() => break 'runs,
                 Pace::Job => {
                     job.checkpoint().await?;
                     job.throttle(n * g).await?;
@@ -787,10 +807,11 @@ mod tests {
     }
 
     /// A WRITE_ZEROES lands on the source after a forward of an overlapping whole-granule write read
-    /// the source, and marks its granule dirty (it takes no granule lock). The forward must not drop
-    /// that bit afterwards, or the zeroes never reach the destination.
+    /// the source. In write-blocking mode it is forwarded too: it waits for the granule locks the
+    /// first forward holds, then sends what the source holds (zeroes), so the destination ends up
+    /// equal to the source (or the difference stays dirty).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_write_zeroes_during_a_forward_keeps_its_dirty_bit() {
+    async fn a_write_zeroes_during_a_forward_reaches_the_destination_after_it() {
         let dir = tempfile::tempdir().unwrap();
         let inner = source(dir.path());
         let (_server, client) = qemu_nbd(dir.path()).await;
@@ -800,15 +821,26 @@ mod tests {
         tracker.before_write(0, 1 << 16).unwrap();
         inner.write_at(&data, 0).unwrap();
         let t = tracker.clone();
+        let (stored_tx, stored_rx) = std::sync::mpsc::channel();
+        let zeroing = Arc::new(std::sync::Mutex::new(None));
+        let z = zeroing.clone();
+        let handle = tokio::runtime::Handle::current();
         *hooked.hook.lock().unwrap() = Some(Box::new(move || {
-            t.before_write(0, 4096).unwrap();
-            t.source.write_zeroes(0, 4096, false).unwrap();
-            t.after_write(0, &WriteData::Zeroes(4096)).unwrap();
+            // Another writer, concurrent with the forward that holds the locks.
+            *z.lock().unwrap() = Some(std::thread::spawn(move || {
+                let _rt = handle.enter();
+                t.before_write(0, 4096).unwrap();
+                t.source.write_zeroes(0, 4096, false).unwrap();
+                stored_tx.send(()).unwrap();
+                t.after_write(0, &WriteData::Zeroes(4096)).unwrap();
+            }));
+            stored_rx.recv().unwrap();
         }));
         let t = tracker.clone();
         tokio::task::spawn_blocking(move || t.after_write(0, &WriteData::Data(&data))).await.unwrap().unwrap();
+        let zero_writer = zeroing.lock().unwrap().take().expect("the hook ran");
+        tokio::task::spawn_blocking(move || zero_writer.join()).await.unwrap().unwrap();
         assert!(tracker.failed.lock().unwrap().is_none());
-        assert!(hooked.hook.lock().unwrap().is_none(), "the hook ran");
         assert_differences_dirty(&tracker).await;
     }
 
@@ -883,5 +915,34 @@ mod tests {
             assert!(tracker.failed.lock().unwrap().is_none());
             assert_differences_dirty(&tracker).await;
         });
+    }
+
+    /// A VM's disk whose mirror ends before it reaches the cut-over (failed, cancelled) makes the
+    /// others give up too: none turns read-only.
+    #[tokio::test]
+    async fn a_group_member_gone_before_arriving_fails_the_others() {
+        let group = CutOverGroup::new(2);
+        let mut a = Member { group: group.clone(), arrived: false };
+        let b = Member { group: group.clone(), arrived: false };
+        let waiting = tokio::spawn(async move { a.arrive(|| false).await });
+        tokio::time::sleep(Duration::from_millis(80)).await;
+        drop(b);
+        assert!(!waiting.await.unwrap(), "a disk cut over although its sibling never arrived");
+    }
+
+    /// Once every member arrived the outcome is decided: a cancel seen afterwards (the agent
+    /// stopping) must not fail the group, or one disk would turn read-only and the other not.
+    #[tokio::test]
+    async fn once_every_member_arrived_a_cancel_no_longer_splits_the_group() {
+        let group = CutOverGroup::new(2);
+        let mut a = Member { group: group.clone(), arrived: false };
+        let g = group.clone();
+        // The sibling arrives just as this member notices its cancel.
+        let go = a.arrive(move || {
+            g.state.send_modify(|s| s.0 += 1);
+            true
+        });
+        assert!(go.await, "every disk arrived, yet this one gave up (its sibling went read-only)");
+        assert!(!group.state.borrow().1, "the group was failed after everyone arrived");
     }
 }

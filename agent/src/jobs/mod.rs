@@ -200,6 +200,11 @@ impl Job {
         self.persist();
     }
 
+    /// Job-specific settings (what `set_setting` recorded).
+    pub fn settings(&self) -> Value {
+        self.settings.borrow().clone()
+    }
+
     /// Waits until the job concludes; returns its record.
     pub async fn wait(&self) -> JobRecord {
         let mut rx = self.done.subscribe();
