@@ -1631,7 +1631,7 @@ fn killing_the_cli_or_the_source_agent_in_each_state_never_splits_the_disk() {
     let store = tempfile::tempdir().unwrap();
     let backing = Backing::File(store.path().join("backups/vm1-disk0.raw"));
     let mut rng = Rng::from_env(0x3141_0021);
-    let (mut a, b, model, _) = small_setup(&backing, &mut rng, 4);
+    let (a, b, model, _) = small_setup(&backing, &mut rng, 4);
     let scratch = b.dir().join("scratch.raw");
     // The CLI killed at once: the agent carries the migration on (auto) to the end.
     let mut child =
@@ -1656,6 +1656,7 @@ fn killing_the_cli_or_the_source_agent_in_each_state_never_splits_the_disk() {
         let store = tempfile::tempdir().unwrap();
         let backing = Backing::File(store.path().join("backups/vm1-disk0.raw"));
         let (mut a2, b2, model2, _) = small_setup(&backing, &mut rng, 4);
+        let scratch = b2.dir().join("scratch.raw");
         let speed: &[&str] = if *at == "mirroring" { &["--speed", "1MiB"] } else { &[] };
         let mut child = migrate_cmd(&a2, &b2, true, &[&["--cutover", "manual"][..], speed].concat())
             .stdout(Stdio::null())

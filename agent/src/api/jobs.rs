@@ -109,11 +109,18 @@ pub enum JobAction {
 
 impl Control {
     pub(super) fn job_action(&self, id: &str, action: JobAction) -> Result<Value, ApiError> {
-        if matches!(action, JobAction::Complete | JobAction::SetCopyMode(_)) {
-            if let Some(vm) = self.jobs.get(id)?.settings().get("migration").and_then(Value::as_str) {
+        if let Some(vm) = self.jobs.get(id)?.settings().get("migration").and_then(Value::as_str) {
+            // The VM's disks cut over together; once it is ready the mirrors must stay
+            // write-blocking (the destination serves reads as in sync).
+            let refuse = match action {
+                JobAction::Complete => true,
+                JobAction::SetCopyMode(_) => !self.outgoing_mirroring(vm),
+                _ => false,
+            };
+            if refuse {
                 return Err(ApiError::Conflict(format!(
                     "Job {id} mirrors a disk of VM {vm} for its migration: its disks cut over together \
-                     (rbdsync migration cutover {vm}) and stay write-blocking once ready"
+                     (rbdsync migration cutover {vm}) and stay write-blocking once it is ready"
                 )));
             }
         }

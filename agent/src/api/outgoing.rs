@@ -328,6 +328,11 @@ impl Control {
         self.outgoing.get().ok_or_else(|| ApiError::Internal("migrations are not ready".into()))
     }
 
+    /// Whether `vm`'s outgoing migration is still mirroring (not yet ready).
+    pub(super) fn outgoing_mirroring(&self, vm: &str) -> bool {
+        self.outgoing().ok().and_then(|env| env.handle(vm)).is_some_and(|h| h.get().state == OutState::Mirroring)
+    }
+
     /// Every outgoing migration.
     pub(super) fn list_outgoing(&self) -> Result<Value, ApiError> {
         let env = self.outgoing()?;
