@@ -1717,3 +1717,34 @@ fn killing_the_cli_or_the_source_agent_in_each_state_never_splits_the_disk() {
         }
     }
 }
+
+/// A disk that was never backed up: `migrate` refuses and says what to do;
+/// `migrate --full` mirrors the whole disk onto a plain destination image,
+/// which ends up equal to every acknowledged write.
+#[test]
+fn migrate_without_a_backup_refuses_and_full_mirrors_the_whole_disk() {
+    let store = tempfile::tempdir().unwrap();
+    let backing = Backing::File(store.path().join("backups/vm1-disk0.raw"));
+    let mut rng = Rng::from_env(0x3141_0022);
+    let size = 16 * MIB;
+    let a = source(&backing, size);
+    let b = destination(&backing);
+    let scratch = b.dir().join("scratch.raw");
+    let model = new_model(size);
+    let mut conn = Nbd::connect(&a.socket(), DISK).unwrap();
+    let data: Vec<(u64, u64)> = (0..size / MIB).filter(|_| rng.below(3) != 0).map(|i| (i * MIB, MIB)).collect();
+    write_ranges(&mut conn, &model, &mut rng, &data);
+    drop(conn);
+    let out = output_within(migrate_cmd(&a, &b, false, &[]), Duration::from_secs(30));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("migrate without a backup: {}", stderr.trim());
+    assert!(!out.status.success(), "migrate succeeded without a backup: {}", show(&out));
+    assert!(stderr.contains("--full") && stderr.contains("backup"), "the refusal must say what to do: {stderr}");
+    assert!(migrations(&b).is_empty(), "the destination was prepared although migrate refused: {:?}", migrations(&b));
+    let summary = migrate_ok(&a, &b, &["--full"], Duration::from_secs(60));
+    assert_eq!(summary["state"], "completed", "{summary:#}");
+    let sent = u(&migrated_disk(&summary)["bytes_sent"]);
+    assert!(sent >= size, "a full mirror sent only {sent} of {size} bytes");
+    assert_model("destination after migrate --full", &b.unix_uri(DISK), &model, &scratch);
+    assert_eq!(disk_info(&a)["read_only"], true, "the source is not fenced after migrate --full");
+}

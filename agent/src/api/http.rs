@@ -247,8 +247,8 @@ async fn show_outgoing(s: Ctl, Path(vm): Path<String>, RawQuery(q): RawQuery) ->
                 Err(_) => return error(ApiError::BadRequest(format!("Unknown state {v:?}"))),
             },
             "timeout" => match v.parse() {
-                Ok(t) => timeout = t,
-                Err(_) => return error(ApiError::BadRequest(format!("Bad timeout {v:?} (seconds)"))),
+                Ok(t) if t <= 60 => timeout = t,
+                _ => return error(ApiError::BadRequest(format!("Bad timeout {v:?} (0 to 60 seconds)"))),
             },
             _ => return error(ApiError::BadRequest(format!("Unknown query parameter {k:?}"))),
         }
@@ -261,8 +261,8 @@ async fn first_io(s: Ctl, Path(id): Path<String>, RawQuery(q): RawQuery) -> Resp
     let mut wait = 20;
     for (k, v) in query_params(&q) {
         match (k.as_str(), v.parse()) {
-            ("wait", Ok(w)) => wait = w,
-            _ => return error(ApiError::BadRequest(format!("Bad query parameter {k}={v}"))),
+            ("wait", Ok(w)) if w <= 60 => wait = w,
+            _ => return error(ApiError::BadRequest(format!("Bad query parameter {k}={v} (wait: 0 to 60 seconds)"))),
         }
     }
     run(s, Command::FirstIo(id, wait)).await

@@ -128,7 +128,7 @@ pub struct JobRecord {
     pub summary: Value,
     /// Job-specific live state while it runs (a mirror: `remaining_bytes`,
     /// `write_blocking`, `in_sync`).
-    #[serde(default, skip_serializing_if = "Value::is_null")]
+    #[serde(default)]
     pub detail: Value,
 }
 
