@@ -11,7 +11,12 @@
 #   --to        the destination agent's control address (unix:PATH or https://HOST:PORT)
 #   --src-qmp   QMP socket of the running source QEMU
 #   --dst-qmp   QMP socket of the destination QEMU, started with `-incoming defer` and
-#               the same devices; its disks open the same export names on its own agent
+#               the same devices; its disks open the same export names on its own agent,
+#               which serves them only once the migration is ready: so either pass
+#   --dst-qemu  the command that starts it (run in the background once the disks are ready;
+#               the script then waits for --dst-qmp), or run `rbdsync migrate VM --to DEST
+#               --cutover MODE` yourself, start the destination QEMU, then this script (it
+#               finds the migration ready and goes on from there)
 #   --uri       QEMU migration URI the destination listens on (tcp:HOST:PORT, unix:PATH)
 #   --cutover   manual (default): QEMU pauses before switch-over (capability
 #               pause-before-switchover), `rbdsync migration cutover` switches the disks
@@ -24,17 +29,18 @@
 # and the disks') at the end. Needs python3 (for QMP) and rbdsync.
 set -euo pipefail
 
-vm="" to="" src_qmp="" dst_qmp="" uri="" cutover="manual" control=()
+vm="" to="" src_qmp="" dst_qmp="" uri="" cutover="manual" control=() dst_qemu=
 while (($#)); do
     case "$1" in
         --vm) vm=$2; shift 2 ;;
         --to) to=$2; shift 2 ;;
         --src-qmp) src_qmp=$2; shift 2 ;;
         --dst-qmp) dst_qmp=$2; shift 2 ;;
+        --dst-qemu) dst_qemu=$2; shift 2 ;;
         --uri) uri=$2; shift 2 ;;
         --cutover) cutover=$2; shift 2 ;;
         --control) control=(--control "$2"); shift 2 ;;
-        -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
         *) echo "migrate-vm.sh: unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -96,8 +102,19 @@ rollback() {
 }
 trap 'rollback' ERR
 
-say "mirroring the disks of $vm to $to (cut-over: $cutover)"
-"$RBDSYNC" "${control[@]}" migrate "$vm" --to "$to" --cutover "$cutover" >&2
+state=$("$RBDSYNC" "${control[@]}" --json migration show "$vm" 2>/dev/null \
+    | python3 -c 'import json,sys; print(json.load(sys.stdin)["state"])' 2>/dev/null || echo none)
+if [[ "$state" == ready ]]; then
+    say "the disks of $vm are ready already"
+else
+    say "mirroring the disks of $vm to $to (cut-over: $cutover)"
+    "$RBDSYNC" "${control[@]}" migrate "$vm" --to "$to" --cutover "$cutover" >&2
+fi
+if [[ -n "$dst_qemu" ]]; then
+    say "starting the destination QEMU"
+    bash -c "$dst_qemu" >&2 &
+    for _ in $(seq 300); do [[ -S "$dst_qmp" ]] && break; sleep 0.1; done
+fi
 qmp "$dst_qmp" migrate-incoming "{\"uri\": \"$uri\"}" >/dev/null
 if [[ "$cutover" == manual ]]; then
     qmp "$src_qmp" migrate-set-capabilities \

@@ -287,6 +287,8 @@ impl Qemu {
         ));
         cmd.args(["-serial", "chardev:s0"]);
         cmd.arg("-qmp").arg(format!("unix:{},server=on,wait=off", qmp.display()));
+        // A second monitor for tools run by a test (a QMP socket takes one client at a time).
+        cmd.arg("-qmp").arg(format!("unix:{},server=on,wait=off", spec.dir.join("qmp-tool.sock").display()));
         for (i, d) in spec.disks.iter().enumerate() {
             let blockdev = json!({
                 "driver": "raw", "node-name": format!("disk{i}"), "cache": {"direct": true},

@@ -485,21 +485,24 @@ fn a_guest_attaches_an_export_as_dev_nbd0_and_its_writes_are_tracked() {
 }
 
 /// deploy/qemu/migrate-vm.sh, the reference integration, drives both QEMUs
-/// and rbdsync (manual cut-over at pre-switchover) for a writing guest.
+/// and rbdsync (manual cut-over at pre-switchover) for a writing guest: the
+/// disks made ready first, the destination QEMU started, then the script.
 #[test]
 fn the_reference_script_live_migrates_a_writing_guest() {
     let h = hosts(&["disk0"]);
     let mut g1 = boot_writing(&h.spec(&h.a, "src", false));
     back_up(&h, &mut g1);
+    let ready = h.a.cli_json(&["migrate", "vm1", "--to", &h.b.control(), "--cutover", "manual"]).unwrap();
+    assert_eq!(ready["state"], "ready", "{ready:#}");
     let mut g2 = Qemu::start(&h.spec(&h.b, "dst", true)).unwrap();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/qemu/migrate-vm.sh");
     let out = std::process::Command::new("bash")
         .arg(&script)
         .args(["--vm", "vm1", "--to", &h.b.control(), "--control", &h.a.control(), "--uri", &h.migration_uri()])
         .arg("--src-qmp")
-        .arg(g1.dir.join("qmp.sock"))
+        .arg(g1.dir.join("qmp-tool.sock"))
         .arg("--dst-qmp")
-        .arg(g2.dir.join("qmp.sock"))
+        .arg(g2.dir.join("qmp-tool.sock"))
         .env("RBDSYNC", tests::agent_bin())
         .output()
         .unwrap();
