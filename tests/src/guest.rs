@@ -453,7 +453,7 @@ impl Qemu {
             if Instant::now() > deadline {
                 bail!("migration still {status} after {limit:?}: {m}");
             }
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(2));
         }
     }
 

@@ -1620,6 +1620,22 @@ fn log_tail_of(a: &Agent) -> String {
     format!("\n--- agent log:\n{}", log_tail(a))
 }
 
+/// States an outgoing migration ends in.
+const ENDED: [&str; 3] = ["completed", "failed", "aborted"];
+
+/// Polls the source's outgoing migration of vm1 until `done` (at most 60 s).
+fn outgoing_when(a: &Agent, b: &Agent, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, m) = api(a, "GET", "/v1/migrations/outgoing/vm1");
+        if done(&m) {
+            return m;
+        }
+        assert!(Instant::now() < deadline, "{what}: not there within 60 s: {m}{}", logs(a, b));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// The outgoing migration belongs to the source agent: the `migrate` CLI
 /// killed while it waits changes nothing, and the source agent killed -9 in
 /// each state (mirroring, ready, and right after a cut-over request) comes
@@ -1639,15 +1655,7 @@ fn killing_the_cli_or_the_source_agent_in_each_state_never_splits_the_disk() {
     std::thread::sleep(Duration::from_millis(300));
     child.kill().unwrap();
     let _ = child.wait();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let done = loop {
-        let (_, m) = api(&a, "GET", "/v1/migrations/outgoing/vm1");
-        if ["completed", "failed", "aborted"].contains(&m["state"].as_str().unwrap_or("")) {
-            break m;
-        }
-        assert!(Instant::now() < deadline, "migration never ended without its CLI: {m}{}", logs(&a, &b));
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let done = outgoing_when(&a, &b, "without its CLI", |m| ENDED.contains(&m["state"].as_str().unwrap_or("")));
     assert_eq!(done["state"], "completed", "the migration did not go on without its CLI: {done:#}{}", logs(&a, &b));
     assert_model("destination after the CLI was killed", &b.unix_uri(DISK), &model, &scratch);
     drop((a, b));
@@ -1664,15 +1672,9 @@ fn killing_the_cli_or_the_source_agent_in_each_state_never_splits_the_disk() {
             .spawn()
             .unwrap();
         let want = if *at == "mirroring" { "mirroring" } else { "ready" };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let (_, m) = api(&a2, "GET", "/v1/migrations/outgoing/vm1");
-            if m["state"] == want && m["disks"][0]["job"].is_string() {
-                break;
-            }
-            assert!(Instant::now() < deadline, "round {round}: never {want}: {m}{}", logs(&a2, &b2));
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        outgoing_when(&a2, &b2, &format!("round {round}: {want}"), |m| {
+            m["state"] == want && m["disks"][0]["job"].is_string()
+        });
         let _ = child.kill();
         let _ = child.wait();
         if *at == "cutover requested" {
@@ -1683,15 +1685,9 @@ fn killing_the_cli_or_the_source_agent_in_each_state_never_splits_the_disk() {
         a2.kill9().unwrap();
         eprintln!("round {round}: source killed at {at} (state {})", before["state"]);
         a2 = a2.respawn().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let after = loop {
-            let (_, m) = api(&a2, "GET", "/v1/migrations/outgoing/vm1");
-            if ["completed", "failed", "aborted"].contains(&m["state"].as_str().unwrap_or("")) {
-                break m;
-            }
-            assert!(Instant::now() < deadline, "round {round}: not resolved after the restart: {m}{}", logs(&a2, &b2));
-            std::thread::sleep(Duration::from_millis(50));
-        };
+        let after = outgoing_when(&a2, &b2, &format!("round {round}: after the restart"), |m| {
+            ENDED.contains(&m["state"].as_str().unwrap_or(""))
+        });
         let info = disk_info(&a2);
         let fenced = a2.dir().join("state/fenced/vm1__disk0.json").exists();
         let live = migration_states(&b2).iter().any(|s| s == "active");
