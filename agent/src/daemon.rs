@@ -215,6 +215,20 @@ pub async fn run(config: AgentConfig) -> Result<(), DaemonError> {
     std::fs::create_dir_all(&config.state_dir)
         .map_err(io_err(format!("Cannot create {}", config.state_dir.display())))?;
     let vms = config.load_vms()?;
+    if let Some(m) = &config.migration {
+        if m.client_cert.is_some() != m.client_key.is_some() {
+            return Err(DaemonError::Io {
+                what: "migration.client_cert and migration.client_key go together".into(),
+                source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
+            });
+        }
+        // Outgoing migrations call `https://` destinations with these.
+        api::client::set_credentials(api::client::Credentials {
+            ca_cert: m.ca_cert.clone(),
+            token_file: m.token_file.clone(),
+            client_cert: m.client_cert.clone().zip(m.client_key.clone()),
+        });
+    }
     // Point-in-time scratch files belong to jobs of an earlier run; those
     // jobs are concluded as interrupted below, so the files are garbage.
     let _ = std::fs::remove_dir_all(config.state_dir.join("scratch"));

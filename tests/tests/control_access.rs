@@ -181,3 +181,47 @@ fn client_certificates_signed_by_the_ca_stand_in_for_the_token() {
     let (body, _) = curl(&agent, &[]);
     assert_eq!(status_of(&body), "401", "{body}");
 }
+
+/// An outgoing migration to a destination whose control API is on https
+/// with a bearer token: the source agent calls it with the credentials of
+/// its `migration:` section (without them it cannot, and says why; the
+/// source keeps its disk).
+#[test]
+fn a_migration_reaches_an_https_destination_with_the_migration_credentials() {
+    let store = tempfile::tempdir().unwrap();
+    let dest = AgentBuilder::new().control_keys(&control_keys("  token_file: control.token"));
+    pki(dest.dir());
+    write_token(dest.dir(), 0o600);
+    let b = dest.start().unwrap();
+    let to = format!("https://127.0.0.1:{}", b.control_tcp().unwrap().port());
+    let vm = format!(
+        "name: vm1\ndisks:\n  - name: disk0\n    image: file:../images/vm1-disk0.raw\n    size: 4MiB\n    \
+         bitmaps: [{{name: backup}}]\n    backup: {{target: \"file:{}/vm1-disk0.raw\", bitmap: backup}}\n",
+        store.path().display()
+    );
+    for with_credentials in [false, true] {
+        let mut source = AgentBuilder::new().vm("vm1", &vm);
+        if with_credentials {
+            source = source.extra(&format!(
+                "migration:\n  ca_cert: {}\n  token_file: {}\n",
+                b.dir().join("pki/ca-cert.pem").display(),
+                b.dir().join("control.token").display()
+            ));
+        }
+        let a = source.start().unwrap();
+        a.cli_json(&["backup", "vm1", "--wait", "--auto"]).unwrap();
+        let out = a.cli().args(["--json", "migrate", "vm1", "--to", &to]).output().unwrap();
+        eprintln!("credentials {with_credentials}: {}", text(&out));
+        if with_credentials {
+            assert!(out.status.success(), "migrate to {to} failed: {}\n{}", text(&out), a.log());
+            let disks = b.cli_json(&["disks"]).unwrap();
+            assert_eq!(disks[0]["name"], "vm1/disk0", "{disks}");
+            assert_eq!(disks[0]["read_only"], false, "{disks}");
+        } else {
+            assert!(!out.status.success(), "migrate without credentials succeeded");
+            assert!(text(&out).contains("destination"), "the error must name the destination: {}", text(&out));
+            let disks = a.cli_json(&["disks"]).unwrap();
+            assert_eq!(disks[0]["read_only"], false, "{disks}");
+        }
+    }
+}

@@ -104,6 +104,9 @@ pub struct AgentConfig {
     pub metrics: Option<MetricsConfig>,
     /// The Ceph cluster, if RBD images are used.
     pub ceph: Option<CephConfig>,
+    /// How this agent reaches other agents' control APIs over `https://`
+    /// (the destinations of its outgoing migrations).
+    pub migration: Option<MigrationConfig>,
     /// The file this was loaded from ([`EMBEDDED_SOURCE`] for the built-in example).
     pub source: PathBuf,
 }
@@ -296,6 +299,21 @@ impl BitmapConfig {
         check_granularity(granularity)?;
         Ok(Self { name: name.to_owned(), granularity, enabled })
     }
+}
+
+/// `migration:` in `agent.yaml`: credentials for destination agents' control
+/// APIs on `https://` (unix: and http:// need none).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrationConfig {
+    /// CA certificate(s) (PEM) that signed the destinations' certificates.
+    pub ca_cert: Option<PathBuf>,
+    /// File holding the bearer token the destinations accept.
+    pub token_file: Option<PathBuf>,
+    /// Client certificate (PEM), for destinations that check certificates.
+    pub client_cert: Option<PathBuf>,
+    /// Its key (PEM).
+    pub client_key: Option<PathBuf>,
 }
 
 /// `backup:` of a disk: defaults for `rbdsync backup`.

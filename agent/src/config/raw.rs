@@ -11,7 +11,7 @@ use super::values::{check_name, Allow, DiskSize, Granularity, ImageUri, IntentRe
 use super::vms::{Registry, Seen};
 use super::{
     AgentConfig, BackupConfig, BitmapConfig, CephConfig, ControlConfig, ControlTlsConfig, DiskConfig, MetricsConfig,
-    NbdConfig, TlsConfig, VmConfig, DEFAULT_STATE_DIR,
+    MigrationConfig, NbdConfig, TlsConfig, VmConfig, DEFAULT_STATE_DIR,
 };
 
 /// `agent.yaml` as written.
@@ -30,6 +30,7 @@ pub(super) struct RawAgent {
     control: ControlConfig,
     metrics: Option<MetricsConfig>,
     ceph: Option<CephConfig>,
+    migration: Option<MigrationConfig>,
 }
 
 /// A VM file (or an entry of `vms:`) as written.
@@ -132,6 +133,12 @@ impl RawAgent {
             control: self.control.resolved(&ctx),
             metrics: self.metrics,
             ceph: self.ceph.map(|ceph| ceph.resolved(&ctx)),
+            migration: self.migration.map(|m| MigrationConfig {
+                ca_cert: m.ca_cert.map(|p| ctx.path(&p)),
+                token_file: m.token_file.map(|p| ctx.path(&p)),
+                client_cert: m.client_cert.map(|p| ctx.path(&p)),
+                client_key: m.client_key.map(|p| ctx.path(&p)),
+            }),
             source: source.to_owned(),
         })
     }
