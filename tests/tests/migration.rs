@@ -1677,6 +1677,19 @@ fn killing_the_cli_or_the_source_agent_in_each_state_never_splits_the_disk() {
         });
         let _ = child.kill();
         let _ = child.wait();
+        if *at == "ready" {
+            // A manual migration's mirrors stay running and write-blocking: no pause, no
+            // background mode, no completing one disk alone.
+            let job = api(&a2, "GET", "/v1/migrations/outgoing/vm1").1["disks"][0]["job"].as_str().unwrap().to_owned();
+            for (path, body) in [
+                (format!("/v1/jobs/{job}/pause"), None),
+                (format!("/v1/jobs/{job}/complete"), None),
+                (format!("/v1/jobs/{job}/copy-mode"), Some(serde_json::json!({"copy_mode": "background"}))),
+            ] {
+                let (code, answer) = api_with(&a2, "POST", &path, body.as_ref());
+                assert_eq!(code, 409, "{path} on a ready migration's mirror: {answer}");
+            }
+        }
         if *at == "cutover requested" {
             let (code, m) = api(&a2, "POST", "/v1/migrations/outgoing/vm1/cutover");
             assert_eq!(code, 200, "{m}");

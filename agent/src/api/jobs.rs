@@ -114,13 +114,16 @@ impl Control {
             // write-blocking (the destination serves reads as in sync).
             let refuse = match action {
                 JobAction::Complete => true,
-                JobAction::SetCopyMode(_) => !self.outgoing_mirroring(vm),
+                // Manual and first-io migrations pin their mirrors to write-blocking once ready
+                // (the destination then serves reads as in sync) and complete them all at once.
+                JobAction::SetCopyMode(_) | JobAction::Pause => !self.outgoing_tunable(vm),
                 _ => false,
             };
             if refuse {
                 return Err(ApiError::Conflict(format!(
                     "Job {id} mirrors a disk of VM {vm} for its migration: its disks cut over together \
-                     (rbdsync migration cutover {vm}) and stay write-blocking once it is ready"
+                     (rbdsync migration cutover {vm}) and, for a manual or first-io cut-over, stay running and \
+                     write-blocking"
                 )));
             }
         }

@@ -328,9 +328,14 @@ impl Control {
         self.outgoing.get().ok_or_else(|| ApiError::Internal("migrations are not ready".into()))
     }
 
-    /// Whether `vm`'s outgoing migration is still mirroring (not yet ready).
-    pub(super) fn outgoing_mirroring(&self, vm: &str) -> bool {
-        self.outgoing().ok().and_then(|env| env.handle(vm)).is_some_and(|h| h.get().state == OutState::Mirroring)
+    /// Whether the mirrors of `vm`'s outgoing migration may be paused or
+    /// switched by hand: only an `auto` one, while it is still mirroring.
+    pub(super) fn outgoing_tunable(&self, vm: &str) -> bool {
+        let h = self.outgoing().ok().and_then(|env| env.handle(vm));
+        h.is_some_and(|h| {
+            let r = h.get();
+            r.state == OutState::Mirroring && r.cutover == Cutover::Auto
+        })
     }
 
     /// Every outgoing migration.
@@ -734,6 +739,12 @@ impl Control {
         let jobs = Self::jobs_of(h);
         for (_, id) in &jobs {
             let _ = self.jobs.set_setting(id, "copy_mode", to_json(CopyMode::WriteBlocking));
+            // A mirror paused by hand (an auto migration allows it) runs on to its cut-over.
+            let _ = self.jobs.resume(id);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while self.jobs.get(id).is_ok_and(|j| j.record().state == JobState::Paused) && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
             if let Err(e) = self.jobs.complete(id) {
                 return Err((OutState::Failed, format!("completing mirror {id}: {e}")));
             }
@@ -872,6 +883,26 @@ impl Control {
         }
         let mut notes = vec![error];
         if let (Some(id), Ok(dest)) = (&r.id, r.to.parse::<Endpoint>()) {
+            // Never hand the disks back while the destination serves them.
+            let there = call(&dest, "GET", &format!("/v1/migrations/{id}"), None).await;
+            if there.as_ref().is_ok_and(|m| m["state"] == "active") {
+                for d in &r.disks {
+                    if let Ok(export) = self.disk(&d.disk) {
+                        export.set_read_only();
+                    }
+                    if let Err(e) = self.fence(&d.disk, &format!("{} {id}", r.to)) {
+                        tracing::error!(disk = %d.disk, error = %e, "cannot fence a disk the destination serves");
+                    }
+                }
+                notes
+                    .push("the destination is live (activated outside this migration): the source stays fenced".into());
+                tracing::error!(vm = %r.vm, "rollback refused: the destination serves the disks; the source is fenced");
+                let _ = env.save(h, |r| {
+                    r.state = OutState::Failed;
+                    r.error = Some(notes.join("; "));
+                });
+                return;
+            }
             if let Err(e) = call(&dest, "POST", &format!("/v1/migrations/{id}/abort"), None).await {
                 let state = call(&dest, "GET", &format!("/v1/migrations/{id}"), None).await.map(|m| m["state"].clone());
                 if !matches!(state, Ok(s) if s == "aborted") {
@@ -930,6 +961,9 @@ impl Control {
     }
 }
 
+/// Marks an error of [`wait_first_io`] that ends the migration.
+const FATAL: &str = "fatal: ";
+
 /// Long-polls the destination until a client sent IO on one of the
 /// migration's incoming exports.
 async fn wait_first_io(dest: &str, id: &str) -> Result<(), String> {
@@ -943,7 +977,8 @@ async fn wait_first_io(dest: &str, id: &str) -> Result<(), String> {
             return Ok(());
         }
         if answer["state"] != "prepared" {
-            return Err(format!("the destination's migration is {}", answer["state"]));
+            // Aborted there (or completed by someone else): this migration cannot go on.
+            return Err(format!("{FATAL}the destination's migration is {} (not by this source)", answer["state"]));
         }
         // A long poll that came back early (the destination restarted, say) is not retried hot.
         if asked.elapsed() < Duration::from_secs(1) {

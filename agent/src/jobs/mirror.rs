@@ -564,8 +564,15 @@ async fn pass(job: &JobHandle, t: &Arc<Tracker>, pace: Pace) -> Result<(), JobEr
                 // already hold their guest writes.
                 Pace::Job if job.is_completion_requested() => break 'runs,
                 Pace::Job => {
-                    job.checkpoint().await?;
-                    job.throttle(n * g).await?;
+                    // A pause or a speed-limit wait ends when completion is requested too.
+                    let paced = async {
+                        job.checkpoint().await?;
+                        job.throttle(n * g).await
+                    };
+                    tokio::select! {
+                        paced = paced => paced?,
+                        () = job.completion_requested() => break 'runs,
+                    }
                 }
                 Pace::CutOver if job.is_cancelled() => return Err(JobError::Cancelled),
                 Pace::CutOver => {}
