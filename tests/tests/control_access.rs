@@ -194,12 +194,13 @@ fn a_migration_reaches_an_https_destination_with_the_migration_credentials() {
     write_token(dest.dir(), 0o600);
     let b = dest.start().unwrap();
     let to = format!("https://127.0.0.1:{}", b.control_tcp().unwrap().port());
-    let vm = format!(
-        "name: vm1\ndisks:\n  - name: disk0\n    image: file:../images/vm1-disk0.raw\n    size: 4MiB\n    \
-         bitmaps: [{{name: backup}}]\n    backup: {{target: \"file:{}/vm1-disk0.raw\", bitmap: backup}}\n",
-        store.path().display()
-    );
     for with_credentials in [false, true] {
+        // A backup target per round (snapshot names are per second and job number).
+        let vm = format!(
+            "name: vm1\ndisks:\n  - name: disk0\n    image: file:../images/vm1-disk0.raw\n    size: 4MiB\n    \
+             bitmaps: [{{name: backup}}]\n    backup: {{target: \"file:{}/vm1-disk0-{with_credentials}.raw\", bitmap: backup}}\n",
+            store.path().display()
+        );
         let mut source = AgentBuilder::new().vm("vm1", &vm);
         if with_credentials {
             source = source.extra(&format!(
