@@ -709,6 +709,10 @@ impl Control {
                         tracing::info!(vm = %r.vm, "the destination took its first IO: cutting over");
                         break Ok(());
                     }
+                    // The destination's migration was aborted (or completed elsewhere): this one cannot go on.
+                    Ok(Err(e)) if e.starts_with(FATAL) => {
+                        break Err((OutState::Failed, e.trim_start_matches(FATAL).to_owned()));
+                    }
                     Ok(Err(e)) => {
                         tracing::warn!(vm = %r.vm, error = %e, "watching the destination for its first IO failed; retrying")
                     }
