@@ -188,8 +188,10 @@ async fn open_disk(
     if fenced {
         tracing::warn!(disk = name, fence = %fence.display(), "disk was migrated away; serving it read-only (remove the fence file to take it back)");
     }
-    let read_only = disk.read_only || fenced;
-    let options = OpenOptions { create_size: disk.size, read_only };
+    // The store opens writable unless the configuration says otherwise: a
+    // fence is a state of the export, lifted (unfence, a rollback) without
+    // reopening the disk.
+    let options = OpenOptions { create_size: disk.size, read_only: disk.read_only };
     let (image, bitmaps, intent_region) = (disk.image.clone(), disk.bitmaps.clone(), disk.intent_region);
     let dir = state_dir.join("bitmaps").join(name);
     let disk_name = name.to_owned();
@@ -206,7 +208,11 @@ async fn open_disk(
     // Clients see the disk's name only: the image location (paths, pools)
     // is the operator's business, not every NBD client's.
     let description = format!("disk {name}");
-    Ok(Arc::new(Export::new(name.to_owned(), description, store, Arc::new(tracked), read_only)))
+    let export = Export::new(name.to_owned(), description, store, Arc::new(tracked), disk.read_only);
+    if fenced {
+        export.set_read_only();
+    }
+    Ok(Arc::new(export))
 }
 
 /// Runs the agent until SIGTERM or SIGINT.

@@ -1217,6 +1217,13 @@ fn source_stays_read_only_after_a_restart_following_a_completed_migration() {
         "after a restart the source serves the migrated-away disk {DISK} writable again (disks: {info}; a write \
          got NBD errno {err}): two writable copies of one disk (split brain)"
     );
+    // The operator takes the disk back (the destination is gone, say): a fence
+    // read at start-up lifts like one set by the cut-over.
+    let (code, answer) = api_with(&a, "DELETE", "/v1/disks/vm1/disk0/fence", None);
+    assert_eq!(code, 200, "unfence after a restart: {answer}");
+    assert_eq!(disk_info(&a)["read_only"], false, "still read-only after the unfence: {}", disk_info(&a));
+    let mut conn = Nbd::connect(&a.socket(), DISK).unwrap();
+    assert_eq!(conn.write(0, &vec![0xee; GRANULE as usize]).unwrap(), 0, "unfenced after a restart, yet not writable");
     drop(model);
 }
 
