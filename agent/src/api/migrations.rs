@@ -406,6 +406,8 @@ impl Control {
         if record["state"] != "prepared" {
             return Err(ApiError::Conflict(format!("Migration {id} is {}", record["state"])));
         }
+        #[cfg(test)]
+        crate::testkit::at("migration.complete.checked", id);
         let speed = req.speed.as_ref().map(Size::bytes).transpose()?.unwrap_or(0);
         let disks: Vec<String> = record["disks"]
             .as_array()
@@ -471,6 +473,8 @@ impl Control {
                 record["state"]
             )));
         }
+        #[cfg(test)]
+        crate::testkit::at("migration.abort.checked", id);
         let vm = record["vm"].as_str().unwrap_or_default().to_owned();
         let plan: Vec<Planned> = record["disks"]
             .as_array()
@@ -656,4 +660,81 @@ fn vm_file_text(req: &Prepare, plan: &[Planned]) -> String {
         "# Written by rbdsync for an incoming migration.\n{}\n",
         serde_json::to_string_pretty(&vm).unwrap_or_default()
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::export::Exports;
+    use crate::jobs::backup::BackupEnv;
+    use crate::jobs::JobManager;
+    use std::sync::mpsc as std_mpsc;
+    use std::time::Duration;
+
+    fn control(dir: &std::path::Path, record: Value) -> Arc<Control> {
+        let env = BackupEnv {
+            stores: crate::store::Stores::new(None),
+            scratch_dir: dir.join("scratch"),
+            node: "test".into(),
+            tls: Arc::new(crate::nbd::tls::Tls::load(None).unwrap()),
+            fence_dir: dir.join("fenced"),
+        };
+        let jobs = JobManager::load(&dir.join("jobs")).unwrap();
+        let control = Arc::new(Control::new("test".into(), Arc::new(Exports::default()), jobs, env));
+        let id = record["id"].as_str().unwrap().to_owned();
+        control.set_migration_env(MigrationEnv {
+            vms_dir: None,
+            images_dir: dir.join("images"),
+            incoming: Arc::new(Incoming::default()),
+            reload: mpsc::channel(1).0,
+            nbd: ArcSwap::from_pointee(Vec::new()),
+            nbd_tls: false,
+            records: Mutex::new(BTreeMap::from([(id, record)])),
+            dir: dir.join("migrations"),
+            steps: tokio::sync::Mutex::new(()),
+        });
+        control
+    }
+
+    /// Complete and abort of one prepared migration, the abort arriving while
+    /// the complete sits right after its state check: at most one succeeds
+    /// (both passing their "prepared" check would serve a disk whose images
+    /// the abort deletes).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn complete_and_abort_never_both_pass_their_check() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("migrations")).unwrap();
+        let id = "migration-vm1-race";
+        let record = serde_json::json!({ "id": id, "vm": "vm1", "state": "prepared", "token": "t", "disks": [] });
+        let control = control(dir.path(), record);
+        // The complete pauses after its check until the abort passed its own (or 1 s went by:
+        // under the steps lock the abort cannot get there first).
+        let (passed_tx, passed_rx) = std_mpsc::channel::<()>();
+        let (seen_tx, seen_rx) = std_mpsc::channel::<bool>();
+        let (reached_tx, reached_rx) = oneshot::channel::<()>();
+        crate::testkit::set("migration.complete.checked", id, move || {
+            let _ = reached_tx.send(());
+            let _ = seen_tx.send(passed_rx.recv_timeout(Duration::from_secs(1)).is_ok());
+        });
+        crate::testkit::set("migration.abort.checked", id, move || {
+            let _ = passed_tx.send(());
+        });
+        let c = control.clone();
+        let complete =
+            tokio::spawn(async move { c.complete_migration(id, Complete { stream: None, speed: None }).await });
+        reached_rx.await.unwrap();
+        let aborted = control.abort_migration(id).await;
+        let completed = complete.await.unwrap();
+        eprintln!("complete: {completed:?}; abort: {aborted:?}");
+        assert!(
+            !seen_rx.recv().unwrap(),
+            "the abort passed its \"prepared\" check while the complete stood between its own check and its action"
+        );
+        assert!(
+            !(completed.is_ok() && aborted.is_ok()),
+            "both the complete and the abort of one migration succeeded: {completed:?} / {aborted:?}"
+        );
+        assert!(completed.is_ok(), "the complete came first and must win: {completed:?}");
+        assert_eq!(control.stored(id).unwrap()["state"], "active");
+    }
 }
