@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 
-use crate::bitmap::{BitmapError, DiskBitmaps, Drained};
+use crate::bitmap::{BitmapError, DiskBitmaps, Drained, OwnedShared};
 use crate::config::Allow;
 use crate::store::{BlockStore, StoreError};
 
@@ -147,11 +147,6 @@ impl Export {
     /// Ceph); writes must then leave the connection's task.
     pub fn has_blocking_hooks(&self) -> bool {
         self.hooks.load().iter().any(|h| !h.inline_safe())
-    }
-
-    /// Whether a write here would mark no new bit (so it needs no bitmap sync).
-    pub fn bitmaps_clean_for(&self, offset: u64, length: u64) -> bool {
-        self.bitmaps.all_durable(offset, length)
     }
 
     /// Holds new writes and waits for in-flight ones (cut-over); writes
@@ -314,76 +309,99 @@ impl Export {
 
     /// Writes through the tracking path: bitmaps are marked (durably)
     /// before the data reaches the store.
-    pub fn write(&self, data: &[u8], offset: u64, fua: bool) -> Result<(), ExportError> {
-        self.tracked(offset, WriteData::Data(data), fua, || self.store.write_at(data, offset))
-    }
-
-    /// The write path without a blocking call, for stores with an
-    /// asynchronous data path: `None` when anything on the way would wait
-    /// (a held barrier, a bitmap hand-off, bits not yet durable) or a job's
-    /// hook is installed; the caller then takes [`write`](Self::write). The
-    /// future holds the barrier entry and the bitmaps' write section until
-    /// the store completed the write, as the blocking path does.
-    pub fn try_write_async(
-        self: &Arc<Self>,
-        data: Bytes,
-        offset: u64,
-        fua: bool,
-    ) -> Option<impl std::future::Future<Output = Result<(), ExportError>> + Send + 'static> {
-        let aio = self.store.async_io()?;
-        if !self.barrier.try_enter() {
-            return None;
-        }
-        let entered = OwnedEntered(self.clone());
-        // After entering, as on the blocking path: a cut-over sets read-only while the barrier is closed.
-        if self.read_only() {
-            return None;
-        }
-        let section = self.bitmaps.try_write_section()?;
-        // Hooks are installed only under the exclusive gate (`drained`): none can appear while we hold it.
-        if !self.hooks.load().is_empty() || !matches!(self.bitmaps.try_mark(offset, data.len() as u64), Ok(true)) {
-            return None;
-        }
-        let write = aio.write(data, offset);
-        // FUA: a flush submitted after the write completed (not alongside it), so it covers the
-        // write whatever cache librbd runs with (pool or image settings can turn one back on).
-        let flush_after = fua.then(|| self.store.clone());
-        Some(async move {
-            let result = write.await;
-            drop((section, entered));
-            result?;
-            if let Some(aio) = flush_after.as_ref().and_then(|store| store.async_io()) {
-                aio.flush().await?;
-            }
-            Ok(())
-        })
+    pub fn write(self: &Arc<Self>, data: &[u8], offset: u64, fua: bool) -> Result<(), ExportError> {
+        let admission = self.admit_waiting(offset, data.len() as u64)?;
+        self.write_admitted(admission, data, offset, fua)
     }
 
     /// Zeroes a range through the tracking path.
-    pub fn write_zeroes(&self, offset: u64, length: u64, may_unmap: bool, fua: bool) -> Result<(), ExportError> {
-        self.tracked(offset, WriteData::Zeroes(length), fua, || self.store.write_zeroes(offset, length, may_unmap))
+    pub fn write_zeroes(
+        self: &Arc<Self>,
+        offset: u64,
+        length: u64,
+        may_unmap: bool,
+        fua: bool,
+    ) -> Result<(), ExportError> {
+        let admission = self.admit_waiting(offset, length)?;
+        self.run_admitted(admission, offset, WriteData::Zeroes(length), fua, || {
+            self.store.write_zeroes(offset, length, may_unmap)
+        })
     }
 
     /// Discards a range through the tracking path.
-    pub fn discard(&self, offset: u64, length: u64, fua: bool) -> Result<(), ExportError> {
-        self.tracked(offset, WriteData::Zeroes(length), fua, || self.store.discard(offset, length))
+    pub fn discard(self: &Arc<Self>, offset: u64, length: u64, fua: bool) -> Result<(), ExportError> {
+        let admission = self.admit_waiting(offset, length)?;
+        self.run_admitted(admission, offset, WriteData::Zeroes(length), fua, || self.store.discard(offset, length))
     }
 
-    /// The write path: barrier → bitmaps (durable) → before-hooks
+    /// A write's way in without waiting: `Ok(None)` when a step would wait
+    /// (a held barrier, a bitmap hand-off or drain, bits not yet durable);
+    /// the caller then takes the blocking path ([`write`](Self::write) on
+    /// the blocking pool). An error (read-only) is final on either path.
+    pub fn try_admit(self: &Arc<Self>, offset: u64, length: u64) -> Result<Option<Admission>, ExportError> {
+        match self.enter_write(offset, length, Wait::GiveUp) {
+            Ok(admission) => Ok(Some(admission)),
+            Err(Refused::WouldWait) => Ok(None),
+            Err(Refused::Error(e)) => Err(e),
+        }
+    }
+
+    /// [`enter_write`](Self::enter_write), waiting at each step.
+    fn admit_waiting(self: &Arc<Self>, offset: u64, length: u64) -> Result<Admission, ExportError> {
+        match self.enter_write(offset, length, Wait::Block) {
+            Ok(admission) => Ok(admission),
+            Err(Refused::Error(e)) => Err(e),
+            Err(Refused::WouldWait) => unreachable!("an admission that waits never gives up"),
+        }
+    }
+
+    /// The one way in for every write: barrier → read-only check → the
+    /// bitmaps' write section → mark. Each step runs once; with
+    /// [`Wait::GiveUp`] a step that would wait ends the admission instead.
+    fn enter_write(self: &Arc<Self>, offset: u64, length: u64, wait: Wait) -> Result<Admission, Refused> {
+        let block = wait == Wait::Block;
+        if block {
+            self.barrier.enter();
+        } else if !self.barrier.try_enter() {
+            return Err(Refused::WouldWait);
+        }
+        let entered = OwnedEntered(self.clone());
+        // After entering: a cut-over sets read-only while the barrier is closed.
+        self.writable().map_err(|e| Refused::Error(e.into()))?;
+        let section = if block {
+            self.bitmaps.write_section()
+        } else {
+            self.bitmaps.try_write_section().ok_or(Refused::WouldWait)?
+        };
+        if block {
+            self.bitmaps.mark(offset, length).map_err(|e| Refused::Error(e.into()))?;
+        } else if !self.bitmaps.try_mark(offset, length).map_err(|e| Refused::Error(e.into()))? {
+            // The bits are set in memory; the blocking path's mark syncs them.
+            return Err(Refused::WouldWait);
+        }
+        Ok(Admission { _section: section, _entered: entered })
+    }
+
+    /// Writes `data` once admitted: hooks, store, FUA.
+    pub fn write_admitted(&self, admission: Admission, data: &[u8], offset: u64, fua: bool) -> Result<(), ExportError> {
+        self.run_admitted(admission, offset, WriteData::Data(data), fua, || self.store.write_at(data, offset))
+    }
+
+    /// The store IO of an admitted write between the hooks: before-hooks
     /// (copy-before-write, mirror tracking) → store → after-hooks (active
-    /// mirror) → FUA.
-    fn tracked(
+    /// mirror) → FUA. The admission ends (barrier and write section left)
+    /// when this returns.
+    fn run_admitted(
         &self,
+        _admission: Admission,
         offset: u64,
         data: WriteData<'_>,
         fua: bool,
         io: impl FnOnce() -> Result<(), StoreError>,
     ) -> Result<(), ExportError> {
-        let _entered = self.barrier.enter();
-        self.writable()?;
         let length = data.len();
-        let _section = self.bitmaps.write_section();
-        self.bitmaps.mark(offset, length)?;
+        // Hooks are installed only under the exclusive gate (`drained`): none can appear or go
+        // while the admission holds the write section.
         let hooks = self.hooks.load();
         for hook in hooks.iter() {
             hook.before_write(offset, length)?;
@@ -398,6 +416,37 @@ impl Export {
             hook.after_write(offset, &data)?;
         }
         Ok(self.fua(fua)?)
+    }
+
+    /// A write on the store's asynchronous data path (librbd aio): `None`
+    /// when the admission would wait or a job's hook is installed; the
+    /// caller then takes [`write`](Self::write). The future holds the
+    /// admission until the store completed the write, as the blocking path
+    /// does.
+    pub fn try_write_async(
+        self: &Arc<Self>,
+        data: Bytes,
+        offset: u64,
+        fua: bool,
+    ) -> Option<impl std::future::Future<Output = Result<(), ExportError>> + Send + 'static> {
+        let aio = self.store.async_io()?;
+        let admission = self.try_admit(offset, data.len() as u64).ok()??;
+        if !self.hooks.load().is_empty() {
+            return None;
+        }
+        let write = aio.write(data, offset);
+        // FUA: a flush submitted after the write completed (not alongside it), so it covers the
+        // write whatever cache librbd runs with (pool or image settings can turn one back on).
+        let flush_after = fua.then(|| self.store.clone());
+        Some(async move {
+            let result = write.await;
+            drop(admission);
+            result?;
+            if let Some(aio) = flush_after.as_ref().and_then(|store| store.async_io()) {
+                aio.flush().await?;
+            }
+            Ok(())
+        })
     }
 
     fn writable(&self) -> Result<(), StoreError> {
@@ -488,14 +537,13 @@ impl WriteBarrier {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Enters a write (waits while closed); the guard leaves it.
-    fn enter(&self) -> Entered<'_> {
+    /// Enters a write (waits while closed); leave with [`leave`](Self::leave).
+    fn enter(&self) {
         let mut s = self.lock();
         while s.0 {
             s = self.changed.wait(s).unwrap_or_else(|p| p.into_inner());
         }
         s.1 += 1;
-        Entered(self)
     }
 
     /// Enters a write if the barrier is open (never waits); leave with [`leave`](Self::leave).
@@ -528,16 +576,34 @@ impl WriteBarrier {
     }
 }
 
-struct Entered<'a>(&'a WriteBarrier);
+/// A write's entry through the barrier (owns the export); leaves on drop.
+struct OwnedEntered(Arc<Export>);
 
-impl Drop for Entered<'_> {
-    fn drop(&mut self) {
-        self.0.leave();
-    }
+/// How [`Export::enter_write`] meets a step that would wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wait {
+    /// Wait for it (the blocking path).
+    Block,
+    /// Give up (the connection's task, the asynchronous path).
+    GiveUp,
 }
 
-/// An entry of an asynchronous write (owns the export).
-struct OwnedEntered(Arc<Export>);
+/// Why an admission did not happen.
+enum Refused {
+    /// A step would have waited ([`Wait::GiveUp`] only).
+    WouldWait,
+    /// The write must fail (read-only, bitmaps not durable).
+    Error(ExportError),
+}
+
+/// A write let in: inside the write barrier (a cut-over waits for it),
+/// inside the bitmaps' write section (a drain waits for it), its bits
+/// marked durably. Dropping it ends the write.
+#[must_use]
+pub struct Admission {
+    _section: OwnedShared,
+    _entered: OwnedEntered,
+}
 
 impl Drop for OwnedEntered {
     fn drop(&mut self) {

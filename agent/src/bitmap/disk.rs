@@ -10,7 +10,7 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use serde::Serialize;
 
 use super::atomic::{valid_mask, AtomicBits};
-use super::gate::{Exclusive, Gate, OwnedShared, Shared};
+use super::gate::{Exclusive, Gate, OwnedShared};
 use super::intent::{self, Intent, INTENT_FILE};
 use super::persist::{BitmapFile, Header, LoadError, WORDS_PER_PAGE};
 use super::persister::{page_of, PageRequest, Persister, STOPPED};
@@ -392,9 +392,10 @@ impl DiskBitmaps {
         &self.disk
     }
 
-    /// Held by every write request across marking and the store write.
-    pub fn write_section(&self) -> Shared<'_> {
-        self.gate.shared()
+    /// Held by every write request across marking and the store write
+    /// (owned: an asynchronous write holds it until its store IO completed).
+    pub fn write_section(&self) -> OwnedShared {
+        self.gate.shared_owned()
     }
 
     /// [`write_section`](Self::write_section) if that needs no wait, owned

@@ -34,14 +34,15 @@ impl Gate {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Holds the gate shared, waiting while it is (or is about to be) held exclusively.
-    pub fn shared(&self) -> Shared<'_> {
+    /// Holds the gate shared, waiting while it is (or is about to be) held
+    /// exclusively; the hold owns the gate.
+    pub fn shared_owned(self: &Arc<Self>) -> OwnedShared {
         let mut s = self.lock();
         while s.exclusive || s.waiting > 0 {
             s = self.changed.wait(s).unwrap_or_else(|p| p.into_inner());
         }
         s.shared += 1;
-        Shared(self)
+        OwnedShared(self.clone())
     }
 
     /// Holds the gate shared if that needs no wait; the hold owns the gate.
@@ -87,17 +88,6 @@ impl Gate {
     fn leave_exclusive(&self) {
         self.lock().exclusive = false;
         self.changed.notify_all();
-    }
-}
-
-/// A shared hold; released on drop.
-#[must_use]
-#[derive(Debug)]
-pub struct Shared<'a>(&'a Gate);
-
-impl Drop for Shared<'_> {
-    fn drop(&mut self) {
-        self.0.leave_shared();
     }
 }
 
@@ -190,7 +180,7 @@ mod tests {
         assert!(!entered.load(SeqCst), "exclusive entered while a shared hold was alive");
         drop(owned);
         // A blocking shared hold waits until the exclusive holder left.
-        let _s = gate.shared();
+        let _s = gate.shared_owned();
         assert!(entered.load(SeqCst));
         waiter.join().unwrap();
         let state = gate.lock();

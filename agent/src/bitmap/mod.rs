@@ -39,7 +39,7 @@ mod persister;
 
 pub use atomic::AtomicBits;
 pub use disk::{Bitmap, BitmapInfo, DiskBitmaps, Drained, Frozen};
-pub use gate::{OwnedShared, Shared};
+pub use gate::OwnedShared;
 
 /// Errors of bitmap operations, named after what was wrong.
 #[derive(Debug, thiserror::Error)]

@@ -353,8 +353,8 @@ impl Pipeline {
             });
             return;
         }
-        if self.session.inline(&req) {
-            let _ = self.tx.send((self.session.execute(&req, &payload), Some(permit)));
+        if let Some(reply) = self.session.try_inline(&req, &payload) {
+            let _ = self.tx.send((reply, Some(permit)));
             return;
         }
         let (session, tx) = (self.session.clone(), self.tx.clone());

@@ -205,18 +205,38 @@ impl Session {
         })
     }
 
-    /// Whether `req` may run on the connection's own task: a page-cache
-    /// read or write of a plain file image, without FUA, whose bitmap bits
-    /// are durable already. Everything that can block for long (flush, FUA,
-    /// layered or remote images, a mirror's forwarding hook) goes to the
-    /// blocking pool; a backup's copy-before-write of a page-cache disk
-    /// (a page-cache read and a scratch-file write) stays inline.
-    pub fn inline(&self, req: &Request) -> bool {
-        matches!(req.command, Command::Read | Command::Write | Command::BlockStatus | Command::Cache)
+    /// Runs `req` on the connection's own task if it is a page-cache read
+    /// or write of a plain file image, without FUA, and nothing on a
+    /// write's way would wait (a cut-over's barrier, a backup's drain,
+    /// bitmap bits not yet durable: see [`Export::try_admit`]). `None`: run
+    /// [`execute`](Self::execute) on the blocking pool instead. Everything
+    /// that can block for long (flush, FUA, layered or remote images, a
+    /// mirror's forwarding hook) goes there; a backup's copy-before-write
+    /// of a page-cache disk (a page-cache read and a scratch-file write)
+    /// stays inline.
+    pub fn try_inline(&self, req: &Request, payload: &Bytes) -> Option<Vec<u8>> {
+        let inline = matches!(req.command, Command::Read | Command::Write | Command::BlockStatus | Command::Cache)
             && !req.has_flag(cmd_flags::FUA)
             && self.export.store().capabilities().inline_io
-            && !self.export.has_blocking_hooks()
-            && (req.command != Command::Write || self.export.bitmaps_clean_for(req.offset, u64::from(req.length)))
+            && !self.export.has_blocking_hooks();
+        if !inline {
+            return None;
+        }
+        if req.command != Command::Write {
+            return Some(self.execute(req, payload));
+        }
+        let admission = match self.export.try_admit(req.offset, u64::from(req.length)) {
+            // Hooks cannot change while the admission holds the bitmaps' write section.
+            Ok(Some(_)) if self.export.has_blocking_hooks() => return None,
+            Ok(Some(admission)) => Ok(admission),
+            Ok(None) => return None,
+            Err(e) => Err(e),
+        };
+        let started = self.metrics.start();
+        let result = admission.and_then(|a| self.export.write_admitted(a, payload, req.offset, false));
+        let reply = self.status_reply(req, result);
+        self.metrics.done(op_index(req.command), u64::from(req.length), reply_ok(&reply), started);
+        Some(reply)
     }
 
     /// Records a request refused before execution.
@@ -372,6 +392,67 @@ fn to_wire(runs: impl Iterator<Item = (u64, u32)>, req_one: bool) -> Vec<WireExt
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bitmap::DiskBitmaps;
+    use crate::config::BitmapConfig;
+    use crate::store::file::FileStore;
+    use crate::store::Stores;
+    use std::time::{Duration, Instant};
+
+    const SIZE: u64 = 1 << 20;
+
+    /// A session on a `file:` disk with one recording bitmap.
+    fn session(dir: &std::path::Path) -> Session {
+        let store: Arc<dyn crate::store::BlockStore> =
+            Arc::new(FileStore::create(&dir.join("disk.raw"), SIZE, &Stores::new(None)).unwrap());
+        let bitmap = BitmapConfig { name: "b".into(), granularity: 65536, enabled: true };
+        let bitmaps =
+            DiskBitmaps::open(&dir.join("bitmaps"), "vm/disk", SIZE, store.identity().unwrap(), &[bitmap], 0).unwrap();
+        let export = Arc::new(Export::new("vm/disk".into(), String::new(), store, Arc::new(bitmaps), false));
+        let info = export.info();
+        let negotiated =
+            Negotiated { export: info, structured_replies: true, meta_contexts: vec![], block_sizes_negotiated: false };
+        let sizes = BlockSizes { minimum: 1, preferred: 4096, maximum: 32 << 20 };
+        Session::new(export, &negotiated, sizes, crate::metrics::Metrics::new().nbd("vm/disk"))
+    }
+
+    fn write(offset: u64) -> Request {
+        Request { cookie: 1, command: Command::Write, flags: 0, offset, length: 4096 }
+    }
+
+    /// A write on the connection's own task never waits for a drain (a VM
+    /// backup's group freeze holds each disk drained until every disk
+    /// froze, and writes parked on the runtime's workers would keep the
+    /// other disks' jobs from getting there): it goes to the blocking pool
+    /// at once instead, and waits there.
+    #[test]
+    fn an_inline_write_never_waits_for_a_drain() {
+        let dir = tempfile::tempdir().unwrap();
+        let session = session(dir.path());
+        let payload = Bytes::from(vec![7u8; 4096]);
+        // A new bit needs a sync: not inline.
+        assert!(session.try_inline(&write(0), &payload).is_none());
+        assert!(reply_ok(&session.execute(&write(0), &payload)));
+        // Durable now: inline.
+        assert!(session.try_inline(&write(0), &payload).is_some_and(|r| reply_ok(&r)));
+        let export = session.export().clone();
+        let (held_tx, held_rx) = std::sync::mpsc::channel();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let holder = std::thread::spawn(move || {
+            export.bitmaps().drained(|_| {
+                held_tx.send(()).unwrap();
+                let _ = release_rx.recv_timeout(Duration::from_secs(5));
+            });
+        });
+        held_rx.recv().unwrap();
+        let asked = Instant::now();
+        let inline = session.try_inline(&write(0), &payload);
+        let waited = asked.elapsed();
+        release_tx.send(()).unwrap();
+        holder.join().unwrap();
+        assert!(inline.is_none(), "an inline write ran while the disk was drained");
+        assert!(waited < Duration::from_secs(2), "the inline attempt waited {waited:?} for the drain");
+        assert!(session.try_inline(&write(0), &payload).is_some_and(|r| reply_ok(&r)));
+    }
 
     #[test]
     fn runs_merge_and_req_one_keeps_the_first() {
