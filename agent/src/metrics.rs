@@ -56,14 +56,14 @@ struct BitmapLabel {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct JobLabel {
-    job: String,
+    job_id: String,
     kind: String,
     disk: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct JobStateLabel {
-    job: String,
+    job_id: String,
     kind: String,
     disk: String,
     state: String,
@@ -102,7 +102,7 @@ pub struct Metrics {
     job_total: Family<JobLabel, Gauge>,
     job_rate: Family<JobLabel, Gauge>,
     job_state: Family<JobStateLabel, Gauge>,
-    jobs_concluded: Family<ResultLabel, Gauge>,
+    jobs_concluded: Family<ResultLabel, Counter>,
     backup_last: Family<DiskLabel, Gauge>,
     backup_bytes: Family<DiskLabel, Gauge>,
     backup_chain: Family<DiskLabel, Gauge>,
@@ -153,13 +153,13 @@ impl Metrics {
         r.register("bitmap_dirty_bytes", "Bytes covered by dirty granules", m.bitmap_dirty.clone());
         r.register("bitmap_granularity_bytes", "Bytes per bitmap bit", m.bitmap_granularity.clone());
         r.register("bitmap_consistent", "1 if the bitmap can be trusted", m.bitmap_consistent.clone());
-        r.register("job_bytes_done", "Bytes processed by a running job", m.job_done.clone());
-        r.register("job_bytes_to_process", "Bytes a running job has to process", m.job_total.clone());
+        r.register("job_done_bytes", "Bytes processed by a running job", m.job_done.clone());
+        r.register("job_total_bytes", "Bytes a running job has to process", m.job_total.clone());
         r.register("job_rate_bytes_per_second", "Current rate of a running job", m.job_rate.clone());
         r.register("job_state", "1 for the state a running job is in", m.job_state.clone());
         r.register(
             "jobs_concluded",
-            "Jobs concluded since the agent's state began, by result",
+            "Jobs concluded since the agent's state (STATE_DIR/jobs) began, by kind and result",
             m.jobs_concluded.clone(),
         );
         r.register(
@@ -167,14 +167,21 @@ impl Metrics {
             "When the last successful backup of the disk ended",
             m.backup_last.clone(),
         );
-        r.register("backup_last_bytes_written", "Bytes the last successful backup wrote", m.backup_bytes.clone());
+        r.register("backup_last_written_bytes", "Bytes the last successful backup wrote", m.backup_bytes.clone());
         r.register(
             "backup_chain_length",
             "Backup snapshots on the disk's target after its last backup",
             m.backup_chain.clone(),
         );
-        r.register("mirror_last_bytes_sent", "Bytes the last completed mirror of the disk sent", m.mirror_sent.clone());
+        r.register("mirror_last_sent_bytes", "Bytes the last completed mirror of the disk sent", m.mirror_sent.clone());
         r.register("migration_last_downtime_seconds", "Write downtime of the disk's last cut-over", m.downtime.clone());
+        // Every kind's counters exist from the start at 0, so the first failure of a kind is an
+        // increase (rate() and increase() miss a series that appears at 1).
+        for kind in ["backup", "verify", "mirror", "stream"] {
+            for result in ["success", "failed", "cancelled"] {
+                drop(m.jobs_concluded.get_or_create(&ResultLabel { kind: kind.into(), result: result.into() }));
+            }
+        }
         Arc::new(Self { registry, ..m })
     }
 
@@ -230,25 +237,25 @@ impl Metrics {
             f.clear();
         }
         self.job_state.clear();
-        self.jobs_concluded.clear();
+        let mut concluded: std::collections::HashMap<ResultLabel, u64> = Default::default();
         for f in [&self.backup_last, &self.backup_bytes, &self.backup_chain, &self.mirror_sent] {
             f.clear();
         }
         self.downtime.clear();
         for r in jobs.list(true) {
             if r.state != JobState::Concluded {
-                let l = JobLabel { job: r.id.clone(), kind: r.kind.clone(), disk: r.disk.clone() };
+                let l = JobLabel { job_id: r.id.clone(), kind: r.kind.clone(), disk: r.disk.clone() };
                 set(&self.job_done, l.clone(), r.bytes_done);
                 set(&self.job_total, l.clone(), r.bytes_total);
                 set(&self.job_rate, l, r.rate);
                 let state =
                     serde_json::to_value(r.state).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
-                set(&self.job_state, JobStateLabel { job: r.id, kind: r.kind, disk: r.disk, state }, 1);
+                set(&self.job_state, JobStateLabel { job_id: r.id, kind: r.kind, disk: r.disk, state }, 1);
                 continue;
             }
             let result =
                 serde_json::to_value(r.result).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
-            self.jobs_concluded.get_or_create(&ResultLabel { kind: r.kind.clone(), result }).inc();
+            *concluded.entry(ResultLabel { kind: r.kind.clone(), result }).or_default() += 1;
             if r.result != Some(JobResult::Success) {
                 continue;
             }
@@ -268,6 +275,11 @@ impl Metrics {
                 }
                 _ => {}
             }
+        }
+        // The job history is never pruned, so these counts only grow: the counters follow them.
+        for (label, n) in concluded {
+            let counter = self.jobs_concluded.get_or_create(&label);
+            counter.inc_by(n.saturating_sub(counter.get()));
         }
     }
 }

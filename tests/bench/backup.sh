@@ -20,7 +20,7 @@
 # (from fio's own write log), the bitmap's dirty_bytes before the backup, the job's
 # bytes_total/bytes_done, bytes read by the agent (its rchar from /proc/PID/io over the backup:
 # pread()s of the disk file plus a few KiB of librados replies), bytes written (the job's
-# summary.bytes_written, cross-checked with the rbdsync_backup_last_bytes_written metric) and the
+# summary.bytes_written, cross-checked with the rbdsync_backup_last_written_bytes metric) and the
 # bytes that changed on the target (`rbd diff [--from-snap PREV] IMG@SNAP`, summed).
 # Goals (from the backup issue): full backup >= 0.9x rbd bench; incremental writes <= dirty
 # bytes rounded up to the granularity; client 4K randwrite IOPS during a full backup >= 0.8x
@@ -414,7 +414,7 @@ backup() {
     written=$(pyget "$out" 'j["summary"]["bytes_written"]')
     scratch=$(pyget "$out" 'j["summary"]["scratch_bytes"]')
     diff=$(diff_bytes "$image" "$SNAP" "$prev")
-    met=$(metric rbdsync_backup_last_bytes_written)
+    met=$(metric rbdsync_backup_last_written_bytes)
     record "$round" "$name.secs" "$secs"
     record "$round" "$name.bytes_total" "$total"
     record "$round" "$name.bytes_done" "$done_"
@@ -707,7 +707,7 @@ for n in names[1:]:
 for n in names:
     for rd in rounds:
         if rd in vals[f"{n}.metric_written"] and vals[f"{n}.metric_written"][rd] != vals[f"{n}.written"][rd]:
-            notes.append(f"{n} round {rd}: rbdsync_backup_last_bytes_written {vals[f'{n}.metric_written'][rd]:,.0f} "
+            notes.append(f"{n} round {rd}: rbdsync_backup_last_written_bytes {vals[f'{n}.metric_written'][rd]:,.0f} "
                          f"!= summary.bytes_written {vals[f'{n}.written'][rd]:,.0f}")
         if rd in vals[f"{n}.diff"] and vals[f"{n}.diff"][rd] != vals[f"{n}.written"][rd]:
             notes.append(f"{n} round {rd}: rbd diff {vals[f'{n}.diff'][rd]:,.0f} != summary.bytes_written {vals[f'{n}.written'][rd]:,.0f}")

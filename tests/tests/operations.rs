@@ -317,11 +317,13 @@ fn metrics_pass_promtool_and_count_the_io_and_the_backup() {
     let last = value(&s, "rbdsync_backup_last_success_timestamp_seconds", &[disk]);
     assert!(last >= started && last <= now_secs() + 1.0, "backup timestamp {last} outside [{started}, now]");
     assert_eq!(Some(last as u64), done["finished_at"].as_u64(), "metric = the job's finished_at");
-    let bytes = value(&s, "rbdsync_backup_last_bytes_written", &[disk]);
+    let bytes = value(&s, "rbdsync_backup_last_written_bytes", &[disk]);
     assert_eq!(Some(bytes as u64), done["summary"]["bytes_written"].as_u64(), "metric = the job summary");
     assert!(bytes >= WRITTEN as f64, "a backup of {WRITTEN} written bytes wrote {bytes}");
     assert_eq!(value(&s, "rbdsync_backup_chain_length", &[disk]), 1.0);
-    assert_eq!(value(&s, "rbdsync_jobs_concluded", &[("kind", "backup"), ("result", "success")]), 1.0);
+    assert_eq!(value(&s, "rbdsync_jobs_concluded_total", &[("kind", "backup"), ("result", "success")]), 1.0);
+    // Every kind's counters exist from the start (the first failure of a kind is an increase).
+    assert_eq!(value(&s, "rbdsync_jobs_concluded_total", &[("kind", "verify"), ("result", "failed")]), 0.0);
     assert_eq!(value(&s, "rbdsync_bitmap_dirty_bytes", &bm), 0.0, "the backup committed the bitmap");
     assert_eq!(value(&s, "rbdsync_nbd_requests_total", &[disk, ("op", "write")]), 3.0, "a backup is no NBD write");
 
@@ -346,10 +348,11 @@ fn metrics_pass_promtool_while_a_job_runs() {
     let (s, _) = parse_exposition(&body);
     let running = s.iter().any(|x| {
         x.name == "rbdsync_job_state"
-            && x.labels.get("job") == Some(&id)
+            && x.labels.get("job_id") == Some(&id)
+            && !x.labels.contains_key("job")
             && x.labels.get("state").map(String::as_str) == Some("running")
     });
-    assert!(running, "no rbdsync_job_state{{job={id:?},state=\"running\"}} while the job runs:\n{body}");
+    assert!(running, "no rbdsync_job_state{{job_id={id:?},state=\"running\"}} while the job runs:\n{body}");
     let cancelled = api(&agent, "POST", &format!("/v1/jobs/{id}/cancel"), None);
     assert_eq!(cancelled.status, 200, "cancel: {cancelled:?}");
     promtool_check_metrics(&body);
@@ -472,7 +475,11 @@ fn dashboard_exprs(dashboard: &Value) -> Vec<String> {
 
 /// A dashboard expression with Grafana's variables replaced, for Prometheus.
 fn grafana_to_promql(expr: &str) -> String {
-    let expr = expr.replace("$__rate_interval", "1m").replace("$instance", ".*").replace("$disk", ".*");
+    let expr = expr
+        .replace("$__rate_interval", "1m")
+        .replace("$__range", "1h")
+        .replace("$instance", ".*")
+        .replace("$disk", ".*");
     // label_values(SELECTOR, LABEL) is Grafana's; Prometheus evaluates the selector.
     match expr.strip_prefix("label_values(") {
         Some(rest) => rest.rsplit_once(',').map(|(sel, _)| sel.to_owned()).unwrap_or(expr.clone()),
@@ -485,7 +492,7 @@ fn a_prometheus_server_scrapes_the_agent_and_runs_the_rules_and_dashboard_querie
     require_tool("qemu-io", "qemu-utils");
     let (agent, addr) = metrics_agent(&["vm1"]);
     guest_io(&agent, "vm1/disk0");
-    // A job that runs while Prometheus scrapes (its `job` label meets Prometheus' own).
+    // A job that runs while Prometheus scrapes (its `job_id` label beside Prometheus' `job`).
     let target = format!("file:{}", agent.dir().join("bk").display());
     let job = cli_json(&agent, &["backup", "vm1/disk0", "--target", &target, "--sync", "full", "--speed", "1MiB"]);
     let id = job_id(&job);
@@ -520,9 +527,11 @@ fn a_prometheus_server_scrapes_the_agent_and_runs_the_rules_and_dashboard_querie
     prom.wait_for("rbdsync_bitmap_dirty_bytes{disk=\"vm1/disk0\",bitmap=\"backup\"}", limit, |r| {
         r.len() == 1 && r[0]["value"][1].as_str().and_then(|v| v.parse::<u64>().ok()) == Some(WRITTEN)
     });
-    // The agent's `job` label (job id) is kept as `exported_job`: what alerts.yml and the dashboard use.
-    let state = prom.wait_for(&format!("rbdsync_job_state{{exported_job=\"{id}\"}}"), limit, |r| !r.is_empty());
+    // The job id is `job_id`; `job` stays Prometheus' target label (what alerts.yml and the
+    // dashboard select on), with no `exported_job` left behind.
+    let state = prom.wait_for(&format!("rbdsync_job_state{{job_id=\"{id}\"}}"), limit, |r| !r.is_empty());
     assert_eq!(state[0]["metric"]["job"], "rbdsync", "{state:?}");
+    assert!(state[0]["metric"].get("exported_job").is_none(), "{state:?}");
     assert_eq!(state[0]["metric"]["state"], "running", "{state:?}");
     assert_eq!(api(&agent, "POST", &format!("/v1/jobs/{id}/cancel"), None).status, 200);
 
@@ -772,7 +781,7 @@ fn dashboard_and_alerts_use_only_metrics_the_agent_exports() {
             exported.insert(family);
         }
     }
-    for must in ["rbdsync_job_bytes_done", "rbdsync_mirror_last_bytes_sent", "rbdsync_backup_chain_length"] {
+    for must in ["rbdsync_job_done_bytes", "rbdsync_mirror_last_sent_bytes", "rbdsync_backup_chain_length"] {
         assert!(exported.contains(must), "the scrapes miss {must}; the test setup is broken:\n{scrapes:?}");
     }
     // `up` is made by Prometheus for every target, not exported by the agent.
@@ -802,13 +811,13 @@ fn dashboard_and_alerts_use_only_metrics_the_agent_exports() {
         "rbdsync_nbd_inflight_requests",
         "rbdsync_bitmap_dirty_bytes",
         "rbdsync_bitmap_consistent",
-        "rbdsync_job_bytes_done",
-        "rbdsync_job_bytes_to_process",
+        "rbdsync_job_done_bytes",
+        "rbdsync_job_total_bytes",
         "rbdsync_job_rate_bytes_per_second",
         "rbdsync_backup_last_success_timestamp_seconds",
-        "rbdsync_backup_last_bytes_written",
+        "rbdsync_backup_last_written_bytes",
         "rbdsync_backup_chain_length",
-        "rbdsync_mirror_last_bytes_sent",
+        "rbdsync_mirror_last_sent_bytes",
         "rbdsync_migration_last_downtime_seconds",
     ] {
         assert!(used.contains(needed), "the dashboard has no panel for {needed}");
