@@ -253,6 +253,14 @@ pub async fn run(config: AgentConfig) -> Result<(), DaemonError> {
         exports,
         configs: BTreeMap::new(),
     };
+    // Fences a restart must find in place before any disk is served (see `fences_due_at_start`).
+    let outgoing = api::OutgoingEnv::load(config.state_dir.join("migrations").join("outgoing"));
+    for (disk, target) in outgoing.fences_due_at_start() {
+        let fence = config.state_dir.join("fenced").join(format!("{}.json", disk.replace('/', "__")));
+        if let Err(e) = crate::jobs::mirror::write_fence(&fence, &disk, &target) {
+            tracing::error!(disk = %disk, error = %e, "cannot fence a disk whose first-io migration was cutting over");
+        }
+    }
     if let Err(e) = disks.apply(&vms).await {
         disks.close_all().await;
         return Err(e);
@@ -296,7 +304,7 @@ pub async fn run(config: AgentConfig) -> Result<(), DaemonError> {
         dir: migrations_dir,
         steps: tokio::sync::Mutex::new(()),
     });
-    control.set_outgoing_env(api::OutgoingEnv::load(config.state_dir.join("migrations").join("outgoing")));
+    control.set_outgoing_env(outgoing);
     control.recover_outgoing().await;
     let serving = tokio::spawn(server.run(shutdown.clone()));
     tracing::info!(node = %config.node, exports = disks.configs.len(), "agent started");

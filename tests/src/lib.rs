@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 pub mod ceph;
+pub mod fusefs;
 pub mod guest;
 mod pki;
 pub use pki::Pki;

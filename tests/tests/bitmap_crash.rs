@@ -19,6 +19,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use tests::fusefs::PowerCutFs;
 
 use anyhow::{bail, ensure, Context, Result};
 use tests::{export_contexts, map_extents, run, stdout, Agent, AgentBuilder, Rng};
@@ -385,67 +386,6 @@ fn check_after_crash(
         extras[i] = extra;
     }
     Ok(extras)
-}
-
-/// `tests/tools/power-cut-fs.py` mounted at a directory: file data written
-/// there is kept only in that process's memory until it is synced.
-struct PowerCutFs {
-    child: Option<Child>,
-    mount: PathBuf,
-    backing: PathBuf,
-}
-
-impl PowerCutFs {
-    fn mount(mount: &Path) -> Result<Self> {
-        let backing = mount.with_extension("durable");
-        std::fs::create_dir_all(mount)?;
-        std::fs::create_dir_all(&backing)?;
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/power-cut-fs.py");
-        let child = Command::new("/usr/bin/python3")
-            .arg(&script)
-            .arg(&backing)
-            .arg(mount)
-            .stdin(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("spawn power-cut-fs (python3-fusepy)")?;
-        let fs = Self { child: Some(child), mount: mount.to_owned(), backing };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !fs.mounted() {
-            ensure!(Instant::now() < deadline, "power-cut-fs did not mount {} (needs /dev/fuse)", mount.display());
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Ok(fs)
-    }
-
-    fn mounted(&self) -> bool {
-        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-        let mount = self.mount.display().to_string();
-        mounts.lines().any(|l| l.split(' ').nth(1) == Some(mount.as_str()))
-    }
-
-    /// The power cut: the file system dies with every unsynced byte; the
-    /// directory then holds exactly what was synced.
-    fn cut(mut self) -> Result<()> {
-        if let Some(mut child) = self.child.take() {
-            child.kill()?;
-            child.wait()?;
-        }
-        run("umount", &["-l", self.mount.to_str().unwrap()])?;
-        std::fs::remove_dir(&self.mount)?;
-        std::fs::rename(&self.backing, &self.mount)?;
-        Ok(())
-    }
-}
-
-impl Drop for PowerCutFs {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-            let _ = Command::new("umount").args(["-l"]).arg(&self.mount).status();
-        }
-    }
 }
 
 #[test]

@@ -1734,6 +1734,84 @@ fn killing_the_cli_or_the_source_agent_in_each_state_never_splits_the_disk() {
     }
 }
 
+/// A `first-io` migration waits in `ready` for the destination's first
+/// write. If the destination's migration goes live by another hand (its
+/// `complete` called directly) the source must not stay writable beside it:
+/// the migration fails and the source disk ends fenced and read-only (two
+/// writable copies otherwise, with the source's watcher waiting forever).
+#[test]
+fn a_first_io_migration_whose_destination_went_live_elsewhere_fences_the_source() {
+    let store = tempfile::tempdir().unwrap();
+    let backing = Backing::File(store.path().join("backups/vm1-disk0.raw"));
+    let mut rng = Rng::from_env(0x3141_0031);
+    let (a, b, model, _) = small_setup(&backing, &mut rng, 2);
+    let out = output_within(migrate_cmd(&a, &b, true, &["--cutover", "first-io"]), Duration::from_secs(60));
+    assert!(out.status.success(), "migrate --cutover first-io: {}", show(&out));
+    let (_, m) = api(&a, "GET", "/v1/migrations/outgoing/vm1");
+    assert_eq!(m["state"], "ready", "{m}");
+    let id = m["id"].as_str().unwrap().to_owned();
+    let (code, answer) =
+        api_with(&b, "POST", &format!("/v1/migrations/{id}/complete"), Some(&serde_json::json!({ "stream": false })));
+    assert_eq!(code, 200, "complete on the destination: {answer}");
+    let after = outgoing_when(&a, &b, "after the destination went live", |m| {
+        ENDED.contains(&m["state"].as_str().unwrap_or(""))
+    });
+    eprintln!("source migration after the destination went live elsewhere: {after}");
+    assert_eq!(after["state"], "failed", "{after:#}{}", logs(&a, &b));
+    let info = disk_info(&a);
+    assert_eq!(info["read_only"], true, "the source stayed writable beside a live destination: {info}");
+    assert!(a.dir().join("state/fenced/vm1__disk0.json").exists(), "read-only without a fence");
+    let mut conn = Nbd::connect(&a.socket(), DISK).unwrap();
+    assert_eq!(conn.write(0, &vec![0x5a; GRANULE as usize]).unwrap(), errno::EPERM, "the source took a write");
+    drop(model);
+}
+
+/// The source agent killed after a `first-io` trigger and before its
+/// fences are written (a file system that never finishes creating the
+/// fence holds it there): QEMU's migration is over at that point, the VM
+/// runs on the destination and its first write waits for the cut-over. The
+/// restarted source rolls forward (fences, activates the destination) and
+/// that write succeeds; a rollback would fail it with EIO and leave the VM
+/// with no disk.
+#[test]
+fn a_source_killed_after_the_first_io_trigger_rolls_forward_and_the_held_write_succeeds() {
+    let store = tempfile::tempdir().unwrap();
+    let backing = Backing::File(store.path().join("backups/vm1-disk0.raw"));
+    let mut rng = Rng::from_env(0x3141_0032);
+    let (mut a, b, model, _) = small_setup(&backing, &mut rng, 2);
+    let scratch = b.dir().join("scratch.raw");
+    let fences = tests::fusefs::PowerCutFs::mount_stalling(&a.dir().join("state/fenced")).unwrap();
+    let out = output_within(migrate_cmd(&a, &b, true, &["--cutover", "first-io"]), Duration::from_secs(60));
+    assert!(out.status.success(), "migrate --cutover first-io: {}", show(&out));
+    // The destination VM's first write (by the disk's own name): held until the cut-over.
+    let offset = 20 * MIB;
+    let data: Vec<u8> = (0..GRANULE).map(|i| (i % 251) as u8 ^ 0x5a).collect();
+    let socket = b.socket();
+    let payload = data.clone();
+    let first_write = std::thread::spawn(move || {
+        let mut conn = Nbd::connect(&socket, DISK)?;
+        conn.write(offset, &payload)
+    });
+    outgoing_when(&a, &b, "the cut-over after the first write", |m| m["state"] == "cutting-over");
+    // Give the cut-over time to reach the fence (it stalls creating the file).
+    std::thread::sleep(Duration::from_millis(500));
+    a.signal(libc::SIGKILL);
+    fences.kill().unwrap();
+    a.kill9().unwrap();
+    let a = a.respawn().unwrap();
+    let after = outgoing_when(&a, &b, "after the restart", |m| ENDED.contains(&m["state"].as_str().unwrap_or("")));
+    eprintln!("after the restart: {after}");
+    let held = first_write.join().unwrap().unwrap();
+    assert_eq!(held, 0, "the destination VM's held first write failed (NBD errno {held}){}", logs(&a, &b));
+    assert_eq!(after["state"], "completed", "{after:#}");
+    assert_eq!(migration_states(&b), vec!["active".to_owned()]);
+    let info = disk_info(&a);
+    assert_eq!(info["read_only"], true, "{info}");
+    assert!(a.dir().join("state/fenced/vm1__disk0.json").exists(), "the source is not fenced");
+    model.lock().unwrap()[offset as usize..(offset + GRANULE) as usize].copy_from_slice(&data);
+    assert_model("destination after the roll-forward", &b.unix_uri(DISK), &model, &scratch);
+}
+
 /// A disk that was never backed up: `migrate` refuses and says what to do;
 /// `migrate --full` mirrors the whole disk onto a plain destination image,
 /// which ends up equal to every acknowledged write.

@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 """A FUSE file system that forgets what was not synced: a power cut in a box.
 
-    power-cut-fs.py BACKING MOUNTPOINT
+    power-cut-fs.py [--stall-create] BACKING MOUNTPOINT
 
 Files under MOUNTPOINT are the files under BACKING. File *data* written
 through the mount lives only in this process's memory until the file is
@@ -11,18 +11,24 @@ that was synced. Metadata (create, rename, unlink, mkdir) goes to BACKING at
 once, the kinder half of a real file system after a crash: a renamed file
 keeps only its synced data (the classic lost-rename-without-fsync case).
 Single-threaded; direct IO, so every write reaches this process.
+
+With --stall-create, creating a file never returns: a process that writes
+one is held there (and the whole file system with it, being single-threaded)
+until this process is killed, which fails the creation.
 """
 import errno
 import os
 import stat
 import sys
+import time
 
 import fusepy as fuse
 
 
 class PowerCut(fuse.Operations):
-    def __init__(self, backing):
+    def __init__(self, backing, stall_create=False):
         self.backing = backing
+        self.stall_create = stall_create
         self.volatile = {}  # path -> bytearray: the content as written, synced or not
         self.fds = {}
         self.next_fh = 1
@@ -80,6 +86,9 @@ class PowerCut(fuse.Operations):
         return self.next_fh
 
     def create(self, path, mode, fi=None):
+        if self.stall_create:
+            while True:
+                time.sleep(3600)
         fd = os.open(self._b(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
         os.close(fd)
         self.volatile[path] = bytearray()
@@ -142,5 +151,7 @@ class PowerCut(fuse.Operations):
 
 
 if __name__ == "__main__":
-    backing, mountpoint = sys.argv[1], sys.argv[2]
-    fuse.FUSE(PowerCut(backing), mountpoint, foreground=True, nothreads=True, direct_io=True)
+    args = sys.argv[1:]
+    stall = "--stall-create" in args
+    backing, mountpoint = [a for a in args if a != "--stall-create"]
+    fuse.FUSE(PowerCut(backing, stall), mountpoint, foreground=True, nothreads=True, direct_io=True)

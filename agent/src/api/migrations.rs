@@ -552,7 +552,18 @@ impl Control {
                 })
                 .collect();
             drop(tx);
-            fired = matches!(tokio::time::timeout(wait, rx.recv()).await, Ok(Some(())));
+            // Also ends when the migration leaves `prepared` (aborted, or completed by another
+            // hand): the source must learn that at once, not at the end of its long poll.
+            let deadline = tokio::time::Instant::now() + wait;
+            fired = loop {
+                tokio::select! {
+                    got = rx.recv() => break got.is_some(),
+                    () = tokio::time::sleep(std::time::Duration::from_millis(200)) => {}
+                }
+                if tokio::time::Instant::now() >= deadline || self.stored(id)?["state"] != "prepared" {
+                    break false;
+                }
+            };
             for t in tasks {
                 t.abort();
             }

@@ -258,6 +258,24 @@ impl OutgoingEnv {
         Self { dir, map: Mutex::new(map) }
     }
 
+    /// Disks to fence before they are served after a restart: those of a
+    /// `first-io` migration that was cutting over. Its trigger was the
+    /// destination VM's first write, so the VM runs there: the source disks
+    /// must never be writable again (the restart rolls the migration
+    /// forward), not even between opening and recovery. `(disk, fence
+    /// target)` pairs.
+    pub fn fences_due_at_start(&self) -> Vec<(String, String)> {
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        map.values()
+            .map(|h| h.get())
+            .filter(|r| r.cutover == Cutover::FirstIo && r.state == OutState::CuttingOver)
+            .flat_map(|r| {
+                let target = format!("{} {}", r.to, r.id.clone().unwrap_or_default());
+                r.disks.iter().map(move |d| (d.disk.clone(), target.clone())).collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
     fn handle(&self, vm: &str) -> Option<Arc<Handle>> {
         self.map.lock().unwrap_or_else(|p| p.into_inner()).get(vm).cloned()
     }
@@ -929,6 +947,51 @@ impl Control {
         });
     }
 
+    /// Whether a client wrote on the destination's incoming exports (no
+    /// answer counts as no: the migration then rolls back as before).
+    async fn destination_took_first_io(&self, r: &OutRecord) -> bool {
+        let (Ok(dest), Some(id)) = (r.to.parse::<Endpoint>(), &r.id) else { return false };
+        let answer = call(&dest, "GET", &format!("/v1/migrations/{id}/first-io?wait=0"), None).await;
+        answer.is_ok_and(|a| a["first_io"] == true)
+    }
+
+    /// Finishes a first-io cut-over the agent was killed in: the mirrors
+    /// were write-blocking and in sync before the trigger (the first-io
+    /// watch starts only then), so the destination holds every write the
+    /// source acknowledged, and the source VM is stopped. Every disk is
+    /// made read-only and fenced durably, then the destination activated;
+    /// its held first write then runs. A fence that cannot be written is
+    /// retried (the disk read-only, the destination not activated: never
+    /// two writable copies).
+    async fn roll_forward(&self, h: &Arc<Handle>) -> Result<(), (OutState, String)> {
+        let env = self.outgoing().map_err(|e| (OutState::Failed, e.to_string()))?;
+        let trigger = Instant::now();
+        let r = env.save(h, |r| r.state = OutState::CuttingOver).map_err(|e| (OutState::Failed, e.to_string()))?;
+        let id = r.id.clone().unwrap_or_default();
+        for d in &r.disks {
+            let export = self.disk(&d.disk).map_err(|e| (OutState::Failed, e.to_string()))?;
+            export.set_read_only();
+            // Never activated without the fences, never unfenced: keep trying (a restart also
+            // writes them before serving the disks).
+            loop {
+                let fenced = self.fence(&d.disk, &format!("{} {id}", r.to)).map(drop).and_then(|()| {
+                    env.save(h, |r| {
+                        if let Some(x) = r.disks.iter_mut().find(|x| x.disk == d.disk) {
+                            x.fenced = true;
+                        }
+                    })
+                    .map(drop)
+                });
+                let Err(e) = fenced else { break };
+                tracing::error!(disk = %d.disk, error = %e, "cannot fence after a first-io trigger; the disk stays read-only and the destination waits; retrying");
+                let _ = env.save(h, |r| r.error = Some(format!("fencing {} failed: {e}; retrying", d.disk)));
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+        }
+        let dest: Endpoint = r.to.parse().map_err(|e: String| (OutState::Failed, e))?;
+        self.activate_destination(h, &dest, &id, trigger).await
+    }
+
     /// After a restart: every migration that was not over is ended.
     pub async fn recover_outgoing(self: &Arc<Self>) {
         let Ok(env) = self.outgoing() else { return };
@@ -940,7 +1003,26 @@ impl Control {
             let r = h.get();
             let all_fenced = r.state == OutState::CuttingOver && r.disks.iter().all(|d| d.fenced);
             let me = self.clone();
-            if all_fenced {
+            if r.cutover == Cutover::FirstIo
+                && matches!(r.state, OutState::Ready | OutState::CuttingOver)
+                && !all_fenced
+            {
+                // A first-io trigger means QEMU's migration completed: the VM runs on the
+                // destination, whose first write waits for this cut-over. A rollback would fail
+                // that write (and the source QEMU is stopped): go forward if it came.
+                tokio::spawn(async move {
+                    let triggered = r.state == OutState::CuttingOver || me.destination_took_first_io(&r).await;
+                    let result = if triggered {
+                        tracing::warn!(vm = %r.vm, "the agent restarted after a first-io trigger: completing the cut-over");
+                        me.roll_forward(&h).await
+                    } else {
+                        Err((OutState::Aborted, "the source agent restarted before the cut-over".into()))
+                    };
+                    if let Err((state, e)) = result {
+                        me.roll_back(&h, state, e).await;
+                    }
+                });
+            } else if all_fenced {
                 // Every disk had cut over and was fenced: the destination has every write.
                 tracing::warn!(vm = %r.vm, "resuming an outgoing migration after a restart: activating the destination");
                 tokio::spawn(async move {
