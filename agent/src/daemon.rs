@@ -255,15 +255,22 @@ pub async fn run(config: AgentConfig) -> Result<(), DaemonError> {
     };
     // Fences a restart must find in place before any disk is served (see `fences_due_at_start`).
     let outgoing = api::OutgoingEnv::load(config.state_dir.join("migrations").join("outgoing"));
-    for (disk, target) in outgoing.fences_due_at_start() {
+    let due = outgoing.fences_due_at_start();
+    for (disk, target) in &due {
         let fence = config.state_dir.join("fenced").join(format!("{}.json", disk.replace('/', "__")));
-        if let Err(e) = crate::jobs::mirror::write_fence(&fence, &disk, &target) {
+        if let Err(e) = crate::jobs::mirror::write_fence(&fence, disk, target) {
             tracing::error!(disk = %disk, error = %e, "cannot fence a disk whose first-io migration was cutting over");
         }
     }
     if let Err(e) = disks.apply(&vms).await {
         disks.close_all().await;
         return Err(e);
+    }
+    // Read-only before any listener starts, even where the fence could not be written.
+    for (disk, _) in &due {
+        if let Some(export) = disks.exports.get(disk) {
+            export.set_read_only();
+        }
     }
 
     let tls = match Tls::load(config.nbd.tls.as_ref()) {

@@ -254,6 +254,8 @@ pub struct Qemu {
     console: Option<(UnixStream, BufReader<UnixStream>)>,
     qmp: BufReader<UnixStream>,
     qmp_out: UnixStream,
+    /// QMP events read while waiting for command answers, oldest first.
+    events: std::collections::VecDeque<Value>,
 }
 
 fn connect(path: &Path, limit: Duration) -> Result<UnixStream> {
@@ -312,8 +314,14 @@ impl Qemu {
         let qmp_out = connect(&qmp, Duration::from_secs(20)).with_context(|| {
             format!("QEMU log: {}", std::fs::read_to_string(spec.dir.join("qemu.log")).unwrap_or_default())
         })?;
-        let mut q =
-            Qemu { child, dir: spec.dir.clone(), console: None, qmp: BufReader::new(qmp_out.try_clone()?), qmp_out };
+        let mut q = Qemu {
+            child,
+            dir: spec.dir.clone(),
+            console: None,
+            qmp: BufReader::new(qmp_out.try_clone()?),
+            qmp_out,
+            events: Default::default(),
+        };
         let mut greeting = String::new();
         q.qmp.read_line(&mut greeting)?;
         q.qmp("qmp_capabilities", json!({}))?;
@@ -333,6 +341,7 @@ impl Qemu {
             }
             let v: Value = serde_json::from_str(&line).with_context(|| format!("QMP line {line:?}"))?;
             if v.get("event").is_some() {
+                self.events.push_back(v);
                 continue;
             }
             if let Some(e) = v.get("error") {
@@ -436,6 +445,37 @@ impl Qemu {
         let c = connect(&self.dir.join("console.sock"), Duration::from_secs(10))?;
         self.console = Some((c.try_clone()?, BufReader::new(c)));
         Ok(())
+    }
+
+    /// Waits for QMP event `name` whose `data` satisfies `matches` (events
+    /// that came in during earlier commands count; older ones are dropped).
+    pub fn wait_event(&mut self, name: &str, matches: impl Fn(&Value) -> bool, limit: Duration) -> Result<Value> {
+        while let Some(e) = self.events.pop_front() {
+            if e["event"] == name && matches(&e["data"]) {
+                return Ok(e);
+            }
+        }
+        let deadline = Instant::now() + limit;
+        let result = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break Err(anyhow!("no QMP event {name} within {limit:?}"));
+            }
+            self.qmp.get_ref().set_read_timeout(Some(left))?;
+            let mut line = String::new();
+            match self.qmp.read_line(&mut line) {
+                Ok(0) => break Err(anyhow!("QMP closed waiting for {name}")),
+                Ok(_) => {
+                    let v: Value = serde_json::from_str(&line).with_context(|| format!("QMP line {line:?}"))?;
+                    if v["event"] == name && matches(&v["data"]) {
+                        break Ok(v);
+                    }
+                }
+                Err(e) => break Err(anyhow!("waiting for QMP event {name}: {e}")),
+            }
+        };
+        self.qmp.get_ref().set_read_timeout(None)?;
+        result
     }
 
     /// `query-migrate` until it reaches one of `states` (or failed).

@@ -1217,6 +1217,9 @@ fn source_stays_read_only_after_a_restart_following_a_completed_migration() {
         "after a restart the source serves the migrated-away disk {DISK} writable again (disks: {info}; a write \
          got NBD errno {err}): two writable copies of one disk (split brain)"
     );
+    // Nothing modifies a fenced disk: a stream (copy, flatten, detach) is refused.
+    let (code, answer) = api_with(&a, "POST", "/v1/jobs", Some(&serde_json::json!({ "kind": "stream", "disk": DISK })));
+    assert_eq!(code, 409, "a stream on a fenced disk: {answer}");
     // The operator takes the disk back (the destination is gone, say): a fence
     // read at start-up lifts like one set by the cut-over.
     let (code, answer) = api_with(&a, "DELETE", "/v1/disks/vm1/disk0/fence", None);
@@ -1795,6 +1798,13 @@ fn a_source_killed_after_the_first_io_trigger_rolls_forward_and_the_held_write_s
     outgoing_when(&a, &b, "the cut-over after the first write", |m| m["state"] == "cutting-over");
     // Give the cut-over time to reach the fence (it stalls creating the file).
     std::thread::sleep(Duration::from_millis(500));
+    // What the destination holds is not trusted after the crash (a failed forward, a cut-over
+    // requested before the sync, nothing flushed): spoil a mirrored granule behind its back.
+    {
+        use std::os::unix::fs::FileExt;
+        let image = std::fs::OpenOptions::new().write(true).open(b.dir().join("state/images/vm1-disk0.raw")).unwrap();
+        image.write_all_at(&vec![0xee; GRANULE as usize], 0).unwrap();
+    }
     a.signal(libc::SIGKILL);
     fences.kill().unwrap();
     a.kill9().unwrap();

@@ -112,14 +112,23 @@ fn back_up(h: &Hosts, g: &mut Qemu) -> u64 {
 fn qemu_migrate(h: &Hosts, g1: &mut Qemu, g2: &mut Qemu, pause: Option<&dyn Fn()>) -> Value {
     g2.qmp("migrate-incoming", json!({ "uri": h.migration_uri() })).unwrap();
     if pause.is_some() {
-        let caps = json!({ "capabilities": [{ "capability": "pause-before-switchover", "state": true }] });
+        // MIGRATION events: the pause is seen when QEMU gets there, not at the next poll.
+        let caps = json!({ "capabilities": [
+            { "capability": "pause-before-switchover", "state": true },
+            { "capability": "events", "state": true },
+        ] });
         g1.qmp("migrate-set-capabilities", caps).unwrap();
     }
     g1.qmp("migrate", json!({ "uri": h.migration_uri() })).unwrap();
     if let Some(at_pause) = pause {
-        g1.wait_migration(&["pre-switchover"], Duration::from_secs(120)).unwrap();
+        let paused =
+            |d: &Value| ["pre-switchover", "failed", "cancelled"].contains(&d["status"].as_str().unwrap_or(""));
+        let e = g1.wait_event("MIGRATION", paused, Duration::from_secs(120)).unwrap();
+        assert_eq!(e["data"]["status"], "pre-switchover", "{e}");
         at_pause();
+        let continued = Instant::now();
         g1.qmp("migrate-continue", json!({ "state": "pre-switchover" })).unwrap();
+        eprintln!("migrate-continue answered in {:?}", continued.elapsed());
     }
     let done = g1.wait_migration(&["completed"], Duration::from_secs(120)).unwrap();
     eprintln!("QEMU migration: downtime {} ms, total {} ms", done["downtime"], done["total-time"]);
@@ -525,7 +534,8 @@ fn the_reference_script_live_migrates_a_writing_guest() {
 #[ignore = "benchmark: run tests/bench/vm-migrate.sh"]
 fn bench_vm_migrate() {
     let runs: usize = std::env::var("VM_MIGRATE_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
-    for mode in ["shared", "first-io", "manual"] {
+    let modes = std::env::var("VM_MIGRATE_MODES").unwrap_or_else(|_| "shared first-io manual".into());
+    for mode in modes.split_whitespace() {
         for run in 0..runs {
             let h = hosts(&["disk0"]);
             let mut g1 = boot_writing(&h.spec(&h.a, "src", false));
@@ -544,12 +554,19 @@ fn bench_vm_migrate() {
                     &mut g1,
                     &mut g2,
                     Some(&|| {
+                        let paused = Instant::now();
                         let mut m = control(&h.a, "POST", "/v1/migrations/outgoing/vm1/cutover");
+                        let asked = paused.elapsed();
                         while m["state"] != "completed" {
                             assert!(["ready", "cutting-over"].contains(&m["state"].as_str().unwrap_or("")), "{m}");
                             let state = m["state"].as_str().unwrap_or("").to_owned();
                             m = control(&h.a, "GET", &format!("/v1/migrations/outgoing/vm1?wait={state}&timeout=30"));
                         }
+                        eprintln!(
+                            "manual at pre-switchover: cutover asked in {asked:?}, completed after {:?} (agent: {} ms)",
+                            paused.elapsed(),
+                            m["downtime_ms"]
+                        );
                     }),
                 )
             } else {

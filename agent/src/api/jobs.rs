@@ -244,6 +244,13 @@ impl Control {
                         "{disk} is an incoming migration target; complete it first"
                     )));
                 }
+                // A stream writes to the store (copy, flatten, detach) and drops holds: never on
+                // a disk that is read-only here (fenced after a migration, or by configuration).
+                if export.read_only() {
+                    return Err(ApiError::Conflict(format!(
+                        "{disk} is read-only here (fenced, or read_only): a stream would modify it"
+                    )));
+                }
                 let params = StreamParams { chunk, holder: Some(format!("{}:{disk}", self.env.node)) };
                 let stores = self.env.stores.clone();
                 let job = self.jobs.start("stream", &disk, to_json(&params), speed, move |handle| {

@@ -537,7 +537,7 @@ impl Control {
             .map(|e| e.first_io())
             .collect();
         let seen = |w: &mut Vec<tokio::sync::watch::Receiver<bool>>| w.iter_mut().any(|r| *r.borrow_and_update());
-        let mut fired = record["state"] == "prepared" && seen(&mut watches);
+        let mut fired = record["state"] == "prepared" && (record["first_io"] == true || seen(&mut watches));
         if record["state"] == "prepared" && !fired {
             let (tx, mut rx) = mpsc::channel::<()>(1);
             let tasks: Vec<_> = watches
@@ -566,6 +566,17 @@ impl Control {
             };
             for t in tasks {
                 t.abort();
+            }
+        }
+        if fired && record["first_io"] != true {
+            // Recorded before the source hears of it: a restart here does not forget that the
+            // destination VM resumed (the source then rolls forward, never back).
+            let env = self.migration_env()?;
+            let _steps = env.steps.lock().await;
+            let mut record = self.stored(id)?;
+            if record["state"] == "prepared" {
+                record["first_io"] = true.into();
+                env.save(&record)?;
             }
         }
         Ok(serde_json::json!({ "id": id, "state": self.stored(id)?["state"], "first_io": fired }))

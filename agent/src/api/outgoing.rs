@@ -145,6 +145,9 @@ pub struct OutDisk {
     /// Whether its fence is written.
     #[serde(default)]
     pub fenced: bool,
+    /// The bitmap that seeded its mirror (none: a whole-disk mirror).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bitmap: Option<String>,
 }
 
 /// An outgoing migration as persisted and shown.
@@ -523,8 +526,9 @@ impl Control {
             speed,
             disks: disks
                 .iter()
-                .map(|(d, e, _)| OutDisk {
+                .map(|(d, e, chain)| OutDisk {
                     disk: format!("{}/{}", vm.name, d.name),
+                    bitmap: chain.as_ref().and_then(|c| c["bitmap"].as_str().map(str::to_owned)),
                     job: None,
                     target: None,
                     bytes_sent: 0,
@@ -947,49 +951,109 @@ impl Control {
         });
     }
 
-    /// Whether a client wrote on the destination's incoming exports (no
-    /// answer counts as no: the migration then rolls back as before).
+    /// Whether a client wrote on the destination's incoming exports (the
+    /// destination records it once the source was told, so its own restart
+    /// does not forget it). An unreachable destination is asked again for
+    /// a minute; then the answer counts as no (the migration rolls back).
     async fn destination_took_first_io(&self, r: &OutRecord) -> bool {
         let (Ok(dest), Some(id)) = (r.to.parse::<Endpoint>(), &r.id) else { return false };
-        let answer = call(&dest, "GET", &format!("/v1/migrations/{id}/first-io?wait=0"), None).await;
-        answer.is_ok_and(|a| a["first_io"] == true)
-    }
-
-    /// Finishes a first-io cut-over the agent was killed in: the mirrors
-    /// were write-blocking and in sync before the trigger (the first-io
-    /// watch starts only then), so the destination holds every write the
-    /// source acknowledged, and the source VM is stopped. Every disk is
-    /// made read-only and fenced durably, then the destination activated;
-    /// its held first write then runs. A fence that cannot be written is
-    /// retried (the disk read-only, the destination not activated: never
-    /// two writable copies).
-    async fn roll_forward(&self, h: &Arc<Handle>) -> Result<(), (OutState, String)> {
-        let env = self.outgoing().map_err(|e| (OutState::Failed, e.to_string()))?;
-        let trigger = Instant::now();
-        let r = env.save(h, |r| r.state = OutState::CuttingOver).map_err(|e| (OutState::Failed, e.to_string()))?;
-        let id = r.id.clone().unwrap_or_default();
-        for d in &r.disks {
-            let export = self.disk(&d.disk).map_err(|e| (OutState::Failed, e.to_string()))?;
-            export.set_read_only();
-            // Never activated without the fences, never unfenced: keep trying (a restart also
-            // writes them before serving the disks).
-            loop {
-                let fenced = self.fence(&d.disk, &format!("{} {id}", r.to)).map(drop).and_then(|()| {
-                    env.save(h, |r| {
-                        if let Some(x) = r.disks.iter_mut().find(|x| x.disk == d.disk) {
-                            x.fenced = true;
-                        }
-                    })
-                    .map(drop)
-                });
-                let Err(e) = fenced else { break };
-                tracing::error!(disk = %d.disk, error = %e, "cannot fence after a first-io trigger; the disk stays read-only and the destination waits; retrying");
-                let _ = env.save(h, |r| r.error = Some(format!("fencing {} failed: {e}; retrying", d.disk)));
-                tokio::time::sleep(Duration::from_secs(5)).await;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match call(&dest, "GET", &format!("/v1/migrations/{id}/first-io?wait=0"), None).await {
+                Ok(answer) => return answer["first_io"] == true,
+                Err(e) if Instant::now() > deadline => {
+                    tracing::error!(vm = %r.vm, error = %e, "the destination does not answer whether its VM resumed; rolling back");
+                    return false;
+                }
+                Err(e) => {
+                    tracing::warn!(vm = %r.vm, error = %e, "asking the destination whether its VM resumed; retrying");
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                }
             }
         }
-        let dest: Endpoint = r.to.parse().map_err(|e: String| (OutState::Failed, e))?;
-        self.activate_destination(h, &dest, &id, trigger).await
+    }
+
+    /// Finishes a first-io cut-over the agent was killed in. QEMU's
+    /// migration is over then: the VM runs on the destination, whose first
+    /// write waits. What the destination holds is not trusted (a forward
+    /// may have failed just before the kill, a manual cut-over request may
+    /// have come before the mirrors were in sync, and nothing was flushed):
+    /// every disk is made read-only once its in-flight writes drained, then
+    /// mirrored again into the same incoming target, from the bitmap the
+    /// destination's backing matches (every write since that backup, those
+    /// since the restart included) or whole. The usual cut-over follows:
+    /// the destination flushed, the fences written durably, the destination
+    /// activated, and its held first write runs.
+    async fn roll_forward(self: &Arc<Self>, h: &Arc<Handle>) -> Result<(), (OutState, String)> {
+        let failed = |e: &dyn std::fmt::Display| (OutState::Failed, e.to_string());
+        let env = self.outgoing().map_err(|e| failed(&e))?;
+        let r = env
+            .save(h, |r| {
+                r.state = OutState::CuttingOver;
+                r.error = Some("the source agent restarted after the first-io trigger: mirroring again".into());
+            })
+            .map_err(|e| failed(&e))?;
+        let mut exports = Vec::new();
+        for d in &r.disks {
+            let export = self.disk(&d.disk).map_err(|e| failed(&e))?;
+            let held = export.quiesce().await;
+            export.set_read_only();
+            drop(held);
+            exports.push(export);
+        }
+        let group = CutOverGroup::new(r.disks.len());
+        let mut jobs = Vec::new();
+        for (d, export) in r.disks.iter().zip(&exports) {
+            let target = d.target.clone().ok_or_else(|| failed(&format!("{}: no mirror target recorded", d.disk)))?;
+            let chain = match (r.full, self.chain(&d.disk, d.bitmap.clone()).await) {
+                (false, Ok(c)) if c["matches"] == true => Some(c),
+                // Whole: correct whatever the destination's backing holds.
+                _ => None,
+            };
+            let params = MirrorParams {
+                target,
+                sync: if chain.is_some() { MirrorSync::Incremental } else { MirrorSync::Full },
+                bitmap: chain.as_ref().and_then(|c| c["bitmap"].as_str().map(str::to_owned)),
+                copy_mode: CopyMode::Background,
+                ready_threshold: 16 << 20,
+                expect: chain.as_ref().and_then(|c| serde_json::from_value(c["bitmap_state"].clone()).ok()),
+            };
+            let (tls, export, group) = (self.env.tls.client(), export.clone(), group.clone());
+            let job = self
+                .jobs
+                .start("mirror", &d.disk, to_json(&params), 0, move |handle| {
+                    mirror::run(handle, export, params, tls, Some(group))
+                })
+                .map_err(|e| failed(&e))?;
+            let id = job.record().id;
+            let _ = self.jobs.set_setting(&id, "migration", json!(r.vm));
+            jobs.push(id);
+        }
+        env.save(h, |r| {
+            for (d, j) in r.disks.iter_mut().zip(&jobs) {
+                d.job = Some(j.clone());
+            }
+        })
+        .map_err(|e| failed(&e))?;
+        // Nothing writes the source any more: the mirrors only copy, then cut over together.
+        loop {
+            let mut ready = 0;
+            for id in &jobs {
+                let rec = self.jobs.get(id).map_err(|e| failed(&e))?.record();
+                match rec.state {
+                    JobState::Concluded => {
+                        return Err(failed(&format!("mirroring again failed: {}", rec.error.unwrap_or_default())))
+                    }
+                    JobState::Ready => ready += 1,
+                    _ => {}
+                }
+            }
+            if ready == jobs.len() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.cut_over(h).await
     }
 
     /// After a restart: every migration that was not over is ended.
