@@ -553,6 +553,39 @@ impl Drop for Tmpfs {
     }
 }
 
+/// Two agents back up their own `vm1/disk0` to one target in turn (the
+/// destination of a migration going on with the source's target, or the
+/// same VM on a new host): jobs are numbered per agent and a pair often
+/// falls in the same second, so snapshot names must not be built from the
+/// time and the job number alone. Every backup succeeds, every snapshot
+/// has its own name and keeps its own record.
+#[test]
+fn two_agents_backing_up_to_one_target_in_the_same_second_never_collide() {
+    let store = tempfile::tempdir().unwrap();
+    let uri = format!("file:{}", store.path().join("vm1-disk0.raw").display());
+    let yaml = vm_yaml("vm1", &[disk_yaml("vm1", "disk0", "4MiB", Some(&uri), None)]);
+    let a = AgentBuilder::new().vm("vm1", &yaml).start().unwrap();
+    let b = AgentBuilder::new().vm("vm1", &yaml).start().unwrap();
+    let mut names = std::collections::BTreeSet::new();
+    for round in 0..5 {
+        for agent in [&a, &b] {
+            let done = cli_json(agent, &["backup", "vm1/disk0", "--sync", "full", "--wait"]);
+            assert_eq!(done["result"], "success", "round {round}: {done:#}\n{}", log_tail(agent));
+            assert!(names.insert(snapshot_of(&done)), "round {round}: snapshot name reused: {done:#}");
+        }
+    }
+    // Every snapshot keeps its own record (`rbdsync.snap.NAME` in the target's metadata).
+    let sidecar = std::fs::read_to_string(store.path().join("vm1-disk0.raw.rbdsync")).unwrap();
+    let sidecar: Value = serde_json::from_str(&sidecar).unwrap();
+    let records: std::collections::BTreeSet<String> = sidecar["metadata"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .filter_map(|k| k.strip_prefix("rbdsync.snap.").map(str::to_owned))
+        .collect();
+    assert_eq!(records, names, "snapshot records vs the backups' snapshots");
+}
+
 #[test]
 fn full_backup_to_a_full_filesystem_fails_cleanly_and_succeeds_once_there_is_room() {
     let tmpfs = Tmpfs::mount("4M");

@@ -704,7 +704,11 @@ async fn finish(
 ) -> Result<Value, JobError> {
     let written = copied.written;
     job.checkpoint().await?;
-    let snap = format!("rbdsync-{}-{}", started, job.id());
+    // Unique across agents and their restarts: another agent's backup of the same disk to the
+    // same target (the destination after a migration, say) within the same second with the same
+    // job number must neither fail nor overwrite this snapshot's record.
+    let nonce = uuid::Uuid::new_v4().simple().to_string();
+    let snap = format!("rbdsync-{}-{}-{}", started, job.id(), &nonce[..8]);
     let meta = SnapMeta {
         disk: export.name().to_owned(),
         node: env.node.clone(),
@@ -721,9 +725,12 @@ async fn finish(
     let (snap2, meta_json) = (snap.clone(), serde_json::to_string(&meta).unwrap_or_default());
     blocking(move || {
         target.flush().map_err(store_err("Cannot flush the backup target"))?;
-        target
-            .set_meta(&format!("{SNAP_KEY_PREFIX}{snap2}"), &meta_json)
-            .map_err(store_err("Cannot record the backup"))?;
+        let key = format!("{SNAP_KEY_PREFIX}{snap2}");
+        // Never overwrite the record of a snapshot that is there.
+        if target.get_meta(&key).map_err(store_err("Cannot read the backup records"))?.is_some() {
+            return Err(JobError::Failed(format!("Backup snapshot {snap2} exists already on the target; refusing")));
+        }
+        target.set_meta(&key, &meta_json).map_err(store_err("Cannot record the backup"))?;
         target.create_snapshot(&snap2).map_err(store_err("Cannot snapshot the backup target"))
     })
     .await?;
