@@ -194,6 +194,18 @@ impl Export {
         });
     }
 
+    /// Withdraws [`set_synced`](Self::set_synced): reads by the export's own
+    /// name wait again (a restarted source mirrors again).
+    pub fn set_unsynced(&self) {
+        self.serving.send_if_modified(|s| {
+            let synced = *s == Serving::Synced;
+            if synced {
+                *s = Serving::Hidden;
+            }
+            synced
+        });
+    }
+
     /// Ends the incoming state: the export is served under its own name,
     /// and IO held until now runs.
     pub fn activate(&self) {

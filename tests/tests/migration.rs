@@ -1822,6 +1822,68 @@ fn a_source_killed_after_the_first_io_trigger_rolls_forward_and_the_held_write_s
     assert_model("destination after the roll-forward", &b.unix_uri(DISK), &model, &scratch);
 }
 
+/// After a first-io trigger the VM runs on the destination: a cut-over
+/// that fails there (the source cannot write its fences) is retried, never
+/// rolled back (a rollback would fail the VM's held write and delete its
+/// disk). While it fails the source stays read-only and the destination
+/// holds reads as well as writes; once the fences can be written the
+/// retry completes and the held write succeeds.
+#[test]
+fn a_first_io_cut_over_that_fails_is_retried_and_the_held_write_succeeds() {
+    let store = tempfile::tempdir().unwrap();
+    let backing = Backing::File(store.path().join("backups/vm1-disk0.raw"));
+    let mut rng = Rng::from_env(0x3141_0033);
+    let (a, b, model, _) = small_setup(&backing, &mut rng, 2);
+    let scratch = b.dir().join("scratch.raw");
+    let out = output_within(migrate_cmd(&a, &b, true, &["--cutover", "first-io"]), Duration::from_secs(60));
+    assert!(out.status.success(), "migrate --cutover first-io: {}", show(&out));
+    // Fault injection: a file where the source keeps its fences.
+    let fences = a.dir().join("state/fenced");
+    let _ = std::fs::remove_dir(&fences);
+    std::fs::write(&fences, b"not a directory").unwrap();
+    let offset = 24 * MIB;
+    let data: Vec<u8> = (0..GRANULE).map(|i| (i % 241) as u8 ^ 0xa5).collect();
+    let (socket, payload) = (b.socket(), data.clone());
+    let first_write = std::thread::spawn(move || {
+        let mut conn = Nbd::connect(&socket, DISK)?;
+        conn.write(offset, &payload)
+    });
+    // The cut-over fails at the fence and is retried: never back to the source.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let m = loop {
+        let (_, m) = api(&a, "GET", "/v1/migrations/outgoing/vm1");
+        if m["error"].as_str().is_some_and(|e| e.contains("retrying")) {
+            break m;
+        }
+        assert!(!ENDED.contains(&m["state"].as_str().unwrap_or("")), "the migration ended: {m:#}{}", logs(&a, &b));
+        assert!(Instant::now() < deadline, "no retry within 30 s: {m:#}{}", logs(&a, &b));
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    eprintln!("while the fences fail: {m}");
+    assert_eq!(m["state"], "cutting-over", "{m:#}");
+    assert_eq!(disk_info(&a)["read_only"], true, "the source is writable again after the trigger");
+    assert_eq!(migration_states(&b), vec!["prepared".to_owned()]);
+    // Reads by the disk's own name wait as well while the destination is mirrored again.
+    let socket = b.socket();
+    let reader = std::thread::spawn(move || {
+        let mut conn = Nbd::connect(&socket, DISK)?;
+        conn.read(0, 4096)
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!reader.is_finished(), "the destination served a read while mirrored again");
+    // The fences can be written again: the next attempt completes.
+    std::fs::remove_file(&fences).unwrap();
+    let after =
+        outgoing_when(&a, &b, "after the fences work again", |m| ENDED.contains(&m["state"].as_str().unwrap_or("")));
+    assert_eq!(after["state"], "completed", "{after:#}{}", logs(&a, &b));
+    let held = first_write.join().unwrap().unwrap();
+    assert_eq!(held, 0, "the destination VM's held first write failed (NBD errno {held})");
+    assert!(reader.join().unwrap().unwrap().is_ok(), "the held read failed");
+    assert!(a.dir().join("state/fenced/vm1__disk0.json").exists(), "the source is not fenced");
+    model.lock().unwrap()[offset as usize..(offset + GRANULE) as usize].copy_from_slice(&data);
+    assert_model("destination after the retried cut-over", &b.unix_uri(DISK), &model, &scratch);
+}
+
 /// A disk that was never backed up: `migrate` refuses and says what to do;
 /// `migrate --full` mirrors the whole disk onto a plain destination image,
 /// which ends up equal to every acknowledged write.

@@ -67,7 +67,8 @@ pub fn router(control: Arc<Control>) -> Router {
         .route("/v1/migrations/{id}/first-io", get(first_io))
         .route(
             "/v1/migrations/{id}/synced",
-            post(|s: Ctl, Path(id): Path<String>| run(s, Command::MigrationSynced(id))),
+            post(|s: Ctl, Path(id): Path<String>| run(s, Command::MigrationSynced(id, true)))
+                .delete(|s: Ctl, Path(id): Path<String>| run(s, Command::MigrationSynced(id, false))),
         )
         .route("/v1/migrations/{id}", get(|s: Ctl, Path(id): Path<String>| run(s, Command::Migration(id))))
         .route("/v1/migrations/{id}/complete", post(complete_migration))

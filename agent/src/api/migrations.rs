@@ -506,21 +506,33 @@ impl Control {
 
     /// The source reports every disk in sync (write-blocking, nothing left to
     /// copy): reads by the disks' own names are served from now on (writes
-    /// still wait for the cut-over).
-    pub(super) async fn migration_synced(&self, id: &str) -> Result<Value, ApiError> {
+    /// still wait for the cut-over). `synced: false` withdraws it (a
+    /// restarted source mirrors again): reads wait again.
+    pub(super) async fn migration_synced(&self, id: &str, synced: bool) -> Result<Value, ApiError> {
         let env = self.migration_env()?;
         let _steps = env.steps.lock().await;
         let mut record = self.stored(id)?;
         if record["state"] != "prepared" {
             return Err(ApiError::Conflict(format!("Migration {id} is {}", record["state"])));
         }
+        // Recorded first when withdrawn, last when given: a restart never serves reads that
+        // were withdrawn.
+        record["synced"] = synced.into();
+        if !synced {
+            env.save(&record)?;
+        }
         for d in record["disks"].as_array().into_iter().flatten() {
             if let Some(export) = d["disk"].as_str().and_then(|disk| self.exports.get(disk)) {
-                export.set_synced();
+                if synced {
+                    export.set_synced();
+                } else {
+                    export.set_unsynced();
+                }
             }
         }
-        record["synced"] = true.into();
-        env.save(&record)?;
+        if synced {
+            env.save(&record)?;
+        }
         Ok(redact(record))
     }
 
@@ -574,7 +586,8 @@ impl Control {
             let env = self.migration_env()?;
             let _steps = env.steps.lock().await;
             let mut record = self.stored(id)?;
-            if record["state"] == "prepared" {
+            fired = record["state"] == "prepared";
+            if fired {
                 record["first_io"] = true.into();
                 env.save(&record)?;
             }

@@ -74,7 +74,7 @@ pub enum Command {
     /// A disk's backup chain against a bitmap.
     Chain(String, Option<String>),
     /// The source reports an incoming migration's disks in sync.
-    MigrationSynced(String),
+    MigrationSynced(String, bool),
     /// Wait for the first IO on an incoming migration's exports (seconds).
     FirstIo(String, u64),
     /// Start an outgoing migration (source).
@@ -316,7 +316,7 @@ impl Control {
             Command::Migrations => self.list_migrations(),
             Command::Migration(id) => self.record(&id),
             Command::Chain(disk, bitmap) => self.chain(&disk, bitmap).await,
-            Command::MigrationSynced(id) => self.migration_synced(&id).await,
+            Command::MigrationSynced(id, synced) => self.migration_synced(&id, synced).await,
             Command::FirstIo(id, wait) => self.first_io(&id, std::time::Duration::from_secs(wait.min(60))).await,
             Command::StartOutgoing(start) => self.start_outgoing(start).await,
             Command::OutgoingList => self.list_outgoing(),

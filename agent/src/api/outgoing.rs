@@ -41,7 +41,7 @@ use tokio::sync::watch;
 
 use super::client::{ClientError, Endpoint};
 use super::{to_json, ApiError, Control, Size};
-use crate::jobs::mirror::{self, CopyMode, CutOverGroup, MirrorParams, MirrorSync};
+use crate::jobs::mirror::{self, BitmapState, CopyMode, CutOverGroup, MirrorParams, MirrorSync};
 use crate::jobs::{unix_now, JobState};
 
 /// What starts the cut-over once every mirror is ready.
@@ -148,6 +148,11 @@ pub struct OutDisk {
     /// The bitmap that seeded its mirror (none: a whole-disk mirror).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bitmap: Option<String>,
+    /// That bitmap's state when the chain was checked, which the
+    /// destination's backing matches (a mirror seeded again after a restart
+    /// must find it unchanged, or copy the whole disk).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expect: Option<Value>,
 }
 
 /// An outgoing migration as persisted and shown.
@@ -196,6 +201,11 @@ pub struct OutRecord {
     /// Why it failed or was aborted.
     #[serde(default)]
     pub error: Option<String>,
+    /// The source disks must stay fenced whatever the state says (the
+    /// destination went live outside this migration): a restart writes
+    /// their fences again before serving them.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fence_due: bool,
 }
 
 fn yes() -> bool {
@@ -262,7 +272,8 @@ impl OutgoingEnv {
     }
 
     /// Disks to fence before they are served after a restart: those of a
-    /// `first-io` migration that was cutting over. Its trigger was the
+    /// record marked `fence_due`, and those of a `first-io` migration that
+    /// was cutting over. Its trigger was the
     /// destination VM's first write, so the VM runs there: the source disks
     /// must never be writable again (the restart rolls the migration
     /// forward), not even between opening and recovery. `(disk, fence
@@ -271,7 +282,7 @@ impl OutgoingEnv {
         let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         map.values()
             .map(|h| h.get())
-            .filter(|r| r.cutover == Cutover::FirstIo && r.state == OutState::CuttingOver)
+            .filter(|r| r.fence_due || (r.cutover == Cutover::FirstIo && r.state == OutState::CuttingOver))
             .flat_map(|r| {
                 let target = format!("{} {}", r.to, r.id.clone().unwrap_or_default());
                 r.disks.iter().map(move |d| (d.disk.clone(), target.clone())).collect::<Vec<_>>()
@@ -529,6 +540,7 @@ impl Control {
                 .map(|(d, e, chain)| OutDisk {
                     disk: format!("{}/{}", vm.name, d.name),
                     bitmap: chain.as_ref().and_then(|c| c["bitmap"].as_str().map(str::to_owned)),
+                    expect: chain.as_ref().map(|c| c["bitmap_state"].clone()).filter(|v| !v.is_null()),
                     job: None,
                     target: None,
                     bytes_sent: 0,
@@ -544,6 +556,7 @@ impl Control {
             duration_ms: None,
             stream_jobs: Value::Array(vec![]),
             error: None,
+            fence_due: false,
         });
         {
             let mut map = env.map.lock().unwrap_or_else(|p| p.into_inner());
@@ -633,8 +646,15 @@ impl Control {
             Err(e) => Err(e),
         };
         if let Err((state, e)) = result {
-            tracing::warn!(vm = %vm, error = %e, "outgoing migration rolled back");
-            self.roll_back(&h, state, e).await;
+            let r = h.get();
+            if r.cutover == Cutover::FirstIo && r.state == OutState::CuttingOver {
+                // Past the first-io trigger the VM runs on the destination: forward, not back.
+                tracing::warn!(vm = %vm, error = %e, "the first-io cut-over failed; mirroring again");
+                self.roll_forward_until_done(&h).await;
+            } else {
+                tracing::warn!(vm = %vm, error = %e, "outgoing migration rolled back");
+                self.roll_back(&h, state, e).await;
+            }
         }
         if let Ok(env) = self.outgoing() {
             let _ = env.save(&h, |r| r.duration_ms = Some(crate::jobs::millis(started.elapsed())));
@@ -912,6 +932,7 @@ impl Control {
             // Never hand the disks back while the destination serves them.
             let there = call(&dest, "GET", &format!("/v1/migrations/{id}"), None).await;
             if there.as_ref().is_ok_and(|m| m["state"] == "active") {
+                let _ = env.save(h, |r| r.fence_due = true);
                 for d in &r.disks {
                     if let Ok(export) = self.disk(&d.disk) {
                         export.set_read_only();
@@ -973,26 +994,79 @@ impl Control {
         }
     }
 
-    /// Finishes a first-io cut-over the agent was killed in. QEMU's
-    /// migration is over then: the VM runs on the destination, whose first
-    /// write waits. What the destination holds is not trusted (a forward
-    /// may have failed just before the kill, a manual cut-over request may
-    /// have come before the mirrors were in sync, and nothing was flushed):
-    /// every disk is made read-only once its in-flight writes drained, then
-    /// mirrored again into the same incoming target, from the bitmap the
-    /// destination's backing matches (every write since that backup, those
-    /// since the restart included) or whole. The usual cut-over follows:
-    /// the destination flushed, the fences written durably, the destination
+    /// Finishes a first-io cut-over that failed or that the agent was
+    /// killed in. QEMU's migration is over then: the VM runs on the
+    /// destination, whose first write waits, so a rollback would fail the
+    /// VM. Every attempt mirrors every disk again (see [`roll_forward`]);
+    /// a failed one is retried with backoff, copying whole disks from then
+    /// on. Only a destination whose migration is gone (aborted there) ends
+    /// it in a rollback; one that went live by another hand is activated.
+    ///
+    /// [`roll_forward`]: Self::roll_forward
+    async fn roll_forward_until_done(self: &Arc<Self>, h: &Arc<Handle>) {
+        let mut delay = Duration::from_secs(2);
+        let mut whole = false;
+        loop {
+            self.cancel_mirrors(h).await;
+            let Err((_, e)) = self.roll_forward(h, whole).await else { return };
+            let r = h.get();
+            if let (Ok(dest), Some(id)) = (r.to.parse::<Endpoint>(), &r.id) {
+                if let Ok(m) = call(&dest, "GET", &format!("/v1/migrations/{id}"), None).await {
+                    if m["state"] == "aborted" || m["state"] == "aborting" {
+                        self.roll_back(h, OutState::Failed, format!("{e}; the destination aborted the migration"))
+                            .await;
+                        return;
+                    }
+                }
+            }
+            tracing::error!(vm = %r.vm, error = %e, retry_in = ?delay, "completing the cut-over after a first-io trigger failed; the source stays read-only, retrying");
+            if let Ok(env) = self.outgoing() {
+                let _ = env.save(h, |r| r.error = Some(format!("{e}; retrying in {} s", delay.as_secs())));
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(60));
+            whole = true;
+        }
+    }
+
+    /// Cancels the migration's mirrors and waits for them to end.
+    async fn cancel_mirrors(&self, h: &Arc<Handle>) {
+        for (_, id) in Self::jobs_of(h) {
+            let _ = self.jobs.cancel(&id);
+        }
+        for (_, id) in Self::jobs_of(h) {
+            if let Ok(job) = self.jobs.get(&id) {
+                let _ = tokio::time::timeout(Duration::from_secs(60), job.wait()).await;
+            }
+        }
+    }
+
+    /// One attempt at a first-io cut-over after a failure or a restart.
+    /// What the destination holds is not trusted (a forward may have failed
+    /// just before a kill, a manual cut-over request may have come before
+    /// the mirrors were in sync, nothing was flushed): the destination stops
+    /// serving reads, every disk is made read-only once its in-flight
+    /// writes drained, and mirrored again into the same incoming target,
+    /// from the bitmap the destination's backing matches (its state as
+    /// recorded at the start: every write since that backup, those since a
+    /// restart included) or whole. The usual cut-over follows: the
+    /// destination flushed, the fences written durably, the destination
     /// activated, and its held first write runs.
-    async fn roll_forward(self: &Arc<Self>, h: &Arc<Handle>) -> Result<(), (OutState, String)> {
+    async fn roll_forward(self: &Arc<Self>, h: &Arc<Handle>, whole: bool) -> Result<(), (OutState, String)> {
         let failed = |e: &dyn std::fmt::Display| (OutState::Failed, e.to_string());
         let env = self.outgoing().map_err(|e| failed(&e))?;
         let r = env
             .save(h, |r| {
                 r.state = OutState::CuttingOver;
-                r.error = Some("the source agent restarted after the first-io trigger: mirroring again".into());
+                r.error = Some("completing a first-io cut-over: mirroring again".into());
             })
             .map_err(|e| failed(&e))?;
+        let dest: Endpoint = r.to.parse().map_err(|e: String| failed(&e))?;
+        let id = r.id.clone().unwrap_or_default();
+        // The resumed VM's reads wait too until the destination has every block again.
+        call(&dest, "DELETE", &format!("/v1/migrations/{id}/synced"), None)
+            .await
+            .map_err(|e| failed(&format!("withdrawing the in-sync report: {e}")))?;
         let mut exports = Vec::new();
         for d in &r.disks {
             let export = self.disk(&d.disk).map_err(|e| failed(&e))?;
@@ -1002,21 +1076,21 @@ impl Control {
             exports.push(export);
         }
         let group = CutOverGroup::new(r.disks.len());
-        let mut jobs = Vec::new();
-        for (d, export) in r.disks.iter().zip(&exports) {
+        for (i, (d, export)) in r.disks.iter().zip(&exports).enumerate() {
             let target = d.target.clone().ok_or_else(|| failed(&format!("{}: no mirror target recorded", d.disk)))?;
-            let chain = match (r.full, self.chain(&d.disk, d.bitmap.clone()).await) {
-                (false, Ok(c)) if c["matches"] == true => Some(c),
-                // Whole: correct whatever the destination's backing holds.
-                _ => None,
-            };
+            let expect: Option<BitmapState> =
+                d.expect.clone().and_then(|v| serde_json::from_value(v).ok()).filter(|_| !whole && !r.full);
+            let bitmap = d.bitmap.clone().filter(|_| expect.is_some());
             let params = MirrorParams {
                 target,
-                sync: if chain.is_some() { MirrorSync::Incremental } else { MirrorSync::Full },
-                bitmap: chain.as_ref().and_then(|c| c["bitmap"].as_str().map(str::to_owned)),
+                sync: if bitmap.is_some() { MirrorSync::Incremental } else { MirrorSync::Full },
+                bitmap,
                 copy_mode: CopyMode::Background,
                 ready_threshold: 16 << 20,
-                expect: chain.as_ref().and_then(|c| serde_json::from_value(c["bitmap_state"].clone()).ok()),
+                // Checked under the drain that seeds the mirror: a bitmap that moved on since
+                // the start (a backup committed after the restart) refuses, and the next
+                // attempt copies whole disks.
+                expect,
             };
             let (tls, export, group) = (self.env.tls.client(), export.clone(), group.clone());
             let job = self
@@ -1025,30 +1099,28 @@ impl Control {
                     mirror::run(handle, export, params, tls, Some(group))
                 })
                 .map_err(|e| failed(&e))?;
-            let id = job.record().id;
-            let _ = self.jobs.set_setting(&id, "migration", json!(r.vm));
-            jobs.push(id);
+            let job_id = job.record().id;
+            let _ = self.jobs.set_setting(&job_id, "migration", json!(r.vm));
+            // Recorded at once: a later failure cancels it with the others.
+            env.save(h, |r| r.disks[i].job = Some(job_id.clone())).map_err(|e| failed(&e))?;
         }
-        env.save(h, |r| {
-            for (d, j) in r.disks.iter_mut().zip(&jobs) {
-                d.job = Some(j.clone());
-            }
-        })
-        .map_err(|e| failed(&e))?;
         // Nothing writes the source any more: the mirrors only copy, then cut over together.
         loop {
             let mut ready = 0;
-            for id in &jobs {
-                let rec = self.jobs.get(id).map_err(|e| failed(&e))?.record();
+            for (disk, job_id) in Self::jobs_of(h) {
+                let rec = self.jobs.get(&job_id).map_err(|e| failed(&e))?.record();
                 match rec.state {
                     JobState::Concluded => {
-                        return Err(failed(&format!("mirroring again failed: {}", rec.error.unwrap_or_default())))
+                        return Err(failed(&format!(
+                            "mirroring {disk} again failed: {}",
+                            rec.error.unwrap_or_default()
+                        )))
                     }
                     JobState::Ready => ready += 1,
                     _ => {}
                 }
             }
-            if ready == jobs.len() {
+            if ready == r.disks.len() {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -1076,14 +1148,12 @@ impl Control {
                 // that write (and the source QEMU is stopped): go forward if it came.
                 tokio::spawn(async move {
                     let triggered = r.state == OutState::CuttingOver || me.destination_took_first_io(&r).await;
-                    let result = if triggered {
+                    if triggered {
                         tracing::warn!(vm = %r.vm, "the agent restarted after a first-io trigger: completing the cut-over");
-                        me.roll_forward(&h).await
+                        me.roll_forward_until_done(&h).await;
                     } else {
-                        Err((OutState::Aborted, "the source agent restarted before the cut-over".into()))
-                    };
-                    if let Err((state, e)) = result {
-                        me.roll_back(&h, state, e).await;
+                        me.roll_back(&h, OutState::Aborted, "the source agent restarted before the cut-over".into())
+                            .await;
                     }
                 });
             } else if all_fenced {
