@@ -1753,6 +1753,10 @@ fn a_first_io_migration_whose_destination_went_live_elsewhere_fences_the_source(
     let (_, m) = api(&a, "GET", "/v1/migrations/outgoing/vm1");
     assert_eq!(m["state"], "ready", "{m}");
     let id = m["id"].as_str().unwrap().to_owned();
+    // Its cut-over is the destination VM's first write, not a request while the VM may still
+    // run here (that would be taken for the trigger and never rolled back).
+    let (code, answer) = api(&a, "POST", "/v1/migrations/outgoing/vm1/cutover");
+    assert_eq!(code, 409, "migration cutover on a first-io migration: {answer}");
     let (code, answer) =
         api_with(&b, "POST", &format!("/v1/migrations/{id}/complete"), Some(&serde_json::json!({ "stream": false })));
     assert_eq!(code, 200, "complete on the destination: {answer}");
@@ -1766,6 +1770,17 @@ fn a_first_io_migration_whose_destination_went_live_elsewhere_fences_the_source(
     assert!(a.dir().join("state/fenced/vm1__disk0.json").exists(), "read-only without a fence");
     let mut conn = Nbd::connect(&a.socket(), DISK).unwrap();
     assert_eq!(conn.write(0, &vec![0x5a; GRANULE as usize]).unwrap(), errno::EPERM, "the source took a write");
+    drop(conn);
+    // Fenced across restarts; once the operator takes the disk back, it stays writable.
+    let mut a = a;
+    assert!(a.stop().unwrap().success());
+    a = a.respawn().unwrap();
+    assert_eq!(disk_info(&a)["read_only"], true, "a restart unfenced the source beside a live destination");
+    let (code, answer) = api_with(&a, "DELETE", "/v1/disks/vm1/disk0/fence", None);
+    assert_eq!(code, 200, "unfence: {answer}");
+    assert!(a.stop().unwrap().success());
+    let a = a.respawn().unwrap();
+    assert_eq!(disk_info(&a)["read_only"], false, "a restart fenced again a disk the operator took back");
     drop(model);
 }
 

@@ -300,6 +300,9 @@ impl Control {
             _ => {}
         }
         export.set_writable();
+        if let Ok(env) = self.outgoing() {
+            env.fence_lifted(disk);
+        }
         tracing::warn!(disk, "disk unfenced: writable here again");
         Ok(to_json(Self::disk_info_of(&export)))
     }

@@ -290,6 +290,14 @@ impl OutgoingEnv {
             .collect()
     }
 
+    /// An operator took `disk` back (unfence): no record keeps its fence due.
+    pub fn fence_lifted(&self, disk: &str) {
+        let vm = disk.split('/').next().unwrap_or_default();
+        if let Some(h) = self.handle(vm).filter(|h| h.get().fence_due) {
+            let _ = self.save(&h, |r| r.fence_due = false);
+        }
+    }
+
     fn handle(&self, vm: &str) -> Option<Arc<Handle>> {
         self.map.lock().unwrap_or_else(|p| p.into_inner()).get(vm).cloned()
     }
@@ -356,7 +364,7 @@ fn nbd_uri(prep: &Value, dest: &Endpoint, export: &str) -> Result<String, ApiErr
 }
 
 impl Control {
-    fn outgoing(&self) -> Result<&OutgoingEnv, ApiError> {
+    pub(super) fn outgoing(&self) -> Result<&OutgoingEnv, ApiError> {
         self.outgoing.get().ok_or_else(|| ApiError::Internal("migrations are not ready".into()))
     }
 
@@ -404,6 +412,14 @@ impl Control {
         let h =
             self.outgoing()?.handle(vm).ok_or_else(|| ApiError::NotFound(format!("No outgoing migration of {vm}")))?;
         let r = h.get();
+        if r.cutover == Cutover::FirstIo && !r.state.is_terminal() {
+            // Its cut-over is the destination VM's first write; one asked for here while the VM
+            // may still run on the source would be taken for that (and never rolled back).
+            return Err(ApiError::Conflict(format!(
+                "The migration of {vm} cuts over on the destination VM's first write (first-io); abort it \
+                 and migrate with --cutover manual to cut over by hand"
+            )));
+        }
         match r.state {
             OutState::Mirroring | OutState::Ready | OutState::CuttingOver => {
                 h.request.send_if_modified(|q| {
@@ -647,7 +663,10 @@ impl Control {
         };
         if let Err((state, e)) = result {
             let r = h.get();
-            if r.cutover == Cutover::FirstIo && r.state == OutState::CuttingOver {
+            let past_trigger = r.cutover == Cutover::FirstIo
+                && (r.state == OutState::CuttingOver
+                    || (r.state == OutState::Ready && self.destination_took_first_io(&r).await));
+            if past_trigger {
                 // Past the first-io trigger the VM runs on the destination: forward, not back.
                 tracing::warn!(vm = %vm, error = %e, "the first-io cut-over failed; mirroring again");
                 self.roll_forward_until_done(&h).await;
@@ -866,8 +885,9 @@ impl Control {
                 Ok(active) => Some(active),
                 Err(e) => match call(dest, "GET", &format!("/v1/migrations/{id}"), None).await {
                     Ok(m) if m["state"] == "active" => Some(m),
-                    // Still prepared after a refused complete: abort it there, then take the disks back.
-                    Ok(m) if m["state"] == "prepared" => {
+                    // Still prepared after a refused complete: abort it there, then take the disks
+                    // back; never after a first-io trigger (the VM runs there): keep asking.
+                    Ok(m) if m["state"] == "prepared" && r.cutover != Cutover::FirstIo => {
                         if call(dest, "POST", &format!("/v1/migrations/{id}/abort"), None).await.is_ok() {
                             return Err((OutState::Failed, format!("the destination did not activate: {e}")));
                         }
@@ -998,23 +1018,28 @@ impl Control {
     /// killed in. QEMU's migration is over then: the VM runs on the
     /// destination, whose first write waits, so a rollback would fail the
     /// VM. Every attempt mirrors every disk again (see [`roll_forward`]);
-    /// a failed one is retried with backoff, copying whole disks from then
-    /// on. Only a destination whose migration is gone (aborted there) ends
-    /// it in a rollback; one that went live by another hand is activated.
+    /// a failed one is retried with backoff. Only a destination whose
+    /// migration ended there (aborted, or activated by another hand) ends
+    /// it in a rollback, which keeps the source fenced if it is live.
     ///
     /// [`roll_forward`]: Self::roll_forward
     async fn roll_forward_until_done(self: &Arc<Self>, h: &Arc<Handle>) {
         let mut delay = Duration::from_secs(2);
-        let mut whole = false;
         loop {
             self.cancel_mirrors(h).await;
-            let Err((_, e)) = self.roll_forward(h, whole).await else { return };
+            let Err((_, e)) = self.roll_forward(h).await else { return };
             let r = h.get();
             if let (Ok(dest), Some(id)) = (r.to.parse::<Endpoint>(), &r.id) {
                 if let Ok(m) = call(&dest, "GET", &format!("/v1/migrations/{id}"), None).await {
-                    if m["state"] == "aborted" || m["state"] == "aborting" {
-                        self.roll_back(h, OutState::Failed, format!("{e}; the destination aborted the migration"))
-                            .await;
+                    // Aborted there: back to the source. Live there (by another hand): the
+                    // rollback keeps the source fenced and says so.
+                    if ["aborted", "aborting", "active"].contains(&m["state"].as_str().unwrap_or("")) {
+                        self.roll_back(
+                            h,
+                            OutState::Failed,
+                            format!("{e}; the destination's migration is {}", m["state"]),
+                        )
+                        .await;
                         return;
                     }
                 }
@@ -1025,7 +1050,6 @@ impl Control {
             }
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_secs(60));
-            whole = true;
         }
     }
 
@@ -1049,10 +1073,10 @@ impl Control {
     /// writes drained, and mirrored again into the same incoming target,
     /// from the bitmap the destination's backing matches (its state as
     /// recorded at the start: every write since that backup, those since a
-    /// restart included) or whole. The usual cut-over follows: the
+    /// restart included) or, if that bitmap moved on, whole. The usual cut-over follows: the
     /// destination flushed, the fences written durably, the destination
     /// activated, and its held first write runs.
-    async fn roll_forward(self: &Arc<Self>, h: &Arc<Handle>, whole: bool) -> Result<(), (OutState, String)> {
+    async fn roll_forward(self: &Arc<Self>, h: &Arc<Handle>) -> Result<(), (OutState, String)> {
         let failed = |e: &dyn std::fmt::Display| (OutState::Failed, e.to_string());
         let env = self.outgoing().map_err(|e| failed(&e))?;
         let r = env
@@ -1078,8 +1102,13 @@ impl Control {
         let group = CutOverGroup::new(r.disks.len());
         for (i, (d, export)) in r.disks.iter().zip(&exports).enumerate() {
             let target = d.target.clone().ok_or_else(|| failed(&format!("{}: no mirror target recorded", d.disk)))?;
+            // Incremental while the bitmap is still where the destination's backing has it (the
+            // mirror checks it again under its drain); whole disks otherwise.
             let expect: Option<BitmapState> =
-                d.expect.clone().and_then(|v| serde_json::from_value(v).ok()).filter(|_| !whole && !r.full);
+                d.expect.clone().and_then(|v| serde_json::from_value(v).ok()).filter(|e: &BitmapState| {
+                    let now = d.bitmap.as_ref().and_then(|b| export.bitmaps().get(b).ok());
+                    !r.full && now.is_some_and(|b| b.uuid() == e.uuid && b.generation() == e.generation)
+                });
             let bitmap = d.bitmap.clone().filter(|_| expect.is_some());
             let params = MirrorParams {
                 target,
@@ -1102,7 +1131,10 @@ impl Control {
             let job_id = job.record().id;
             let _ = self.jobs.set_setting(&job_id, "migration", json!(r.vm));
             // Recorded at once: a later failure cancels it with the others.
-            env.save(h, |r| r.disks[i].job = Some(job_id.clone())).map_err(|e| failed(&e))?;
+            if let Err(e) = env.save(h, |r| r.disks[i].job = Some(job_id.clone())) {
+                let _ = self.jobs.cancel(&job_id);
+                return Err(failed(&e));
+            }
         }
         // Nothing writes the source any more: the mirrors only copy, then cut over together.
         loop {
