@@ -262,6 +262,9 @@ pub async fn run(config: AgentConfig) -> Result<(), DaemonError> {
             tracing::error!(disk = %disk, error = %e, "cannot fence a disk whose first-io migration was cutting over");
         }
     }
+    let count: usize = vms.iter().map(|vm| vm.disks.len()).sum();
+    // Opening an RBD disk can take seconds: more time than the unit's start timeout allows.
+    crate::systemd::extend_start(Duration::from_secs(30 + 5 * count as u64), &format!("opening {count} disks"));
     if let Err(e) = disks.apply(&vms).await {
         disks.close_all().await;
         return Err(e);
@@ -315,6 +318,8 @@ pub async fn run(config: AgentConfig) -> Result<(), DaemonError> {
     control.recover_outgoing().await;
     let serving = tokio::spawn(server.run(shutdown.clone()));
     tracing::info!(node = %config.node, exports = disks.configs.len(), "agent started");
+    crate::systemd::ready(&serving_status(&disks));
+    crate::systemd::spawn_watchdog(shutdown.clone());
 
     let mut term = signal(SignalKind::terminate()).map_err(io_err("Cannot install SIGTERM handler".into()))?;
     let mut int = signal(SignalKind::interrupt()).map_err(io_err("Cannot install SIGINT handler".into()))?;
@@ -324,16 +329,24 @@ pub async fn run(config: AgentConfig) -> Result<(), DaemonError> {
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = hup.recv() => {
-                let _ = reload(&config, &mut disks, &control).await;
+                crate::systemd::reloading();
+                let reloaded = reload(&config, &mut disks, &control).await;
                 if let Err(e) = tls.reload() {
                     tracing::error!(error = %e, "TLS reload failed; keeping the previous certificates");
                 }
+                let status = serving_status(&disks);
+                crate::systemd::ready(&match reloaded {
+                    Ok(()) => status,
+                    Err(e) => format!("{status}; the last reload failed: {e}"),
+                });
             }
             Some(reply) = reload_rx.recv() => {
                 let _ = reply.send(reload(&config, &mut disks, &control).await.map_err(|e| format!("{e}: {:?}", std::error::Error::source(&e))));
+                crate::systemd::ready(&serving_status(&disks));
             }
         }
     }
+    crate::systemd::stopping();
     tracing::info!("stopping: cancelling jobs, draining connections");
     jobs.shutdown().await;
     shutdown.cancel();
@@ -343,6 +356,11 @@ pub async fn run(config: AgentConfig) -> Result<(), DaemonError> {
     runtime.remove();
     tracing::info!("agent stopped");
     Ok(())
+}
+
+/// The `STATUS=` line while serving.
+fn serving_status(disks: &Disks) -> String {
+    format!("serving {} disks", disks.configs.len())
 }
 
 async fn start_servers(

@@ -33,5 +33,6 @@ pub mod metrics;
 pub mod nbd;
 mod rt;
 pub mod store;
+pub mod systemd;
 #[cfg(test)]
 mod testkit;

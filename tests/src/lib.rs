@@ -51,6 +51,7 @@ pub struct AgentBuilder {
     vms: Vec<Vm>,
     extra: String,
     control: String,
+    env: Vec<(String, String)>,
 }
 
 /// The `control:` section of every test agent unless replaced.
@@ -70,7 +71,14 @@ impl AgentBuilder {
             vms: Vec::new(),
             extra: String::new(),
             control: DEFAULT_CONTROL.to_owned(),
+            env: Vec::new(),
         }
+    }
+
+    /// An environment variable for the agent process (kept across restarts).
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_owned(), value.to_owned()));
+        self
     }
 
     /// Adds a VM file (`name.yaml`).
@@ -117,7 +125,7 @@ impl AgentBuilder {
             self.control, self.extra
         );
         std::fs::write(d.join("agent.yaml"), config)?;
-        Agent::spawn(self.dir)
+        Agent::spawn(self.dir, self.env)
     }
 }
 
@@ -125,23 +133,25 @@ impl AgentBuilder {
 pub struct Agent {
     child: Option<Child>,
     dir: tempfile::TempDir,
+    env: Vec<(String, String)>,
     /// The bound TCP address.
     pub tcp: SocketAddr,
 }
 
 impl Agent {
-    fn spawn(dir: tempfile::TempDir) -> Result<Agent> {
+    fn spawn(dir: tempfile::TempDir, env: Vec<(String, String)>) -> Result<Agent> {
         let log = std::fs::File::create(dir.path().join("agent.log"))?;
         let child = Command::new(agent_bin())
             .args(["agent", "--config"])
             .arg(dir.path().join("agent.yaml"))
             .env("RBDSYNC_LOG", "debug")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
             .context("spawn rbdsync")?;
-        let mut agent = Agent { child: Some(child), dir, tcp: "127.0.0.1:0".parse()? };
+        let mut agent = Agent { child: Some(child), dir, env, tcp: "127.0.0.1:0".parse()? };
         agent.tcp = agent.wait_ready()?;
         Ok(agent)
     }
@@ -172,7 +182,7 @@ impl Agent {
     pub fn restart(mut self) -> Result<Agent> {
         self.stop()?;
         let dir = std::mem::replace(&mut self.dir, tempfile::tempdir()?);
-        Agent::spawn(dir)
+        Agent::spawn(dir, std::mem::take(&mut self.env))
     }
 
     /// The test directory.
@@ -393,7 +403,7 @@ impl Agent {
         let _ = std::fs::remove_file(self.dir.path().join("state/agent.json"));
         let _ = std::fs::rename(self.dir.path().join("agent.log"), self.dir.path().join("agent.prev.log"));
         let dir = std::mem::replace(&mut self.dir, tempfile::tempdir()?);
-        Agent::spawn(dir)
+        Agent::spawn(dir, std::mem::take(&mut self.env))
     }
 }
 
@@ -414,7 +424,7 @@ impl AgentBuilder {
             self.control, self.extra
         );
         std::fs::write(d.join("agent.yaml"), config)?;
-        Agent::spawn(self.dir)
+        Agent::spawn(self.dir, self.env)
     }
 }
 

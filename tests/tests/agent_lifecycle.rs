@@ -89,3 +89,54 @@ fn a_second_agent_on_the_same_socket_is_refused() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("in use"), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(exports(&agent), ["vm1/disk0"]);
 }
+
+/// systemd's notification protocol, with the test as the service manager (a
+/// datagram socket in `NOTIFY_SOCKET`): READY=1 only once the agent serves
+/// (its runtime file written, the export listed), watchdog pings at half of
+/// `WATCHDOG_USEC`, RELOADING=1 then READY=1 around SIGHUP, STOPPING=1 on
+/// SIGTERM.
+#[test]
+fn the_agent_speaks_systemds_notify_protocol() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    socket.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut agent = AgentBuilder::new()
+        .simple_vm("vm1", "1MiB")
+        .env("NOTIFY_SOCKET", path.to_str().unwrap())
+        .env("WATCHDOG_USEC", "400000")
+        .start()
+        .unwrap();
+    let mut messages: Vec<String> = Vec::new();
+    let mut next = |what: &str, want: &dyn Fn(&str) -> bool| -> String {
+        let mut buf = vec![0u8; 4096];
+        loop {
+            let n = socket.recv(&mut buf).unwrap_or_else(|e| panic!("no {what} from the agent: {e}; got {messages:?}"));
+            let m = String::from_utf8_lossy(&buf[..n]).into_owned();
+            messages.push(m.clone());
+            if want(&m) {
+                return m;
+            }
+        }
+    };
+    let has = |key: &'static str| move |m: &str| m.lines().any(|l| l == key);
+    let ready = next("READY=1", &has("READY=1"));
+    assert!(ready.contains("STATUS=serving 1 disks"), "{ready:?}");
+    // `start` returned only after the runtime file appeared: READY came with the agent serving.
+    assert_eq!(exports(&agent), ["vm1/disk0"]);
+    let started = Instant::now();
+    next("WATCHDOG=1", &has("WATCHDOG=1"));
+    next("a second WATCHDOG=1", &has("WATCHDOG=1"));
+    assert!(started.elapsed() < Duration::from_secs(2), "two pings took {:?} at a 0.4 s watchdog", started.elapsed());
+    agent.signal(libc::SIGHUP);
+    let reloading = next("RELOADING=1", &has("RELOADING=1"));
+    assert!(reloading.lines().any(|l| l.starts_with("MONOTONIC_USEC=")), "{reloading:?}");
+    next("READY=1 after the reload", &has("READY=1"));
+    assert!(agent.stop().unwrap().success());
+    next("STOPPING=1", &has("STOPPING=1"));
+    let before_ready = messages.iter().position(|m| m.contains("READY=1")).unwrap();
+    assert!(
+        messages[..before_ready].iter().any(|m| m.contains("EXTEND_TIMEOUT_USEC=")),
+        "no start-timeout extension before READY: {messages:?}"
+    );
+}
