@@ -11,7 +11,13 @@ use agent::config::AgentConfig;
 
 /// Keeps VM disks in sync with Ceph: NBD exports, dirty bitmaps, backups, migration.
 #[derive(Debug, Parser)]
-#[command(name = "rbdsync", version, about)]
+#[command(
+    name = "rbdsync",
+    version,
+    about,
+    after_help = "Exit status: 0 done, 1 other error, 2 bad arguments, 3 agent unreachable, 4 refused by the agent, \
+                  5 a job or migration waited for failed, 6 verify found differences."
+)]
 struct Cli {
     /// Control API of the agent: unix:PATH or https://HOST:PORT
     /// (default: the control socket named in /etc/rbdsync/agent.yaml).
@@ -100,11 +106,55 @@ fn run_agent(config: Option<PathBuf>, log_format: LogFormat) -> anyhow::Result<(
     Ok(())
 }
 
-fn run_client(control: Option<&str>, json: bool, cmd: ClientCmd) -> anyhow::Result<()> {
-    let endpoint = cli::resolve_endpoint(control).map_err(anyhow::Error::msg)?;
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("Cannot start runtime")?;
-    runtime.block_on(cli::run(&endpoint, json, cmd))?;
-    Ok(())
+/// The CLI's exit statuses (documented in the README and `rbdsync --help`).
+mod exit {
+    /// Anything else (the runtime would not start, the answer was not HTTP, ...).
+    pub const OTHER: u8 = 1;
+    /// Bad arguments (clap uses 2 for its own parse errors too).
+    pub const USAGE: u8 = 2;
+    /// The agent could not be reached.
+    pub const UNREACHABLE: u8 = 3;
+    /// The agent refused the request (4xx: not found, conflict, bad request, unauthorized).
+    pub const REFUSED: u8 = 4;
+    /// A job or migration the command waited for failed or was cancelled.
+    pub const FAILED: u8 = 5;
+    /// `verify` ran and found differences.
+    pub const DIFFERS: u8 = 6;
+}
+
+fn client_exit(e: &agent::api::client::ClientError) -> u8 {
+    use agent::api::client::ClientError;
+    match e {
+        ClientError::Connect(..) => exit::UNREACHABLE,
+        ClientError::Http(_) => exit::OTHER,
+        ClientError::Api { code, .. } if code == "verify_differs" => exit::DIFFERS,
+        ClientError::Api { code, .. } if code == "job_failed" || code == "migration_failed" => exit::FAILED,
+        ClientError::Api { code, .. } if code == "usage" => exit::USAGE,
+        ClientError::Api { status, .. } if (400..500).contains(status) => exit::REFUSED,
+        ClientError::Api { .. } => exit::OTHER,
+    }
+}
+
+fn run_client(control: Option<&str>, json: bool, cmd: ClientCmd) -> Result<(), (u8, String, String)> {
+    let endpoint = cli::resolve_endpoint(control).map_err(|e| (exit::USAGE, "usage".to_owned(), e))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| (exit::OTHER, "internal".to_owned(), format!("Cannot start runtime: {e}")))?;
+    runtime.block_on(cli::run(&endpoint, json, cmd)).map_err(|e| {
+        let code = match &e {
+            agent::api::client::ClientError::Connect(..) => "unreachable".to_owned(),
+            agent::api::client::ClientError::Http(_) => "http".to_owned(),
+            agent::api::client::ClientError::Api { code, .. } => code.clone(),
+        };
+        let mut message = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            message.push_str(&format!(": {s}"));
+            source = s.source();
+        }
+        (client_exit(&e), code, message)
+    })
 }
 
 fn main() -> ExitCode {
@@ -117,14 +167,25 @@ fn main() -> ExitCode {
                 token_file: cli.token_file,
                 client_cert: cli.client_cert.zip(cli.client_key),
             });
-            run_client(cli.control.as_deref(), cli.json, cmd)
+            match run_client(cli.control.as_deref(), cli.json, cmd) {
+                Ok(()) => return ExitCode::SUCCESS,
+                Err((status, code, message)) => {
+                    if cli.json {
+                        // Errors are JSON too with --json (on stderr, like the text form).
+                        eprintln!("{}", serde_json::json!({ "error": { "code": code, "message": message } }));
+                    } else {
+                        eprintln!("rbdsync: {message}");
+                    }
+                    return ExitCode::from(status);
+                }
+            }
         }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("rbdsync: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(exit::OTHER)
         }
     }
 }

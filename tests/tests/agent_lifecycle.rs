@@ -140,3 +140,52 @@ fn the_agent_speaks_systemds_notify_protocol() {
         "no start-timeout extension before READY: {messages:?}"
     );
 }
+
+/// The CLI's exit statuses tell a script what happened: 2 bad arguments, 3
+/// agent unreachable, 4 refused by the agent, 5 a job it waited for failed,
+/// 6 `verify` found differences; with `--json` the error on stderr is JSON
+/// with a stable code.
+#[test]
+fn cli_exit_statuses_and_json_errors_say_what_happened() {
+    let agent = AgentBuilder::new().simple_vm("vm1", "1MiB").start().unwrap();
+    let run = |args: &[&str]| {
+        let out = agent.cli().args(args).output().unwrap();
+        (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    // Usage: clap's own errors and a malformed disk name.
+    assert_eq!(run(&["bitmap", "list"]).0, 2);
+    assert_eq!(run(&["bitmap", "list", "not-a-disk"]).0, 2);
+    // Unreachable, in text and in JSON.
+    let dead = agent.dir().join("nobody.sock");
+    let out =
+        Command::new(agent_bin()).args(["--control", &format!("unix:{}", dead.display()), "status"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(agent_bin())
+        .args(["--json", "--control", &format!("unix:{}", dead.display()), "status"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let error: serde_json::Value = serde_json::from_slice(&out.stderr).expect("a JSON error on stderr");
+    assert_eq!(error["error"]["code"], "unreachable", "{error}");
+    // Refused: no such disk, a bitmap that exists already.
+    assert_eq!(run(&["bitmap", "list", "vm9/disk0"]).0, 4);
+    assert_eq!(run(&["bitmap", "add", "vm1/disk0", "b1"]).0, 0);
+    let (code, stderr) = run(&["--json", "bitmap", "add", "vm1/disk0", "b1"]);
+    assert_eq!(code, 4, "{stderr}");
+    let error: serde_json::Value = serde_json::from_str(stderr.trim()).expect("a JSON error on stderr");
+    assert_eq!(error["error"]["code"], "bitmap_exists", "{error}");
+    // A job that fails: verify against an image of another size.
+    let small = agent.dir().join("small.raw");
+    std::fs::File::create(&small).unwrap().set_len(4096).unwrap();
+    let against = format!("file:{}", small.display());
+    assert_eq!(run(&["verify", "vm1/disk0", "--against", &against, "--wait"]).0, 5);
+    // Verify that finds differences: same size, other content.
+    let other = agent.dir().join("other.raw");
+    std::fs::write(&other, vec![0x5a; 1 << 20]).unwrap();
+    let against = format!("file:{}", other.display());
+    let (code, stderr) = run(&["verify", "vm1/disk0", "--against", &against, "--wait"]);
+    assert_eq!(code, 6, "{stderr}");
+    let equal = agent.dir().join("equal.raw");
+    std::fs::File::create(&equal).unwrap().set_len(1 << 20).unwrap();
+    assert_eq!(run(&["verify", "vm1/disk0", "--against", &format!("file:{}", equal.display()), "--wait"]).0, 0);
+}

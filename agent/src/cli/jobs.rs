@@ -233,7 +233,12 @@ fn check_success(jobs: &[Value]) -> Result<(), ClientError> {
                 j["result"].as_str().unwrap_or("?"),
                 j["error"].as_str().unwrap_or("")
             );
-            return Err(ClientError::Api { status: 0, code: "job_failed".into(), message });
+            let code = if j["kind"] == "verify" && j["detail"]["differing_bytes"].as_u64().is_some_and(|n| n > 0) {
+                "verify_differs"
+            } else {
+                "job_failed"
+            };
+            return Err(ClientError::Api { status: 0, code: code.into(), message });
         }
     }
     Ok(())

@@ -132,7 +132,11 @@ pub fn resolve_endpoint(explicit: Option<&str>) -> Result<Endpoint, String> {
 fn disk_path(disk: &str) -> Result<String, ClientError> {
     match disk.split_once('/') {
         Some((vm, d)) if !vm.is_empty() && !d.is_empty() && !d.contains('/') => Ok(format!("/v1/disks/{vm}/{d}")),
-        _ => Err(ClientError::Http(format!("bad disk name {disk:?} (expected VM/DISK)"))),
+        _ => Err(ClientError::Api {
+            status: 0,
+            code: "usage".into(),
+            message: format!("bad disk name {disk:?} (expected VM/DISK)"),
+        }),
     }
 }
 

@@ -60,6 +60,8 @@ pub async fn run(job: JobHandle, env: BackupEnv, export: Arc<Export>, params: Ve
     let mismatches = result?;
     let differing: u64 = mismatches.iter().map(|m| m.1).sum();
     if differing > 0 {
+        // What the CLI's exit status tells apart from a verify that could not run.
+        job.set_detail(json!({ "differing_bytes": differing, "differing_extents": mismatches.len() }));
         let listed: Vec<String> = mismatches.iter().take(MAX_LISTED).map(|(o, l)| format!("{o}+{l}")).collect();
         return Err(JobError::Failed(format!(
             "Verify failed: {differing} bytes differ in {} extents: {}",
