@@ -56,6 +56,14 @@ enum Cmd {
         #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "RBDSYNC_LOG_FORMAT")]
         log_format: LogFormat,
     },
+    /// Print a shell completion script (e.g. `rbdsync completions bash >
+    /// /usr/share/bash-completion/completions/rbdsync`).
+    Completions {
+        /// Shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff; e.g. `rbdsync man > /usr/share/man/man1/rbdsync.1`).
+    Man,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -161,6 +169,18 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Cmd::Agent { config, log_format } => run_agent(config, log_format),
+        Cmd::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+                "rbdsync",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
+        Cmd::Man => clap_mangen::Man::new(<Cli as clap::CommandFactory>::command())
+            .render(&mut std::io::stdout())
+            .context("Cannot write the man page"),
         Cmd::Client(cmd) => {
             agent::api::client::set_credentials(agent::api::client::Credentials {
                 ca_cert: cli.ca_cert,

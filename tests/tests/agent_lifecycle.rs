@@ -189,3 +189,29 @@ fn cli_exit_statuses_and_json_errors_say_what_happened() {
     std::fs::File::create(&equal).unwrap().set_len(1 << 20).unwrap();
     assert_eq!(run(&["verify", "vm1/disk0", "--against", &format!("file:{}", equal.display()), "--wait"]).0, 0);
 }
+
+/// Shell completions and the man page come from the CLI's own definition:
+/// the bash script parses and completes the subcommands, the man page is
+/// roff naming every subcommand.
+#[test]
+fn completions_and_man_page_are_generated_from_the_cli() {
+    let bash = stdout(agent_bin().to_str().unwrap(), &["completions", "bash"]).unwrap();
+    let checked = Command::new("bash").args(["-n", "-c", &bash]).status().unwrap();
+    assert!(checked.success(), "the bash completion script does not parse");
+    // Completing `rbdsync mi` in bash offers migrate and migration.
+    let script = format!(
+        "{bash}\nCOMP_WORDS=(rbdsync mi); COMP_CWORD=1; COMP_LINE='rbdsync mi'; COMP_POINT=10; _rbdsync rbdsync mi rbdsync; echo \"${{COMPREPLY[@]}}\""
+    );
+    let offered = stdout("bash", &["-c", &script]).unwrap();
+    assert!(offered.contains("migrate") && offered.contains("migration"), "completions for `rbdsync mi`: {offered:?}");
+    for shell in ["zsh", "fish"] {
+        let s = stdout(agent_bin().to_str().unwrap(), &["completions", shell]).unwrap();
+        assert!(s.contains("rbdsync") && s.contains("migrate"), "{shell} completions: {s}");
+    }
+    let man = stdout(agent_bin().to_str().unwrap(), &["man"]).unwrap();
+    assert!(man.contains(".TH rbdsync 1"), "{man}");
+    for sub in ["agent", "backup", "migrate", "migration", "verify", "completions"] {
+        assert!(man.contains(sub), "the man page does not name {sub}");
+    }
+    assert!(man.contains("Exit status"), "the man page lacks the exit statuses");
+}
