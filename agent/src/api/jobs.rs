@@ -301,7 +301,7 @@ impl Control {
         }
         export.set_writable();
         if let Ok(env) = self.outgoing() {
-            env.fence_lifted(disk);
+            env.fence_lifted(disk, |d| self.env.fence(d).exists());
         }
         tracing::warn!(disk, "disk unfenced: writable here again");
         Ok(to_json(Self::disk_info_of(&export)))

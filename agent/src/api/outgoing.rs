@@ -290,11 +290,15 @@ impl OutgoingEnv {
             .collect()
     }
 
-    /// An operator took `disk` back (unfence): no record keeps its fence due.
-    pub fn fence_lifted(&self, disk: &str) {
+    /// An operator took `disk` back (unfence): once no disk of its VM's
+    /// record is fenced any more (`fenced` says whether one is), the record
+    /// no longer keeps fences due.
+    pub fn fence_lifted(&self, disk: &str, fenced: impl Fn(&str) -> bool) {
         let vm = disk.split('/').next().unwrap_or_default();
         if let Some(h) = self.handle(vm).filter(|h| h.get().fence_due) {
-            let _ = self.save(&h, |r| r.fence_due = false);
+            if !h.get().disks.iter().any(|d| fenced(&d.disk)) {
+                let _ = self.save(&h, |r| r.fence_due = false);
+            }
         }
     }
 
@@ -663,6 +667,12 @@ impl Control {
         };
         if let Err((state, e)) = result {
             let r = h.get();
+            if r.cutover == Cutover::FirstIo && r.state == OutState::Ready {
+                // The destination may lack a write whose forward failed: its reads wait from now on.
+                if let (Ok(dest), Some(id)) = (r.to.parse::<Endpoint>(), &r.id) {
+                    let _ = call(&dest, "DELETE", &format!("/v1/migrations/{id}/synced"), None).await;
+                }
+            }
             let past_trigger = r.cutover == Cutover::FirstIo
                 && (r.state == OutState::CuttingOver
                     || (r.state == OutState::Ready && self.destination_took_first_io(&r).await));
@@ -935,46 +945,38 @@ impl Control {
 
     /// Back to the source: mirrors end, the destination is aborted, the
     /// source disks are unfenced and writable. Only before the destination
-    /// went live (callers make sure).
+    /// went live (callers make sure; a destination found live keeps the
+    /// source fenced instead, see [`keep_fenced`](Self::keep_fenced)).
     async fn roll_back(&self, h: &Arc<Handle>, state: OutState, error: String) {
         let Ok(env) = self.outgoing() else { return };
         let r = h.get();
         for (_, id) in Self::jobs_of(h) {
             let _ = self.jobs.cancel(&id);
         }
-        for (_, id) in Self::jobs_of(h) {
-            if let Ok(job) = self.jobs.get(&id) {
-                let _ = tokio::time::timeout(Duration::from_secs(60), job.wait()).await;
-            }
-        }
-        let mut notes = vec![error];
+        let mut notes = vec![error.clone()];
         if let (Some(id), Ok(dest)) = (&r.id, r.to.parse::<Endpoint>()) {
             // Never hand the disks back while the destination serves them.
             let there = call(&dest, "GET", &format!("/v1/migrations/{id}"), None).await;
             if there.as_ref().is_ok_and(|m| m["state"] == "active") {
-                let _ = env.save(h, |r| r.fence_due = true);
-                for d in &r.disks {
-                    if let Ok(export) = self.disk(&d.disk) {
-                        export.set_read_only();
-                    }
-                    if let Err(e) = self.fence(&d.disk, &format!("{} {id}", r.to)) {
-                        tracing::error!(disk = %d.disk, error = %e, "cannot fence a disk the destination serves");
-                    }
-                }
-                notes
-                    .push("the destination is live (activated outside this migration): the source stays fenced".into());
-                tracing::error!(vm = %r.vm, "rollback refused: the destination serves the disks; the source is fenced");
-                let _ = env.save(h, |r| {
-                    r.state = OutState::Failed;
-                    r.error = Some(notes.join("; "));
-                });
+                self.keep_fenced(h, error).await;
                 return;
             }
+            // Aborted at once (before the mirrors are waited for): a destination VM that resumes
+            // from now on finds no disk instead of having its first write taken and then failed.
             if let Err(e) = call(&dest, "POST", &format!("/v1/migrations/{id}/abort"), None).await {
                 let state = call(&dest, "GET", &format!("/v1/migrations/{id}"), None).await.map(|m| m["state"].clone());
+                if matches!(&state, Ok(s) if s == "active") {
+                    self.keep_fenced(h, error).await;
+                    return;
+                }
                 if !matches!(state, Ok(s) if s == "aborted") {
                     notes.push(format!("the destination could not be aborted ({e}); a retry of migrate replaces it"));
                 }
+            }
+        }
+        for (_, id) in Self::jobs_of(h) {
+            if let Ok(job) = self.jobs.get(&id) {
+                let _ = tokio::time::timeout(Duration::from_secs(60), job.wait()).await;
             }
         }
         for d in &r.disks {
@@ -989,6 +991,33 @@ impl Control {
             for d in &mut r.disks {
                 d.fenced = false;
             }
+        });
+    }
+
+    /// The destination serves the disks (activated outside this migration):
+    /// the migration fails, the mirrors end, and the source disks stay
+    /// read-only and fenced, across restarts too (`fence_due`).
+    async fn keep_fenced(&self, h: &Arc<Handle>, error: String) {
+        let Ok(env) = self.outgoing() else { return };
+        let r = h.get();
+        let id = r.id.clone().unwrap_or_default();
+        let _ = env.save(h, |r| r.fence_due = true);
+        for d in &r.disks {
+            if let Ok(export) = self.disk(&d.disk) {
+                export.set_read_only();
+            }
+            if let Err(e) = self.fence(&d.disk, &format!("{} {id}", r.to)) {
+                tracing::error!(disk = %d.disk, error = %e, "cannot fence a disk the destination serves");
+            }
+        }
+        for (_, job) in Self::jobs_of(h) {
+            let _ = self.jobs.cancel(&job);
+        }
+        tracing::error!(vm = %r.vm, "rollback refused: the destination serves the disks; the source is fenced");
+        let note = "the destination is live (activated outside this migration): the source stays fenced";
+        let _ = env.save(h, |r| {
+            r.state = OutState::Failed;
+            r.error = Some(format!("{error}; {note}"));
         });
     }
 
@@ -1025,21 +1054,25 @@ impl Control {
     /// [`roll_forward`]: Self::roll_forward
     async fn roll_forward_until_done(self: &Arc<Self>, h: &Arc<Handle>) {
         let mut delay = Duration::from_secs(2);
+        let mut attempts = 0;
         loop {
             self.cancel_mirrors(h).await;
-            let Err((_, e)) = self.roll_forward(h).await else { return };
+            // After two failed attempts, whole disks (an incremental seed that keeps failing,
+            // an inconsistent bitmap say, must not hold the VM forever).
+            let Err((_, e)) = self.roll_forward(h, attempts >= 2).await else { return };
+            attempts += 1;
             let r = h.get();
             if let (Ok(dest), Some(id)) = (r.to.parse::<Endpoint>(), &r.id) {
                 if let Ok(m) = call(&dest, "GET", &format!("/v1/migrations/{id}"), None).await {
-                    // Aborted there: back to the source. Live there (by another hand): the
-                    // rollback keeps the source fenced and says so.
-                    if ["aborted", "aborting", "active"].contains(&m["state"].as_str().unwrap_or("")) {
-                        self.roll_back(
-                            h,
-                            OutState::Failed,
-                            format!("{e}; the destination's migration is {}", m["state"]),
-                        )
-                        .await;
+                    if m["state"] == "active" {
+                        // Live there by another hand: the source stays fenced (never unfenced on a
+                        // second look that might fail).
+                        self.keep_fenced(h, e).await;
+                        return;
+                    }
+                    if m["state"] == "aborted" || m["state"] == "aborting" {
+                        self.roll_back(h, OutState::Failed, format!("{e}; the destination aborted the migration"))
+                            .await;
                         return;
                     }
                 }
@@ -1076,7 +1109,7 @@ impl Control {
     /// restart included) or, if that bitmap moved on, whole. The usual cut-over follows: the
     /// destination flushed, the fences written durably, the destination
     /// activated, and its held first write runs.
-    async fn roll_forward(self: &Arc<Self>, h: &Arc<Handle>) -> Result<(), (OutState, String)> {
+    async fn roll_forward(self: &Arc<Self>, h: &Arc<Handle>, whole: bool) -> Result<(), (OutState, String)> {
         let failed = |e: &dyn std::fmt::Display| (OutState::Failed, e.to_string());
         let env = self.outgoing().map_err(|e| failed(&e))?;
         let r = env
@@ -1107,7 +1140,7 @@ impl Control {
             let expect: Option<BitmapState> =
                 d.expect.clone().and_then(|v| serde_json::from_value(v).ok()).filter(|e: &BitmapState| {
                     let now = d.bitmap.as_ref().and_then(|b| export.bitmaps().get(b).ok());
-                    !r.full && now.is_some_and(|b| b.uuid() == e.uuid && b.generation() == e.generation)
+                    !whole && !r.full && now.is_some_and(|b| b.uuid() == e.uuid && b.generation() == e.generation)
                 });
             let bitmap = d.bitmap.clone().filter(|_| expect.is_some());
             let params = MirrorParams {

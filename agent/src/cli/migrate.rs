@@ -160,12 +160,19 @@ fn finish(json_out: bool, r: &Value) -> Result<(), ClientError> {
             }
             Ok(())
         }
-        _ => Err(fail(format!(
-            "migration of {} {}: {}; the source is unchanged and keeps serving its disks",
-            r["vm"].as_str().unwrap_or("?"),
-            r["state"].as_str().unwrap_or("?"),
-            r["error"].as_str().unwrap_or("?")
-        ))),
+        _ => {
+            let source = if r["fence_due"] == true {
+                "the source disks stay fenced (the destination serves them)"
+            } else {
+                "the source is unchanged and keeps serving its disks"
+            };
+            Err(fail(format!(
+                "migration of {} {}: {}; {source}",
+                r["vm"].as_str().unwrap_or("?"),
+                r["state"].as_str().unwrap_or("?"),
+                r["error"].as_str().unwrap_or("?")
+            )))
+        }
     }
 }
 
@@ -205,6 +212,15 @@ pub async fn migration(source: &Endpoint, json_out: bool, cmd: MigrationCmd) -> 
         }
         MigrationCmd::Cutover { vm, no_wait } => {
             let r = call(source, "POST", &format!("/v1/migrations/outgoing/{vm}/cutover"), None).await?;
+            if no_wait && !matches!(r["state"].as_str(), Some("failed" | "aborted")) {
+                // Asked for; not over yet.
+                if json_out {
+                    println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+                } else {
+                    print_summary(&summarize(&r));
+                }
+                return Ok(());
+            }
             if no_wait {
                 return finish(json_out, &r);
             }
@@ -223,7 +239,11 @@ pub async fn migration(source: &Endpoint, json_out: bool, cmd: MigrationCmd) -> 
                     r["error"].as_str().unwrap_or("")
                 );
             }
-            Ok(())
+            // Done only if it ended aborted (a first-io migration past its trigger completes).
+            match r["state"].as_str() {
+                Some("aborted") => Ok(()),
+                other => Err(fail(format!("migration of {vm} ended {}, not aborted", other.unwrap_or("?")))),
+            }
         }
     }
 }
