@@ -183,7 +183,7 @@ async fn open_disk(
     name: &str,
     disk: &DiskConfig,
 ) -> Result<Arc<Export>, DaemonError> {
-    let fence = state_dir.join("fenced").join(format!("{}.json", name.replace('/', "__")));
+    let fence = crate::jobs::backup::fence_path(&state_dir.join("fenced"), name);
     let fenced = fence.exists();
     if fenced {
         tracing::warn!(disk = name, fence = %fence.display(), "disk was migrated away; serving it read-only (remove the fence file to take it back)");
@@ -257,7 +257,7 @@ pub async fn run(config: AgentConfig) -> Result<(), DaemonError> {
     let outgoing = api::OutgoingEnv::load(config.state_dir.join("migrations").join("outgoing"));
     let due = outgoing.fences_due_at_start();
     for (disk, target) in &due {
-        let fence = config.state_dir.join("fenced").join(format!("{}.json", disk.replace('/', "__")));
+        let fence = crate::jobs::backup::fence_path(&config.state_dir.join("fenced"), disk);
         if let Err(e) = crate::jobs::mirror::write_fence(&fence, disk, target) {
             tracing::error!(disk = %disk, error = %e, "cannot fence a disk whose first-io migration was cutting over");
         }

@@ -111,8 +111,13 @@ pub struct BackupEnv {
 impl BackupEnv {
     /// The fence file of `disk` (`VM/DISK`).
     pub fn fence(&self, disk: &str) -> PathBuf {
-        self.fence_dir.join(format!("{}.json", disk.replace('/', "__")))
+        fence_path(&self.fence_dir, disk)
     }
+}
+
+/// The fence file of `disk` (`VM/DISK`) in `fence_dir` (`STATE_DIR/fenced`).
+pub fn fence_path(fence_dir: &std::path::Path, disk: &str) -> PathBuf {
+    fence_dir.join(format!("{}.json", disk.replace('/', "__")))
 }
 
 /// A set of backups that share one point in time and commit together.
