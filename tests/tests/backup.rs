@@ -731,6 +731,71 @@ fn agent_killed_mid_backup_reports_the_job_interrupted_and_the_next_incremental_
     assert!(!stale.exists(), "scratch file of the killed job left behind: {}", stale.display());
 }
 
+/// After kill -9 the write-intent log brings back whole 64 MiB regions as
+/// dirty (a superset of the acknowledged writes). The granules it added are
+/// suspect: the next incremental compares them with its target and writes
+/// only those that differ, so it costs what the crash risked, not whole
+/// regions. The suspect set survives a clean restart, and the snapshot is
+/// exact.
+#[test]
+fn after_sigkill_the_next_incremental_writes_what_changed_not_whole_regions() {
+    let b = AgentBuilder::new();
+    let target = b.dir().join("backups/vm1-disk0.raw");
+    let uri = format!("file:{}", target.display());
+    let yaml = vm_yaml("vm1", &[disk_yaml("vm1", "disk0", "256MiB", Some(&uri), None)]);
+    let mut agent = b.vm("vm1", &yaml).start().unwrap();
+    let disk = "vm1/disk0";
+    let mut rng = Rng::from_env(0xb0c4_0011);
+    // 8 MiB of data in each of the four 64 MiB regions.
+    let data: Vec<(u64, u64)> = (0..4).map(|r| (r * 64 * MIB, 8 * MIB)).collect();
+    write_random(&agent, disk, &mut rng, &data);
+    backup_ok(&agent, &["backup", disk, "--sync", "full"]);
+    // Five granule-sized writes: four over data, one over a hole; then the crash.
+    let writes: Vec<(u64, u64)> =
+        [MIB, 65 * MIB, 130 * MIB + GRANULE, 195 * MIB, 250 * MIB].iter().map(|&o| (o, GRANULE)).collect();
+    write_random(&agent, disk, &mut rng, &writes);
+    agent.kill9().unwrap();
+    let agent = agent.respawn().unwrap();
+    let recovered = bitmap(&agent, disk, "backup");
+    assert!(u(&recovered["dirty_bytes"]) >= 64 * MIB, "the crash did not bring a region back: {recovered}");
+    assert!(
+        u(&recovered["suspect_bytes"]) >= u(&recovered["dirty_bytes"]) - writes.len() as u64 * GRANULE,
+        "{recovered}"
+    );
+    // A clean restart keeps the suspect set.
+    let agent = agent.restart().unwrap();
+    let restarted = bitmap(&agent, disk, "backup");
+    assert_eq!(
+        (&restarted["dirty_bytes"], &restarted["suspect_bytes"]),
+        (&recovered["dirty_bytes"], &recovered["suspect_bytes"]),
+        "{restarted}"
+    );
+
+    let reference = agent.dir().join("ref.raw");
+    capture(&agent, disk, &reference);
+    let job = backup_ok(&agent, &["backup", disk, "--sync", "incremental"]);
+    let summary = &job["summary"];
+    assert_eq!(summary["sync"], "incremental", "{job:#}");
+    let written = u(&summary["bytes_written"]);
+    assert!(
+        written <= writes.len() as u64 * GRANULE,
+        "the first incremental after the crash wrote {written} bytes for {} bytes of writes: {summary:#}",
+        writes.len() as u64 * GRANULE
+    );
+    assert!(u(&summary["suspect_unchanged_bytes"]) > 0, "{summary:#}");
+    let snap = snapshot_of(&job);
+    let file = Target::File(target).snapshot_file(&snap, Path::new("/nonexistent"));
+    assert_same_content("incremental after the crash", &reference, &file);
+    let after = bitmap(&agent, disk, "backup");
+    assert_eq!((u(&after["dirty_bytes"]), u(&after["suspect_bytes"])), (0, 0), "{after}");
+    eprintln!(
+        "after SIGKILL: {} dirty ({} suspect) for {} bytes written; the incremental wrote {written}",
+        recovered["dirty_bytes"],
+        recovered["suspect_bytes"],
+        writes.len() as u64 * GRANULE
+    );
+}
+
 #[test]
 fn backup_requests_that_cannot_work_are_refused_with_a_reason() {
     let b = AgentBuilder::new();

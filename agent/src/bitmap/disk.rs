@@ -14,6 +14,7 @@ use super::gate::{Exclusive, Gate, OwnedShared};
 use super::intent::{self, Intent, INTENT_FILE};
 use super::persist::{BitmapFile, Header, LoadError, WORDS_PER_PAGE};
 use super::persister::{page_of, PageRequest, Persister, STOPPED};
+use super::suspect;
 use super::BitmapError;
 use crate::config::{check_granularity, check_name, BitmapConfig};
 use crate::store::Identity;
@@ -27,6 +28,10 @@ pub struct BitmapInfo {
     pub granularity: u64,
     /// Bytes covered by dirty granules (clamped to the disk).
     pub dirty_bytes: u64,
+    /// Of `dirty_bytes`, those that came back from the write-intent log
+    /// after an unclean stop: maybe never written. An incremental backup
+    /// compares them with its target and copies only what differs.
+    pub suspect_bytes: u64,
     /// Writes are being recorded.
     pub recording: bool,
     /// In use by a job.
@@ -63,6 +68,10 @@ pub struct Bitmap {
     identity: String,
     pub(super) bits: AtomicBits,
     pub(super) persisted: AtomicBits,
+    /// Dirty granules that may be clean: set only by crash recovery, from a
+    /// region of the write-intent log (see [`super::suspect`]). A hint that
+    /// costs reads, never a reason to skip a granule unseen.
+    pub(super) suspect: AtomicBits,
     successor: ArcSwapOption<AtomicBits>,
     enabled: AtomicBool,
     consistent: AtomicBool,
@@ -79,6 +88,8 @@ pub struct Drained(());
 pub struct Frozen {
     /// Granules dirty at the job's start.
     pub bits: AtomicBits,
+    /// Of `bits`, the suspect granules (see [`BitmapInfo::suspect_bytes`]).
+    pub suspect: AtomicBits,
     /// Bytes per bit.
     pub granularity: u64,
     /// Generation at the job's start.
@@ -98,6 +109,7 @@ impl Bitmap {
             identity: identity.id.clone(),
             bits: AtomicBits::new(len),
             persisted: AtomicBits::new(len),
+            suspect: AtomicBits::new(len),
             successor: ArcSwapOption::empty(),
             enabled: AtomicBool::new(true),
             consistent: AtomicBool::new(true),
@@ -164,7 +176,8 @@ impl Bitmap {
         BitmapInfo {
             name: self.name.clone(),
             granularity: self.granularity,
-            dirty_bytes: self.dirty_bytes(),
+            dirty_bytes: self.bytes_of(&self.bits),
+            suspect_bytes: self.bytes_of(&self.suspect),
             recording: self.enabled.load(SeqCst),
             busy: meta.busy.is_some(),
             busy_job: meta.busy.clone(),
@@ -176,9 +189,9 @@ impl Bitmap {
         }
     }
 
-    fn dirty_bytes(&self) -> u64 {
+    fn bytes_of(&self, bits: &AtomicBits) -> u64 {
         let g = self.granularity;
-        self.bits.runs_from(0).map(|(f, n)| ((f + n) * g).min(self.disk_size) - f * g).sum()
+        bits.runs_from(0).map(|(f, n)| ((f + n) * g).min(self.disk_size) - f * g).sum()
     }
 
     /// Dirty/clean runs covering `offset..offset+length` (clamped to the
@@ -580,6 +593,7 @@ impl DiskBitmaps {
             Err(source) => return Err(persist(source)),
         }
         std::fs::File::open(&self.dir).and_then(|d| d.sync_all()).map_err(persist)?;
+        suspect::forget(&self.dir, name);
         tracing::info!(disk = %self.disk, bitmap = name, "bitmap removed");
         Ok(())
     }
@@ -597,6 +611,7 @@ impl DiskBitmaps {
         // must not keep counting its bits as durable once they are gone from memory.
         b.persisted.clear_all();
         b.bits.clear_all();
+        b.suspect.clear_all();
         self.persister.lazy(b.all_pages());
         Ok(b.info())
     }
@@ -695,10 +710,15 @@ impl DiskBitmaps {
         b.check_usable()?;
         b.successor.store(Some(Arc::new(AtomicBits::new(b.bits.len()))));
         let frozen = AtomicBits::from_words(b.bits.len(), &b.bits.snapshot());
+        let suspect = AtomicBits::new(b.bits.len());
+        for w in b.suspect.dirty_words() {
+            suspect.or_word(w, b.suspect.word(w) & frozen.word(w));
+        }
         let mut meta = b.meta();
         meta.busy = Some(job.to_owned());
         Ok(Frozen {
             bits: frozen,
+            suspect,
             granularity: b.granularity,
             generation: meta.generation,
             uuid: uuid::Uuid::from_bytes(meta.uuid).to_string(),
@@ -718,6 +738,7 @@ impl DiskBitmaps {
                 // `persisted` first, as in `clear`.
                 b.persisted.and_not_word(w, dropped);
                 b.bits.and_not_word(w, dropped);
+                b.suspect.and_not_word(w, dropped);
             }
             self.persister.lazy(b.all_pages());
         }
@@ -756,6 +777,7 @@ impl DiskBitmaps {
             let done = b
                 .write_pages(&pages)
                 .map_err(|e| e.to_string())
+                .and_then(|()| suspect::save(&self.dir, b).map_err(|e| format!("suspect granules: {e}")))
                 .and_then(|()| b.write_header(true, image.modified_ns).map_err(|e| e.to_string()));
             if let Err(e) = done {
                 saved = false;
@@ -795,6 +817,7 @@ fn load(path: &Path, size: u64, identity: &Identity) -> (Bitmap, bool) {
         b.bits.or_word(w as u64, v);
         b.persisted.or_word(w as u64, v);
     }
+    suspect::load(path.parent().unwrap_or(Path::new(".")), &b);
     if let Err(e) = b.write_header(false, 0) {
         b.set_inconsistent(format!("cannot mark in use: {e}"));
     }

@@ -32,6 +32,7 @@ use super::atomic::AtomicBits;
 use super::disk::Bitmap;
 use super::persist::{BitmapFile, LoadError};
 use super::persister::{page_of, PageRequest};
+use super::suspect;
 use crate::store::Identity;
 
 /// File name of the log, next to the bitmap files (not a valid bitmap name).
@@ -138,16 +139,17 @@ pub(crate) fn recover(dir: &Path, size: u64, unclean: &[Arc<Bitmap>]) {
         return;
     }
     for b in unclean {
-        for &(offset, length) in &ranges {
-            let (first, last) = b.granules(offset, length);
-            b.bits.set_range(first, last);
-        }
+        suspect::mark_recovered(b, &ranges);
         let pages = (0..=page_of(b.bits.word_count().saturating_sub(1))).collect();
         if let Err(e) = b.write_pages(&pages) {
             b.set_inconsistent(format!("cannot save regions of the write-intent log: {e}"));
+        } else if let Err(e) = suspect::save(dir, b) {
+            // Only a cost: the granules stay dirty, and are copied without a look.
+            b.suspect.clear_all();
+            tracing::warn!(bitmap = %b.name(), error = %e, "cannot save suspect granules; they count as dirty");
         }
     }
     let bytes: u64 = ranges.iter().map(|r| r.1).sum();
     tracing::info!(dir = %dir.display(), regions = ranges.len(), bytes, bitmaps = unclean.len(),
-        "unclean stop: regions of the write-intent log marked dirty");
+        "unclean stop: regions of the write-intent log marked dirty (suspect: compared before a backup copies them)");
 }

@@ -36,6 +36,7 @@ mod gate;
 mod intent;
 pub mod persist;
 mod persister;
+mod suspect;
 
 pub use atomic::AtomicBits;
 pub use disk::{Bitmap, BitmapInfo, DiskBitmaps, Drained, Frozen};

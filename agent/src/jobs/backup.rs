@@ -347,6 +347,8 @@ fn chain_mismatch(chain: &Chain, disk: &str, bitmap: &str, uuid: &str, generatio
 struct Frozen2 {
     pit: Arc<PointInTime>,
     frozen: Option<Frozen>,
+    /// Incremental only: dirty granules that may be clean (crash recovery).
+    suspect: Option<Arc<Suspect>>,
     mode: SyncMode,
     note: Option<String>,
 }
@@ -512,7 +514,14 @@ fn freeze_drained(
             }
         };
         export.add_hook(d, pit.clone());
-        Ok(Frozen2 { pit, frozen, mode, note })
+        let suspect = match (mode, &frozen) {
+            (SyncMode::Incremental, Some(f)) if f.suspect.count() > 0 => Some(Arc::new(Suspect {
+                bits: AtomicBits::from_words(f.suspect.len(), &f.suspect.snapshot()),
+                granularity: f.granularity,
+            })),
+            _ => None,
+        };
+        Ok(Frozen2 { pit, frozen, suspect, mode, note })
     }
 }
 
@@ -539,12 +548,104 @@ fn plan(state: &Frozen2, size: u64) -> Vec<(u64, u64)> {
 }
 
 /// What the copy phase did.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 struct Copied {
     /// Data bytes written to the target.
     written: u64,
     /// Chunks started with fewer in flight because the guest was writing.
     guest_busy_chunks: u64,
+    /// Suspect bytes compared with the target.
+    suspect: u64,
+    /// Of those, bytes equal to the target's, not written.
+    suspect_unchanged: u64,
+}
+
+/// What one chunk did.
+#[derive(Debug, Clone, Copy, Default)]
+struct ChunkDone {
+    length: u64,
+    written: u64,
+    suspect: u64,
+    suspect_unchanged: u64,
+}
+
+/// Granules of an incremental backup that crash recovery marked dirty but
+/// that may be clean (see `bitmap::suspect`): compared before they are copied.
+#[derive(Debug)]
+struct Suspect {
+    bits: AtomicBits,
+    granularity: u64,
+}
+
+impl Suspect {
+    /// The suspect granules of the chunk at `offset`, as byte ranges
+    /// `(start, end)` relative to it (clipped to the chunk), in order.
+    fn pieces(&self, offset: u64, length: u64) -> Vec<(usize, usize)> {
+        let g = self.granularity;
+        let end = offset + length;
+        let rel = |x: u64| usize::try_from(x - offset).unwrap_or(usize::MAX);
+        (offset / g..end.div_ceil(g))
+            .filter(|&i| self.bits.get(i))
+            .map(|i| (rel((i * g).max(offset)), rel(((i + 1) * g).min(end))))
+            .collect()
+    }
+
+    /// The parts of `buf` (the view's chunk at `offset`) that the target
+    /// already holds: suspect granules, read from the target (one read per
+    /// contiguous run) and compared.
+    fn unchanged(
+        &self,
+        buf: &[u8],
+        offset: u64,
+        target: &dyn BlockStore,
+        done: &mut ChunkDone,
+    ) -> Result<Vec<(usize, usize)>, StoreError> {
+        let pieces = self.pieces(offset, buf.len() as u64);
+        let mut out: Vec<(usize, usize)> = Vec::new();
+        let mut i = 0;
+        while i < pieces.len() {
+            let mut j = i + 1;
+            while j < pieces.len() && pieces[j].0 == pieces[j - 1].1 {
+                j += 1;
+            }
+            let (a, b) = (pieces[i].0, pieces[j - 1].1);
+            let mut current = vec![0u8; b - a];
+            target.read_at(&mut current, offset + a as u64)?;
+            done.suspect += (b - a) as u64;
+            for &(x, y) in &pieces[i..j] {
+                if buf[x..y] == current[x - a..y - a] {
+                    done.suspect_unchanged += (y - x) as u64;
+                    match out.last_mut() {
+                        Some(last) if last.1 == x => last.1 = y,
+                        _ => out.push((x, y)),
+                    }
+                }
+            }
+            i = j;
+        }
+        Ok(out)
+    }
+}
+
+/// `runs` (from [`zero_runs`]) without the `skip` ranges (sorted, disjoint).
+fn without(runs: Vec<(usize, usize, bool)>, skip: &[(usize, usize)]) -> Vec<(usize, usize, bool)> {
+    if skip.is_empty() {
+        return runs;
+    }
+    let mut out = Vec::new();
+    for (start, end, zero) in runs {
+        let mut at = start;
+        for &(a, b) in skip.iter().filter(|&&(a, b)| a < end && b > start) {
+            if a > at {
+                out.push((at, a, zero));
+            }
+            at = at.max(b);
+        }
+        if at < end {
+            out.push((at, end, zero));
+        }
+    }
+    out
 }
 
 async fn copy(job: &JobHandle, state: &Frozen2, chain: &Chain, size: u64) -> Result<Copied, JobError> {
@@ -564,12 +665,11 @@ async fn copy_chunks(
     state: &Frozen2,
     chain: &Chain,
     size: u64,
-    tasks: &mut tokio::task::JoinSet<Result<(u64, u64), StoreError>>,
+    tasks: &mut tokio::task::JoinSet<Result<ChunkDone, StoreError>>,
 ) -> Result<Copied, JobError> {
     let chunks = plan(state, size);
     job.set_total(chunks.iter().map(|c| c.1).sum());
-    let mut written = 0;
-    let mut guest_busy_chunks = 0;
+    let mut copied = Copied::default();
     let mut guest_writes = state.pit.guest_writes();
     for (offset, length) in chunks {
         job.checkpoint().await?;
@@ -579,37 +679,42 @@ async fn copy_chunks(
         let limit = if guest_writes == seen {
             PARALLEL
         } else {
-            guest_busy_chunks += 1;
+            copied.guest_busy_chunks += 1;
             PARALLEL_GUEST_BUSY
         };
         while tasks.len() >= limit {
-            written += join_one(tasks, job).await?;
+            join_one(tasks, job, &mut copied).await?;
         }
         let (pit, target, fresh) = (state.pit.clone(), chain.target.clone(), chain.fresh);
+        let suspect = state.suspect.clone();
         if target.async_io().is_some() {
-            tasks.spawn(async move { copy_chunk_async(pit, target, fresh, offset, length).await.map(|w| (w, length)) });
+            tasks.spawn(copy_chunk_async(pit, target, fresh, suspect, offset, length));
         } else {
-            tasks.spawn_blocking(move || copy_chunk(&pit, target.as_ref(), fresh, offset, length).map(|w| (w, length)));
+            tasks.spawn_blocking(move || copy_chunk(&pit, target.as_ref(), fresh, suspect.as_deref(), offset, length));
         }
     }
     while !tasks.is_empty() {
-        written += join_one(tasks, job).await?;
+        join_one(tasks, job, &mut copied).await?;
     }
-    Ok(Copied { written, guest_busy_chunks })
+    Ok(copied)
 }
 
 async fn join_one(
-    tasks: &mut tokio::task::JoinSet<Result<(u64, u64), StoreError>>,
+    tasks: &mut tokio::task::JoinSet<Result<ChunkDone, StoreError>>,
     job: &JobHandle,
-) -> Result<u64, JobError> {
+    copied: &mut Copied,
+) -> Result<(), JobError> {
     match tasks.join_next().await {
-        Some(Ok(Ok((written, length)))) => {
-            job.progress(length);
-            Ok(written)
+        Some(Ok(Ok(done))) => {
+            job.progress(done.length);
+            copied.written += done.written;
+            copied.suspect += done.suspect;
+            copied.suspect_unchanged += done.suspect_unchanged;
+            Ok(())
         }
         Some(Ok(Err(e))) => Err(JobError::from_err("Copy failed", &e)),
         Some(Err(e)) => Err(JobError::Failed(format!("internal error: {e}"))),
-        None => Ok(0),
+        None => Ok(()),
     }
 }
 
@@ -641,25 +746,31 @@ async fn copy_chunk_async(
     pit: Arc<PointInTime>,
     target: Arc<dyn BlockStore>,
     fresh: bool,
+    suspect: Option<Arc<Suspect>>,
     offset: u64,
     length: u64,
-) -> Result<u64, StoreError> {
-    let view = pit.clone();
-    let buf = tokio::task::spawn_blocking(move || {
+) -> Result<ChunkDone, StoreError> {
+    let (view, current) = (pit.clone(), target.clone());
+    let (buf, runs, mut done) = tokio::task::spawn_blocking(move || {
         let mut buf = vec![0u8; usize::try_from(length).unwrap_or(0)];
-        view.read(&mut buf, offset).map(|()| buf)
+        view.read(&mut buf, offset)?;
+        let mut done = ChunkDone { length, ..ChunkDone::default() };
+        let skip = match &suspect {
+            Some(s) => s.unchanged(&buf, offset, current.as_ref(), &mut done)?,
+            None => Vec::new(),
+        };
+        let runs = without(zero_runs(&buf), &skip);
+        Ok::<_, StoreError>((buf, runs, done))
     })
     .await
     .map_err(|e| StoreError::Io { op: "backup read", offset, source: std::io::Error::other(e.to_string()) })??;
-    let runs = zero_runs(&buf);
     let data = bytes::Bytes::from(buf);
-    let mut written = 0;
     for (at, end, zero) in runs {
         let pos = offset + at as u64;
         if !zero {
             let aio = target.async_io().ok_or(StoreError::Unsupported("asynchronous IO"))?;
             aio.write(data.slice(at..end), pos).await?;
-            written += (end - at) as u64;
+            done.written += (end - at) as u64;
         } else if !fresh {
             let t = target.clone();
             tokio::task::spawn_blocking(move || t.write_zeroes(pos, (end - at) as u64, true)).await.map_err(
@@ -668,31 +779,36 @@ async fn copy_chunk_async(
         }
     }
     pit.release(offset, length);
-    Ok(written)
+    Ok(done)
 }
 
-/// Copies one chunk of the frozen view; returns the data bytes written.
+/// Copies one chunk of the frozen view.
 fn copy_chunk(
     pit: &PointInTime,
     target: &dyn BlockStore,
     fresh: bool,
+    suspect: Option<&Suspect>,
     offset: u64,
     length: u64,
-) -> Result<u64, StoreError> {
+) -> Result<ChunkDone, StoreError> {
     let mut buf = vec![0u8; usize::try_from(length).unwrap_or(0)];
     pit.read(&mut buf, offset)?;
-    let mut written = 0;
-    for (at, end, zero) in zero_runs(&buf) {
+    let mut done = ChunkDone { length, ..ChunkDone::default() };
+    let skip = match suspect {
+        Some(s) => s.unchanged(&buf, offset, target, &mut done)?,
+        None => Vec::new(),
+    };
+    for (at, end, zero) in without(zero_runs(&buf), &skip) {
         let pos = offset + at as u64;
         if !zero {
             target.write_at(&buf[at..end], pos)?;
-            written += (end - at) as u64;
+            done.written += (end - at) as u64;
         } else if !fresh {
             target.write_zeroes(pos, (end - at) as u64, true)?;
         }
     }
     pit.release(offset, length);
-    Ok(written)
+    Ok(done)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -780,6 +896,8 @@ async fn finish(
         "bytes_written": written,
         "scratch_bytes": state.pit.scratch_bytes(),
         "guest_busy_chunks": copied.guest_busy_chunks,
+        "suspect_bytes": copied.suspect,
+        "suspect_unchanged_bytes": copied.suspect_unchanged,
         "bitmap_generation": generation,
         "removed_snapshots": removed,
     }))
@@ -817,6 +935,37 @@ pub(crate) fn retention(target: &dyn BlockStore, keep: u32, newest: &str) -> Res
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn suspect_granules_equal_to_the_target_are_left_out_and_the_rest_written() {
+        // Granule 4 KiB; the chunk starts mid-granule; suspect: granules 1, 2, 3 and 5.
+        let g = 4096u64;
+        let dir = tempfile::tempdir().unwrap();
+        let stores = crate::store::Stores::new(None);
+        let target = crate::store::file::FileStore::create(&dir.path().join("t.raw"), 8 * g, &stores).unwrap();
+        let old: Vec<u8> = (0..8 * g).map(|i| (i % 251) as u8).collect();
+        target.write_at(&old, 0).unwrap();
+        let bits = AtomicBits::new(8);
+        for i in [1, 2, 3, 5] {
+            bits.set_range(i, i);
+        }
+        let suspect = Suspect { bits, granularity: g };
+        let offset = g + 2048;
+        let at = |x: u64| usize::try_from(x - offset).unwrap();
+        let mut buf = old[usize::try_from(offset).unwrap()..].to_vec();
+        buf[at(2 * g + 10)] ^= 1; // granule 2 changed
+        buf[at(4 * g)] ^= 1; // granule 4 changed (not suspect)
+        let mut done = ChunkDone::default();
+        let skip = suspect.unchanged(&buf, offset, &target, &mut done).unwrap();
+        assert_eq!(skip, vec![(0, at(2 * g)), (at(3 * g), at(4 * g)), (at(5 * g), at(6 * g))]);
+        assert_eq!(done.suspect, 4 * g - 2048);
+        assert_eq!(done.suspect_unchanged, 3 * g - 2048);
+        let runs = without(zero_runs(&buf), &skip);
+        assert_eq!(
+            runs,
+            vec![(at(2 * g), at(3 * g), false), (at(4 * g), at(5 * g), false), (at(6 * g), buf.len(), false)]
+        );
+    }
 
     async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
         tokio::time::timeout(std::time::Duration::from_secs(5), f).await.expect("a group member waited forever")
