@@ -88,8 +88,10 @@ pub struct Drained(());
 pub struct Frozen {
     /// Granules dirty at the job's start.
     pub bits: AtomicBits,
-    /// Of `bits`, the suspect granules (see [`BitmapInfo::suspect_bytes`]).
-    pub suspect: AtomicBits,
+    /// Of `bits`, the suspect granules (see [`BitmapInfo::suspect_bytes`]):
+    /// only ever a reason to compare with a copy that is known to have been
+    /// equal at the bitmap's last clear, never to skip a granule unseen.
+    pub(crate) suspect: AtomicBits,
     /// Bytes per bit.
     pub granularity: u64,
     /// Generation at the job's start.
@@ -550,6 +552,8 @@ impl DiskBitmaps {
         let meta = Meta { generation: 1, uuid: *uuid::Uuid::new_v4().as_bytes(), busy: None, reason: None };
         let b = Bitmap::new(name, granularity, self.size, &self.identity, meta);
         b.enabled.store(enabled, SeqCst);
+        // A file left by a bitmap of the same name removed before a crash is not this one's.
+        suspect::forget(&self.dir, name);
         let path = self.dir.join(format!("{name}.bitmap"));
         let file = BitmapFile::create(&path, &b.header(false, 0), b.bits.word_count())
             .map_err(|source| BitmapError::Persist { name: name.to_owned(), source })?;
@@ -613,7 +617,26 @@ impl DiskBitmaps {
         b.bits.clear_all();
         b.suspect.clear_all();
         self.persister.lazy(b.all_pages());
+        drop(_gate);
+        self.save_suspect(&b);
         Ok(b.info())
+    }
+
+    /// Brings `NAME.suspect` in step with memory after suspect granules
+    /// went (a job's commit, a clear): a stale file would only cost reads
+    /// after a crash, as would a failure here (logged).
+    fn save_suspect(&self, b: &Bitmap) {
+        if let Err(e) = suspect::save(&self.dir, b) {
+            tracing::warn!(disk = %self.disk, bitmap = %b.name, error = %e, "cannot save suspect granules");
+        }
+    }
+
+    /// [`save_suspect`](Self::save_suspect) by name, after a job's commit
+    /// (outside the drain, which must stay short).
+    pub fn save_suspect_of(&self, name: &str) {
+        if let Ok(b) = self.get(name) {
+            self.save_suspect(&b);
+        }
     }
 
     /// Gives a bitmap the identity (uuid and generation) of the bitmap it
@@ -738,7 +761,8 @@ impl DiskBitmaps {
                 // `persisted` first, as in `clear`.
                 b.persisted.and_not_word(w, dropped);
                 b.bits.and_not_word(w, dropped);
-                b.suspect.and_not_word(w, dropped);
+                // Copied or compared: a granule written again since is really dirty.
+                b.suspect.and_not_word(w, frozen.bits.word(w));
             }
             self.persister.lazy(b.all_pages());
         }
@@ -777,12 +801,13 @@ impl DiskBitmaps {
             let done = b
                 .write_pages(&pages)
                 .map_err(|e| e.to_string())
-                .and_then(|()| suspect::save(&self.dir, b).map_err(|e| format!("suspect granules: {e}")))
                 .and_then(|()| b.write_header(true, image.modified_ns).map_err(|e| e.to_string()));
             if let Err(e) = done {
                 saved = false;
                 tracing::error!(disk = %self.disk, bitmap = %b.name, error = %e, "cannot save bitmap at shutdown");
             }
+            // After the clean header: a hint that is not saved costs reads, nothing else.
+            self.save_suspect(b);
         }
         if self.intent.is_some() && saved {
             if let Err(e) = std::fs::remove_file(self.dir.join(INTENT_FILE)) {
@@ -854,7 +879,7 @@ fn bitmap_files(dir: &Path) -> Result<Vec<PathBuf>, BitmapError> {
     for entry in std::fs::read_dir(dir).map_err(io)? {
         let path = entry.map_err(io)?.path();
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-        if name.ends_with(".bitmap.tmp") {
+        if name.ends_with(".bitmap.tmp") || name.ends_with(".suspect.tmp") {
             let _ = std::fs::remove_file(&path);
         } else if name.ends_with(".bitmap") {
             out.push(path);

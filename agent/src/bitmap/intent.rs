@@ -146,6 +146,7 @@ pub(crate) fn recover(dir: &Path, size: u64, unclean: &[Arc<Bitmap>]) {
         } else if let Err(e) = suspect::save(dir, b) {
             // Only a cost: the granules stay dirty, and are copied without a look.
             b.suspect.clear_all();
+            suspect::forget(dir, b.name());
             tracing::warn!(bitmap = %b.name(), error = %e, "cannot save suspect granules; they count as dirty");
         }
     }

@@ -211,6 +211,21 @@ fn a_changed_image_makes_bitmaps_inconsistent() {
 }
 
 #[test]
+fn a_suspect_set_that_cannot_be_saved_still_lets_the_clean_stop_be_recorded() {
+    // The clean header carries the image's mtime, which catches an image written while the
+    // agent was down; a failure to save the suspect hint must not cost that check.
+    let dir = tempfile::tempdir().unwrap();
+    let disk = open(dir.path(), &[("a", 65536)]);
+    std::fs::create_dir_all(dir.path().join("a.suspect/in-the-way")).unwrap();
+    disk.close(&identity());
+    drop(disk);
+    let moved = Identity { id: "test:1".into(), modified_ns: 43 };
+    let disk = DiskBitmaps::open(dir.path(), "vm/disk", SIZE, moved, &[], 0).unwrap();
+    let reason = disk.list()[0].inconsistent_reason.clone().unwrap_or_default();
+    assert!(reason.contains("modified while the agent was not running"), "{:?}", disk.list());
+}
+
+#[test]
 fn job_commit_keeps_writes_made_during_the_job_and_abort_keeps_everything() {
     let dir = tempfile::tempdir().unwrap();
     let disk = open(dir.path(), &[("a", 65536)]);

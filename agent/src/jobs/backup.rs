@@ -610,7 +610,13 @@ impl Suspect {
             }
             let (a, b) = (pieces[i].0, pieces[j - 1].1);
             let mut current = vec![0u8; b - a];
-            target.read_at(&mut current, offset + a as u64)?;
+            if let Err(e) = target.read_at(&mut current, offset + a as u64) {
+                // Compared or not, the granules are written: a target that cannot be read here
+                // must not fail a backup that only needs to write.
+                tracing::warn!(offset = offset + a as u64, error = %e, "cannot read suspect granules from the target; copying them");
+                i = j;
+                continue;
+            }
             done.suspect += (b - a) as u64;
             for &(x, y) in &pieces[i..j] {
                 if buf[x..y] == current[x - a..y - a] {
@@ -867,11 +873,17 @@ async fn finish(
         (Some(name), Some(frozen)) => {
             let bitmaps = export.bitmaps().clone();
             let (name, frozen_bits) = (name.clone(), frozen);
-            Some(
-                bitmaps
-                    .drained(|d| bitmaps.commit_job(d, &name, frozen_bits))
-                    .map_err(|e| JobError::Failed(e.to_string()))?,
-            )
+            let generation = bitmaps
+                .drained(|d| bitmaps.commit_job(d, &name, frozen_bits))
+                .map_err(|e| JobError::Failed(e.to_string()))?;
+            if state.suspect.is_some() {
+                blocking(move || {
+                    bitmaps.save_suspect_of(&name);
+                    Ok(())
+                })
+                .await?;
+            }
+            Some(generation)
         }
         _ => None,
     };
