@@ -49,7 +49,7 @@ pub fn router(control: Arc<Control>) -> Router {
         .route("/v1/disks/{vm}/{disk}/bitmaps/{name}/merge", post(merge_bitmap))
         .route("/v1/disks/{vm}/{disk}/bitmaps/{name}/{action}", post(bitmap_action))
         .route("/v1/jobs", get(list_jobs).post(start_job))
-        .route("/v1/jobs/{id}", get(|s: Ctl, Path(id): Path<String>| run(s, Command::Job(id))))
+        .route("/v1/jobs/{id}", get(get_job))
         .route("/v1/jobs/{id}/speed", post(set_job_speed))
         .route("/v1/jobs/{id}/copy-mode", post(set_job_copy_mode))
         .route("/v1/jobs/{id}/{action}", post(job_action))
@@ -258,6 +258,18 @@ async fn show_outgoing(s: Ctl, Path(vm): Path<String>, RawQuery(q): RawQuery) ->
 }
 
 /// `?wait=SECS` (default 20, at most 60).
+/// `wait_ms`: answer at the job's end or after that long (long poll).
+async fn get_job(s: Ctl, Path(id): Path<String>, RawQuery(q): RawQuery) -> Response {
+    let mut wait_ms = 0;
+    for (k, v) in query_params(&q) {
+        match (k.as_str(), v.parse()) {
+            ("wait_ms", Ok(w)) if w <= 10_000 => wait_ms = w,
+            _ => return error(ApiError::BadRequest(format!("Bad query parameter {k}={v} (wait_ms: 0 to 10000)"))),
+        }
+    }
+    run(s, Command::Job(id, wait_ms)).await
+}
+
 async fn first_io(s: Ctl, Path(id): Path<String>, RawQuery(q): RawQuery) -> Response {
     let mut wait = 20;
     for (k, v) in query_params(&q) {

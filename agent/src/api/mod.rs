@@ -17,7 +17,7 @@ pub use migrations::{Complete, MigrationEnv, Prepare};
 pub use outgoing::{OutState, OutgoingEnv, StartMigration};
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -57,8 +57,8 @@ pub enum Command {
     StartJob(StartJob),
     /// Jobs (`true`: concluded ones too).
     Jobs(bool),
-    /// One job.
-    Job(String),
+    /// One job; waiting up to the milliseconds given for it to conclude.
+    Job(String, u64),
     /// Control a job.
     JobAction(String, JobAction),
     /// Prepare an incoming migration (destination).
@@ -308,7 +308,14 @@ impl Control {
             }
             Command::StartJob(start) => self.start_job(start).await,
             Command::Jobs(all) => Ok(to_json(self.jobs.list(all))),
-            Command::Job(id) => Ok(to_json(self.jobs.get(&id)?.record())),
+            Command::Job(id, wait_ms) => {
+                let job = self.jobs.get(&id)?;
+                let record = match tokio::time::timeout(Duration::from_millis(wait_ms), job.wait()).await {
+                    Ok(concluded) => concluded,
+                    Err(_) => job.record(),
+                };
+                Ok(to_json(record))
+            }
             Command::JobAction(id, action) => self.job_action(&id, action),
             Command::PrepareMigration(p) => self.prepare_migration(p).await,
             Command::CompleteMigration(id, c) => self.complete_migration(&id, c).await,

@@ -271,7 +271,9 @@ pub async fn wait_until(
     }
     let mut last_line = std::time::Instant::now();
     loop {
-        let j = call(endpoint, "GET", &format!("/v1/jobs/{id}"), None).await?;
+        // A long poll: the agent answers at the job's end at once, or after 200 ms with its progress.
+        let asked = std::time::Instant::now();
+        let j = call(endpoint, "GET", &format!("/v1/jobs/{id}?wait_ms=200"), None).await?;
         let (done, total) = (j["bytes_done"].as_u64().unwrap_or(0), j["bytes_total"].as_u64().unwrap_or(0));
         bar.set_length(total);
         bar.set_position(done);
@@ -289,7 +291,8 @@ pub async fn wait_until(
             );
             last_line = std::time::Instant::now();
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // An agent that does not hold the request (an older one) is not asked in a busy loop.
+        tokio::time::sleep(Duration::from_millis(200).saturating_sub(asked.elapsed())).await;
     }
 }
 

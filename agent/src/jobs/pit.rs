@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::bitmap::AtomicBits;
-use crate::store::{BlockStore, StoreError};
+use crate::store::{BlockStore, Extent, ExtentKind, StoreError};
 
 const STRIPES: u64 = 256;
 /// Save unit of copy-before-write (smaller granularities use theirs).
@@ -210,6 +210,39 @@ impl PointInTime {
         Ok(())
     }
 
+    /// Allocation of `offset..offset+length` at the view's moment, for a
+    /// range not yet [released](Self::release): what the source reports
+    /// now, except that a hole is data where a save unit is saved (a write
+    /// since the moment changed it; the saved copy is what the view reads)
+    /// or where the granule is not needed (nothing tracks it). Sound because
+    /// copy-before-write saves a unit before the write reaches the store: a
+    /// unit that is a hole in the source now, and still unsaved after that
+    /// was seen, was changed by no write since the view's moment.
+    pub fn extents(&self, offset: u64, length: u64) -> Result<Vec<Extent>, StoreError> {
+        let now = self.source.extents(offset, length)?;
+        let mut out: Vec<Extent> = Vec::new();
+        let mut push = |offset: u64, length: u64, kind: ExtentKind| match out.last_mut() {
+            Some(last) if last.kind == kind && last.offset + last.length == offset => last.length += length,
+            _ => out.push(Extent { offset, length, kind }),
+        };
+        for e in now {
+            if e.kind == ExtentKind::Data || e.length == 0 {
+                push(e.offset, e.length, e.kind);
+                continue;
+            }
+            let end = e.offset + e.length;
+            let mut pos = e.offset;
+            while pos < end {
+                let u = pos >> self.unit;
+                let stop = ((u + 1) << self.unit).min(end);
+                let hole = !self.saved.get(u) && self.needed.get(pos >> self.shift);
+                push(pos, stop - pos, if hole { ExtentKind::Hole } else { ExtentKind::Data });
+                pos = stop;
+            }
+        }
+        Ok(out)
+    }
+
     /// The job copied `offset..offset+length`: writes stop copying the
     /// granules it covers whole (the last one when it reaches the disk's
     /// end). A granule only partly covered stays needed: with granules
@@ -278,6 +311,36 @@ mod tests {
                 (x >> 24) as u8
             })
             .collect()
+    }
+
+    #[test]
+    fn the_views_allocation_is_the_moments_even_after_a_write_punches_a_hole() {
+        const G: u64 = 64 << 10;
+        let dir = tempfile::tempdir().unwrap();
+        let stores = Stores::new(None);
+        let store: Arc<dyn BlockStore> =
+            Arc::new(FileStore::create(&dir.path().join("d.raw"), 8 * G, &stores).unwrap());
+        store.write_at(&pattern(2 * G as usize, 5), 0).unwrap(); // granules 0-1 data, 2-7 holes
+        let view = PointInTime::whole(store.clone(), G, &dir.path().join("scratch")).unwrap();
+        let kinds = |view: &PointInTime| -> Vec<(u64, u64, ExtentKind)> {
+            view.extents(0, 8 * G).unwrap().iter().map(|e| (e.offset, e.length, e.kind)).collect()
+        };
+        assert_eq!(kinds(&view), [(0, 2 * G, ExtentKind::Data), (2 * G, 6 * G, ExtentKind::Hole)]);
+        // The guest punches granule 1 and writes into granule 4: the view still sees data in 1
+        // (saved), and 4 is data now (its saved zeroes are what the view reads).
+        view.before_write(G, G).unwrap();
+        store.discard(G, G).unwrap();
+        assert_eq!(store.extents(G, G).unwrap()[0].kind, ExtentKind::Hole, "the file store punched no hole");
+        view.before_write(4 * G, 4096).unwrap();
+        store.write_at(&[7; 4096], 4 * G).unwrap();
+        let now = kinds(&view);
+        let data_at = |pos: u64| now.iter().any(|&(o, l, k)| o <= pos && pos < o + l && k == ExtentKind::Data);
+        assert!(data_at(G) && data_at(2 * G - 1), "{now:?}");
+        assert!(data_at(4 * G), "{now:?}");
+        assert!(!data_at(2 * G) && !data_at(6 * G), "{now:?}");
+        // Released granules are no longer tracked: a hole there counts as data (read it).
+        view.release(6 * G, G);
+        assert!(kinds(&view).iter().any(|&(o, l, k)| o <= 6 * G && 6 * G < o + l && k == ExtentKind::Data));
     }
 
     #[test]

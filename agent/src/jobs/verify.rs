@@ -1,5 +1,8 @@
 //! Verify jobs: compare a disk, at the job's start, with an image or a
-//! snapshot chunk by chunk, and report every extent that differs.
+//! snapshot chunk by chunk, and report every extent that differs. Ranges
+//! that are holes on both sides (the disk's allocation at the job's start,
+//! the other side's `SEEK_DATA` / `rbd diff` map) are not read; a hole on
+//! one side is compared with zeroes.
 
 use std::sync::Arc;
 
@@ -12,10 +15,12 @@ use super::{JobError, JobHandle};
 use crate::config::ImageUri;
 use crate::export::Export;
 use crate::nbd::client::{NbdClient, NbdUri};
-use crate::store::{BlockStore, OpenOptions, StoreError};
+use crate::store::{BlockStore, Extent, ExtentKind, OpenOptions, StoreError};
 
 /// Comparison granularity inside a chunk (the reported extents' unit).
 const UNIT: usize = 64 << 10;
+/// Bytes whose allocation is looked up at once (holes on both sides cost no read).
+const SPAN: u64 = 256 << 20;
 /// Most mismatching extents listed.
 const MAX_LISTED: usize = 64;
 
@@ -55,13 +60,16 @@ pub async fn run(job: JobHandle, env: BackupEnv, export: Arc<Export>, params: Ve
             Ok::<_, StoreError>(pit)
         })
         .map_err(|e| JobError::from_err("Cannot freeze the disk", &e))?;
-    let result = compare(&job, &pit, &other, size).await;
+    let mut read = 0;
+    let result = compare(&job, &pit, &other, size, &mut read).await;
     export.remove_hook(&pit);
     let mismatches = result?;
     let differing: u64 = mismatches.iter().map(|m| m.1).sum();
     if differing > 0 {
         // What the CLI's exit status tells apart from a verify that could not run.
-        job.set_detail(json!({ "differing_bytes": differing, "differing_extents": mismatches.len() }));
+        job.set_detail(
+            json!({ "differing_bytes": differing, "differing_extents": mismatches.len(), "bytes_read": read }),
+        );
         let listed: Vec<String> = mismatches.iter().take(MAX_LISTED).map(|(o, l)| format!("{o}+{l}")).collect();
         return Err(JobError::Failed(format!(
             "Verify failed: {differing} bytes differ in {} extents: {}",
@@ -69,7 +77,9 @@ pub async fn run(job: JobHandle, env: BackupEnv, export: Arc<Export>, params: Ve
             listed.join(", ")
         )));
     }
-    Ok(json!({ "against": params.against, "bytes_compared": size, "equal": true, "mismatches": [] }))
+    Ok(
+        json!({ "against": params.against, "bytes_compared": size, "bytes_read": read, "equal": true, "mismatches": [] }),
+    )
 }
 
 async fn compare(
@@ -77,29 +87,63 @@ async fn compare(
     pit: &Arc<PointInTime>,
     other: &Arc<dyn BlockStore>,
     size: u64,
+    read: &mut u64,
 ) -> Result<Vec<(u64, u64)>, JobError> {
     job.set_total(size);
     let mut out: Vec<(u64, u64)> = Vec::new();
     let mut pos = 0;
     while pos < size {
         job.checkpoint().await?;
-        let n = CHUNK.min(size - pos);
-        job.throttle(n).await?;
-        let (pit, other) = (pit.clone(), other.clone());
-        let diffs = tokio::task::spawn_blocking(move || compare_chunk(&pit, other.as_ref(), pos, n))
-            .await
-            .map_err(|e| JobError::Failed(e.to_string()))?
-            .map_err(|e| JobError::from_err("Read failed", &e))?;
-        for (o, l) in diffs {
-            match out.last_mut() {
-                Some(last) if last.0 + last.1 == o => last.1 += l,
-                _ => out.push((o, l)),
+        let span = SPAN.min(size - pos);
+        let (p, o) = (pit.clone(), other.clone());
+        let segments = blocking(move || Ok(overlay(&p.extents(pos, span)?, &o.extents(pos, span)?, pos, span))).await?;
+        // Chunk by chunk; a chunk with holes on both sides throughout costs nothing.
+        let mut at = pos;
+        let mut first = 0;
+        while at < pos + span {
+            let n = CHUNK.min(pos + span - at);
+            while segments[first].1 <= at {
+                first += 1;
             }
+            let parts: Vec<(u64, u64, bool, bool)> = segments[first..]
+                .iter()
+                .take_while(|s| s.0 < at + n)
+                .map(|&(a, b, here, there)| (a.max(at), b.min(at + n), here, there))
+                .filter(|s| s.2 || s.3)
+                .collect();
+            if parts.is_empty() {
+                // The view need not keep what is not there.
+                pit.release(at, n);
+            } else {
+                job.checkpoint().await?;
+                job.throttle(n).await?;
+                let (p, o) = (pit.clone(), other.clone());
+                let diff = blocking(move || compare_chunk(&p, o.as_ref(), at, n, &parts, size)).await?;
+                *read += diff.read;
+                for (o, l) in diff.differing {
+                    match out.last_mut() {
+                        // A unit split between chunks is listed once.
+                        Some(last) if last.0 + last.1 > o => {}
+                        Some(last) if last.0 + last.1 == o => last.1 += l,
+                        _ => out.push((o, l)),
+                    }
+                }
+            }
+            job.progress(n);
+            at += n;
         }
-        job.progress(n);
-        pos += n;
+        pos += span;
     }
     Ok(out)
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, JobError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| JobError::Failed(e.to_string()))?
+        .map_err(|e| JobError::from_err("Read failed", &e))
 }
 
 /// A remote NBD export read as a (read-only) store, for verification.
@@ -150,21 +194,109 @@ impl BlockStore for NbdReader {
     }
 }
 
+/// What one chunk's comparison found: the differing units (whole, as
+/// `(offset, length)`) and the bytes it read (both sides).
+struct ChunkDiff {
+    differing: Vec<(u64, u64)>,
+    read: u64,
+}
+
+/// Runs of `offset..offset+length` with one allocation state on each side:
+/// `(start, end, data_here, data_there)`.
+fn overlay(here: &[Extent], there: &[Extent], offset: u64, length: u64) -> Vec<(u64, u64, bool, bool)> {
+    let end = offset + length;
+    // The state at `pos` of a map walked in order; unreported ranges count as data (read them).
+    let at = |map: &[Extent], i: &mut usize, pos: u64| -> (bool, u64) {
+        while *i < map.len() && map[*i].offset + map[*i].length <= pos {
+            *i += 1;
+        }
+        match map.get(*i) {
+            Some(e) if e.offset <= pos => (e.kind == ExtentKind::Data, e.offset + e.length),
+            Some(e) => (true, e.offset),
+            None => (true, end),
+        }
+    };
+    let (mut i, mut j) = (0, 0);
+    let mut out: Vec<(u64, u64, bool, bool)> = Vec::new();
+    let mut pos = offset;
+    while pos < end {
+        let (a, a_end) = at(here, &mut i, pos);
+        let (b, b_end) = at(there, &mut j, pos);
+        let stop = a_end.min(b_end).min(end).max(pos + 1);
+        match out.last_mut() {
+            Some(last) if (last.2, last.3) == (a, b) => last.1 = stop,
+            _ => out.push((pos, stop, a, b)),
+        }
+        pos = stop;
+    }
+    out
+}
+
+/// Compares the chunk `offset..offset+length`: its `parts` with data on
+/// at least one side (`(start, end, data_here, data_there)`), each read from
+/// the sides that hold data (a hole reads as zeroes).
 fn compare_chunk(
     pit: &PointInTime,
     other: &dyn BlockStore,
     offset: u64,
     length: u64,
-) -> Result<Vec<(u64, u64)>, StoreError> {
-    let len = usize::try_from(length).unwrap_or(0);
-    let (mut a, mut b) = (vec![0u8; len], vec![0u8; len]);
-    pit.read(&mut a, offset)?;
-    other.read_at(&mut b, offset)?;
+    parts: &[(u64, u64, bool, bool)],
+    size: u64,
+) -> Result<ChunkDiff, StoreError> {
+    let unit = UNIT as u64;
+    let mut read = 0;
+    let mut differing: Vec<(u64, u64)> = Vec::new();
+    for &(start, stop, here, there) in parts {
+        let n = usize::try_from(stop - start).unwrap_or(0);
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        if here {
+            a = vec![0u8; n];
+            pit.read(&mut a, start)?;
+            read += n as u64;
+        }
+        if there {
+            b = vec![0u8; n];
+            other.read_at(&mut b, start)?;
+            read += n as u64;
+        }
+        // Unit by unit (aligned to the disk), so the report names whole units.
+        let mut pos = start;
+        while pos < stop {
+            let next = ((pos / unit + 1) * unit).min(stop);
+            let range = usize::try_from(pos - start).unwrap_or(0)..usize::try_from(next - start).unwrap_or(0);
+            let equal = match (here, there) {
+                (true, true) => a[range.clone()] == b[range],
+                (true, false) => a[range].iter().all(|&x| x == 0),
+                _ => b[range].iter().all(|&x| x == 0),
+            };
+            let u = pos / unit * unit;
+            if !equal && differing.last().is_none_or(|l| l.0 != u) {
+                differing.push((u, (u + unit).min(size) - u));
+            }
+            pos = next;
+        }
+    }
     pit.release(offset, length);
-    Ok(a.chunks(UNIT)
-        .zip(b.chunks(UNIT))
-        .enumerate()
-        .filter(|(_, (x, y))| x != y)
-        .map(|(i, (x, _))| (offset + (i * UNIT) as u64, x.len() as u64))
-        .collect())
+    Ok(ChunkDiff { differing, read })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn e(offset: u64, length: u64, data: bool) -> Extent {
+        Extent { offset, length, kind: if data { ExtentKind::Data } else { ExtentKind::Hole } }
+    }
+
+    #[test]
+    fn the_overlay_of_two_maps_splits_where_either_changes_and_reads_what_is_unreported() {
+        let here = [e(0, 10, true), e(10, 20, false), e(30, 10, true)];
+        let there = [e(0, 5, false), e(5, 30, false)]; // 35..40 unreported
+        assert_eq!(
+            overlay(&here, &there, 0, 40),
+            vec![(0, 10, true, false), (10, 30, false, false), (30, 35, true, false), (35, 40, true, true)]
+        );
+        // A window inside the maps.
+        assert_eq!(overlay(&here, &there, 12, 10), vec![(12, 22, false, false)]);
+    }
 }
