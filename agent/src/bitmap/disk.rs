@@ -71,7 +71,7 @@ pub struct Bitmap {
     /// Dirty granules that may be clean: set only by crash recovery, from a
     /// region of the write-intent log (see [`super::suspect`]). A hint that
     /// costs reads, never a reason to skip a granule unseen.
-    pub(super) suspect: AtomicBits,
+    pub(super) suspect: suspect::SuspectBits,
     successor: ArcSwapOption<AtomicBits>,
     enabled: AtomicBool,
     consistent: AtomicBool,
@@ -91,7 +91,7 @@ pub struct Frozen {
     /// Of `bits`, the suspect granules (see [`BitmapInfo::suspect_bytes`]):
     /// only ever a reason to compare with a copy that is known to have been
     /// equal at the bitmap's last clear, never to skip a granule unseen.
-    pub(crate) suspect: AtomicBits,
+    pub(crate) suspect: Option<AtomicBits>,
     /// Bytes per bit.
     pub granularity: u64,
     /// Generation at the job's start.
@@ -111,7 +111,7 @@ impl Bitmap {
             identity: identity.id.clone(),
             bits: AtomicBits::new(len),
             persisted: AtomicBits::new(len),
-            suspect: AtomicBits::new(len),
+            suspect: suspect::SuspectBits::default(),
             successor: ArcSwapOption::empty(),
             enabled: AtomicBool::new(true),
             consistent: AtomicBool::new(true),
@@ -179,7 +179,7 @@ impl Bitmap {
             name: self.name.clone(),
             granularity: self.granularity,
             dirty_bytes: self.bytes_of(&self.bits),
-            suspect_bytes: self.bytes_of(&self.suspect),
+            suspect_bytes: self.suspect.with(|s| s.map_or(0, |s| self.bytes_of(s))),
             recording: self.enabled.load(SeqCst),
             busy: meta.busy.is_some(),
             busy_job: meta.busy.clone(),
@@ -733,10 +733,7 @@ impl DiskBitmaps {
         b.check_usable()?;
         b.successor.store(Some(Arc::new(AtomicBits::new(b.bits.len()))));
         let frozen = AtomicBits::from_words(b.bits.len(), &b.bits.snapshot());
-        let suspect = AtomicBits::new(b.bits.len());
-        for w in b.suspect.dirty_words() {
-            suspect.or_word(w, b.suspect.word(w) & frozen.word(w));
-        }
+        let suspect = b.suspect.among(&frozen);
         let mut meta = b.meta();
         meta.busy = Some(job.to_owned());
         Ok(Frozen {

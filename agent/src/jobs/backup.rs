@@ -515,9 +515,9 @@ fn freeze_drained(
         };
         export.add_hook(d, pit.clone());
         let suspect = match (mode, &frozen) {
-            (SyncMode::Incremental, Some(f)) if f.suspect.count() > 0 => Some(Arc::new(Suspect {
-                bits: AtomicBits::from_words(f.suspect.len(), &f.suspect.snapshot()),
-                granularity: f.granularity,
+            (SyncMode::Incremental, Some(Frozen { suspect: Some(bits), granularity, .. })) => Some(Arc::new(Suspect {
+                bits: AtomicBits::from_words(bits.len(), &bits.snapshot()),
+                granularity: *granularity,
             })),
             _ => None,
         };
