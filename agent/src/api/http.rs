@@ -257,8 +257,8 @@ async fn show_outgoing(s: Ctl, Path(vm): Path<String>, RawQuery(q): RawQuery) ->
     run(s, Command::OutgoingShow(vm, wait, timeout)).await
 }
 
-/// `?wait=SECS` (default 20, at most 60).
-/// `wait_ms`: answer at the job's end or after that long (long poll).
+/// `?wait_ms=MS`: answer at the job's end or after that long (long poll);
+/// unknown parameters are refused, as on every route here.
 async fn get_job(s: Ctl, Path(id): Path<String>, RawQuery(q): RawQuery) -> Response {
     let mut wait_ms = 0;
     for (k, v) in query_params(&q) {
@@ -270,6 +270,7 @@ async fn get_job(s: Ctl, Path(id): Path<String>, RawQuery(q): RawQuery) -> Respo
     run(s, Command::Job(id, wait_ms)).await
 }
 
+/// `?wait=SECS` (default 20, at most 60).
 async fn first_io(s: Ctl, Path(id): Path<String>, RawQuery(q): RawQuery) -> Response {
     let mut wait = 20;
     for (k, v) in query_params(&q) {

@@ -186,6 +186,11 @@ impl PointInTime {
         }
     }
 
+    /// Fails once copy-before-write has failed (the view lost its moment).
+    pub fn intact(&self) -> Result<(), StoreError> {
+        self.check_intact(0)
+    }
+
     /// Reads the content at the view's moment.
     pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<(), StoreError> {
         let end = offset + buf.len() as u64;
@@ -234,12 +239,22 @@ impl PointInTime {
             let mut pos = e.offset;
             while pos < end {
                 let u = pos >> self.unit;
-                let stop = ((u + 1) << self.unit).min(end);
-                let hole = !self.saved.get(u) && self.needed.get(pos >> self.shift);
+                // 64 save units at a time where a whole word of them is unsaved and needed.
+                let word_end = (u / 64 + 1) * 64;
+                let (stop, saved) = if u % 64 == 0 && (word_end << self.unit) <= end && self.saved.word(u / 64) == 0 {
+                    (word_end << self.unit, false)
+                } else {
+                    (((u + 1) << self.unit).min(end), self.saved.get(u))
+                };
+                let needed = self.needed.all_set(pos >> self.shift, (stop - 1) >> self.shift);
+                let hole = !saved && needed;
                 push(pos, stop - pos, if hole { ExtentKind::Hole } else { ExtentKind::Data });
                 pos = stop;
             }
         }
+        // A view whose copy-before-write failed no longer knows the moment: a hole now may have
+        // held data then. The failure is recorded before the write reaches the store.
+        self.check_intact(offset)?;
         Ok(out)
     }
 
@@ -341,6 +356,25 @@ mod tests {
         // Released granules are no longer tracked: a hole there counts as data (read it).
         view.release(6 * G, G);
         assert!(kinds(&view).iter().any(|&(o, l, k)| o <= 6 * G && 6 * G < o + l && k == ExtentKind::Data));
+    }
+
+    #[test]
+    fn a_view_that_lost_its_moment_reports_no_allocation() {
+        // Copy-before-write fails (scratch on a full device); the guest's discard goes through.
+        // A hole the view would report there may have held data at the moment.
+        const G: u64 = 64 << 10;
+        let dir = tempfile::tempdir().unwrap();
+        let stores = Stores::new(None);
+        let store: Arc<dyn BlockStore> =
+            Arc::new(FileStore::create(&dir.path().join("d.raw"), 4 * G, &stores).unwrap());
+        store.write_at(&pattern(4 * G as usize, 9), 0).unwrap();
+        let scratch = dir.path().join("scratch");
+        std::os::unix::fs::symlink("/dev/full", &scratch).unwrap();
+        let view = PointInTime::whole(store.clone(), G, &scratch).unwrap();
+        assert!(view.before_write(G, G).is_err(), "the scratch write did not fail");
+        store.discard(G, G).unwrap();
+        assert!(view.extents(0, 4 * G).is_err(), "{:?}", view.extents(0, 4 * G));
+        assert!(view.intact().is_err());
     }
 
     #[test]

@@ -134,6 +134,8 @@ async fn compare(
         }
         pos += span;
     }
+    // Holes were taken from the view's allocation: it must still hold the moment at the end.
+    pit.intact().map_err(|e| JobError::from_err("The point-in-time view was lost", &e))?;
     Ok(out)
 }
 
