@@ -241,11 +241,12 @@ impl PointInTime {
                 let u = pos >> self.unit;
                 // 64 save units at a time where a whole word of them is unsaved and needed.
                 let word_end = (u / 64 + 1) * 64;
-                let (stop, saved) = if u % 64 == 0 && (word_end << self.unit) <= end && self.saved.word(u / 64) == 0 {
-                    (word_end << self.unit, false)
-                } else {
-                    (((u + 1) << self.unit).min(end), self.saved.get(u))
-                };
+                let (stop, saved) =
+                    if u.is_multiple_of(64) && (word_end << self.unit) <= end && self.saved.word(u / 64) == 0 {
+                        (word_end << self.unit, false)
+                    } else {
+                        (((u + 1) << self.unit).min(end), self.saved.get(u))
+                    };
                 let needed = self.needed.all_set(pos >> self.shift, (stop - 1) >> self.shift);
                 let hole = !saved && needed;
                 push(pos, stop - pos, if hole { ExtentKind::Hole } else { ExtentKind::Data });
