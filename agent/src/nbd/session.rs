@@ -279,8 +279,9 @@ impl Session {
     fn read(&self, req: &Request) -> Vec<u8> {
         let header = if self.structured { OFFSET_DATA_HEADER_LEN } else { SIMPLE_REPLY_LEN };
         let len = usize::try_from(req.length).unwrap_or(0);
-        let mut out = vec![0u8; header + len];
-        if let Err(e) = self.export.store().read_at(&mut out[header..], req.offset) {
+        let mut out = Vec::with_capacity(header + len);
+        out.resize(header, 0);
+        if let Err(e) = self.export.store().read_append(&mut out, len, req.offset) {
             return self.store_error(req, &e);
         }
         self.read_reply(req, out)

@@ -221,6 +221,14 @@ pub trait BlockStore: Send + Sync + std::fmt::Debug {
     fn capabilities(&self) -> Capabilities;
     /// Fills `buf` from `offset` (unwritten regions of a layered image read from the parent).
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), StoreError>;
+    /// [`read_at`](Self::read_at) of `len` bytes appended to `out`: a store
+    /// that can read into uninitialized memory does not zero it first (a
+    /// reply buffer of 1 MiB is otherwise written twice).
+    fn read_append(&self, out: &mut Vec<u8>, len: usize, offset: u64) -> Result<(), StoreError> {
+        let at = out.len();
+        out.resize(at + len, 0);
+        self.read_at(&mut out[at..], offset)
+    }
     /// Writes `buf` at `offset` (not durable until [`flush`](Self::flush)).
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), StoreError>;
     /// Makes the range read as zeroes; may deallocate it if `may_unmap`.

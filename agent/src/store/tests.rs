@@ -89,6 +89,12 @@ fn data_path(f: &Fixture) {
     assert!(back[4096..8192].iter().all(|&b| b == 0));
     assert!(back[8192..32768].iter().all(|&b| b == 0xff));
     assert!(back[32768..].iter().all(|&b| b == 0));
+    // read_append: after what the vector holds, the same bytes as read_at; past the end, an error.
+    let mut out = vec![7u8; 3];
+    img.read_append(&mut out, 8192 + 100, 4096).unwrap();
+    assert_eq!(out[..3], [7, 7, 7]);
+    assert_eq!(out[3..], read(img.as_ref(), 4096, 8192 + 100)[..]);
+    assert!(img.read_append(&mut Vec::new(), 8192, (8 << 20) - 4096).is_err());
     img.flush().unwrap();
     let extents = img.extents(0, 8 << 20).unwrap();
     let mut pos = 0;

@@ -304,6 +304,39 @@ impl BlockStore for FileStore {
         }
     }
 
+    fn read_append(&self, out: &mut Vec<u8>, len: usize, offset: u64) -> Result<(), StoreError> {
+        if self.layer.load().is_some() {
+            let at = out.len();
+            out.resize(at + len, 0);
+            return self.read_at(&mut out[at..], offset);
+        }
+        out.reserve(len);
+        let end = out.len() + len;
+        while out.len() < end {
+            let pos = offset + (len - (end - out.len())) as u64;
+            let off =
+                libc::off_t::try_from(pos).map_err(|_| io_err("read", pos)(io::ErrorKind::InvalidInput.into()))?;
+            let want = end - out.len();
+            let spare = &mut out.spare_capacity_mut()[..want];
+            // SAFETY: pread writes at most `spare.len()` bytes into the vector's spare capacity
+            // (valid, exclusively borrowed memory) and returns how many it wrote; no reference
+            // to uninitialized bytes is created.
+            let n = unsafe { libc::pread(self.file.as_raw_fd(), spare.as_mut_ptr().cast(), spare.len(), off) };
+            match usize::try_from(n) {
+                Ok(0) => return Err(io_err("read", pos)(io::ErrorKind::UnexpectedEof.into())),
+                // SAFETY: the kernel initialized the `n` bytes after the current length.
+                Ok(n) => unsafe { out.set_len(out.len() + n) },
+                Err(_) => {
+                    let e = io::Error::last_os_error();
+                    if e.kind() != io::ErrorKind::Interrupted {
+                        return Err(io_err("read", pos)(e));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), StoreError> {
         self.check_writable()?;
         let _gate = self.writes();
