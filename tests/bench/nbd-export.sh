@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# NBD export benchmark: rbdsync vs qemu-nbd vs nbdkit, all serving the same raw file on tmpfs.
+# NBD export benchmark: rbdsync vs qemu-nbd, nbdkit and nbd-server, all serving the same raw file on tmpfs.
 #
 # Each round starts every server in turn (one at a time, the order rotating per round) once per
 # transport (TCP on 127.0.0.1, Unix socket) and runs four fio workloads against it through
 # fio's nbd engine (libnbd, one connection):
 #   4K randread / 4K randwrite at iodepth 16   (reported in IOPS)
 #   1M seq read / 1M seq write at iodepth 4    (reported in MiB/s)
-# The table holds the median over the rounds and the ratios rbdsync/nbdkit and rbdsync/qemu-nbd.
+# The table holds the median over the rounds, the ratio rbdsync/best (the best peer in that cell)
+# and rbdsync/each peer.
 # It is printed and written as Markdown to tests/bench/results/nbd-export.md (raw runs in
 # nbd-export.csv beside it). Only loopback addresses and Unix sockets are used.
 #
@@ -16,10 +17,11 @@
 #   RUNTIME=4       seconds measured per fio run (after a 1 s ramp)
 #   SIZE=1GiB       size of the image (bytes, or with K/KiB, M/MiB, G/GiB; a multiple of 1 MiB)
 #   RBDSYNC=...     rbdsync binary (default target/release/rbdsync, built if missing)
-#   SERVERS="rbdsync qemu-nbd nbdkit"   subset/order of servers (the ratio columns need all three)
+#   SERVERS="rbdsync qemu-nbd nbdkit nbd-server"   subset/order of servers
+#   WORKLOADS="randread4k randwrite4k read1m write1m"   subset of the workloads
 #   KEEP=1          keep the work directory (logs, configs, fio JSON) instead of deleting it
-# Needs: fio (with the nbd engine), qemu-nbd, nbdkit (+ file plugin), python3.
-#   apt-get install -y fio nbdkit qemu-utils
+# Needs: fio (with the nbd engine), qemu-nbd, nbdkit (+ file plugin), nbd-server, python3.
+#   apt-get install -y fio nbdkit qemu-utils nbd-server
 # Default run: 3 rounds x 3 servers x 2 transports x 4 workloads x ~5.5 s = about 7 minutes.
 set -euo pipefail
 # shellcheck source=tests/bench/lib.sh
@@ -29,10 +31,10 @@ ROUNDS=${ROUNDS:-3}
 RUNTIME=${RUNTIME:-4}
 SIZE=${SIZE:-1GiB}
 RAMP=1
-SERVERS=${SERVERS:-"rbdsync qemu-nbd nbdkit"}
+SERVERS=${SERVERS:-"rbdsync qemu-nbd nbdkit nbd-server"}
 KEEP=${KEEP:-0}
 EXPORT=bench/disk0
-WORKLOADS=(randread4k randwrite4k read1m write1m)
+read -r -a WORKLOADS <<<"${WORKLOADS:-randread4k randwrite4k read1m write1m}"
 TRANSPORTS=(tcp unix)
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -97,6 +99,7 @@ check_tools() {
     need nbdkit nbdkit
     need python3 python3
     need timeout coreutils
+    case " $SERVERS " in *" nbd-server "*) need nbd-server nbd-server ;; esac
     fio --enghelp=nbd >/dev/null 2>&1 || die "this fio has no nbd engine (fio --enghelp=nbd failed)"
     nbdkit file --version >/dev/null 2>&1 ||
         die "nbdkit has no file plugin; install it with: apt-get install -y nbdkit"
@@ -108,8 +111,8 @@ check_params() {
     local s
     for s in $SERVERS; do
         case $s in
-            rbdsync | qemu-nbd | nbdkit) ;;
-            *) die "SERVERS: unknown server '$s' (known: rbdsync qemu-nbd nbdkit)" ;;
+            rbdsync | qemu-nbd | nbdkit | nbd-server) ;;
+            *) die "SERVERS: unknown server '$s' (known: rbdsync qemu-nbd nbdkit nbd-server)" ;;
         esac
     done
 }
@@ -237,6 +240,23 @@ EOF
                 file file="$WORK/disk.raw" >>"$WORK/nbdkit.log" 2>&1 &
             SERVER_PID=$!
             ;;
+        nbd-server)
+            # It listens on TCP or on a Unix socket (not both with one [generic]), forks a process
+            # per client, and daemonizes: its PID comes from the pid file.
+            local generic="    listenaddr = 127.0.0.1\n    port = $port"
+            [[ $transport == unix ]] && generic="    unixsock = $sock"
+            printf '[generic]\n%b\n[%s]\n    exportname = %s\n' "$generic" "$EXPORT" "$WORK/disk.raw" \
+                >"$WORK/nbd-server.conf"
+            rm -f "$WORK/nbd-server.pid"
+            nbd-server -C "$WORK/nbd-server.conf" -p "$WORK/nbd-server.pid" >>"$WORK/nbd-server.log" 2>&1 ||
+                die "nbd-server did not start: $(tail -n 5 "$WORK/nbd-server.log")"
+            local i
+            for ((i = 0; i < 100; i++)); do
+                [[ -s $WORK/nbd-server.pid ]] && break
+                sleep 0.05
+            done
+            SERVER_PID=$(cat "$WORK/nbd-server.pid" 2>/dev/null) || die "nbd-server wrote no pid file"
+            ;;
     esac
     if [[ $transport == tcp ]]; then
         wait_ready tcp "$port"
@@ -249,12 +269,17 @@ EOF
 
 # Prints the CPU time (user + system, all threads) that the server has used, in clock ticks.
 server_ticks() {
-    local stat
+    local stat child total t
     stat=$(<"/proc/$SERVER_PID/stat") || die "$SERVER_NAME (pid $SERVER_PID) is gone"
     stat=${stat##*) } # fields from 3 on; comm (field 2) may hold spaces
     local -a f
     read -r -a f <<<"$stat"
-    echo $((f[11] + f[12])) # utime, stime
+    total=$((f[11] + f[12] + f[13] + f[14])) # utime, stime, and of reaped children (nbd-server forks)
+    for child in $(pgrep -P "$SERVER_PID" 2>/dev/null); do
+        t=$(proc_ticks "$child")
+        total=$((total + ${t:-0}))
+    done
+    echo "$total"
 }
 
 # run_fio WORKLOAD OUTFILE: runs one fio job against $URI, JSON to OUTFILE; prints the result
@@ -316,9 +341,10 @@ header() {
     fi
     echo "- qemu-nbd: $(qemu-nbd --version | head -n1)"
     echo "- nbdkit: $(nbdkit --version | head -n1)"
+    echo "- nbd-server: $(nbd-server -V 2>&1 | head -n1)"
     echo "- fio: $(fio --version) (ioengine=nbd, libnbd; 1 job, 1 connection)"
     echo "- image: $SIZE raw file on tmpfs ($(df -h --output=target "$WORK" | tail -n1 | tr -d ' ')), prefilled with random data"
-    echo "- servers: rbdsync agent (file: image); \`qemu-nbd -f raw -t -e 16 --cache=writeback --aio=threads\`; \`nbdkit file\` (default 16 threads)"
+    echo "- servers: rbdsync agent (file: image); \`qemu-nbd -f raw -t -e 16 --cache=writeback --aio=threads\`; \`nbdkit file\` (default 16 threads); \`nbd-server\` (a process per client, its defaults)"
     echo "- fio: --time_based --runtime=$RUNTIME --ramp_time=$RAMP --norandommap; 4K at iodepth 16 (IOPS), 1M sequential at iodepth 4 (MiB/s)"
     echo "- each cell: median over $ROUNDS rounds; servers run one at a time, interleaved, order rotated per round"
 }
@@ -339,7 +365,8 @@ with open(path) as f:
 names = {"randread4k": ("4K randread QD16", "IOPS", "us/op"), "randwrite4k": ("4K randwrite QD16", "IOPS", "us/op"),
          "read1m": ("1M seq read QD4", "MiB/s", "us/MiB"), "write1m": ("1M seq write QD4", "MiB/s", "us/MiB")}
 keys = [(w, t) for w in names for t in ("tcp", "unix") if (w, t) in vals]
-ratios = [(a, b) for a, b in (("rbdsync", "nbdkit"), ("rbdsync", "qemu-nbd")) if a in servers and b in servers]
+peers = [s for s in servers if s != "rbdsync"]
+ratios = [("rbdsync", "best")] + [("rbdsync", p) for p in peers] if "rbdsync" in servers and peers else []
 med = statistics.median
 
 
@@ -359,6 +386,10 @@ def medians_table(data, unit_index, fmt, with_spread):
     for w, t in keys:
         cell = data[(w, t)]
         m = {s: med(cell[s]) for s in servers if s in cell}
+        # The best peer: most throughput, or least CPU per unit.
+        there = [m[p] for p in peers if p in m]
+        if there:
+            m["best"] = max(there) if unit_index == 1 else min(there)
         line = [names[w][0], "TCP" if t == "tcp" else "Unix", names[w][unit_index]]
         line += [fmt.format(m[s]) if s in m else "-" for s in servers]
         line += [f"{m[a] / m[b]:.2f}" if a in m and b in m and m[b] else "-" for a, b in ratios]
