@@ -837,6 +837,71 @@ fn verify_of_a_sparse_disk_reads_only_its_data_and_still_finds_every_difference(
     eprintln!("verify of a 1 GiB disk holding 384 KiB: read {read} bytes");
 }
 
+/// A VM's freeze and thaw commands run around every backup's point in
+/// time: what the freeze writes (a guest flushing as it freezes) is in the
+/// snapshot, what the thaw writes is not, thaw follows freeze, and thaw runs
+/// also when the freeze fails or hangs (killed at hook_timeout_secs), which
+/// leaves a crash-consistent backup that says so.
+#[test]
+fn freeze_and_thaw_run_around_the_point_in_time_and_thaw_always_runs() {
+    let b = AgentBuilder::new();
+    let dir = b.dir().to_owned();
+    let log = dir.join("hooks.log");
+    let uri = |vm: &str| format!("nbd+unix:///{vm}/disk0?socket={}", dir.join("nbd.sock").display());
+    let write = |vm: &str, pattern: &str, offset: &str| {
+        format!("qemu-io -f raw -c 'write -P {pattern} {offset} 64k' '{}' >/dev/null", uri(vm))
+    };
+    let vm = |name: &str, freeze: &str, thaw: &str, timeout: u64| {
+        let target = format!("file:{}", dir.join(format!("backups/{name}.raw")).display());
+        let disk = disk_yaml(name, "disk0", "8MiB", Some(&target), None);
+        format!(
+            "name: {name}\nbackup:\n  freeze: \"{freeze}\"\n  thaw: \"{thaw}\"\n  hook_timeout_secs: {timeout}\ndisks:\n{disk}"
+        )
+    };
+    let note = |what: &str| format!("echo $RBDSYNC_VM-$RBDSYNC_HOOK-{what} >> {}", log.display());
+    let good = vm(
+        "good",
+        &format!("{}; {}", note("begin"), write("good", "0x55", "0")),
+        &format!("{}; {}", write("good", "0xaa", "64k"), note("end")),
+        30,
+    );
+    let failing = vm("failing", &format!("{}; exit 3", note("begin")), &note("end"), 30);
+    let hanging = vm("hanging", &format!("{}; sleep 60", note("begin")), &note("end"), 1);
+    let agent = b.vm("good", &good).vm("failing", &failing).vm("hanging", &hanging).start().unwrap();
+
+    let job = backup_ok(&agent, &["backup", "good/disk0", "--sync", "full"]);
+    assert_eq!(job["summary"]["application_consistent"], true, "{job:#}");
+    let snap = Target::File(dir.join("backups/good.raw")).snapshot_file(&snapshot_of(&job), Path::new("/nonexistent"));
+    let data = std::fs::read(&snap).unwrap();
+    assert!(data[..65536].iter().all(|&x| x == 0x55), "the freeze command's write is not in the backup");
+    assert!(data[65536..131072].iter().all(|&x| x == 0), "the thaw command's write is in the backup");
+    let disk = std::fs::read(dir.join("images/good-disk0.raw")).unwrap();
+    assert!(disk[65536..131072].iter().all(|&x| x == 0xaa), "the thaw command did not run");
+
+    let started = Instant::now();
+    for name in ["failing", "hanging"] {
+        let job = backup_ok(&agent, &["backup", &format!("{name}/disk0"), "--sync", "full"]);
+        assert_eq!(job["summary"]["application_consistent"], false, "{job:#}");
+        let why = job["summary"]["freeze"].as_str().unwrap_or_default();
+        let expected = if name == "failing" { "failed" } else { "killed" };
+        assert!(why.contains(expected), "{name}: {job:#}");
+    }
+    assert!(started.elapsed() < Duration::from_secs(30), "the hanging freeze was not cut off at its timeout");
+    let order = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(
+        order.lines().collect::<Vec<_>>(),
+        [
+            "good-freeze-begin",
+            "good-thaw-end",
+            "failing-freeze-begin",
+            "failing-thaw-end",
+            "hanging-freeze-begin",
+            "hanging-thaw-end"
+        ],
+        "{order}"
+    );
+}
+
 #[test]
 fn backup_requests_that_cannot_work_are_refused_with_a_reason() {
     let b = AgentBuilder::new();

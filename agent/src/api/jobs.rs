@@ -9,6 +9,7 @@ use super::{to_json, ApiError, Control, Size};
 use crate::config::DiskConfig;
 use crate::export::Export;
 use crate::jobs::backup::{self, BackupParams, Group, Member, SyncMode};
+use crate::jobs::hooks;
 use crate::jobs::mirror::{self, CopyMode, MirrorParams, MirrorSync};
 use crate::jobs::stream::{self, StreamParams};
 use crate::jobs::verify::{self, VerifyParams};
@@ -146,6 +147,40 @@ impl Control {
     }
 
     /// Starts the job(s); a backup answers once its point in time is fixed.
+    /// Starts one backup job per plan (a group when there are several, so
+    /// they share one point in time); answers once every point in time is
+    /// fixed (or its job failed).
+    async fn start_backups(&self, plans: Vec<(Arc<Export>, BackupParams)>, speed: u64) -> Result<Value, ApiError> {
+        // A member that does not start (or fails before its end) reports a failure when
+        // its place is dropped, so the started ones never wait for it.
+        let mut members: Vec<Option<Member>> =
+            if plans.len() > 1 { Group::members(plans.len()).into_iter().map(Some).collect() } else { vec![None] };
+        let mut started = Vec::new();
+        for ((export, params), group) in plans.into_iter().zip(members.drain(..)) {
+            let (env, name) = (self.env.clone(), export.name().to_owned());
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let job = self.jobs.start("backup", &name, to_json(&params), speed, move |handle| {
+                backup::run(handle, env, export, params, group, tx)
+            });
+            match job {
+                Ok(job) => started.push((job, rx)),
+                Err(e) => {
+                    // A group member could not start: the others must not wait for it.
+                    for (job, _) in &started {
+                        let _ = self.jobs.cancel(&job.record().id);
+                    }
+                    return Err(e.into());
+                }
+            }
+        }
+        let mut records = Vec::new();
+        for (job, frozen) in started {
+            let _ = frozen.await;
+            records.push(job.record());
+        }
+        Ok(if records.len() == 1 { to_json(&records[0]) } else { to_json(records) })
+    }
+
     pub(super) async fn start_job(&self, start: StartJob) -> Result<Value, ApiError> {
         match start {
             StartJob::Backup { disk, sync, bitmap, target, speed, auto } => {
@@ -169,38 +204,26 @@ impl Control {
                     }
                     plans.push(self.backup_plan(disk, sync, bitmap.clone(), target.clone(), auto)?);
                 }
-                // A member that does not start (or fails before its end) reports a failure when
-                // its place is dropped, so the started ones never wait for it.
-                let mut members: Vec<Option<Member>> = if plans.len() > 1 {
-                    Group::members(plans.len()).into_iter().map(Some).collect()
-                } else {
-                    vec![None]
-                };
-                let mut started = Vec::new();
-                for ((export, params), group) in plans.into_iter().zip(members.drain(..)) {
-                    let (env, name) = (self.env.clone(), export.name().to_owned());
-                    let (tx, rx) = tokio::sync::oneshot::channel();
-                    let job = self.jobs.start("backup", &name, to_json(&params), speed, move |handle| {
-                        backup::run(handle, env, export, params, group, tx)
-                    });
-                    match job {
-                        Ok(job) => started.push((job, rx)),
-                        Err(e) => {
-                            // A group member could not start: the others must not wait for it.
-                            for (job, _) in &started {
-                                let _ = self.jobs.cancel(&job.record().id);
-                            }
-                            return Err(e.into());
-                        }
+                let vm = disks[0].split('/').next().unwrap_or_default().to_owned();
+                let hooks = self.vms.load().iter().find(|v| v.name == vm).and_then(|v| v.hooks.clone());
+                let Some(hooks) = hooks else { return self.start_backups(plans, speed).await };
+                // Quiesce the guest before any disk is drained; resume it once every point in time
+                // is fixed, whatever happened (see jobs::hooks).
+                let freeze = match hooks::run("freeze", &hooks.freeze, &vm, hooks.timeout).await {
+                    Ok(()) => backup::FROZEN.to_owned(),
+                    Err(e) => {
+                        tracing::warn!(%vm, error = %e, "freeze failed; the backup is crash-consistent");
+                        e
                     }
+                };
+                for (_, params) in &mut plans {
+                    params.freeze = Some(freeze.clone());
                 }
-                let mut records = Vec::new();
-                for (job, frozen) in started {
-                    let _ = frozen.await;
-                    records.push(job.record());
+                let started = self.start_backups(plans, speed).await;
+                if let Err(e) = hooks::run("thaw", &hooks.thaw, &vm, hooks.timeout).await {
+                    tracing::error!(%vm, error = %e, "thaw failed: the guest may still be frozen");
                 }
-                let started = records;
-                Ok(if started.len() == 1 { to_json(&started[0]) } else { to_json(started) })
+                started
             }
             StartJob::Mirror { disk, target, sync, bitmap, copy_mode, ready_threshold, speed, expect } => {
                 let speed = speed.as_ref().map(Size::bytes).transpose()?.unwrap_or(0);
@@ -417,7 +440,7 @@ impl Control {
             }
         }
         let keep = defaults.as_ref().and_then(|b| b.keep);
-        Ok((export, BackupParams { sync, bitmap, target, auto, keep }))
+        Ok((export, BackupParams { sync, bitmap, target, auto, keep, freeze: None }))
     }
 
     /// A bitmap a job can use: exists, consistent, not busy.

@@ -257,8 +257,23 @@ pub struct VmConfig {
     /// Who may list and open its exports (`unix`, `cn:NAME`, `ADDR[/PREFIX]`);
     /// empty: every client that reaches a listener.
     pub allow: Vec<Allow>,
+    /// Commands around every backup's point in time (`backup:` of the VM).
+    pub hooks: Option<BackupHooks>,
     /// The file the VM was declared in.
     pub source: PathBuf,
+}
+
+/// Application-consistent backups: `freeze` runs (`sh -c`) before a backup
+/// of any disk of the VM fixes its point in time, `thaw` right after (also
+/// when the freeze or the backup failed), each within `timeout`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackupHooks {
+    /// Command that quiesces the guest (e.g. the QEMU guest agent's `guest-fsfreeze-freeze`).
+    pub freeze: String,
+    /// Command that resumes it.
+    pub thaw: String,
+    /// Longest each may run before it is killed.
+    pub timeout: std::time::Duration,
 }
 
 /// One disk of a VM.

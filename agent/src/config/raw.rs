@@ -10,8 +10,8 @@ use super::error::{ConfigError, Duplicated, Position};
 use super::values::{check_name, Allow, DiskSize, Granularity, ImageUri, IntentRegion, Keep, Name, MAX_NAME_LEN};
 use super::vms::{Registry, Seen};
 use super::{
-    AgentConfig, BackupConfig, BitmapConfig, CephConfig, ControlConfig, ControlTlsConfig, DiskConfig, MetricsConfig,
-    MigrationConfig, NbdConfig, TlsConfig, VmConfig, DEFAULT_STATE_DIR,
+    AgentConfig, BackupConfig, BackupHooks, BitmapConfig, CephConfig, ControlConfig, ControlTlsConfig, DiskConfig,
+    MetricsConfig, MigrationConfig, NbdConfig, TlsConfig, VmConfig, DEFAULT_STATE_DIR,
 };
 
 /// `agent.yaml` as written.
@@ -42,6 +42,16 @@ pub(super) struct RawVm {
     disks: Vec<RawDisk>,
     #[serde(default)]
     allow: Vec<Allow>,
+    backup: Option<Spanned<RawVmBackup>>,
+}
+
+/// A VM's `backup:` section: commands run around every backup's point in time.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVmBackup {
+    freeze: Option<String>,
+    thaw: Option<String>,
+    hook_timeout_secs: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -204,7 +214,8 @@ impl RawVm {
                 disk.validate(ctx, &key, registry)
             })
             .collect::<Result<_, _>>()?;
-        Ok(VmConfig { name, disks, allow: self.allow, source: ctx.source.to_owned() })
+        let hooks = self.backup.map(|b| b.value.validate(ctx, b.referenced, &format!("{prefix}backup"))).transpose()?;
+        Ok(VmConfig { name, disks, allow: self.allow, hooks: hooks.flatten(), source: ctx.source.to_owned() })
     }
 }
 
@@ -255,6 +266,25 @@ fn validate_bitmaps(bitmaps: Vec<RawBitmap>, ctx: &Ctx, key: &str) -> Result<Vec
             Ok(BitmapConfig { name: bitmap.name.value.0, granularity: bitmap.granularity.0, enabled: bitmap.enabled })
         })
         .collect()
+}
+
+impl RawVmBackup {
+    fn validate(self, ctx: &Ctx, location: Location, key: &str) -> Result<Option<BackupHooks>, ConfigError> {
+        let invalid = |message: &str| ctx.invalid(location, key.to_owned(), message.to_owned());
+        let timeout = self.hook_timeout_secs.unwrap_or(30);
+        if !(1..=3600).contains(&timeout) {
+            return Err(invalid("hook_timeout_secs must be 1 to 3600"));
+        }
+        match (self.freeze, self.thaw) {
+            (None, None) => Ok(None),
+            (Some(freeze), Some(thaw)) if !freeze.trim().is_empty() && !thaw.trim().is_empty() => {
+                Ok(Some(BackupHooks { freeze, thaw, timeout: std::time::Duration::from_secs(timeout) }))
+            }
+            (Some(_), Some(_)) => Err(invalid("freeze and thaw must not be empty")),
+            // A freeze without its thaw would leave the guest frozen.
+            _ => Err(invalid("freeze and thaw go together: set both or neither")),
+        }
+    }
 }
 
 impl RawBackup {

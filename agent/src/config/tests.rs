@@ -556,3 +556,19 @@ fn allow_entries_match_addresses_sockets_and_certificate_names() {
         assert!(bad.parse::<Allow>().is_err(), "{bad:?} accepted");
     }
 }
+
+#[test]
+fn backup_hooks_come_in_pairs_with_a_bounded_timeout() {
+    let vm = VmConfig::from_str("name: vm1\nbackup: {freeze: 'f', thaw: 't'}\n", Path::new(VM_FILE)).expect("valid");
+    let hooks = vm.hooks.expect("hooks");
+    assert_eq!((hooks.freeze.as_str(), hooks.thaw.as_str(), hooks.timeout.as_secs()), ("f", "t", 30));
+    assert!(VmConfig::from_str("name: vm1\n", Path::new(VM_FILE)).expect("valid").hooks.is_none());
+    let e = vm_err("name: vm1\nbackup: {freeze: 'f'}\n");
+    assert!(e.contains("backup") && e.contains("set both or neither"), "{e}");
+    let e = vm_err("name: vm1\nbackup: {freeze: 'f', thaw: ' '}\n");
+    assert!(e.contains("must not be empty"), "{e}");
+    let e = vm_err("name: vm1\nbackup: {freeze: 'f', thaw: 't', hook_timeout_secs: 0}\n");
+    assert!(e.contains("hook_timeout_secs"), "{e}");
+    let e = vm_err("name: vm1\nbackup: {freeze: 'f', thaw: 't', frezee: 'x'}\n");
+    assert!(e.contains("frezee"), "{e}");
+}

@@ -66,7 +66,14 @@ pub struct BackupParams {
     pub auto: bool,
     /// Backup snapshots to keep.
     pub keep: Option<u32>,
+    /// The VM's freeze hook, if it has one: `frozen`, or why it failed
+    /// (the backup is then crash-consistent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freeze: Option<String>,
 }
+
+/// [`BackupParams::freeze`] of a freeze command that succeeded.
+pub const FROZEN: &str = "frozen";
 
 /// What each backup snapshot records (image metadata `rbdsync.snap.NAME`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -908,6 +915,8 @@ async fn finish(
         "bytes_written": written,
         "scratch_bytes": state.pit.scratch_bytes(),
         "guest_busy_chunks": copied.guest_busy_chunks,
+        "application_consistent": params.freeze.as_deref() == Some(FROZEN),
+        "freeze": params.freeze,
         "suspect_bytes": copied.suspect,
         "suspect_unchanged_bytes": copied.suspect_unchanged,
         "bitmap_generation": generation,

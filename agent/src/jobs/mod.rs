@@ -19,6 +19,7 @@
 
 pub mod backup;
 pub mod holds;
+pub mod hooks;
 pub mod mirror;
 pub mod pit;
 pub mod stream;
