@@ -49,7 +49,8 @@ enum Cmd {
     Client(ClientCmd),
     /// Run the agent daemon in the foreground (logs to stderr).
     Agent {
-        /// agent.yaml; without it the embedded example configuration is used.
+        /// agent.yaml; without it /etc/rbdsync/agent.yaml when that exists,
+        /// else the embedded example configuration (the first log line says which).
         #[arg(long, short)]
         config: Option<PathBuf>,
         /// Log line format.
@@ -97,10 +98,18 @@ fn tune_allocator() {
 fn run_agent(config: Option<PathBuf>, log_format: LogFormat) -> anyhow::Result<()> {
     tune_allocator();
     init_logging(log_format);
+    let default = std::path::Path::new(cli::DEFAULT_AGENT_CONFIG);
     let config = match config {
-        Some(path) => AgentConfig::load(&path)?,
+        Some(path) => {
+            tracing::info!(config = %path.display(), "configuration from --config");
+            AgentConfig::load(&path)?
+        }
+        None if default.exists() => {
+            tracing::info!(config = %default.display(), "no --config given: using the host's configuration");
+            AgentConfig::load(default)?
+        }
         None => {
-            tracing::info!("no --config given: using the embedded example configuration");
+            tracing::info!("no --config given and no {}: using the embedded example configuration", default.display());
             AgentConfig::embedded_default()
         }
     };

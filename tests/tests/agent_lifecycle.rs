@@ -215,3 +215,50 @@ fn completions_and_man_page_are_generated_from_the_cli() {
     }
     assert!(man.contains("Exit status"), "the man page lacks the exit statuses");
 }
+
+/// `rbdsync agent` without `--config` reads /etc/rbdsync/agent.yaml when it
+/// exists and runs on the embedded example otherwise, saying which in its
+/// first log line. Each case runs in a private mount namespace whose
+/// /etc/rbdsync is a fresh tmpfs, so the host's is never touched.
+#[test]
+fn without_config_the_agent_reads_etc_rbdsync_or_the_embedded_example_and_says_which() {
+    use std::io::BufRead;
+    std::fs::create_dir_all("/etc/rbdsync").expect("the tests run as root");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display();
+    let yaml = format!(
+        "state_dir: {d}/state\nvms_dir: {d}/vms.d\nnbd:\n  listen: [\"unix:{d}/nbd.sock\"]\ncontrol:\n  listen: [\"unix:{d}/control.sock\"]\n"
+    );
+    std::fs::write(dir.path().join("agent.yaml"), yaml).unwrap();
+    let bin = agent_bin();
+    for host_config in [true, false] {
+        let copy = if host_config { format!("cp {d}/agent.yaml /etc/rbdsync/agent.yaml && ") } else { String::new() };
+        let script = format!("mount -t tmpfs rbdsync-test /etc/rbdsync && {copy}exec {} agent", bin.display());
+        let mut child = Command::new("unshare")
+            .args(["-m", "sh", "-c", &script])
+            .env("RBDSYNC_LOG", "info")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("unshare (util-linux)");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let first = rx.recv_timeout(Duration::from_secs(10)).expect("a first log line");
+        if host_config {
+            assert!(first.contains("/etc/rbdsync/agent.yaml") && first.contains("host's configuration"), "{first}");
+            let socket = dir.path().join("control.sock");
+            wait_for("the control socket of the host's configuration", || socket.exists());
+        } else {
+            assert!(
+                first.contains("embedded example configuration") && first.contains("no /etc/rbdsync/agent.yaml"),
+                "{first}"
+            );
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+}
