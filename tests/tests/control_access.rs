@@ -100,6 +100,23 @@ fn tcp_needs_the_bearer_token_and_the_unix_socket_stays_owner_only() {
     let out = cli(&agent, &["--token-file", token_file.to_str().unwrap(), "--json", "disks"]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("vm1/disk0"), "{}", text(&out));
+    // Without --ca-cert the CLI trusts the platform's store (here SSL_CERT_FILE names the test
+    // CA); with the system's own bundle the agent's certificate is not trusted.
+    let url = format!("https://127.0.0.1:{}", agent.control_tcp().unwrap().port());
+    let token = token_file.to_str().unwrap();
+    let platform = |env: Option<&Path>| {
+        let mut cmd = std::process::Command::new(agent_bin());
+        cmd.args(["--control", &url, "--token-file", token, "--json", "disks"]).env_remove("SSL_CERT_DIR");
+        match env {
+            Some(ca) => cmd.env("SSL_CERT_FILE", ca),
+            None => cmd.env_remove("SSL_CERT_FILE"),
+        };
+        cmd.output().unwrap()
+    };
+    let out = platform(Some(&agent.dir().join("pki/ca-cert.pem")));
+    assert!(out.status.success(), "{}", text(&out));
+    let out = platform(None);
+    assert!(!out.status.success(), "a certificate of the test CA was trusted by the system store: {}", text(&out));
     // Without it: refused with a clear one-line error and a failing exit code.
     let out = cli(&agent, &["disks"]);
     assert!(!out.status.success());

@@ -151,10 +151,25 @@ fn tls_client(
     let certs = |path: &std::path::Path| {
         CertificateDer::pem_file_iter(path).and_then(Iterator::collect::<Result<Vec<_>, _>>).map_err(|e| bad(path, &e))
     };
-    let ca = c.ca_cert.clone().unwrap_or_else(|| PathBuf::from("/etc/ssl/certs/ca-certificates.crt"));
     let mut roots = rustls::RootCertStore::empty();
-    for cert in certs(&ca)? {
-        roots.add(cert).map_err(|e| bad(&ca, &e))?;
+    match &c.ca_cert {
+        Some(ca) => {
+            for cert in certs(ca)? {
+                roots.add(cert).map_err(|e| bad(ca, &e))?;
+            }
+        }
+        None => {
+            // The platform's store (SSL_CERT_FILE / SSL_CERT_DIR first, then the system's bundle).
+            let found = rustls_native_certs::load_native_certs();
+            let (added, _unparsable) = roots.add_parsable_certificates(found.certs);
+            if added == 0 {
+                let why: Vec<String> = found.errors.iter().map(ToString::to_string).collect();
+                return Err(ClientError::Http(format!(
+                    "no CA certificates in the system store ({}); pass --ca-cert",
+                    if why.is_empty() { "it is empty".to_owned() } else { why.join("; ") }
+                )));
+            }
+        }
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider)
