@@ -279,20 +279,10 @@ make_disk() {
 start_agent() {
     local i
     mkdir -p "$SHM/vms.d" "$SHM/state"
-    cat >"$SHM/agent.yaml" <<EOF
-node: bench
-state_dir: $SHM/state
-vms_dir: $SHM/vms.d
-nbd:
-  listen: ["unix:$SHM/nbd.sock"]
-control:
-  listen: ["unix:$SHM/control.sock"]
-metrics:
-  listen: "127.0.0.1:0"
-ceph:
-  conf: $CONF
-  client: admin
-EOF
+    {
+        agent_yaml "$SHM"
+        printf 'metrics:\n  listen: "127.0.0.1:0"\nceph:\n  conf: %s\n  client: admin\n' "$CONF"
+    } >"$SHM/agent.yaml"
     cat >"$SHM/vms.d/bench.yaml" <<EOF
 name: bench
 disks:

@@ -212,14 +212,7 @@ EOF
 agent_config() {
     local dir=$1 state=$2 image=$3 size=$4 n=$5 gran=$6 i
     mkdir -p "$dir/vms.d" "$state"
-    cat >"$dir/agent.yaml" <<EOF
-state_dir: $state
-vms_dir: $dir/vms.d
-nbd:
-  listen: ["unix:$dir/nbd.sock"]
-control:
-  listen: ["unix:$dir/control.sock"]
-EOF
+    agent_yaml "$dir" "$state" >"$dir/agent.yaml"
     {
         echo "name: bench"
         echo "disks:"

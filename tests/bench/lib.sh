@@ -55,3 +55,18 @@ proc_ticks() {
 ticks_s() {
     awk -v t="$1" -v hz="$(getconf CLK_TCK)" 'BEGIN {printf "%.3f", t / hz}'
 }
+
+# agent_yaml DIR [STATE_DIR]: prints the common part of a benchmark agent's agent.yaml: sockets
+# DIR/nbd.sock and DIR/control.sock, VM files in DIR/vms.d, state in STATE_DIR (DIR/state).
+# Callers append their own sections (ceph:, metrics:).
+agent_yaml() {
+    cat <<EOF
+node: bench
+state_dir: ${2:-$1/state}
+vms_dir: $1/vms.d
+nbd:
+  listen: ["unix:$1/nbd.sock"]
+control:
+  listen: ["unix:$1/control.sock"]
+EOF
+}

@@ -368,17 +368,10 @@ start_agent() {
     local dir="$WORK/agent" i
     rm -rf "$dir"
     mkdir -p "$dir/vms.d" "$dir/state"
-    cat >"$dir/agent.yaml" <<EOF
-state_dir: $dir/state
-vms_dir: $dir/vms.d
-nbd:
-  listen: ["unix:$dir/nbd.sock"]
-control:
-  listen: ["unix:$dir/control.sock"]
-ceph:
-  conf: $CONF
-  client: admin
-EOF
+    {
+        agent_yaml "$dir"
+        printf 'ceph:\n  conf: %s\n  client: admin\n' "$CONF"
+    } >"$dir/agent.yaml"
     cat >"$dir/vms.d/bench.yaml" <<EOF
 name: bench
 disks:

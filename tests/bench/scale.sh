@@ -71,15 +71,7 @@ setup() {
     for ((b = 0; b < BITMAPS; b++)); do
         bitmaps+="${bitmaps:+, }{name: b$b, granularity: 64KiB}"
     done
-    cat >"$dir/agent.yaml" <<EOF
-node: bench
-state_dir: $dir/state
-vms_dir: $dir/vms.d
-nbd:
-  listen: ["unix:$dir/nbd.sock"]
-control:
-  listen: ["unix:$dir/control.sock"]
-EOF
+    agent_yaml "$dir" >"$dir/agent.yaml"
     for ((i = 0; i < n; i++)); do
         printf 'name: vm%d\ndisks:\n  - name: disk0\n    image: file:%s/images/vm%d.raw\n    size: %d\n    bitmaps: [%s]\n' \
             "$i" "$dir" "$i" "$SIZE_B" "$bitmaps" >"$dir/vms.d/vm$i.yaml"

@@ -75,15 +75,7 @@ EOF
 }
 
 start_agent() {
-    cat >"$SHM/agent.yaml" <<EOF
-node: bench
-state_dir: $SHM/state
-vms_dir: $SHM/vms.d
-nbd:
-  listen: ["unix:$SHM/nbd.sock"]
-control:
-  listen: ["unix:$SHM/control.sock"]
-EOF
+    agent_yaml "$SHM" >"$SHM/agent.yaml"
     cat >"$SHM/vms.d/bench.yaml" <<EOF
 name: bench
 disks:

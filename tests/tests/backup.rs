@@ -138,6 +138,16 @@ fn vm_yaml(vm: &str, disks: &[String]) -> String {
     format!("name: {vm}\ndisks:\n{}", disks.concat())
 }
 
+/// An agent with `vm1/disk0` of `size` backed up (bitmap `backup`) to a
+/// `file:` target in its directory: the agent, the target's path, its URI.
+fn file_target_agent(size: &str) -> (Agent, PathBuf, String) {
+    let b = AgentBuilder::new();
+    let target = b.dir().join("backups/vm1-disk0.raw");
+    let uri = format!("file:{}", target.display());
+    let yaml = vm_yaml("vm1", &[disk_yaml("vm1", "disk0", size, Some(&uri), None)]);
+    (b.vm("vm1", &yaml).start().unwrap(), target, uri)
+}
+
 // ------------------------------------------------------------ raw NBD writes
 
 /// A minimal NBD client on the Unix socket: GO, simple replies, one request at a time.
@@ -677,11 +687,7 @@ fn incremental_backup_fails_when_the_osd_hangs_and_the_next_one_succeeds() {
 
 #[test]
 fn agent_killed_mid_backup_reports_the_job_interrupted_and_the_next_incremental_is_exact() {
-    let b = AgentBuilder::new();
-    let target = b.dir().join("backups/vm1-disk0.raw");
-    let uri = format!("file:{}", target.display());
-    let yaml = vm_yaml("vm1", &[disk_yaml("vm1", "disk0", "32MiB", Some(&uri), None)]);
-    let mut agent = b.vm("vm1", &yaml).start().unwrap();
+    let (mut agent, target, uri) = file_target_agent("32MiB");
     let disk = "vm1/disk0";
     let mut rng = Rng::from_env(0xb0c4_0005);
     write_random(&agent, disk, &mut rng, &[(0, 32 * MIB)]);
@@ -739,11 +745,7 @@ fn agent_killed_mid_backup_reports_the_job_interrupted_and_the_next_incremental_
 /// exact.
 #[test]
 fn after_sigkill_the_next_incremental_writes_what_changed_not_whole_regions() {
-    let b = AgentBuilder::new();
-    let target = b.dir().join("backups/vm1-disk0.raw");
-    let uri = format!("file:{}", target.display());
-    let yaml = vm_yaml("vm1", &[disk_yaml("vm1", "disk0", "256MiB", Some(&uri), None)]);
-    let mut agent = b.vm("vm1", &yaml).start().unwrap();
+    let (mut agent, target, _) = file_target_agent("256MiB");
     let disk = "vm1/disk0";
     let mut rng = Rng::from_env(0xb0c4_0011);
     // 8 MiB of data in each of the four 64 MiB regions.
@@ -802,11 +804,7 @@ fn after_sigkill_the_next_incremental_writes_what_changed_not_whole_regions() {
 /// over data), each named by its 64 KiB unit.
 #[test]
 fn verify_of_a_sparse_disk_reads_only_its_data_and_still_finds_every_difference() {
-    let b = AgentBuilder::new();
-    let target = b.dir().join("backups/vm1-disk0.raw");
-    let uri = format!("file:{}", target.display());
-    let yaml = vm_yaml("vm1", &[disk_yaml("vm1", "disk0", "1GiB", Some(&uri), None)]);
-    let agent = b.vm("vm1", &yaml).start().unwrap();
+    let (agent, _, uri) = file_target_agent("1GiB");
     let disk = "vm1/disk0";
     let mut rng = Rng::from_env(0xb0c4_0012);
     let data = [(0, 128 << 10), (300 * MIB, 128 << 10), (1023 * MIB, 128 << 10)];
@@ -1272,11 +1270,7 @@ fn incremental_backup_never_misses_writes_made_while_the_bitmap_was_disabled() {
 
 #[test]
 fn agent_stopped_mid_backup_concludes_the_job_and_keeps_the_bits() {
-    let b = AgentBuilder::new();
-    let target = b.dir().join("backups/vm1-disk0.raw");
-    let uri = format!("file:{}", target.display());
-    let yaml = vm_yaml("vm1", &[disk_yaml("vm1", "disk0", "32MiB", Some(&uri), None)]);
-    let mut agent = b.vm("vm1", &yaml).start().unwrap();
+    let (mut agent, target, _) = file_target_agent("32MiB");
     let disk = "vm1/disk0";
     let mut rng = Rng::from_env(0xb0c4_000d);
     write_random(&agent, disk, &mut rng, &[(0, 32 * MIB)]);
