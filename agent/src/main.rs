@@ -104,7 +104,8 @@ fn run_agent(config: Option<PathBuf>, log_format: LogFormat) -> anyhow::Result<(
             tracing::info!(config = %path.display(), "configuration from --config");
             AgentConfig::load(&path)?
         }
-        None if default.exists() => {
+        // Unreadable is not absent: running the demo configuration instead would be a surprise.
+        None if default.try_exists().with_context(|| format!("Cannot check {}", default.display()))? => {
             tracing::info!(config = %default.display(), "no --config given: using the host's configuration");
             AgentConfig::load(default)?
         }

@@ -218,8 +218,11 @@ fn completions_and_man_page_are_generated_from_the_cli() {
 
 /// `rbdsync agent` without `--config` reads /etc/rbdsync/agent.yaml when it
 /// exists and runs on the embedded example otherwise, saying which in its
-/// first log line. Each case runs in a private mount namespace whose
-/// /etc/rbdsync is a fresh tmpfs, so the host's is never touched.
+/// first log line. Each case runs in private mount and network namespaces
+/// whose /etc/rbdsync, /var/lib and /run are fresh tmpfs (the embedded
+/// example's state and sockets live there) and whose loopback is down (its
+/// ports bind nowhere), so the host is not touched beyond an empty
+/// /etc/rbdsync directory to mount on.
 #[test]
 fn without_config_the_agent_reads_etc_rbdsync_or_the_embedded_example_and_says_which() {
     use std::io::BufRead;
@@ -233,9 +236,12 @@ fn without_config_the_agent_reads_etc_rbdsync_or_the_embedded_example_and_says_w
     let bin = agent_bin();
     for host_config in [true, false] {
         let copy = if host_config { format!("cp {d}/agent.yaml /etc/rbdsync/agent.yaml && ") } else { String::new() };
-        let script = format!("mount -t tmpfs rbdsync-test /etc/rbdsync && {copy}exec {} agent", bin.display());
+        let script = format!(
+            "for d in /etc/rbdsync /var/lib /run; do mount -t tmpfs rbdsync-test $d || exit 9; done && {copy}exec {} agent",
+            bin.display()
+        );
         let mut child = Command::new("unshare")
-            .args(["-m", "sh", "-c", &script])
+            .args(["-m", "-n", "sh", "-c", &script])
             .env("RBDSYNC_LOG", "info")
             .stderr(std::process::Stdio::piped())
             .spawn()

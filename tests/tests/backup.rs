@@ -865,7 +865,14 @@ fn freeze_and_thaw_run_around_the_point_in_time_and_thaw_always_runs() {
     );
     let failing = vm("failing", &format!("{}; exit 3", note("begin")), &note("end"), 30);
     let hanging = vm("hanging", &format!("{}; sleep 60", note("begin")), &note("end"), 1);
-    let agent = b.vm("good", &good).vm("failing", &failing).vm("hanging", &hanging).start().unwrap();
+    let thaw_fails = vm("thawfails", &note("begin"), &format!("{}; echo VSS timed out >&2; exit 4", note("end")), 30);
+    let agent = b
+        .vm("good", &good)
+        .vm("failing", &failing)
+        .vm("hanging", &hanging)
+        .vm("thawfails", &thaw_fails)
+        .start()
+        .unwrap();
 
     let job = backup_ok(&agent, &["backup", "good/disk0", "--sync", "full"]);
     assert_eq!(job["summary"]["application_consistent"], true, "{job:#}");
@@ -877,11 +884,10 @@ fn freeze_and_thaw_run_around_the_point_in_time_and_thaw_always_runs() {
     assert!(disk[65536..131072].iter().all(|&x| x == 0xaa), "the thaw command did not run");
 
     let started = Instant::now();
-    for name in ["failing", "hanging"] {
+    for (name, expected) in [("failing", "failed"), ("hanging", "killed"), ("thawfails", "VSS timed out")] {
         let job = backup_ok(&agent, &["backup", &format!("{name}/disk0"), "--sync", "full"]);
         assert_eq!(job["summary"]["application_consistent"], false, "{job:#}");
         let why = job["summary"]["freeze"].as_str().unwrap_or_default();
-        let expected = if name == "failing" { "failed" } else { "killed" };
         assert!(why.contains(expected), "{name}: {job:#}");
     }
     assert!(started.elapsed() < Duration::from_secs(30), "the hanging freeze was not cut off at its timeout");
@@ -894,7 +900,9 @@ fn freeze_and_thaw_run_around_the_point_in_time_and_thaw_always_runs() {
             "failing-freeze-begin",
             "failing-thaw-end",
             "hanging-freeze-begin",
-            "hanging-thaw-end"
+            "hanging-thaw-end",
+            "thawfails-freeze-begin",
+            "thawfails-thaw-end"
         ],
         "{order}"
     );

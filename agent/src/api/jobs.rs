@@ -150,7 +150,12 @@ impl Control {
     /// Starts one backup job per plan (a group when there are several, so
     /// they share one point in time); answers once every point in time is
     /// fixed (or its job failed).
-    async fn start_backups(&self, plans: Vec<(Arc<Export>, BackupParams)>, speed: u64) -> Result<Value, ApiError> {
+    async fn start_backups(
+        &self,
+        plans: Vec<(Arc<Export>, BackupParams)>,
+        speed: u64,
+        hooks: Option<(backup::Thawed, std::time::Duration)>,
+    ) -> Result<Value, ApiError> {
         // A member that does not start (or fails before its end) reports a failure when
         // its place is dropped, so the started ones never wait for it.
         let mut members: Vec<Option<Member>> =
@@ -159,8 +164,9 @@ impl Control {
         for ((export, params), group) in plans.into_iter().zip(members.drain(..)) {
             let (env, name) = (self.env.clone(), export.name().to_owned());
             let (tx, rx) = tokio::sync::oneshot::channel();
+            let thawed = hooks.as_ref().map(|h| h.0.clone());
             let job = self.jobs.start("backup", &name, to_json(&params), speed, move |handle| {
-                backup::run(handle, env, export, params, group, tx)
+                backup::run(handle, env, export, params, group, tx, thawed)
             });
             match job {
                 Ok(job) => started.push((job, rx)),
@@ -173,9 +179,19 @@ impl Control {
                 }
             }
         }
+        let deadline = hooks.map(|h| tokio::time::Instant::now() + h.1);
         let mut records = Vec::new();
         for (job, frozen) in started {
-            let _ = frozen.await;
+            match deadline {
+                Some(at) => {
+                    if tokio::time::timeout_at(at, frozen).await.is_err() {
+                        tracing::warn!(job = %job.record().id, "no point in time within the hook timeout; thawing the guest first");
+                    }
+                }
+                None => {
+                    let _ = frozen.await;
+                }
+            }
             records.push(job.record());
         }
         Ok(if records.len() == 1 { to_json(&records[0]) } else { to_json(records) })
@@ -206,9 +222,17 @@ impl Control {
                 }
                 let vm = disks[0].split('/').next().unwrap_or_default().to_owned();
                 let hooks = self.vms.load().iter().find(|v| v.name == vm).and_then(|v| v.hooks.clone());
-                let Some(hooks) = hooks else { return self.start_backups(plans, speed).await };
+                let Some(hooks) = hooks else { return self.start_backups(plans, speed, None).await };
+                let lock = {
+                    let mut locks = self.hook_locks.lock().unwrap_or_else(|p| p.into_inner());
+                    locks.entry(vm.clone()).or_default().clone()
+                };
+                // Another backup of this VM between its freeze and its thaw would thaw the guest
+                // under it (or fail to freeze a frozen one).
+                let _one_at_a_time = lock.lock().await;
                 // Quiesce the guest before any disk is drained; resume it once every point in time
-                // is fixed, whatever happened (see jobs::hooks).
+                // is fixed, whatever happened (see jobs::hooks). The jobs learn how the thaw went
+                // before they report whether the backup is application-consistent.
                 let freeze = match hooks::run("freeze", &hooks.freeze, &vm, hooks.timeout).await {
                     Ok(()) => backup::FROZEN.to_owned(),
                     Err(e) => {
@@ -219,10 +243,15 @@ impl Control {
                 for (_, params) in &mut plans {
                     params.freeze = Some(freeze.clone());
                 }
-                let started = self.start_backups(plans, speed).await;
-                if let Err(e) = hooks::run("thaw", &hooks.thaw, &vm, hooks.timeout).await {
+                let (thawed_tx, thawed) = tokio::sync::watch::channel(backup::ThawState::default());
+                // Past the hook timeout the guest is thawed first and the backups go on crash-consistent.
+                let started = self.start_backups(plans, speed, Some((thawed, hooks.timeout))).await;
+                thawed_tx.send_modify(|s| s.started = true);
+                let thaw = hooks::run("thaw", &hooks.thaw, &vm, hooks.timeout).await;
+                if let Err(e) = &thaw {
                     tracing::error!(%vm, error = %e, "thaw failed: the guest may still be frozen");
                 }
+                thawed_tx.send_modify(|s| s.outcome = Some(thaw));
                 started
             }
             StartJob::Mirror { disk, target, sync, bitmap, copy_mode, ready_threshold, speed, expect } => {

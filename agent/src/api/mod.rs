@@ -233,6 +233,8 @@ pub struct Control {
     migrations: std::sync::OnceLock<MigrationEnv>,
     outgoing: std::sync::OnceLock<OutgoingEnv>,
     started: Instant,
+    /// One freeze-to-thaw sequence per VM at a time (see `jobs::hooks`).
+    hook_locks: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Control {
@@ -247,6 +249,7 @@ impl Control {
             migrations: Default::default(),
             outgoing: Default::default(),
             started: Instant::now(),
+            hook_locks: Default::default(),
         }
     }
 

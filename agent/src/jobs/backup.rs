@@ -75,6 +75,21 @@ pub struct BackupParams {
 /// [`BackupParams::freeze`] of a freeze command that succeeded.
 pub const FROZEN: &str = "frozen";
 
+/// How the VM's thaw went (`None` until it ran), for a backup whose freeze
+/// hook ran: a backup is application-consistent only if the guest stayed
+/// frozen until its point in time, which a failed thaw puts in doubt
+/// (the QEMU guest agent's VSS support fails the thaw past its 10 s).
+pub type Thawed = tokio::sync::watch::Receiver<ThawState>;
+
+/// See [`Thawed`].
+#[derive(Debug, Clone, Default)]
+pub struct ThawState {
+    /// The thaw command was started (the guest may run from now on).
+    pub started: bool,
+    /// How it ended.
+    pub outcome: Option<Result<(), String>>,
+}
+
 /// What each backup snapshot records (image metadata `rbdsync.snap.NAME`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapMeta {
@@ -370,6 +385,7 @@ pub async fn run(
     params: BackupParams,
     group: Option<Member>,
     frozen: tokio::sync::oneshot::Sender<()>,
+    thawed: Option<Thawed>,
 ) -> Result<Value, JobError> {
     let started = unix_now();
     let target_uri: ImageUri = params.target.parse().map_err(JobError::Failed)?;
@@ -396,10 +412,22 @@ pub async fn run(
         Ok(s) => s,
         Err(e) => return finish_group(group, Err(e)).await,
     };
+    // The thaw can only have run on time if this point in time was fixed before it.
+    let thawed_before = thawed.as_ref().is_some_and(|t| t.borrow().started);
     let _ = frozen.send(());
     let copied = copy(&job, &state, &chain, size).await;
+    let consistency = match (&params.freeze, thawed) {
+        (Some(f), _) if f != FROZEN => Err(f.clone()),
+        (Some(_), _) if thawed_before => Err("the guest was thawed before this point in time was fixed".to_owned()),
+        (Some(_), Some(mut t)) => match t.wait_for(|s| s.outcome.is_some()).await {
+            Ok(s) => s.outcome.clone().unwrap_or(Ok(())).map_err(|e| format!("frozen, but {e}")),
+            Err(_) => Err("the thaw's outcome was lost".to_owned()),
+        },
+        (Some(_), None) => Ok(()),
+        (None, _) => Err("no freeze hook".to_owned()),
+    };
     let result = match copied {
-        Ok(copied) => finish(&job, &env, &export, &params, &chain, &state, copied, started, group).await,
+        Ok(copied) => finish(&job, &env, &export, &params, &chain, &state, copied, started, group, consistency).await,
         Err(e) => finish_group(group, Err(e)).await,
     };
     export.remove_hook(&state.pit);
@@ -835,6 +863,7 @@ async fn finish(
     copied: Copied,
     started: u64,
     group: Option<Member>,
+    consistency: Result<(), String>,
 ) -> Result<Value, JobError> {
     let written = copied.written;
     job.checkpoint().await?;
@@ -915,8 +944,11 @@ async fn finish(
         "bytes_written": written,
         "scratch_bytes": state.pit.scratch_bytes(),
         "guest_busy_chunks": copied.guest_busy_chunks,
-        "application_consistent": params.freeze.as_deref() == Some(FROZEN),
-        "freeze": params.freeze,
+        "application_consistent": consistency.is_ok(),
+        "freeze": params.freeze.as_ref().map(|_| match &consistency {
+            Ok(()) => FROZEN.to_owned(),
+            Err(why) => why.clone(),
+        }),
         "suspect_bytes": copied.suspect,
         "suspect_unchanged_bytes": copied.suspect_unchanged,
         "bitmap_generation": generation,
