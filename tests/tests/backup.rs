@@ -908,6 +908,50 @@ fn freeze_and_thaw_run_around_the_point_in_time_and_thaw_always_runs() {
     );
 }
 
+/// `rbdsync backups DISK` lists the restore points: every backup snapshot
+/// of the disk's target, oldest first, with what each backup wrote and
+/// which one the next incremental builds on (none after a bitmap clear).
+#[test]
+fn backups_lists_the_restore_points_and_the_base_of_the_next_incremental() {
+    let (agent, _, uri) = file_target_agent("16MiB");
+    let disk = "vm1/disk0";
+    let mut rng = Rng::from_env(0xb0c4_0013);
+    let mut jobs = Vec::new();
+    for (sync, range) in [("full", (0, 16 * MIB)), ("incremental", (MIB, 2 * MIB)), ("incremental", (8 * MIB, GRANULE))]
+    {
+        write_random(&agent, disk, &mut rng, &[range]);
+        jobs.push(backup_ok(&agent, &["backup", disk, "--sync", sync]));
+    }
+    let list = cli_json(&agent, &["backups", disk]);
+    assert_eq!(list["incremental_possible"], true, "{list:#}");
+    let points = list["restore_points"].as_array().expect("restore points");
+    assert_eq!(points.len(), 3, "{list:#}");
+    for (i, (p, job)) in points.iter().zip(&jobs).enumerate() {
+        assert_eq!(p["snapshot"], job["summary"]["snapshot"], "{list:#}");
+        assert_eq!(p["position"], i + 1);
+        assert_eq!(p["sync"], job["summary"]["sync"]);
+        assert_eq!(p["bytes_written"], job["summary"]["bytes_written"]);
+        assert_eq!(p["bitmap_generation"], job["summary"]["bitmap_generation"]);
+        assert_eq!(p["uri"], format!("{uri}@{}", snapshot_of(job)));
+        assert_eq!(p["base_of_next_incremental"], i == 2, "{list:#}");
+        assert_eq!(p["previous"], if i == 0 { Value::Null } else { points[i - 1]["snapshot"].clone() });
+    }
+    assert_eq!(u(&points[2]["bytes_written"]), GRANULE);
+    let out = cli(&agent, &["backups", disk]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && table.contains(&snapshot_of(&jobs[2])) && table.contains("yes"), "{table}");
+    // A restore point is a verifiable URI.
+    let v = cli_json(&agent, &["verify", disk, "--against", points[2]["uri"].as_str().unwrap(), "--wait"]);
+    assert_eq!(v["result"], "success", "{v:#}");
+    // After a clear, no restore point is the base of an incremental, and the table says why.
+    cli_json(&agent, &["bitmap", "clear", disk, "backup"]);
+    let list = cli_json(&agent, &["backups", disk]);
+    assert_eq!(list["incremental_possible"], false, "{list:#}");
+    assert!(list["restore_points"].as_array().unwrap().iter().all(|p| p["base_of_next_incremental"] == false));
+    let table = String::from_utf8_lossy(&cli(&agent, &["backups", disk]).stdout).into_owned();
+    assert!(table.contains("next backup: full"), "{table}");
+}
+
 #[test]
 fn backup_requests_that_cannot_work_are_refused_with_a_reason() {
     let b = AgentBuilder::new();

@@ -43,6 +43,10 @@ pub fn router(control: Arc<Control>) -> Router {
         )
         .route("/v1/disks/{vm}/{disk}/bitmaps", get(list_bitmaps).post(add_bitmap))
         .route("/v1/disks/{vm}/{disk}/chain", get(chain))
+        .route(
+            "/v1/disks/{vm}/{disk}/backups",
+            get(|s: Ctl, Path((vm, d)): Path<(String, String)>| run(s, Command::Backups(format!("{vm}/{d}")))),
+        )
         .route("/v1/disks/{vm}/{disk}/fence", post(fence).delete(unfence))
         .route("/v1/disks/{vm}/{disk}/bitmaps/{name}", get(get_bitmap).delete(remove_bitmap))
         // Actions with a body have a route (and an OpenAPI operation) of their own.

@@ -412,6 +412,53 @@ impl Control {
         }))
     }
 
+    /// The restore points of a disk: every backup snapshot on its backup
+    /// target, oldest first, with its chain position, time, bytes written,
+    /// bitmap generation, holds, and which one the next incremental builds on.
+    pub(super) async fn backups(&self, disk: &str) -> Result<Value, ApiError> {
+        let chain = self.chain(disk, None).await?;
+        let target: crate::config::ImageUri =
+            chain["target"].as_str().unwrap_or_default().parse().map_err(ApiError::Internal)?;
+        let (stores, t) = (self.env.stores.clone(), target.clone());
+        let (snaps, meta) = tokio::task::spawn_blocking(move || {
+            let img = stores.open(&t, &crate::store::OpenOptions::default())?;
+            Ok::<_, crate::store::StoreError>((backup::backup_snapshots(img.as_ref())?, img.list_meta()?))
+        })
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(|e| ApiError::BadRequest(format!("Cannot read the backups of {disk} at {target}: {e}")))?;
+        let base = chain["matches"].as_bool().unwrap_or(false).then(|| chain["latest"].clone());
+        let points: Vec<Value> = snaps
+            .iter()
+            .enumerate()
+            .map(|(i, (snap, m))| {
+                serde_json::json!({
+                    "snapshot": snap,
+                    "uri": target.with_snap(Some(snap)).to_string(),
+                    "position": i + 1,
+                    "point_in_time": m.point_in_time,
+                    "sync": m.sync,
+                    "bytes_written": m.bytes_written,
+                    "previous": m.previous,
+                    "node": m.node,
+                    "disk": m.disk,
+                    "bitmap": m.bitmap,
+                    "bitmap_generation": m.generation,
+                    "base_of_next_incremental": base.as_ref().and_then(Value::as_str) == Some(snap.as_str()),
+                    "holds": crate::jobs::holds::holders(&meta, snap),
+                })
+            })
+            .collect();
+        Ok(serde_json::json!({
+            "disk": disk,
+            "target": target.to_string(),
+            "bitmap": chain["bitmap"],
+            "incremental_possible": chain["matches"],
+            "reason": chain["reason"],
+            "restore_points": points,
+        }))
+    }
+
     /// Resolves defaults and checks what can be checked before starting.
     fn backup_plan(
         &self,

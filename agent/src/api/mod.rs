@@ -73,6 +73,8 @@ pub enum Command {
     Migration(String),
     /// A disk's backup chain against a bitmap.
     Chain(String, Option<String>),
+    /// A disk's restore points.
+    Backups(String),
     /// The source reports an incoming migration's disks in sync.
     MigrationSynced(String, bool),
     /// Wait for the first IO on an incoming migration's exports (seconds).
@@ -326,6 +328,7 @@ impl Control {
             Command::Migrations => self.list_migrations(),
             Command::Migration(id) => self.record(&id),
             Command::Chain(disk, bitmap) => self.chain(&disk, bitmap).await,
+            Command::Backups(disk) => self.backups(&disk).await,
             Command::MigrationSynced(id, synced) => self.migration_synced(&id, synced).await,
             Command::FirstIo(id, wait) => self.first_io(&id, std::time::Duration::from_secs(wait.min(60))).await,
             Command::StartOutgoing(start) => self.start_outgoing(start).await,

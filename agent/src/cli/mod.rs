@@ -28,6 +28,11 @@ pub enum ClientCmd {
     Bitmap(BitmapCmd),
     /// Back up a disk (VM/DISK) or all disks of a VM (VM) as one group.
     Backup(jobs::BackupArgs),
+    /// Restore points of a disk: the backup snapshots on its target, oldest first.
+    Backups {
+        /// Disk as VM/DISK.
+        disk: String,
+    },
     /// Mirror a disk to another agent's NBD export (full, top or incremental).
     Mirror(jobs::MirrorArgs),
     /// Copy the rest of a layered disk from its backing, then detach it.
@@ -147,6 +152,9 @@ pub async fn run(endpoint: &Endpoint, json_out: bool, cmd: ClientCmd) -> Result<
         ClientCmd::Disks => (call(endpoint, "GET", "/v1/disks", None).await?, render_disks),
         ClientCmd::Bitmap(b) => bitmap(endpoint, b).await?,
         ClientCmd::Backup(args) => return jobs::backup(endpoint, json_out, args).await,
+        ClientCmd::Backups { disk } => {
+            (call(endpoint, "GET", &format!("{}/backups", disk_path(&disk)?), None).await?, render_backups)
+        }
         ClientCmd::Stream(args) => return jobs::stream(endpoint, json_out, args).await,
         ClientCmd::Verify(args) => return jobs::verify(endpoint, json_out, args).await,
         ClientCmd::Mirror(args) => return jobs::mirror(endpoint, json_out, args).await,
@@ -257,6 +265,41 @@ fn render_bitmaps(v: &Value) -> String {
         })
         .collect();
     table(&["NAME", "GRANULARITY", "DIRTY", "GEN", "STATE"], &rows)
+}
+
+fn render_backups(v: &Value) -> String {
+    let rows: Vec<Vec<String>> = v["restore_points"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            let when = p["point_in_time"].as_u64().map_or_else(|| "?".into(), utc);
+            vec![
+                p["position"].to_string(),
+                p["snapshot"].as_str().unwrap_or("?").to_owned(),
+                when,
+                p["sync"].as_str().unwrap_or("?").to_owned(),
+                size(&p["bytes_written"]),
+                p["bitmap_generation"].as_u64().map_or_else(|| "-".into(), |g| g.to_string()),
+                if p["base_of_next_incremental"] == true { "yes".into() } else { String::new() },
+                p["holds"]
+                    .as_array()
+                    .map(|h| h.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(","))
+                    .unwrap_or_default(),
+            ]
+        })
+        .collect();
+    let mut out = format!("{} -> {}\n", v["disk"].as_str().unwrap_or("?"), v["target"].as_str().unwrap_or("?"));
+    out.push_str(&table(&["#", "SNAPSHOT", "TIME", "SYNC", "WRITTEN", "GEN", "NEXT BASE", "HOLDS"], &rows));
+    if v["incremental_possible"] != true {
+        out.push_str(&format!("next backup: full ({})\n", v["reason"].as_str().unwrap_or("no chain")));
+    }
+    out
+}
+
+/// RFC 3339 (UTC, seconds) of a Unix time.
+fn utc(t: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(t)).to_string()
 }
 
 /// Formats rows as an aligned text table.
