@@ -254,7 +254,7 @@ pub async fn run(config: AgentConfig) -> Result<(), DaemonError> {
         configs: BTreeMap::new(),
     };
     // Fences a restart must find in place before any disk is served (see `fences_due_at_start`).
-    let outgoing = api::OutgoingEnv::load(config.state_dir.join("migrations").join("outgoing"));
+    let outgoing = api::OutgoingEnv::load(config.state_dir.join("migrations").join("outgoing"), jobs.events().clone());
     let due = outgoing.fences_due_at_start();
     for (disk, target) in &due {
         let fence = crate::jobs::backup::fence_path(&config.state_dir.join("fenced"), disk);
@@ -313,6 +313,7 @@ pub async fn run(config: AgentConfig) -> Result<(), DaemonError> {
         records: std::sync::Mutex::new(migration_records),
         dir: migrations_dir,
         steps: tokio::sync::Mutex::new(()),
+        events: jobs.events().clone(),
     });
     control.set_outgoing_env(outgoing);
     control.recover_outgoing().await;

@@ -26,6 +26,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod durable;
+pub mod events;
 pub mod export;
 pub mod fuzzing;
 pub mod jobs;

@@ -455,3 +455,66 @@ impl Agent {
         serde_json::from_slice(&out.stdout).with_context(|| format!("rbdsync {args:?}: bad JSON"))
     }
 }
+
+/// `rbdsync --json events` against an agent, collecting every event it
+/// prints until [`EventLog::stop`].
+pub struct EventLog {
+    child: Child,
+    events: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+}
+
+impl EventLog {
+    /// Starts following `agent`'s events; returns once the stream is open
+    /// (the CLI is connected: the first keep-alive is not awaited, the
+    /// request is given 300 ms).
+    pub fn follow(agent: &Agent) -> Result<Self> {
+        let mut child = agent.cli().args(["--json", "events"]).stdout(Stdio::piped()).spawn().context("spawn")?;
+        let stdout = child.stdout.take().context("stdout")?;
+        let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = events.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str(&line) {
+                    sink.lock().unwrap_or_else(|p| p.into_inner()).push(v);
+                }
+            }
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        if let Some(status) = child.try_wait()? {
+            bail!("rbdsync events exited at once: {status}");
+        }
+        Ok(Self { child, events })
+    }
+
+    /// Events so far.
+    pub fn events(&self) -> Vec<serde_json::Value> {
+        self.events.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Waits (at most `limit`) until an event satisfies `pred`; every event so far.
+    pub fn wait_for(
+        &self,
+        limit: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> Result<Vec<serde_json::Value>> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let events = self.events();
+            if events.iter().any(&pred) {
+                return Ok(events);
+            }
+            if Instant::now() > deadline {
+                bail!("no such event within {limit:?}; seen: {events:#?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops following; every event seen.
+    pub fn stop(mut self) -> Vec<serde_json::Value> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.events()
+    }
+}

@@ -952,6 +952,32 @@ fn backups_lists_the_restore_points_and_the_base_of_the_next_incremental() {
     assert!(table.contains("next backup: full"), "{table}");
 }
 
+/// `rbdsync events` sees a backup job from its creation to its outcome,
+/// with its progress, as it happens.
+#[test]
+fn events_follow_a_backup_from_creation_to_its_outcome() {
+    let (agent, _, _) = file_target_agent("32MiB");
+    let disk = "vm1/disk0";
+    write_random(&agent, disk, &mut Rng::from_env(0xb0c4_0014), &[(0, 32 * MIB)]);
+    let log = tests::EventLog::follow(&agent).unwrap();
+    let job = backup_ok(&agent, &["backup", disk, "--sync", "full", "--speed", "16MiB"]);
+    let id = job["id"].as_str().unwrap().to_owned();
+    let events =
+        log.wait_for(Duration::from_secs(20), |e| e["id"] == id.as_str() && e["state"] == "concluded").unwrap();
+    log.stop();
+    let mine: Vec<&Value> = events.iter().filter(|e| e["id"] == id.as_str()).collect();
+    let states: Vec<&str> = mine.iter().filter(|e| e["type"] == "job").filter_map(|e| e["state"].as_str()).collect();
+    assert_eq!(states, ["created", "running", "concluded"], "{mine:#?}");
+    let last = mine.iter().rev().find(|e| e["type"] == "job").unwrap();
+    assert_eq!(
+        (&last["result"], &last["kind"], &last["disk"]),
+        (&Value::from("success"), &Value::from("backup"), &Value::from(disk))
+    );
+    // At 16 MiB/s the 32 MiB take 2 s: progress arrives while it runs, at most about once a second.
+    let progress: Vec<u64> = mine.iter().filter(|e| e["type"] == "job_progress").map(|e| u(&e["bytes_done"])).collect();
+    assert!((1..=4).contains(&progress.len()) && progress.windows(2).all(|w| w[0] <= w[1]), "{mine:#?}");
+}
+
 #[test]
 fn backup_requests_that_cannot_work_are_refused_with_a_reason() {
     let b = AgentBuilder::new();

@@ -651,9 +651,27 @@ fn lifecycle(backing: &Backing, default_seed: u64) {
     let writer = Writer::start(a.socket(), model.clone(), everywhere, MIB, rng.next_u64());
     writer.wait_acked(5);
     let before = writer.acked();
+    let (events_a, events_b) = (tests::EventLog::follow(&a).unwrap(), tests::EventLog::follow(&b).unwrap());
     let started = Instant::now();
     let summary = migrate_ok(&a, &b, &["--speed", "4MiB", "--ready-threshold", "256KiB"], Duration::from_secs(60));
     let took = started.elapsed();
+    // Both agents pushed the migration's state changes as they happened.
+    let states = |events: Vec<Value>, role: &str| -> Vec<String> {
+        let of = |e: &&Value| e["type"] == "migration" && e["role"] == role;
+        events.iter().filter(of).filter_map(|e| e["state"].as_str().map(str::to_owned)).collect()
+    };
+    let seen_a = states(events_a.wait_for(Duration::from_secs(10), |e| e["state"] == "completed").unwrap(), "source");
+    assert_eq!(seen_a.first().map(String::as_str), Some("mirroring"), "{seen_a:?}");
+    assert!(
+        seen_a.iter().any(|s| s == "cutting-over") && seen_a.last().map(String::as_str) == Some("completed"),
+        "{seen_a:?}"
+    );
+    let seen_b = states(events_b.wait_for(Duration::from_secs(10), |e| e["state"] == "active").unwrap(), "destination");
+    assert_eq!(seen_b.first().map(String::as_str), Some("prepared"), "{seen_b:?}");
+    assert_eq!(seen_b.last().map(String::as_str), Some("active"), "{seen_b:?}");
+    let mirrors = events_a.stop().iter().filter(|e| e["type"] == "job" && e["kind"] == "mirror").count();
+    assert!(mirrors >= 3, "the source's mirror job's states were not pushed");
+    events_b.stop();
     let log = writer.wait_refused(Duration::from_secs(10));
     assert!(log.error.is_none(), "writer failed: {log:?}");
     assert_eq!(

@@ -78,6 +78,61 @@ pub enum ClientError {
 
 /// Sends one request and returns the JSON answer (`Null` for 204).
 pub async fn call(endpoint: &Endpoint, method: &str, path: &str, body: Option<Value>) -> Result<Value, ClientError> {
+    let response = send(endpoint, method, path, body).await?;
+    let status = response.status().as_u16();
+    let http = |e: &dyn std::fmt::Display| ClientError::Http(e.to_string());
+    let bytes = response.into_body().collect().await.map_err(|e| http(&e))?.to_bytes();
+    let value: Value =
+        if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).map_err(|e| http(&e))? };
+    if status >= 400 {
+        let code = value["error"]["code"].as_str().unwrap_or("unknown").to_owned();
+        let message = value["error"]["message"].as_str().map_or_else(|| format!("HTTP {status}"), str::to_owned);
+        return Err(ClientError::Api { status, code, message });
+    }
+    Ok(value)
+}
+
+/// Follows `GET /v1/events`: calls `on` with each event's JSON until the
+/// agent ends the stream (it stops) or `on` returns false.
+pub async fn follow_events(endpoint: &Endpoint, mut on: impl FnMut(Value) -> bool) -> Result<(), ClientError> {
+    let response = send(endpoint, "GET", "/v1/events", None).await?;
+    let http = |e: &dyn std::fmt::Display| ClientError::Http(e.to_string());
+    if response.status().as_u16() >= 400 {
+        let status = response.status().as_u16();
+        let bytes = response.into_body().collect().await.map_err(|e| http(&e))?.to_bytes();
+        let value: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        let code = value["error"]["code"].as_str().unwrap_or("unknown").to_owned();
+        let message = value["error"]["message"].as_str().map_or_else(|| format!("HTTP {status}"), str::to_owned);
+        return Err(ClientError::Api { status, code, message });
+    }
+    let mut body = response.into_body();
+    let (mut pending, mut data) = (Vec::new(), String::new());
+    while let Some(frame) = body.frame().await {
+        let Ok(chunk) = frame.map_err(|e| http(&e))?.into_data() else { continue };
+        pending.extend_from_slice(&chunk);
+        while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=end).collect();
+            let line = String::from_utf8_lossy(&line).trim_end_matches(['\r', '\n']).to_owned();
+            if let Some(d) = line.strip_prefix("data:") {
+                data.push_str(d.trim_start());
+            } else if line.is_empty() && !data.is_empty() {
+                let event = serde_json::from_str(&std::mem::take(&mut data)).unwrap_or(Value::Null);
+                if !on(event) {
+                    return Ok(());
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Connects and sends one request; the response with its body unread.
+async fn send(
+    endpoint: &Endpoint,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
     let http = |e: &dyn std::fmt::Display| ClientError::Http(e.to_string());
     let (io, host) = match endpoint {
         Endpoint::Unix(p) => {
@@ -114,17 +169,7 @@ pub async fn call(endpoint: &Endpoint, method: &str, path: &str, body: Option<Va
         request = request.header("authorization", format!("Bearer {token}"));
     }
     let request = request.body(Full::new(Bytes::from(payload))).map_err(|e| http(&e))?;
-    let response = sender.send_request(request).await.map_err(|e| http(&e))?;
-    let status = response.status().as_u16();
-    let bytes = response.into_body().collect().await.map_err(|e| http(&e))?.to_bytes();
-    let value: Value =
-        if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).map_err(|e| http(&e))? };
-    if status >= 400 {
-        let code = value["error"]["code"].as_str().unwrap_or("unknown").to_owned();
-        let message = value["error"]["message"].as_str().map_or_else(|| format!("HTTP {status}"), str::to_owned);
-        return Err(ClientError::Api { status, code, message });
-    }
-    Ok(value)
+    sender.send_request(request).await.map_err(|e| http(&e))
 }
 
 trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}

@@ -29,8 +29,9 @@ const BODY_LIMIT: usize = 64 << 10;
 type Ctl = State<Arc<Control>>;
 
 /// The `/v1` routes.
-pub fn router(control: Arc<Control>) -> Router {
+pub fn router(control: Arc<Control>, shutdown: CancellationToken) -> Router {
     Router::new()
+        .route("/v1/events", get(move |s: Ctl| events(s, shutdown.clone())))
         .route(
             "/v1/openapi.json",
             get(|| async { ([(axum::http::header::CONTENT_TYPE, "application/json")], OPENAPI) }),
@@ -305,6 +306,30 @@ fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("Invalid JSON body: {e}")))
 }
 
+/// `GET /v1/events`: server-sent events, one per job or migration state
+/// change and per second of a job's progress, until the client leaves or
+/// the agent stops (a graceful shutdown must not wait for an open stream).
+async fn events(State(control): Ctl, shutdown: CancellationToken) -> Response {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    use tokio::sync::broadcast::error::RecvError;
+    let rx = control.events().subscribe();
+    let stream = futures_util::stream::unfold((rx, shutdown), |(mut rx, shutdown)| async move {
+        let event = tokio::select! {
+            () = shutdown.cancelled() => return None,
+            got = rx.recv() => match got {
+                Ok(v) => Event::default().event(v["type"].as_str().unwrap_or("event")).data(v.to_string()),
+                Err(RecvError::Lagged(missed)) => {
+                    let body = serde_json::json!({ "type": "lagged", "missed": missed });
+                    Event::default().event("lagged").data(body.to_string())
+                }
+                Err(RecvError::Closed) => return None,
+            },
+        };
+        Some((Ok::<_, std::convert::Infallible>(event), (rx, shutdown)))
+    });
+    Sse::new(stream).keep_alive(KeepAlive::default()).into_response()
+}
+
 /// Carries a command out on a task of its own: a client that disconnects
 /// (a killed CLI, a caller's timeout) drops this handler, and must not stop
 /// an operation half-way (a prepare between its clone and its record, a
@@ -383,7 +408,7 @@ pub async fn serve(
     control: Arc<Control>,
     shutdown: CancellationToken,
 ) -> Result<Served, ServeError> {
-    let app = router(control);
+    let app = router(control, shutdown.clone());
     let mut tasks = Vec::new();
     let mut bound = Vec::new();
     for addr in &config.listen {

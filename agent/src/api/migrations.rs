@@ -47,6 +47,8 @@ pub struct MigrationEnv {
     /// Held through each prepare, complete and abort: they check a record's
     /// state and then act on it, so two of them must never interleave.
     pub steps: tokio::sync::Mutex<()>,
+    /// Where state changes are published.
+    pub events: crate::events::Events,
 }
 
 impl MigrationEnv {
@@ -83,6 +85,8 @@ impl MigrationEnv {
         crate::durable::write_file(&path, record.to_string().as_bytes())
             .map_err(|e| ApiError::Internal(format!("Cannot persist migration record {}: {e}", path.display())))?;
         self.records.lock().unwrap_or_else(|p| p.into_inner()).insert(id.to_owned(), record.clone());
+        let body = serde_json::json!({ "role": "destination", "id": id, "vm": record["vm"], "state": record["state"] });
+        self.events.publish("migration", body);
         Ok(())
     }
 }
@@ -727,6 +731,7 @@ mod tests {
             records: Mutex::new(BTreeMap::from([(id, record)])),
             dir: dir.join("migrations"),
             steps: tokio::sync::Mutex::new(()),
+            events: Default::default(),
         });
         control
     }

@@ -255,6 +255,11 @@ impl Control {
         }
     }
 
+    /// The agent's event channel.
+    pub fn events(&self) -> &crate::events::Events {
+        self.jobs.events()
+    }
+
     /// Enables the migration endpoints (once the servers are bound).
     pub fn set_migration_env(&self, env: MigrationEnv) {
         let _ = self.migrations.set(env);

@@ -248,11 +248,12 @@ impl Handle {
 pub struct OutgoingEnv {
     dir: PathBuf,
     map: Mutex<BTreeMap<String, Arc<Handle>>>,
+    events: crate::events::Events,
 }
 
 impl OutgoingEnv {
     /// Loads the records of `STATE_DIR/migrations/outgoing`.
-    pub fn load(dir: PathBuf) -> Self {
+    pub fn load(dir: PathBuf, events: crate::events::Events) -> Self {
         let mut map = BTreeMap::new();
         for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
             if entry.path().extension().is_none_or(|e| e != "json") {
@@ -268,7 +269,7 @@ impl OutgoingEnv {
                 }
             }
         }
-        Self { dir, map: Mutex::new(map) }
+        Self { dir, map: Mutex::new(map), events }
     }
 
     /// Disks to fence before they are served after a restart: those of a
@@ -317,6 +318,8 @@ impl OutgoingEnv {
             .map_err(|e| ApiError::Internal(format!("Cannot persist the migration record {}: {e}", path.display())))?;
         *h.record.lock().unwrap_or_else(|p| p.into_inner()) = r.clone();
         h.changed.send_modify(|v| *v += 1);
+        let body = serde_json::json!({ "role": "source", "vm": r.vm, "state": r.state, "error": r.error });
+        self.events.publish("migration", body);
         Ok(r)
     }
 }

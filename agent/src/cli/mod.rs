@@ -53,6 +53,8 @@ pub enum ClientCmd {
     /// Show or control one job.
     #[command(subcommand)]
     Job(jobs::JobCmd),
+    /// Follow job and migration events as they happen (one line each; --json: one JSON object each).
+    Events,
 }
 
 /// `rbdsync bitmap ...`
@@ -164,6 +166,15 @@ pub async fn run(endpoint: &Endpoint, json_out: bool, cmd: ClientCmd) -> Result<
             (call(endpoint, "GET", &format!("/v1/jobs?all={all}"), None).await?, jobs::render_jobs)
         }
         ClientCmd::Job(cmd) => return jobs::job(endpoint, json_out, cmd).await,
+        ClientCmd::Events => {
+            return crate::api::client::follow_events(endpoint, |e| {
+                use std::io::Write;
+                let line = if json_out { e.to_string() } else { render_event(&e) };
+                // A closed stdout (`rbdsync events | head`) ends the command.
+                writeln!(std::io::stdout(), "{line}").and_then(|()| std::io::stdout().flush()).is_ok()
+            })
+            .await;
+        }
     };
     if json_out {
         println!("{}", serde_json::to_string_pretty(&value).unwrap_or_default());
@@ -295,6 +306,25 @@ fn render_backups(v: &Value) -> String {
         out.push_str(&format!("next backup: full ({})\n", v["reason"].as_str().unwrap_or("no chain")));
     }
     out
+}
+
+/// One line for an event: time, what, state or progress.
+fn render_event(e: &Value) -> String {
+    let when = e["time_ms"].as_u64().map_or_else(|| "?".into(), |ms| utc(ms / 1000));
+    let s = |k: &str| e[k].as_str().unwrap_or("-").to_owned();
+    match e["type"].as_str().unwrap_or("?") {
+        "job" => {
+            let outcome = e["result"].as_str().map(|r| format!(" {r}")).unwrap_or_default();
+            let error = e["error"].as_str().map(|r| format!(": {r}")).unwrap_or_default();
+            format!("{when} job {} {} {}{outcome}{error}", s("id"), s("disk"), s("state"))
+        }
+        "job_progress" => {
+            format!("{when} job {} {} {}/{}", s("id"), s("disk"), size(&e["bytes_done"]), size(&e["bytes_total"]))
+        }
+        "migration" => format!("{when} migration {} ({}) {}", s("vm"), s("role"), s("state")),
+        "lagged" => format!("{when} missed {} events (too slow)", e["missed"]),
+        other => format!("{when} {other} {e}"),
+    }
 }
 
 /// RFC 3339 (UTC, seconds) of a Unix time.

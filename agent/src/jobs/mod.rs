@@ -163,9 +163,26 @@ pub struct Job {
     bytes: AtomicU64,
     file: PathBuf,
     settings: watch::Sender<Value>,
+    events: crate::events::Events,
+    /// When progress was last published (at most one event a second).
+    published: Mutex<Option<Instant>>,
 }
 
 impl Job {
+    /// Publishes the job's state (and, once concluded, its outcome).
+    fn publish_state(&self) {
+        let r = self.record();
+        let mut body = serde_json::json!({
+            "id": r.id, "kind": r.kind, "disk": r.disk, "state": r.state,
+            "bytes_done": r.bytes_done, "bytes_total": r.bytes_total,
+        });
+        if r.state == JobState::Concluded {
+            body["result"] = serde_json::json!(r.result);
+            body["error"] = serde_json::json!(r.error);
+        }
+        self.events.publish("job", body);
+    }
+
     fn lock(&self) -> MutexGuard<'_, JobRecord> {
         self.record.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -199,6 +216,7 @@ impl Job {
     fn set_state(&self, state: JobState) {
         self.lock().state = state;
         self.persist();
+        self.publish_state();
     }
 
     /// Job-specific settings (what `set_setting` recorded).
@@ -266,6 +284,25 @@ impl JobHandle {
         s.push((now, total));
         let cutoff = now.checked_sub(Duration::from_secs(3));
         s.retain(|(t, _)| cutoff.is_none_or(|c| *t >= c));
+        drop(s);
+        let due = {
+            let mut last = self.0.published.lock().unwrap_or_else(|p| p.into_inner());
+            let due = last.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1));
+            if due {
+                *last = Some(now);
+            }
+            due
+        };
+        if due {
+            let r = self.0.record();
+            self.0.events.publish(
+                "job_progress",
+                serde_json::json!({
+                    "id": r.id, "kind": r.kind, "disk": r.disk, "bytes_done": r.bytes_done,
+                    "bytes_total": r.bytes_total, "rate": r.rate,
+                }),
+            );
+        }
     }
 
     /// Sets the total (it may change while running).
@@ -345,6 +382,7 @@ pub struct JobManager {
     jobs: Mutex<BTreeMap<String, Arc<Job>>>,
     next: AtomicU64,
     tracker: tokio_util::task::TaskTracker,
+    events: crate::events::Events,
 }
 
 impl JobManager {
@@ -356,6 +394,7 @@ impl JobManager {
             jobs: Mutex::new(BTreeMap::new()),
             next: AtomicU64::new(1),
             tracker: Default::default(),
+            events: Default::default(),
         };
         let mut max = 0;
         for entry in std::fs::read_dir(dir)? {
@@ -402,7 +441,14 @@ impl JobManager {
             samples: Mutex::new(Vec::new()),
             file,
             settings: watch::channel(Value::Null).0,
+            events: self.events.clone(),
+            published: Mutex::new(None),
         })
+    }
+
+    /// The agent's event channel (jobs publish to it; so do migrations).
+    pub fn events(&self) -> &crate::events::Events {
+        &self.events
     }
 
     /// The running job on `disk`, if any.
@@ -453,6 +499,7 @@ impl JobManager {
         };
         let job = self.make_job(record, self.dir.join(format!("{id}.json")));
         job.persist();
+        job.publish_state();
         jobs.insert(id.clone(), job.clone());
         drop(jobs);
         let handle = JobHandle(job.clone());
@@ -573,6 +620,7 @@ fn conclude(job: &Job, outcome: Result<Value, JobError>) {
     drop(r);
     job.persist();
     job.done.send_replace(true);
+    job.publish_state();
 }
 
 fn write_atomic(path: &Path, record: &JobRecord) -> std::io::Result<()> {
