@@ -352,7 +352,13 @@ pub async fn run(config: AgentConfig) -> Result<(), DaemonError> {
     jobs.shutdown().await;
     shutdown.cancel();
     let _ = serving.await;
-    let _ = control_task.await;
+    // A control client that stopped reading (a suspended `rbdsync events`) must not keep the
+    // bitmaps from being saved: past 10 s its connection is dropped.
+    let aborter = control_task.abort_handle();
+    if tokio::time::timeout(Duration::from_secs(10), control_task).await.is_err() {
+        tracing::warn!("control connections still open after 10 s; closing them");
+        aborter.abort();
+    }
     disks.close_all().await;
     runtime.remove();
     tracing::info!("agent stopped");

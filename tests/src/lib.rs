@@ -464,9 +464,8 @@ pub struct EventLog {
 }
 
 impl EventLog {
-    /// Starts following `agent`'s events; returns once the stream is open
-    /// (the CLI is connected: the first keep-alive is not awaited, the
-    /// request is given 300 ms).
+    /// Starts following `agent`'s events; returns once the agent said the
+    /// subscription is in place (its `subscribed` event).
     pub fn follow(agent: &Agent) -> Result<Self> {
         let mut child = agent.cli().args(["--json", "events"]).stdout(Stdio::piped()).spawn().context("spawn")?;
         let stdout = child.stdout.take().context("stdout")?;
@@ -480,11 +479,13 @@ impl EventLog {
                 }
             }
         });
-        std::thread::sleep(Duration::from_millis(300));
-        if let Some(status) = child.try_wait()? {
-            bail!("rbdsync events exited at once: {status}");
+        let mut me = Self { child, events };
+        let subscribed = me.wait_for(Duration::from_secs(20), |e| e["type"] == "subscribed");
+        if let Err(e) = subscribed {
+            let status = me.child.try_wait()?;
+            bail!("rbdsync events did not subscribe ({status:?}): {e}");
         }
-        Ok(Self { child, events })
+        Ok(me)
     }
 
     /// Events so far.

@@ -107,16 +107,24 @@ pub async fn follow_events(endpoint: &Endpoint, mut on: impl FnMut(Value) -> boo
     }
     let mut body = response.into_body();
     let (mut pending, mut data) = (Vec::new(), String::new());
-    while let Some(frame) = body.frame().await {
+    // The agent sends a keep-alive every 15 s: silence for much longer is a dead connection.
+    let silence = std::time::Duration::from_secs(60);
+    while let Some(frame) = tokio::time::timeout(silence, body.frame())
+        .await
+        .map_err(|_| ClientError::Http("no event or keep-alive for 60 s: connection lost".into()))?
+    {
         let Ok(chunk) = frame.map_err(|e| http(&e))?.into_data() else { continue };
         pending.extend_from_slice(&chunk);
+        if pending.len() > 1 << 20 {
+            return Err(ClientError::Http("an event line over 1 MiB: not an rbdsync agent's event stream".into()));
+        }
         while let Some(end) = pending.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = pending.drain(..=end).collect();
             let line = String::from_utf8_lossy(&line).trim_end_matches(['\r', '\n']).to_owned();
             if let Some(d) = line.strip_prefix("data:") {
                 data.push_str(d.trim_start());
             } else if line.is_empty() && !data.is_empty() {
-                let event = serde_json::from_str(&std::mem::take(&mut data)).unwrap_or(Value::Null);
+                let Ok(event) = serde_json::from_str(&std::mem::take(&mut data)) else { continue };
                 if !on(event) {
                     return Ok(());
                 }

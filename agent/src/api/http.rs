@@ -313,9 +313,13 @@ async fn events(State(control): Ctl, shutdown: CancellationToken) -> Response {
     use axum::response::sse::{Event, KeepAlive, Sse};
     use tokio::sync::broadcast::error::RecvError;
     let rx = control.events().subscribe();
+    // The first event says the subscription is in place: a client may act from then on.
+    let hello = Event::default().event("subscribed").data(serde_json::json!({ "type": "subscribed" }).to_string());
+    let hello = futures_util::stream::once(async move { Ok::<_, std::convert::Infallible>(hello) });
     let stream = futures_util::stream::unfold((rx, shutdown), |(mut rx, shutdown)| async move {
         let event = tokio::select! {
-            () = shutdown.cancelled() => return None,
+            // Events already published (a job's outcome at shutdown) go out before the end.
+            biased;
             got = rx.recv() => match got {
                 Ok(v) => Event::default().event(v["type"].as_str().unwrap_or("event")).data(v.to_string()),
                 Err(RecvError::Lagged(missed)) => {
@@ -324,10 +328,11 @@ async fn events(State(control): Ctl, shutdown: CancellationToken) -> Response {
                 }
                 Err(RecvError::Closed) => return None,
             },
+            () = shutdown.cancelled() => return None,
         };
         Some((Ok::<_, std::convert::Infallible>(event), (rx, shutdown)))
     });
-    Sse::new(stream).keep_alive(KeepAlive::default()).into_response()
+    Sse::new(futures_util::StreamExt::chain(hello, stream)).keep_alive(KeepAlive::default()).into_response()
 }
 
 /// Carries a command out on a task of its own: a client that disconnects

@@ -310,6 +310,7 @@ impl OutgoingEnv {
     /// Writes the record durably, then shows it.
     fn save(&self, h: &Handle, edit: impl FnOnce(&mut OutRecord)) -> Result<OutRecord, ApiError> {
         let mut r = h.get();
+        let was = r.state;
         edit(&mut r);
         r.updated_at = unix_now();
         let path = self.dir.join(format!("{}.json", r.vm));
@@ -318,9 +319,16 @@ impl OutgoingEnv {
             .map_err(|e| ApiError::Internal(format!("Cannot persist the migration record {}: {e}", path.display())))?;
         *h.record.lock().unwrap_or_else(|p| p.into_inner()) = r.clone();
         h.changed.send_modify(|v| *v += 1);
+        if r.state != was {
+            self.publish(&r);
+        }
+        Ok(r)
+    }
+
+    /// Publishes the record's state (see `crate::events`).
+    fn publish(&self, r: &OutRecord) {
         let body = serde_json::json!({ "role": "source", "vm": r.vm, "state": r.state, "error": r.error });
         self.events.publish("migration", body);
-        Ok(r)
     }
 }
 
@@ -589,7 +597,8 @@ impl Control {
             map.insert(vm.name.clone(), h.clone());
         }
         // Recorded first: a restart at any later step finds it (and aborts the destination).
-        env.save(&h, |_| {})?;
+        let created = env.save(&h, |_| {})?;
+        env.publish(&created);
         let prep = match call(&dest, "POST", "/v1/migrations", Some(prepare)).await {
             Ok(p) => p,
             Err(e) => {

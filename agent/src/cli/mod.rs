@@ -323,6 +323,7 @@ fn render_event(e: &Value) -> String {
         }
         "migration" => format!("{when} migration {} ({}) {}", s("vm"), s("role"), s("state")),
         "lagged" => format!("{when} missed {} events (too slow)", e["missed"]),
+        "subscribed" => "following the agent's events".to_owned(),
         other => format!("{when} {other} {e}"),
     }
 }

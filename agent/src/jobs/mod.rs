@@ -214,9 +214,12 @@ impl Job {
     }
 
     fn set_state(&self, state: JobState) {
-        self.lock().state = state;
+        let changed = std::mem::replace(&mut self.lock().state, state) != state;
         self.persist();
-        self.publish_state();
+        // A ready mirror sets `ready` on every pass: subscribers hear of changes only.
+        if changed {
+            self.publish_state();
+        }
     }
 
     /// Job-specific settings (what `set_setting` recorded).
