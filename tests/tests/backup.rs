@@ -915,6 +915,13 @@ fn freeze_and_thaw_run_around_the_point_in_time_and_thaw_always_runs() {
 fn backups_lists_the_restore_points_and_the_base_of_the_next_incremental() {
     let (agent, _, uri) = file_target_agent("16MiB");
     let disk = "vm1/disk0";
+    // Before the first backup the target does not exist: no restore points, the next backup is full.
+    let none = cli_json(&agent, &["backups", disk]);
+    assert_eq!(
+        (&none["restore_points"], &none["incremental_possible"]),
+        (&Value::Array(vec![]), &Value::Bool(false)),
+        "{none:#}"
+    );
     let mut rng = Rng::from_env(0xb0c4_0013);
     let mut jobs = Vec::new();
     for (sync, range) in [("full", (0, 16 * MIB)), ("incremental", (MIB, 2 * MIB)), ("incremental", (8 * MIB, GRANULE))]

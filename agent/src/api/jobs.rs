@@ -379,26 +379,7 @@ impl Control {
         .map_err(|e| ApiError::Internal(e.to_string()))?
         .map_err(|e| ApiError::BadRequest(format!("Cannot read the backup chain of {disk} at {target}: {e}")))?;
         let latest = snaps.last().cloned();
-        let state = bitmap
-            .as_ref()
-            .and_then(|name| export.bitmaps().get(name).ok())
-            .map(|b| (b.name().to_owned(), b.uuid(), b.generation(), b.is_consistent()));
-        let reason = match (&latest, &state) {
-            (None, _) => Some("the backup target has no backup snapshot".to_owned()),
-            (_, None) => Some(format!("no bitmap {:?} on {disk}", bitmap)),
-            (_, Some((_, _, _, false))) => Some("the bitmap is inconsistent".to_owned()),
-            (Some((snap, meta)), Some((name, uuid, generation, true))) => {
-                if meta.disk != disk
-                    || meta.bitmap.as_deref() != Some(name.as_str())
-                    || meta.bitmap_uuid.as_deref() != Some(uuid.as_str())
-                    || meta.generation != Some(*generation)
-                {
-                    Some(format!("bitmap {name} (generation {generation}) does not belong to snapshot {snap} (recorded {:?} generation {:?})", meta.bitmap, meta.generation))
-                } else {
-                    None
-                }
-            }
-        };
+        let (state, reason) = chain_state(&export, disk, bitmap.as_deref(), latest.as_ref());
         Ok(serde_json::json!({
             "disk": disk,
             "target": target.to_string(),
@@ -415,19 +396,31 @@ impl Control {
     /// The restore points of a disk: every backup snapshot on its backup
     /// target, oldest first, with its chain position, time, bytes written,
     /// bitmap generation, holds, and which one the next incremental builds on.
+    /// A target not created yet has none.
     pub(super) async fn backups(&self, disk: &str) -> Result<Value, ApiError> {
-        let chain = self.chain(disk, None).await?;
-        let target: crate::config::ImageUri =
-            chain["target"].as_str().unwrap_or_default().parse().map_err(ApiError::Internal)?;
+        let export = self.disk(disk)?;
+        let defaults = self.disk_config(disk).and_then(|d| d.backup);
+        let target = defaults
+            .as_ref()
+            .map(|b| b.target.clone())
+            .ok_or_else(|| ApiError::BadRequest(format!("Disk {disk} has no backup target configured")))?;
+        let bitmap = defaults.as_ref().and_then(|b| b.bitmap.clone());
         let (stores, t) = (self.env.stores.clone(), target.clone());
-        let (snaps, meta) = tokio::task::spawn_blocking(move || {
-            let img = stores.open(&t, &crate::store::OpenOptions::default())?;
-            Ok::<_, crate::store::StoreError>((backup::backup_snapshots(img.as_ref())?, img.list_meta()?))
+        // One listing for the points and for the chain check, so both describe the same moment.
+        let listed = tokio::task::spawn_blocking(move || {
+            use crate::store::StoreError;
+            let img = match stores.open(&t, &crate::store::OpenOptions::default()) {
+                Err(StoreError::NotFound(_) | StoreError::Missing(_)) => return Ok((Vec::new(), Default::default())),
+                other => other?,
+            };
+            Ok::<_, StoreError>((backup::backup_snapshots(img.as_ref())?, img.list_meta()?))
         })
         .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?
-        .map_err(|e| ApiError::BadRequest(format!("Cannot read the backups of {disk} at {target}: {e}")))?;
-        let base = chain["matches"].as_bool().unwrap_or(false).then(|| chain["latest"].clone());
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+        let (snaps, meta) =
+            listed.map_err(|e| ApiError::Internal(format!("Cannot read the backups of {disk} at {target}: {e}")))?;
+        let (_, reason) = chain_state(&export, disk, bitmap.as_deref(), snaps.last());
+        let base = reason.is_none().then(|| snaps.last().map(|(n, _)| Value::from(n.as_str()))).flatten();
         let points: Vec<Value> = snaps
             .iter()
             .enumerate()
@@ -452,9 +445,9 @@ impl Control {
         Ok(serde_json::json!({
             "disk": disk,
             "target": target.to_string(),
-            "bitmap": chain["bitmap"],
-            "incremental_possible": chain["matches"],
-            "reason": chain["reason"],
+            "bitmap": bitmap,
+            "incremental_possible": reason.is_none(),
+            "reason": reason,
             "restore_points": points,
         }))
     }
@@ -538,4 +531,40 @@ impl Control {
         }
         Ok(())
     }
+}
+
+/// A bitmap's identity as a backup chain sees it: name, uuid, generation, consistent.
+type ChainBitmap = (String, String, u64, bool);
+
+/// The state of `bitmap` on `export` and why an incremental backup cannot
+/// build on `latest` (`None`: it can).
+fn chain_state(
+    export: &Export,
+    disk: &str,
+    bitmap: Option<&str>,
+    latest: Option<&(String, backup::SnapMeta)>,
+) -> (Option<ChainBitmap>, Option<String>) {
+    let state = bitmap
+        .and_then(|name| export.bitmaps().get(name).ok())
+        .map(|b| (b.name().to_owned(), b.uuid(), b.generation(), b.is_consistent()));
+    let reason = match (latest, &state) {
+        (None, _) => Some("the backup target has no backup snapshot".to_owned()),
+        (_, None) => Some(format!("no bitmap {bitmap:?} on {disk}")),
+        (_, Some((_, _, _, false))) => Some("the bitmap is inconsistent".to_owned()),
+        (Some((snap, meta)), Some((name, uuid, generation, true))) => {
+            if meta.disk != disk
+                || meta.bitmap.as_deref() != Some(name.as_str())
+                || meta.bitmap_uuid.as_deref() != Some(uuid.as_str())
+                || meta.generation != Some(*generation)
+            {
+                Some(format!(
+                    "bitmap {name} (generation {generation}) does not belong to snapshot {snap} (recorded {:?} generation {:?})",
+                    meta.bitmap, meta.generation
+                ))
+            } else {
+                None
+            }
+        }
+    };
+    (state, reason)
 }
