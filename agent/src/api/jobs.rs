@@ -359,16 +359,21 @@ impl Control {
         Ok(to_json(Self::disk_info_of(&export)))
     }
 
+    /// A disk's export, its configured backup target and backup bitmap.
+    fn backup_config(&self, disk: &str) -> Result<(Arc<Export>, crate::config::ImageUri, Option<String>), ApiError> {
+        let export = self.disk(disk)?;
+        let backup = self
+            .disk_config(disk)
+            .and_then(|d| d.backup)
+            .ok_or_else(|| ApiError::BadRequest(format!("Disk {disk} has no backup target configured")))?;
+        Ok((export, backup.target, backup.bitmap))
+    }
+
     /// The disk's backup chain and whether `bitmap` (default: the disk's
     /// backup bitmap) holds exactly the writes since its latest snapshot.
     pub(super) async fn chain(&self, disk: &str, bitmap: Option<String>) -> Result<Value, ApiError> {
-        let export = self.disk(disk)?;
-        let defaults = self.disk_config(disk).and_then(|d| d.backup);
-        let target = defaults
-            .as_ref()
-            .map(|b| b.target.clone())
-            .ok_or_else(|| ApiError::BadRequest(format!("Disk {disk} has no backup target configured")))?;
-        let bitmap = bitmap.or_else(|| defaults.as_ref().and_then(|b| b.bitmap.clone()));
+        let (export, target, default_bitmap) = self.backup_config(disk)?;
+        let bitmap = bitmap.or(default_bitmap);
         let stores = self.env.stores.clone();
         let t = target.clone();
         let snaps = tokio::task::spawn_blocking(move || {
@@ -398,13 +403,7 @@ impl Control {
     /// bitmap generation, holds, and which one the next incremental builds on.
     /// A target not created yet has none.
     pub(super) async fn backups(&self, disk: &str) -> Result<Value, ApiError> {
-        let export = self.disk(disk)?;
-        let defaults = self.disk_config(disk).and_then(|d| d.backup);
-        let target = defaults
-            .as_ref()
-            .map(|b| b.target.clone())
-            .ok_or_else(|| ApiError::BadRequest(format!("Disk {disk} has no backup target configured")))?;
-        let bitmap = defaults.as_ref().and_then(|b| b.bitmap.clone());
+        let (export, target, bitmap) = self.backup_config(disk)?;
         let (stores, t) = (self.env.stores.clone(), target.clone());
         // One listing for the points and for the chain check, so both describe the same moment.
         let listed = tokio::task::spawn_blocking(move || {
