@@ -131,6 +131,10 @@ impl Disks {
                     self.exports.insert(export);
                     self.configs.insert(name, config);
                 }
+                // A disk whose image is absent (its host is gone, say) waits for `rbdsync restore`.
+                Err(DaemonError::Disk { source: StoreError::NotFound(_) | StoreError::Missing(_), .. }) => {
+                    tracing::warn!(disk = %name, image = %config.image, "image absent: disk not served (create it with `rbdsync restore`, or give the disk a size)");
+                }
                 Err(e) => {
                     tracing::error!(disk = %name, error = %e, cause = ?std::error::Error::source(&e), "cannot open disk");
                     first_error.get_or_insert(e);
@@ -243,6 +247,7 @@ pub async fn run(config: AgentConfig) -> Result<(), DaemonError> {
     let incoming = Arc::new(Incoming::default());
     let migrations_dir = config.state_dir.join("migrations");
     let migration_records = MigrationEnv::load_records(&migrations_dir, &incoming);
+    crate::api::restore::load_markers(&config.state_dir, &incoming);
     let jobs = JobManager::load(&config.state_dir.join("jobs"))
         .map_err(io_err(format!("Cannot read {}", config.state_dir.join("jobs").display())))?;
     let mut disks = Disks {
@@ -312,6 +317,7 @@ pub async fn run(config: AgentConfig) -> Result<(), DaemonError> {
         nbd_tls: tls.policy() != proto::TlsPolicy::Unavailable,
         records: std::sync::Mutex::new(migration_records),
         dir: migrations_dir,
+        state_dir: config.state_dir.clone(),
         steps: tokio::sync::Mutex::new(()),
         events: jobs.events().clone(),
     });

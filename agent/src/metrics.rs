@@ -177,7 +177,7 @@ impl Metrics {
         r.register("migration_last_downtime_seconds", "Write downtime of the disk's last cut-over", m.downtime.clone());
         // Every kind's counters exist from the start at 0, so the first failure of a kind is an
         // increase (rate() and increase() miss a series that appears at 1).
-        for kind in ["backup", "verify", "mirror", "stream"] {
+        for kind in ["backup", "verify", "mirror", "stream", "restore"] {
             for result in ["success", "failed", "cancelled"] {
                 drop(m.jobs_concluded.get_or_create(&ResultLabel { kind: kind.into(), result: result.into() }));
             }

@@ -456,6 +456,38 @@ impl Agent {
     }
 }
 
+impl Agent {
+    /// `rbdsync --json ARGS`, which must fail: its stderr (the error).
+    pub fn cli_fails(&self, args: &[&str]) -> Result<String> {
+        let out = self.cli().arg("--json").args(args).output().context("spawn rbdsync")?;
+        if out.status.success() {
+            bail!("rbdsync {args:?} succeeded but must fail: {}", String::from_utf8_lossy(&out.stdout));
+        }
+        Ok(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+
+    /// Polls job `id` until it concludes (at most `limit`); its record.
+    pub fn wait_job(&self, id: &str, limit: Duration) -> Result<serde_json::Value> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let j = self.cli_json(&["job", "show", id])?;
+            if j["state"] == "concluded" {
+                return Ok(j);
+            }
+            if Instant::now() > deadline {
+                bail!("job {id} not concluded after {limit:?}: {j}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Copies what an NBD (or any qemu-img) URI reads into a raw file.
+pub fn capture(uri: &str, out: &Path) -> Result<()> {
+    let _ = std::fs::remove_file(out);
+    run("qemu-img", &["convert", "-f", "raw", "-O", "raw", uri, &out.to_string_lossy()]).map(drop)
+}
+
 /// `rbdsync --json events` against an agent, collecting every event it
 /// prints until [`EventLog::stop`].
 pub struct EventLog {

@@ -79,6 +79,19 @@ pub enum StartJob {
         #[serde(default)]
         speed: Option<Size>,
     },
+    /// Create a disk whose image is absent from a backup snapshot (`rbdsync restore`).
+    Restore {
+        /// `VM/DISK`, configured in a VM file, its image absent.
+        disk: String,
+        /// The snapshot, `URI@SNAP`.
+        from: String,
+        /// Serve the disk at once, layered on the snapshot, while the job copies the rest.
+        #[serde(default)]
+        live: bool,
+        /// Speed limit, bytes/s.
+        #[serde(default)]
+        speed: Option<Size>,
+    },
     /// Compare a disk at this moment with an image or snapshot.
     Verify {
         /// `VM/DISK`.
@@ -139,7 +152,7 @@ impl Control {
         Ok(to_json(record))
     }
 
-    fn disk_config(&self, disk: &str) -> Option<DiskConfig> {
+    pub(super) fn disk_config(&self, disk: &str) -> Option<DiskConfig> {
         let (vm, name) = disk.split_once('/')?;
         let vms = self.vms.load();
         let vm = vms.iter().find(|v| v.name == vm)?;
@@ -310,6 +323,10 @@ impl Control {
                 })?;
                 Ok(to_json(job.record()))
             }
+            StartJob::Restore { disk, from, live, speed } => {
+                let speed = speed.as_ref().map(Size::bytes).transpose()?.unwrap_or(0);
+                self.start_restore(&disk, &from, live, speed).await
+            }
             StartJob::Verify { disk, against, speed } => {
                 let speed = speed.as_ref().map(Size::bytes).transpose()?.unwrap_or(0);
                 let export = self.disk(&disk)?;
@@ -384,7 +401,7 @@ impl Control {
         .map_err(|e| ApiError::Internal(e.to_string()))?
         .map_err(|e| ApiError::BadRequest(format!("Cannot read the backup chain of {disk} at {target}: {e}")))?;
         let latest = snaps.last().cloned();
-        let (state, reason) = chain_state(&export, disk, bitmap.as_deref(), latest.as_ref());
+        let (state, reason) = chain_state(Some(&export), disk, bitmap.as_deref(), latest.as_ref());
         Ok(serde_json::json!({
             "disk": disk,
             "target": target.to_string(),
@@ -401,9 +418,13 @@ impl Control {
     /// The restore points of a disk: every backup snapshot on its backup
     /// target, oldest first, with its chain position, time, bytes written,
     /// bitmap generation, holds, and which one the next incremental builds on.
-    /// A target not created yet has none.
+    /// A target not created yet has none. The disk need not be served here
+    /// (its image absent: these are what `restore` can use).
     pub(super) async fn backups(&self, disk: &str) -> Result<Value, ApiError> {
-        let (export, target, bitmap) = self.backup_config(disk)?;
+        let backup = self.disk_config(disk).ok_or_else(|| ApiError::DiskNotFound(disk.to_owned()))?.backup;
+        let backup =
+            backup.ok_or_else(|| ApiError::BadRequest(format!("Disk {disk} has no backup target configured")))?;
+        let (export, target, bitmap) = (self.disk(disk).ok(), backup.target, backup.bitmap);
         let (stores, t) = (self.env.stores.clone(), target.clone());
         // One listing for the points and for the chain check, so both describe the same moment.
         let listed = tokio::task::spawn_blocking(move || {
@@ -418,7 +439,7 @@ impl Control {
         .map_err(|e| ApiError::Internal(e.to_string()))?;
         let (snaps, meta) =
             listed.map_err(|e| ApiError::Internal(format!("Cannot read the backups of {disk} at {target}: {e}")))?;
-        let (_, reason) = chain_state(&export, disk, bitmap.as_deref(), snaps.last());
+        let (_, reason) = chain_state(export.as_deref(), disk, bitmap.as_deref(), snaps.last());
         let base = reason.is_none().then(|| snaps.last().map(|(n, _)| Value::from(n.as_str()))).flatten();
         let points: Vec<Value> = snaps
             .iter()
@@ -538,16 +559,17 @@ type ChainBitmap = (String, String, u64, bool);
 /// The state of `bitmap` on `export` and why an incremental backup cannot
 /// build on `latest` (`None`: it can).
 fn chain_state(
-    export: &Export,
+    export: Option<&Export>,
     disk: &str,
     bitmap: Option<&str>,
     latest: Option<&(String, backup::SnapMeta)>,
 ) -> (Option<ChainBitmap>, Option<String>) {
     let state = bitmap
-        .and_then(|name| export.bitmaps().get(name).ok())
+        .and_then(|name| export?.bitmaps().get(name).ok())
         .map(|b| (b.name().to_owned(), b.uuid(), b.generation(), b.is_consistent()));
     let reason = match (latest, &state) {
         (None, _) => Some("the backup target has no backup snapshot".to_owned()),
+        _ if export.is_none() => Some(format!("{disk} is not served here (restore it from one of these)")),
         (_, None) => Some(format!("no bitmap {bitmap:?} on {disk}")),
         (_, Some((_, _, _, false))) => Some("the bitmap is inconsistent".to_owned()),
         (Some((snap, meta)), Some((name, uuid, generation, true))) => {

@@ -44,6 +44,8 @@ pub struct MigrationEnv {
     pub records: Mutex<BTreeMap<String, Value>>,
     /// `STATE_DIR/migrations`.
     pub dir: PathBuf,
+    /// `STATE_DIR` (a restore removes stale bitmaps under it).
+    pub state_dir: PathBuf,
     /// Held through each prepare, complete and abort: they check a record's
     /// state and then act on it, so two of them must never interleave.
     pub steps: tokio::sync::Mutex<()>,
@@ -171,11 +173,11 @@ pub struct IncomingBackup {
 
 /// What `prepare` creates for one disk.
 #[derive(Debug, Clone)]
-struct Planned {
-    name: String,
-    backing: Option<ImageUri>,
-    size: u64,
-    image: ImageUri,
+pub(super) struct Planned {
+    pub(super) name: String,
+    pub(super) backing: Option<ImageUri>,
+    pub(super) size: u64,
+    pub(super) image: ImageUri,
 }
 
 /// Body of `POST /v1/migrations/{id}/complete`.
@@ -191,11 +193,11 @@ pub struct Complete {
 }
 
 impl Control {
-    fn migration_env(&self) -> Result<&MigrationEnv, ApiError> {
+    pub(super) fn migration_env(&self) -> Result<&MigrationEnv, ApiError> {
         self.migrations.get().ok_or_else(|| ApiError::Internal("migrations are not ready".into()))
     }
 
-    async fn reload(&self) -> Result<(), ApiError> {
+    pub(super) async fn reload(&self) -> Result<(), ApiError> {
         let env = self.migration_env()?;
         let (tx, rx) = oneshot::channel();
         env.reload.send(tx).await.map_err(|_| ApiError::Internal("agent is stopping".into()))?;
@@ -623,7 +625,11 @@ fn redact(mut record: Value) -> Value {
 /// Creates each disk (layered on its backup snapshot, or plain) and holds
 /// the snapshot (`holder_prefix` + disk name) so retention keeps it until
 /// the stream detaches the disk; undoes everything on the first failure.
-fn create_children(stores: &Arc<crate::store::Stores>, plan: &[Planned], holder_prefix: &str) -> Result<(), String> {
+pub(super) fn create_children(
+    stores: &Arc<crate::store::Stores>,
+    plan: &[Planned],
+    holder_prefix: &str,
+) -> Result<(), String> {
     let mut done: Vec<(&Planned, String)> = Vec::new();
     for p in plan {
         let holder = format!("{holder_prefix}{}", p.name);
@@ -730,6 +736,7 @@ mod tests {
             nbd_tls: false,
             records: Mutex::new(BTreeMap::from([(id, record)])),
             dir: dir.join("migrations"),
+            state_dir: dir.to_owned(),
             steps: tokio::sync::Mutex::new(()),
             events: Default::default(),
         });

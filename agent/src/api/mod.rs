@@ -11,6 +11,7 @@ pub mod http;
 mod jobs;
 pub mod migrations;
 pub mod outgoing;
+pub mod restore;
 
 pub use jobs::{JobAction, StartJob};
 pub use migrations::{Complete, MigrationEnv, Prepare};

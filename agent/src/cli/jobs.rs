@@ -85,6 +85,25 @@ pub struct StreamArgs {
     wait: bool,
 }
 
+/// `rbdsync restore`.
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// VM/DISK: configured in a VM file on this host, its image absent.
+    disk: String,
+    /// The backup snapshot, URI@SNAP (see `rbdsync backups`), e.g. rbd:backup/vm1-disk0@rbdsync-...
+    #[arg(long)]
+    from: String,
+    /// Serve the disk at once, layered on the snapshot, while the rest is copied in the background.
+    #[arg(long)]
+    live: bool,
+    /// Speed limit in bytes/s.
+    #[arg(long, value_parser = parse_size)]
+    speed: Option<u64>,
+    /// Wait and show progress; exit non-zero on failure.
+    #[arg(long)]
+    wait: bool,
+}
+
 /// `rbdsync verify`.
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
@@ -186,6 +205,12 @@ pub async fn mirror(endpoint: &Endpoint, json_out: bool, a: MirrorArgs) -> Resul
 
 pub async fn stream(endpoint: &Endpoint, json_out: bool, a: StreamArgs) -> Result<(), ClientError> {
     let body = json!({ "kind": "stream", "disk": a.disk, "speed": a.speed, "chunk": a.chunk });
+    let started = call(endpoint, "POST", "/v1/jobs", Some(body)).await?;
+    finish(endpoint, json_out, started, a.wait).await
+}
+
+pub async fn restore(endpoint: &Endpoint, json_out: bool, a: RestoreArgs) -> Result<(), ClientError> {
+    let body = json!({ "kind": "restore", "disk": a.disk, "from": a.from, "live": a.live, "speed": a.speed });
     let started = call(endpoint, "POST", "/v1/jobs", Some(body)).await?;
     finish(endpoint, json_out, started, a.wait).await
 }

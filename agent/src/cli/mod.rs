@@ -33,6 +33,8 @@ pub enum ClientCmd {
         /// Disk as VM/DISK.
         disk: String,
     },
+    /// Create a disk whose image is absent from a backup snapshot (on any host); --live serves it at once.
+    Restore(jobs::RestoreArgs),
     /// Mirror a disk to another agent's NBD export (full, top or incremental).
     Mirror(jobs::MirrorArgs),
     /// Copy the rest of a layered disk from its backing, then detach it.
@@ -158,6 +160,7 @@ pub async fn run(endpoint: &Endpoint, json_out: bool, cmd: ClientCmd) -> Result<
             (call(endpoint, "GET", &format!("{}/backups", disk_path(&disk)?), None).await?, render_backups)
         }
         ClientCmd::Stream(args) => return jobs::stream(endpoint, json_out, args).await,
+        ClientCmd::Restore(args) => return jobs::restore(endpoint, json_out, args).await,
         ClientCmd::Verify(args) => return jobs::verify(endpoint, json_out, args).await,
         ClientCmd::Mirror(args) => return jobs::mirror(endpoint, json_out, args).await,
         ClientCmd::Migrate(args) => return migrate::migrate(endpoint, json_out, args).await,

@@ -1,0 +1,312 @@
+//! Restore: a disk configured in a VM file whose image is absent (its host
+//! is gone, say) is created from a backup snapshot on this host.
+//!
+//! ```text
+//!  check    the disk is configured, not served, its image absent; the
+//!           snapshot exists; whether it can be the base of the chain
+//!  create   the image as a child layered on the snapshot, the snapshot held
+//!           (retention keeps it while it is a parent); the disk is marked
+//!           hidden first, so no client reaches it before the next step
+//!  open     reload: the disk opens with fresh bitmaps (stale state of an
+//!           earlier disk of that name is removed); the backup bitmap takes
+//!           the snapshot's identity, so the next backup is incremental
+//!  serve    --live: at once, while a restore job streams the rest;
+//!           else the job streams first and the disk is served at its end
+//! ```
+//! A non-live restore that fails leaves the disk hidden; `restore` again
+//! resumes its stream. Its marker (`STATE_DIR/restores/VM/DISK`) keeps the
+//! disk hidden across restarts until the copy is done. An agent restarted
+//! mid live restore serves the disk layered (its data is the snapshot's
+//! either way); `restore` or `stream` then finishes the copy.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::{to_json, ApiError, Control};
+use crate::config::{DiskConfig, ImageUri};
+use crate::export::{Export, Incoming};
+use crate::jobs::backup::{self, SnapMeta};
+use crate::jobs::stream::{self, StreamParams};
+use crate::jobs::JobError;
+use crate::store::{OpenOptions, StoreError};
+
+/// Incoming-marker tokens of disks hidden by a restore start with this.
+const TOKEN_PREFIX: &str = "restore-";
+
+/// `params` of a restore job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoreParams {
+    /// The snapshot restored (`URI@SNAP`).
+    pub from: String,
+    /// Served from the start (true) or once copied.
+    pub live: bool,
+    /// The stream that copies the snapshot's data.
+    pub stream: StreamParams,
+    /// The backup bitmap that continues the snapshot's chain, if one does.
+    pub chain_bitmap: Option<String>,
+    /// Why the next backup cannot be incremental, if it cannot.
+    pub chain_note: Option<String>,
+}
+
+/// What the check step learned about the snapshot.
+struct Source {
+    /// The snapshot's backup record, if it is a backup snapshot.
+    meta: Option<SnapMeta>,
+    /// Whether it is the newest backup snapshot of its image.
+    latest: bool,
+}
+
+impl Control {
+    /// Starts (or resumes) the restore of `disk` from `from` (`URI@SNAP`).
+    pub(super) async fn start_restore(
+        &self,
+        disk: &str,
+        from: &str,
+        live: bool,
+        speed: u64,
+    ) -> Result<Value, ApiError> {
+        let config = self.disk_config(disk).ok_or_else(|| ApiError::DiskNotFound(disk.to_owned()))?;
+        if config.read_only {
+            return Err(ApiError::BadRequest(format!("{disk} is read_only in its VM file; a restore writes it")));
+        }
+        let from_uri: ImageUri = from.parse().map_err(ApiError::BadRequest)?;
+        let Some(snap) = from_uri.snap().map(str::to_owned) else {
+            return Err(ApiError::BadRequest(format!("--from {from} must name a snapshot (URI@SNAP)")));
+        };
+        let env = self.migration_env()?;
+        // One restore or migration step at a time: the image check and its creation must not
+        // interleave with another's.
+        let _steps = env.steps.lock().await;
+        if let Some(export) = self.exports.get(disk) {
+            return match export.incoming() {
+                Some(token) if token.starts_with(TOKEN_PREFIX) => self.resume(disk, export, from, live, speed),
+                _ => Err(ApiError::Conflict(format!(
+                    "{disk} is served here; a restore only creates a disk whose image is absent"
+                ))),
+            };
+        }
+        let source = self.check_source(&config, disk, &from_uri, &snap).await?;
+        let (chain_bitmap, chain_note) = match chain_base(disk, &config, &from_uri, &source) {
+            Ok(bitmap) => (Some(bitmap), None),
+            Err(why) => (None, Some(why)),
+        };
+        // Bitmap state of an earlier disk of this name describes an image that is gone.
+        let bitmaps_dir = env.state_dir.join("bitmaps").join(disk);
+        match std::fs::remove_dir_all(&bitmaps_dir) {
+            Ok(()) => {
+                tracing::warn!(disk, dir = %bitmaps_dir.display(), "removed the bitmaps of an earlier disk of this name")
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(ApiError::Internal(format!(
+                    "Cannot remove the stale bitmaps {}: {e}",
+                    bitmaps_dir.display()
+                )))
+            }
+        }
+        let token = format!("{TOKEN_PREFIX}{}", uuid::Uuid::new_v4().simple());
+        env.incoming.insert(disk, &token);
+        if !live {
+            // Durably before the image exists: a restart keeps a half-copied disk hidden.
+            if let Err(e) = crate::durable::write_file(&marker(&env.state_dir, disk), token.as_bytes()) {
+                env.incoming.remove(disk);
+                return Err(ApiError::Internal(format!("Cannot record the restore of {disk}: {e}")));
+            }
+        }
+        let (vm, name) = disk.split_once('/').unwrap_or_default();
+        let plan = super::migrations::Planned {
+            name: name.to_owned(),
+            backing: Some(from_uri.clone()),
+            size: 0,
+            image: config.image.clone(),
+        };
+        let (stores, holder) = (self.env.stores.clone(), format!("{}:{vm}/", self.env.node));
+        let plan2 = plan.clone();
+        let created =
+            tokio::task::spawn_blocking(move || super::migrations::create_children(&stores, &[plan2], &holder))
+                .await
+                .unwrap_or_else(|e| Err(e.to_string()));
+        if let Err(e) = created {
+            env.incoming.remove(disk);
+            return Err(ApiError::BadRequest(e));
+        }
+        let reloaded = self.reload().await;
+        let Some(export) = self.exports.get(disk) else {
+            let why = reloaded.err().map_or_else(|| "it did not open".to_owned(), |e| e.to_string());
+            self.undo_restore(disk, &plan).await;
+            return Err(ApiError::Internal(format!("Cannot open the restored disk {disk}: {why}")));
+        };
+        if let (Some(bitmap), Some(meta)) = (&chain_bitmap, &source.meta) {
+            let (uuid, generation) = (meta.bitmap_uuid.as_deref().unwrap_or_default(), meta.generation.unwrap_or(0));
+            if let Err(e) = export.bitmaps().adopt(bitmap, uuid, generation) {
+                // The disk is there and right; only the next backup is full.
+                tracing::warn!(disk, bitmap, error = %e, "cannot continue the backup chain; the next backup is full");
+            }
+        }
+        tracing::info!(disk, from, live, chain_bitmap = ?chain_bitmap, "restore: disk created");
+        let stream = StreamParams { chunk: 4 << 20, holder: Some(format!("{}:{disk}", self.env.node)) };
+        let params = RestoreParams { from: from.to_owned(), live, stream, chain_bitmap, chain_note };
+        self.run_restore(disk, export, params, speed)
+    }
+
+    /// A restore whose job ended before the disk was served: its stream again.
+    fn resume(&self, disk: &str, export: Arc<Export>, from: &str, live: bool, speed: u64) -> Result<Value, ApiError> {
+        tracing::info!(disk, from, "resuming the restore");
+        let stream = StreamParams { chunk: 4 << 20, holder: Some(format!("{}:{disk}", self.env.node)) };
+        let note = Some("resumed: the chain was set up by the first attempt".to_owned());
+        let params = RestoreParams { from: from.to_owned(), live, stream, chain_bitmap: None, chain_note: note };
+        self.run_restore(disk, export, params, speed)
+    }
+
+    /// Serves a live restore at once, then streams; a non-live one is
+    /// served when the stream succeeded.
+    fn run_restore(
+        &self,
+        disk: &str,
+        export: Arc<Export>,
+        params: RestoreParams,
+        speed: u64,
+    ) -> Result<Value, ApiError> {
+        let env = self.migration_env()?;
+        let (incoming, marker) = (env.incoming.clone(), marker(&env.state_dir, disk));
+        if params.live {
+            served(&export, &incoming, &marker)?;
+        }
+        let stores = self.env.stores.clone();
+        let (disk2, p) = (disk.to_owned(), params.clone());
+        let job = self.jobs.start("restore", disk, to_json(&params), speed, move |handle| async move {
+            let streamed = stream::run(handle, export.clone(), p.stream.clone(), stores).await;
+            let mut summary = match streamed {
+                Ok(summary) => summary,
+                Err(e) if !p.live => {
+                    tracing::warn!(disk = %disk2, error = %e, "restore failed; the disk stays hidden (restore again to resume)");
+                    return Err(e);
+                }
+                Err(e) => return Err(e),
+            };
+            if !p.live {
+                served(&export, &incoming, &marker).map_err(|e| JobError::Failed(e.to_string()))?;
+                tracing::info!(disk = %disk2, "restore copied; disk served");
+            }
+            summary["from"] = json!(p.from);
+            summary["live"] = json!(p.live);
+            summary["chain_bitmap"] = json!(p.chain_bitmap);
+            summary["chain_note"] = json!(p.chain_note);
+            Ok(summary)
+        })?;
+        Ok(to_json(job.record()))
+    }
+
+    /// The snapshot exists and the disk's image does not.
+    async fn check_source(
+        &self,
+        config: &DiskConfig,
+        disk: &str,
+        from: &ImageUri,
+        snap: &str,
+    ) -> Result<Source, ApiError> {
+        let (stores, image, from, snap) =
+            (self.env.stores.clone(), config.image.clone(), from.clone(), snap.to_owned());
+        let disk = disk.to_owned();
+        tokio::task::spawn_blocking(move || {
+            if stores.exists(&image).map_err(|e| ApiError::Internal(format!("Cannot reach {image}: {e}")))? {
+                return Err(ApiError::Conflict(format!(
+                    "The image of {disk} ({image}) exists; a restore never overwrites an image (remove it, or name \
+                     another image in the VM file)"
+                )));
+            }
+            let base = from.with_snap(None);
+            let target = match stores.open(&base, &OpenOptions { read_only: true, ..Default::default() }) {
+                Err(e @ (StoreError::NotFound(_) | StoreError::Missing(_))) => {
+                    return Err(ApiError::NotFound(format!("No image {base}: {e}")))
+                }
+                other => other.map_err(|e| ApiError::Internal(format!("Cannot open {base}: {e}")))?,
+            };
+            let snaps = target.list_snapshots().map_err(|e| ApiError::Internal(format!("Cannot list {base}: {e}")))?;
+            if !snaps.iter().any(|s| s.name == snap) {
+                return Err(ApiError::NotFound(format!("{base} has no snapshot {snap:?}")));
+            }
+            let backups = backup::backup_snapshots(target.as_ref())
+                .map_err(|e| ApiError::Internal(format!("Cannot read the backups of {base}: {e}")))?;
+            let latest = backups.last().is_some_and(|(n, _)| *n == snap);
+            let meta = backups.into_iter().find(|(n, _)| *n == snap).map(|(_, m)| m);
+            Ok(Source { meta, latest })
+        })
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+    }
+
+    /// Removes what a failed restore created (the disk never opened).
+    async fn undo_restore(&self, disk: &str, plan: &super::migrations::Planned) {
+        if let Ok(env) = self.migration_env() {
+            let _ = crate::durable::remove_file(&marker(&env.state_dir, disk));
+            env.incoming.remove(disk);
+        }
+        let (stores, plan) = (self.env.stores.clone(), plan.clone());
+        let holder = format!("{}:{disk}", self.env.node);
+        let _ = tokio::task::spawn_blocking(move || {
+            drop(stores.remove(&plan.image));
+            if let Some(backing) = &plan.backing {
+                drop(crate::jobs::holds::release(&stores, backing, &holder));
+            }
+        })
+        .await;
+    }
+}
+
+/// `STATE_DIR/restores/VM/DISK`: a non-live restore not done yet.
+fn marker(state_dir: &std::path::Path, disk: &str) -> std::path::PathBuf {
+    state_dir.join("restores").join(disk)
+}
+
+/// Serves a restored disk by its name: its marker goes first (a restart
+/// must not hide a disk clients already use).
+fn served(export: &Export, incoming: &Incoming, marker: &std::path::Path) -> Result<(), ApiError> {
+    match crate::durable::remove_file(marker) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(ApiError::Internal(format!("Cannot remove the restore marker {}: {e}", marker.display())))
+        }
+        _ => {}
+    }
+    export.activate();
+    incoming.remove(export.name());
+    Ok(())
+}
+
+/// Hides the disks of non-live restores not done yet (at start-up, before
+/// any disk opens): `restore` again finishes them.
+pub fn load_markers(state_dir: &std::path::Path, incoming: &Incoming) {
+    for vm in std::fs::read_dir(state_dir.join("restores")).into_iter().flatten().flatten() {
+        for disk in std::fs::read_dir(vm.path()).into_iter().flatten().flatten() {
+            let Ok(token) = std::fs::read_to_string(disk.path()) else { continue };
+            let name = format!("{}/{}", vm.file_name().to_string_lossy(), disk.file_name().to_string_lossy());
+            if token.starts_with(TOKEN_PREFIX) {
+                tracing::warn!(disk = %name, "a restore did not finish: the disk stays hidden until `rbdsync restore` finishes it");
+                incoming.insert(&name, token.trim());
+            }
+        }
+    }
+}
+
+/// The backup bitmap that continues the snapshot's chain after the restore,
+/// or why none does (the next backup is then full).
+fn chain_base(disk: &str, config: &DiskConfig, from: &ImageUri, source: &Source) -> Result<String, String> {
+    let backup = config.backup.as_ref().ok_or("the disk has no backup target")?;
+    let bitmap = backup.bitmap.clone().ok_or("the disk has no backup bitmap")?;
+    if backup.target != from.with_snap(None) {
+        return Err(format!("the snapshot is not on the disk's backup target {}", backup.target));
+    }
+    let meta = source.meta.as_ref().ok_or("the snapshot is not a backup snapshot")?;
+    if meta.disk != disk {
+        return Err(format!("the snapshot is a backup of {}", meta.disk));
+    }
+    if meta.bitmap.as_deref() != Some(bitmap.as_str()) || meta.bitmap_uuid.is_none() || meta.generation.is_none() {
+        return Err(format!("the snapshot was not taken against bitmap {bitmap}"));
+    }
+    if !source.latest {
+        return Err("a newer backup follows the snapshot on the target (its head holds the newer data)".into());
+    }
+    Ok(bitmap)
+}
