@@ -131,8 +131,11 @@ impl Disks {
                     self.exports.insert(export);
                     self.configs.insert(name, config);
                 }
-                // A disk whose image is absent (its host is gone, say) waits for `rbdsync restore`.
-                Err(DaemonError::Disk { source: StoreError::NotFound(_) | StoreError::Missing(_), .. }) => {
+                // A disk whose image is absent (its host is gone, say) waits for `rbdsync restore`;
+                // only an image the store says is not there (a missing pool or parent is an error).
+                Err(DaemonError::Disk { source: StoreError::NotFound(_) | StoreError::Missing(_), .. })
+                    if image_absent(&self.stores, &config.image).await =>
+                {
                     tracing::warn!(disk = %name, image = %config.image, "image absent: disk not served (create it with `rbdsync restore`, or give the disk a size)");
                 }
                 Err(e) => {
@@ -155,6 +158,12 @@ impl Disks {
         }
         self.configs.clear();
     }
+}
+
+/// Whether `image` is certainly not there (false when that cannot be told).
+async fn image_absent(stores: &Arc<Stores>, image: &crate::config::ImageUri) -> bool {
+    let (stores, image) = (stores.clone(), image.clone());
+    tokio::task::spawn_blocking(move || matches!(stores.exists(&image), Ok(false))).await.unwrap_or(false)
 }
 
 /// Waits for the export's connections to let go of it, then flushes the
@@ -250,6 +259,7 @@ pub async fn run(config: AgentConfig) -> Result<(), DaemonError> {
     crate::api::restore::load_markers(&config.state_dir, &incoming);
     let jobs = JobManager::load(&config.state_dir.join("jobs"))
         .map_err(io_err(format!("Cannot read {}", config.state_dir.join("jobs").display())))?;
+    jobs.limits().set(config.jobs.max_running, config.jobs.max_rate);
     let mut disks = Disks {
         state_dir: config.state_dir.clone(),
         stores,
@@ -337,6 +347,7 @@ pub async fn run(config: AgentConfig) -> Result<(), DaemonError> {
             _ = int.recv() => break,
             _ = hup.recv() => {
                 crate::systemd::reloading();
+                reload_job_limits(&config, &jobs);
                 let reloaded = reload(&config, &mut disks, &control).await;
                 if let Err(e) = tls.reload() {
                     tracing::error!(error = %e, "TLS reload failed; keeping the previous certificates");
@@ -409,6 +420,21 @@ async fn reload(config: &AgentConfig, disks: &mut Disks, control: &Control) -> R
         tracing::error!(error = %e, cause = ?std::error::Error::source(e), "reload failed; keeping the previous configuration");
     }
     result
+}
+
+/// Applies `jobs:` of `agent.yaml` as it is now (the one section a reload
+/// re-reads; the rest needs a restart).
+fn reload_job_limits(config: &AgentConfig, jobs: &JobManager) {
+    if config.source == std::path::Path::new(crate::config::EMBEDDED_SOURCE) {
+        return;
+    }
+    match AgentConfig::load(&config.source) {
+        Ok(now) => {
+            jobs.limits().set(now.jobs.max_running, now.jobs.max_rate);
+            tracing::info!(max_running = now.jobs.max_running, max_rate = now.jobs.max_rate, "job limits applied");
+        }
+        Err(e) => tracing::error!(error = %e, "cannot re-read {}; keeping the job limits", config.source.display()),
+    }
 }
 
 fn server_settings(config: &AgentConfig) -> ServerSettings {

@@ -642,10 +642,16 @@ pub struct Exports {
 /// Export names that reach an incoming migration target.
 pub const MIGRATION_PREFIX: &str = "migration/";
 
+/// Incoming tokens of disks hidden by a restore start with this: clients
+/// do not find them by name until the restore serves them (a copy can take
+/// hours; a client's IO must not time out meanwhile, it reconnects).
+pub const RESTORE_TOKEN_PREFIX: &str = "restore-";
+
 impl Exports {
     /// Resolves a name a client asked for: `VM/DISK` for every export
-    /// (an incoming one holds that client's IO until it is activated),
-    /// `migration/TOKEN/VM/DISK` for an incoming migration target's writer.
+    /// (an incoming one holds that client's IO until it is activated; one
+    /// hidden by a restore is not found), `migration/TOKEN/VM/DISK` for an
+    /// incoming migration target's writer.
     pub fn resolve(&self, name: &str) -> Option<Arc<Export>> {
         if let Some(rest) = name.strip_prefix(MIGRATION_PREFIX) {
             let (token, disk) = rest.split_once('/')?;
@@ -653,7 +659,7 @@ impl Exports {
             let expected = export.incoming()?;
             return constant_time_eq(expected.as_bytes(), token.as_bytes()).then_some(export);
         }
-        self.get(name)
+        self.get(name).filter(|e| !e.incoming().is_some_and(|t| t.starts_with(RESTORE_TOKEN_PREFIX)))
     }
 
     /// Looks an export up.

@@ -84,6 +84,9 @@ fn a_disk_restored_on_another_host_live_and_not_equals_its_snapshot_and_the_chai
     capture(&uri, &at_snap2).unwrap();
     first.kill9().unwrap();
     drop(first); // its directory (state, bitmaps, images) is gone with it
+                 // As if the first host died in a backup's copy: data written into the target's head after snap2.
+    rbd.rbd(&["bench", "--io-type", "write", "--io-size", "64K", "--io-total", "64K", "--io-pattern", "seq", &image])
+        .unwrap();
 
     // ---- the second host: the VM files name the disks, their images absent.
     let vm2 = format!("name: vm2\ndisks:\n{}", disk_yaml("", false)).replace("DISK", "vm2-disk0");
@@ -129,10 +132,19 @@ fn a_disk_restored_on_another_host_live_and_not_equals_its_snapshot_and_the_chai
     capture(&uri, &after).unwrap();
     assert_same("the live-restored disk after its stream (snapshot plus the writes)", &expected, &read(&after));
 
-    // ---- the chain goes on: the next backup writes the two granules written since the restore.
+    // ---- the chain goes on with a bitmap of its own (a copy of the disk still alive elsewhere
+    // carries the snapshot's identity): the next backup writes the two granules written since the
+    // restore and rewrites what the head of the target gained after the snapshot.
+    let info = second.cli_json(&["bitmap", "list", "vm1/disk0"]).unwrap();
+    let uuid = info[0]["uuid"].as_str().unwrap_or_else(|| panic!("{info:#}")).to_owned();
+    let meta = rbd.meta(&image);
+    assert!(meta.contains_key(&format!("rbdsync.continues.{uuid}")), "no continuation record for {uuid}: {meta:#?}");
+    let snap2_meta: Value = serde_json::from_str(&meta[&format!("rbdsync.snap.{snap2}")]).unwrap();
+    assert_ne!(snap2_meta["bitmap_uuid"], uuid.as_str(), "the restored bitmap took the snapshot's uuid");
     let next = ok(&second, &second.cli_json(&["backup", "vm1/disk0"]).unwrap());
     assert_eq!(next["summary"]["sync"], "incremental", "{next:#}");
-    assert_eq!(next["summary"]["bytes_written"], 2 * 64 * 1024, "{next:#}");
+    let written = next["summary"]["bytes_written"].as_u64().unwrap();
+    assert!((3 * 64 * 1024..=2 * 64 * 1024 + 4 * MIB).contains(&written), "{next:#}");
     let snap3 = next["summary"]["snapshot"].as_str().unwrap();
     let exported = scratch.path().join("snap3.raw");
     rbd.export(&format!("{image}@{snap3}"), &exported);
@@ -158,6 +170,8 @@ fn a_disk_restored_on_another_host_live_and_not_equals_its_snapshot_and_the_chai
     // ---- an agent killed mid-restore keeps the half-copied disk hidden; restore again finishes it.
     let job = second.cli_json(&["restore", "vm3/disk0", "--from", &from1, "--speed", "4MiB"]).unwrap();
     std::thread::sleep(Duration::from_millis(1500));
+    let hidden = run("nbdinfo", &[&second.unix_uri("vm3/disk0")]);
+    assert!(hidden.is_err(), "a client found the disk by name before its restore served it: {hidden:?}");
     let running = second.cli_json(&["job", "show", job["id"].as_str().unwrap()]).unwrap();
     assert_ne!(running["state"], "concluded", "{running:#}");
     second.kill9().unwrap();

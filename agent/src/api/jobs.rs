@@ -174,13 +174,20 @@ impl Control {
         let mut members: Vec<Option<Member>> =
             if plans.len() > 1 { Group::members(plans.len()).into_iter().map(Some).collect() } else { vec![None] };
         let mut started = Vec::new();
+        // The disks of a VM share one point in time, and a frozen guest must not wait for a
+        // slot: such backups never queue (they count against jobs.max_running all the same).
+        let now = plans.len() > 1 || hooks.is_some();
         for ((export, params), group) in plans.into_iter().zip(members.drain(..)) {
             let (env, name) = (self.env.clone(), export.name().to_owned());
             let (tx, rx) = tokio::sync::oneshot::channel();
             let thawed = hooks.as_ref().map(|h| h.0.clone());
-            let job = self.jobs.start("backup", &name, to_json(&params), speed, move |handle| {
-                backup::run(handle, env, export, params, group, tx, thawed)
-            });
+            let recorded = to_json(&params);
+            let body = move |handle| backup::run(handle, env, export, params, group, tx, thawed);
+            let job = if now {
+                self.jobs.start_now("backup", &name, recorded, speed, body)
+            } else {
+                self.jobs.start("backup", &name, recorded, speed, body)
+            };
             match job {
                 Ok(job) => started.push((job, rx)),
                 Err(e) => {
@@ -195,6 +202,11 @@ impl Control {
         let deadline = hooks.map(|h| tokio::time::Instant::now() + h.1);
         let mut records = Vec::new();
         for (job, frozen) in started {
+            // A queued backup's point in time is when it leaves the queue: answer now.
+            if job.record().state == crate::jobs::JobState::Queued {
+                records.push(job.record());
+                continue;
+            }
             match deadline {
                 Some(at) => {
                     if tokio::time::timeout_at(at, frozen).await.is_err() {
@@ -393,15 +405,15 @@ impl Control {
         let bitmap = bitmap.or(default_bitmap);
         let stores = self.env.stores.clone();
         let t = target.clone();
-        let snaps = tokio::task::spawn_blocking(move || {
+        let (snaps, meta) = tokio::task::spawn_blocking(move || {
             let img = stores.open(&t, &crate::store::OpenOptions::default())?;
-            backup::backup_snapshots(img.as_ref())
+            Ok::<_, crate::store::StoreError>((backup::backup_snapshots(img.as_ref())?, img.list_meta()?))
         })
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?
         .map_err(|e| ApiError::BadRequest(format!("Cannot read the backup chain of {disk} at {target}: {e}")))?;
         let latest = snaps.last().cloned();
-        let (state, reason) = chain_state(Some(&export), disk, bitmap.as_deref(), latest.as_ref());
+        let (state, reason) = chain_state(Some(&export), disk, bitmap.as_deref(), latest.as_ref(), &meta);
         Ok(serde_json::json!({
             "disk": disk,
             "target": target.to_string(),
@@ -439,7 +451,7 @@ impl Control {
         .map_err(|e| ApiError::Internal(e.to_string()))?;
         let (snaps, meta) =
             listed.map_err(|e| ApiError::Internal(format!("Cannot read the backups of {disk} at {target}: {e}")))?;
-        let (_, reason) = chain_state(export.as_deref(), disk, bitmap.as_deref(), snaps.last());
+        let (_, reason) = chain_state(export.as_deref(), disk, bitmap.as_deref(), snaps.last(), &meta);
         let base = reason.is_none().then(|| snaps.last().map(|(n, _)| Value::from(n.as_str()))).flatten();
         let points: Vec<Value> = snaps
             .iter()
@@ -563,6 +575,7 @@ fn chain_state(
     disk: &str,
     bitmap: Option<&str>,
     latest: Option<&(String, backup::SnapMeta)>,
+    records: &std::collections::BTreeMap<String, String>,
 ) -> (Option<ChainBitmap>, Option<String>) {
     let state = bitmap
         .and_then(|name| export?.bitmaps().get(name).ok())
@@ -573,10 +586,10 @@ fn chain_state(
         (_, None) => Some(format!("no bitmap {bitmap:?} on {disk}")),
         (_, Some((_, _, _, false))) => Some("the bitmap is inconsistent".to_owned()),
         (Some((snap, meta)), Some((name, uuid, generation, true))) => {
+            let same = meta.bitmap_uuid.as_deref() == Some(uuid.as_str()) && meta.generation == Some(*generation);
             if meta.disk != disk
                 || meta.bitmap.as_deref() != Some(name.as_str())
-                || meta.bitmap_uuid.as_deref() != Some(uuid.as_str())
-                || meta.generation != Some(*generation)
+                || !(same || backup::continues(records, snap, uuid, *generation))
             {
                 Some(format!(
                     "bitmap {name} (generation {generation}) does not belong to snapshot {snap} (recorded {:?} generation {:?})",

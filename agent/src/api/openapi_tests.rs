@@ -359,11 +359,12 @@ fn openapi_operations_are_complete() {
         );
     }
     let job = &doc["components"]["schemas"]["JobState"]["enum"];
-    assert_eq!(job, &serde_json::json!(["created", "running", "paused", "ready", "completing", "concluded"]));
+    assert_eq!(job, &serde_json::json!(["created", "queued", "running", "paused", "ready", "completing", "concluded"]));
     // The states and results the agent serializes are the documented ones.
     use crate::jobs::{JobResult, JobState};
     for state in [
         JobState::Created,
+        JobState::Queued,
         JobState::Running,
         JobState::Paused,
         JobState::Ready,

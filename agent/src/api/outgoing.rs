@@ -637,7 +637,8 @@ impl Control {
                 expect: chain.as_ref().and_then(|c| serde_json::from_value(c["bitmap_state"].clone()).ok()),
             };
             let (tls, export, group) = (self.env.tls.client(), export.clone(), group.clone());
-            match self.jobs.start("mirror", &name, to_json(&params), speed, move |handle| {
+            // A migration's mirrors never wait in the job queue: the VM's disks converge together.
+            match self.jobs.start_now("mirror", &name, to_json(&params), speed, move |handle| {
                 mirror::run(handle, export, params, tls, Some(group))
             }) {
                 Ok(job) => {
@@ -1169,7 +1170,7 @@ impl Control {
             let (tls, export, group) = (self.env.tls.client(), export.clone(), group.clone());
             let job = self
                 .jobs
-                .start("mirror", &d.disk, to_json(&params), 0, move |handle| {
+                .start_now("mirror", &d.disk, to_json(&params), 0, move |handle| {
                     mirror::run(handle, export, params, tls, Some(group))
                 })
                 .map_err(|e| failed(&e))?;

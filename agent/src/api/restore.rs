@@ -6,18 +6,23 @@
 //!           snapshot exists; whether it can be the base of the chain
 //!  create   the image as a child layered on the snapshot, the snapshot held
 //!           (retention keeps it while it is a parent); the disk is marked
-//!           hidden first, so no client reaches it before the next step
+//!           hidden first (in memory and by a marker file), so no client
+//!           finds it before it is served
 //!  open     reload: the disk opens with fresh bitmaps (stale state of an
-//!           earlier disk of that name is removed); the backup bitmap takes
-//!           the snapshot's identity, so the next backup is incremental
+//!           earlier disk of that name is removed); it must be the image
+//!           just created, on the snapshot
+//!  chain    the backup bitmap gets a uuid of its own and a continuation
+//!           record on the target (backup::Continues), so the next backup
+//!           is incremental; ranges where the target's head differs from
+//!           the snapshot are marked dirty
 //!  serve    --live: at once, while a restore job streams the rest;
 //!           else the job streams first and the disk is served at its end
 //! ```
 //! A non-live restore that fails leaves the disk hidden; `restore` again
-//! resumes its stream. Its marker (`STATE_DIR/restores/VM/DISK`) keeps the
-//! disk hidden across restarts until the copy is done. An agent restarted
-//! mid live restore serves the disk layered (its data is the snapshot's
-//! either way); `restore` or `stream` then finishes the copy.
+//! resumes its stream. The marker (`STATE_DIR/restores/VM/DISK`) keeps the
+//! disk hidden across restarts until it is served; `restore` again then
+//! finishes it. A live restore's disk once served is an ordinary layered
+//! disk: after a restart, `stream` finishes its copy.
 
 use std::sync::Arc;
 
@@ -32,8 +37,7 @@ use crate::jobs::stream::{self, StreamParams};
 use crate::jobs::JobError;
 use crate::store::{OpenOptions, StoreError};
 
-/// Incoming-marker tokens of disks hidden by a restore start with this.
-const TOKEN_PREFIX: &str = "restore-";
+use crate::export::RESTORE_TOKEN_PREFIX as TOKEN_PREFIX;
 
 /// `params` of a restore job.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -81,11 +85,19 @@ impl Control {
         let _steps = env.steps.lock().await;
         if let Some(export) = self.exports.get(disk) {
             return match export.incoming() {
-                Some(token) if token.starts_with(TOKEN_PREFIX) => self.resume(disk, export, from, live, speed),
+                Some(token) if token.starts_with(TOKEN_PREFIX) => {
+                    self.resume(disk, export, &from_uri, live, speed).await
+                }
                 _ => Err(ApiError::Conflict(format!(
                     "{disk} is served here; a restore only creates a disk whose image is absent"
                 ))),
             };
+        }
+        if self.env.fence(disk).exists() {
+            return Err(ApiError::Conflict(format!(
+                "{disk} is fenced here (migrated away: {}); remove the fence first if it is to live here again",
+                self.env.fence(disk).display()
+            )));
         }
         let source = self.check_source(&config, disk, &from_uri, &snap).await?;
         let (chain_bitmap, chain_note) = match chain_base(disk, &config, &from_uri, &source) {
@@ -108,12 +120,11 @@ impl Control {
         }
         let token = format!("{TOKEN_PREFIX}{}", uuid::Uuid::new_v4().simple());
         env.incoming.insert(disk, &token);
-        if !live {
-            // Durably before the image exists: a restart keeps a half-copied disk hidden.
-            if let Err(e) = crate::durable::write_file(&marker(&env.state_dir, disk), token.as_bytes()) {
-                env.incoming.remove(disk);
-                return Err(ApiError::Internal(format!("Cannot record the restore of {disk}: {e}")));
-            }
+        // Durably before the image exists: a restart keeps a half-copied disk hidden (a live
+        // restore removes it once the chain is set up, before the disk is served).
+        if let Err(e) = crate::durable::write_file(&marker(&env.state_dir, disk), token.as_bytes()) {
+            env.incoming.remove(disk);
+            return Err(ApiError::Internal(format!("Cannot record the restore of {disk}: {e}")));
         }
         let (vm, name) = disk.split_once('/').unwrap_or_default();
         let plan = super::migrations::Planned {
@@ -129,34 +140,132 @@ impl Control {
                 .await
                 .unwrap_or_else(|e| Err(e.to_string()));
         if let Err(e) = created {
+            // Nothing was created (create_children undoes its own work).
+            let _ = crate::durable::remove_file(&marker(&env.state_dir, disk));
             env.incoming.remove(disk);
             return Err(ApiError::BadRequest(e));
         }
         let reloaded = self.reload().await;
-        let Some(export) = self.exports.get(disk) else {
-            let why = reloaded.err().map_or_else(|| "it did not open".to_owned(), |e| e.to_string());
-            self.undo_restore(disk, &plan).await;
-            return Err(ApiError::Internal(format!("Cannot open the restored disk {disk}: {why}")));
+        // The disk that opened must be the image just created, on the snapshot (the VM file
+        // may have changed meanwhile).
+        let opened = match self.exports.get(disk) {
+            Some(export) => match self.parent_of(&export).await {
+                Ok(Some(parent))
+                    if parent == from_uri && self.disk_config(disk).is_some_and(|c| c.image == plan.image) =>
+                {
+                    Ok(export)
+                }
+                Ok(other) => Err(format!("it opened on another image (parent {other:?}); the VM file changed")),
+                Err(e) => Err(e),
+            },
+            None => Err(reloaded.err().map_or_else(|| "it did not open".to_owned(), |e| e.to_string())),
         };
-        if let (Some(bitmap), Some(meta)) = (&chain_bitmap, &source.meta) {
-            let (uuid, generation) = (meta.bitmap_uuid.as_deref().unwrap_or_default(), meta.generation.unwrap_or(0));
-            if let Err(e) = export.bitmaps().adopt(bitmap, uuid, generation) {
-                // The disk is there and right; only the next backup is full.
-                tracing::warn!(disk, bitmap, error = %e, "cannot continue the backup chain; the next backup is full");
+        let export = match opened {
+            Ok(export) => export,
+            Err(why) => {
+                // Only an image this restore created and nobody serves is removed.
+                if self.exports.get(disk).is_none() {
+                    self.undo_restore(disk, &plan).await;
+                }
+                return Err(ApiError::Internal(format!("Cannot open the restored disk {disk}: {why}")));
             }
-        }
+        };
+        let (chain_bitmap, chain_note) = match chain_bitmap {
+            Some(bitmap) => match self.continue_chain(&export, &bitmap, &from_uri, &snap, &source).await {
+                Ok(()) => (Some(bitmap), None),
+                Err(e) => {
+                    // The disk is there and right; only the next backup is full.
+                    tracing::warn!(disk, bitmap, error = %e, "cannot continue the backup chain; the next backup is full");
+                    (None, Some(format!("cannot continue the backup chain: {e}")))
+                }
+            },
+            None => (None, chain_note),
+        };
         tracing::info!(disk, from, live, chain_bitmap = ?chain_bitmap, "restore: disk created");
         let stream = StreamParams { chunk: 4 << 20, holder: Some(format!("{}:{disk}", self.env.node)) };
         let params = RestoreParams { from: from.to_owned(), live, stream, chain_bitmap, chain_note };
         self.run_restore(disk, export, params, speed)
     }
 
+    /// The parent snapshot of a disk's image.
+    async fn parent_of(&self, export: &Arc<Export>) -> Result<Option<ImageUri>, String> {
+        let store = export.store().clone();
+        tokio::task::spawn_blocking(move || store.parent()).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())
+    }
+
+    /// Makes the disk's backup bitmap continue the snapshot's chain, before
+    /// any client reaches the disk: the bitmap gets a uuid of its own and a
+    /// continuation record on the target; every range where the target's
+    /// head differs from the snapshot (a backup that died before its
+    /// snapshot, say) is marked dirty, so the next incremental rewrites it.
+    async fn continue_chain(
+        &self,
+        export: &Arc<Export>,
+        bitmap: &str,
+        from: &ImageUri,
+        snap: &str,
+        source: &Source,
+    ) -> Result<(), String> {
+        let generation = source.meta.as_ref().and_then(|m| m.generation).unwrap_or(0);
+        let uuid = uuid::Uuid::new_v4().to_string();
+        let (stores, base, snap, export, bitmap2, uuid2) = (
+            self.env.stores.clone(),
+            from.with_snap(None),
+            snap.to_owned(),
+            export.clone(),
+            bitmap.to_owned(),
+            uuid.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            let target = stores.open(&base, &OpenOptions::default()).map_err(|e| format!("cannot open {base}: {e}"))?;
+            let size = target.size();
+            let changed = target
+                .changed_extents(Some(&snap), 0, size)
+                .map_err(|e| format!("cannot compare the head of {base} with {snap}: {e}"))?;
+            for (offset, length) in &changed {
+                export.bitmaps().mark(*offset, *length).map_err(|e| e.to_string())?;
+            }
+            if !changed.is_empty() {
+                let bytes: u64 = changed.iter().map(|c| c.1).sum();
+                tracing::warn!(
+                    disk = export.name(),
+                    bytes,
+                    "the backup target changed after the snapshot; those ranges are dirty"
+                );
+            }
+            let record =
+                serde_json::to_string(&backup::Continues { snapshot: snap, generation }).map_err(|e| e.to_string())?;
+            target
+                .set_meta(&format!("{}{uuid2}", backup::CONTINUES_KEY_PREFIX), &record)
+                .map_err(|e| format!("cannot write the continuation record on {base}: {e}"))?;
+            export.bitmaps().adopt(&bitmap2, &uuid2, generation).map(drop).map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+
     /// A restore whose job ended before the disk was served: its stream again.
-    fn resume(&self, disk: &str, export: Arc<Export>, from: &str, live: bool, speed: u64) -> Result<Value, ApiError> {
-        tracing::info!(disk, from, "resuming the restore");
+    async fn resume(
+        &self,
+        disk: &str,
+        export: Arc<Export>,
+        from: &ImageUri,
+        live: bool,
+        speed: u64,
+    ) -> Result<Value, ApiError> {
+        if let Some(job) = self.jobs.active_on(disk) {
+            return Err(crate::jobs::JobControlError::Busy { disk: disk.to_owned(), job }.into());
+        }
+        match self.parent_of(&export).await.map_err(ApiError::Internal)? {
+            Some(parent) if parent != *from => {
+                return Err(ApiError::Conflict(format!("{disk} is being restored from {parent}, not {from}")))
+            }
+            _ => {}
+        }
+        tracing::info!(disk, %from, "resuming the restore");
         let stream = StreamParams { chunk: 4 << 20, holder: Some(format!("{}:{disk}", self.env.node)) };
-        let note = Some("resumed: the chain was set up by the first attempt".to_owned());
-        let params = RestoreParams { from: from.to_owned(), live, stream, chain_bitmap: None, chain_note: note };
+        let note = Some("resumed: the first attempt set up the chain".to_owned());
+        let params = RestoreParams { from: from.to_string(), live, stream, chain_bitmap: None, chain_note: note };
         self.run_restore(disk, export, params, speed)
     }
 
@@ -240,12 +349,9 @@ impl Control {
 
     /// Removes what a failed restore created (the disk never opened).
     async fn undo_restore(&self, disk: &str, plan: &super::migrations::Planned) {
-        if let Ok(env) = self.migration_env() {
-            let _ = crate::durable::remove_file(&marker(&env.state_dir, disk));
-            env.incoming.remove(disk);
-        }
         let (stores, plan) = (self.env.stores.clone(), plan.clone());
         let holder = format!("{}:{disk}", self.env.node);
+        // The image first: while the marker and token stand, a reload cannot serve it.
         let _ = tokio::task::spawn_blocking(move || {
             drop(stores.remove(&plan.image));
             if let Some(backing) = &plan.backing {
@@ -253,6 +359,10 @@ impl Control {
             }
         })
         .await;
+        if let Ok(env) = self.migration_env() {
+            let _ = crate::durable::remove_file(&marker(&env.state_dir, disk));
+            env.incoming.remove(disk);
+        }
     }
 }
 

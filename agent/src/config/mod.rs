@@ -107,6 +107,8 @@ pub struct AgentConfig {
     /// How this agent reaches other agents' control APIs over `https://`
     /// (the destinations of its outgoing migrations).
     pub migration: Option<MigrationConfig>,
+    /// Host-wide job limits (changeable on reload).
+    pub jobs: JobsConfig,
     /// The file this was loaded from ([`EMBEDDED_SOURCE`] for the built-in example).
     pub source: PathBuf,
 }
@@ -222,6 +224,18 @@ pub struct ControlTlsConfig {
     /// CA for client certificates: a client with a certificate it signed
     /// needs no token (without `token_file`, a certificate is mandatory).
     pub client_ca: Option<PathBuf>,
+}
+
+/// `jobs:` in `agent.yaml`: limits shared by every job of the agent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JobsConfig {
+    /// Bytes/s all jobs together may copy (0 = unlimited); each job's own
+    /// `speed` applies as well.
+    #[serde(deserialize_with = "values::rate")]
+    pub max_rate: u64,
+    /// Jobs running at once (0 = unlimited); the rest wait as `queued`.
+    pub max_running: u32,
 }
 
 /// `metrics:` in `agent.yaml`.

@@ -11,7 +11,7 @@ use super::values::{check_name, Allow, DiskSize, Granularity, ImageUri, IntentRe
 use super::vms::{Registry, Seen};
 use super::{
     AgentConfig, BackupConfig, BackupHooks, BitmapConfig, CephConfig, ControlConfig, ControlTlsConfig, DiskConfig,
-    MetricsConfig, MigrationConfig, NbdConfig, TlsConfig, VmConfig, DEFAULT_STATE_DIR,
+    JobsConfig, MetricsConfig, MigrationConfig, NbdConfig, TlsConfig, VmConfig, DEFAULT_STATE_DIR,
 };
 
 /// `agent.yaml` as written.
@@ -31,6 +31,8 @@ pub(super) struct RawAgent {
     metrics: Option<MetricsConfig>,
     ceph: Option<CephConfig>,
     migration: Option<MigrationConfig>,
+    #[serde(default)]
+    jobs: JobsConfig,
 }
 
 /// A VM file (or an entry of `vms:`) as written.
@@ -149,6 +151,7 @@ impl RawAgent {
                 client_cert: m.client_cert.map(|p| ctx.path(&p)),
                 client_key: m.client_key.map(|p| ctx.path(&p)),
             }),
+            jobs: self.jobs,
             source: source.to_owned(),
         })
     }

@@ -596,6 +596,11 @@ pub(super) fn listen_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<ListenA
     Ok(list)
 }
 
+/// `deserialize_with` for a rate in bytes/s (a size; 0 = unlimited).
+pub(super) fn rate<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    checked_size(d, |_| Ok(()))
+}
+
 /// `deserialize_with` for a TCP-only address such as `metrics.listen`.
 pub(super) fn tcp_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
     let s = String::deserialize(d)?;

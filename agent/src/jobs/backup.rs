@@ -295,6 +295,8 @@ struct Chain {
     target: Arc<dyn BlockStore>,
     fresh: bool,
     latest: Option<(String, SnapMeta)>,
+    /// Continuation records (see [`CONTINUES_KEY_PREFIX`]).
+    continues: std::collections::BTreeMap<String, String>,
 }
 
 /// Backup snapshots of a target with their metadata, oldest first.
@@ -344,7 +346,41 @@ fn open_target(env: &BackupEnv, disk: &str, size: u64, uri: &ImageUri) -> Result
         }
     }
     let backups = backup_snapshots(target.as_ref()).map_err(store_err("Cannot read the backup chain"))?;
-    Ok(Chain { target, fresh, latest: backups.last().cloned() })
+    let meta = target.list_meta().map_err(store_err("Cannot read target metadata"))?;
+    let continues = meta.into_iter().filter(|(k, _)| k.starts_with(CONTINUES_KEY_PREFIX)).collect();
+    Ok(Chain { target, fresh, latest: backups.last().cloned(), continues })
+}
+
+/// Target metadata key prefix of continuation records: `PREFIX + UUID` =
+/// `{"snapshot", "generation"}` says that the bitmap with that uuid, at that
+/// generation, holds exactly the writes since that snapshot. A restore
+/// writes one for the fresh bitmap of the disk it creates: the bitmap gets
+/// a uuid of its own (never the snapshot's, which a disk still alive
+/// elsewhere may carry on), and the chain goes on while the snapshot is
+/// the newest backup.
+pub const CONTINUES_KEY_PREFIX: &str = "rbdsync.continues.";
+
+/// A continuation record's value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Continues {
+    /// The backup snapshot the bitmap continues.
+    pub snapshot: String,
+    /// The bitmap generation that holds exactly the writes since it.
+    pub generation: u64,
+}
+
+/// Whether a continuation record among `records` (target metadata) says
+/// that bitmap `uuid` at `generation` continues snapshot `snap`.
+pub fn continues(
+    records: &std::collections::BTreeMap<String, String>,
+    snap: &str,
+    uuid: &str,
+    generation: u64,
+) -> bool {
+    records
+        .get(&format!("{CONTINUES_KEY_PREFIX}{uuid}"))
+        .and_then(|v| serde_json::from_str::<Continues>(v).ok())
+        .is_some_and(|c| c.snapshot == snap && c.generation == generation)
 }
 
 /// Why an incremental backup cannot build on the chain, if it cannot.
@@ -353,7 +389,13 @@ fn chain_mismatch(chain: &Chain, disk: &str, bitmap: &str, uuid: &str, generatio
     if meta.disk != disk {
         return Some(format!("latest backup {snap} is of disk {}", meta.disk));
     }
-    if meta.bitmap.as_deref() != Some(bitmap) || meta.bitmap_uuid.as_deref() != Some(uuid) {
+    if meta.bitmap.as_deref() != Some(bitmap) {
+        return Some(format!("latest backup {snap} was taken against another bitmap ({:?})", meta.bitmap));
+    }
+    if continues(&chain.continues, snap, uuid, generation) {
+        return None;
+    }
+    if meta.bitmap_uuid.as_deref() != Some(uuid) {
         return Some(format!("latest backup {snap} was taken against another bitmap ({:?})", meta.bitmap));
     }
     if meta.generation != Some(generation) {

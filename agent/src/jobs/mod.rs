@@ -2,7 +2,7 @@
 //! cooperative pause/cancel.
 //!
 //! ```text
-//!   created ──► running ◄──► paused
+//!   created ──► (queued) ──► running ◄──► paused
 //!                  │  └──► ready ──complete──► completing   (mirror)
 //!                  ▼
 //!              concluded { success | failed(error) | cancelled }
@@ -15,11 +15,13 @@
 //!
 //! Records live in `STATE_DIR/jobs/ID.json`, rewritten atomically on every
 //! state change; on startup a job found unfinished is concluded as failed
-//! ("interrupted"), so history survives restarts.
+//! ("interrupted"), so history survives restarts. Host-wide limits (a
+//! shared rate, how many run at once) are in [`limits`].
 
 pub mod backup;
 pub mod holds;
 pub mod hooks;
+pub mod limits;
 pub mod mirror;
 pub mod pit;
 pub mod stream;
@@ -38,6 +40,7 @@ use serde_json::Value;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use self::limits::{Admission, Admitted, HostLimits};
 use self::throttle::TokenBucket;
 
 /// Job states (PRODUCT.md).
@@ -46,6 +49,8 @@ use self::throttle::TokenBucket;
 pub enum JobState {
     /// Accepted, not started.
     Created,
+    /// Waiting for a slot (`jobs.max_running`).
+    Queued,
     /// Working.
     Running,
     /// Paused by the user.
@@ -166,6 +171,8 @@ pub struct Job {
     events: crate::events::Events,
     /// When progress was last published (at most one event a second).
     published: Mutex<Option<Instant>>,
+    /// The agent's limits (the shared rate).
+    host: Arc<HostLimits>,
 }
 
 impl Job {
@@ -266,10 +273,12 @@ impl JobHandle {
 
     /// Waits as the speed limit requires before processing `bytes`.
     pub async fn throttle(&self, bytes: u64) -> Result<(), JobError> {
-        let wait = {
+        let own = {
             let mut b = self.0.bucket.lock().unwrap_or_else(|p| p.into_inner());
             b.take(bytes, self.0.epoch.elapsed())
         };
+        // Both limits hold: the job's own speed and the agent's shared rate.
+        let wait = own.max(self.0.host.take(bytes));
         if !wait.is_zero() {
             tokio::select! {
                 () = tokio::time::sleep(wait) => {}
@@ -386,6 +395,7 @@ pub struct JobManager {
     next: AtomicU64,
     tracker: tokio_util::task::TaskTracker,
     events: crate::events::Events,
+    limits: Arc<HostLimits>,
 }
 
 impl JobManager {
@@ -398,6 +408,7 @@ impl JobManager {
             next: AtomicU64::new(1),
             tracker: Default::default(),
             events: Default::default(),
+            limits: Default::default(),
         };
         let mut max = 0;
         for entry in std::fs::read_dir(dir)? {
@@ -446,6 +457,7 @@ impl JobManager {
             settings: watch::channel(Value::Null).0,
             events: self.events.clone(),
             published: Mutex::new(None),
+            host: self.limits.clone(),
         })
     }
 
@@ -463,13 +475,53 @@ impl JobManager {
             .map(|r| r.id)
     }
 
-    /// Starts a job on `disk`; fails with Busy if another job runs there.
+    /// The agent's job limits (`jobs:` in `agent.yaml`).
+    pub fn limits(&self) -> &Arc<HostLimits> {
+        &self.limits
+    }
+
+    /// Starts a job on `disk`, queued while `jobs.max_running` jobs run;
+    /// fails with Busy if another job (queued or not) has the disk.
     pub fn start<F, Fut>(
         self: &Arc<Self>,
         kind: &str,
         disk: &str,
         params: Value,
         speed: u64,
+        body: F,
+    ) -> Result<Arc<Job>, JobControlError>
+    where
+        F: FnOnce(JobHandle) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Value, JobError>> + Send + 'static,
+    {
+        self.start_with(kind, disk, params, speed, Admission::Queue, body)
+    }
+
+    /// [`start`](Self::start) for a job that must not wait in the queue (a
+    /// migration's mirror, a disk of a VM backup): it runs at once and
+    /// counts against `jobs.max_running`.
+    pub fn start_now<F, Fut>(
+        self: &Arc<Self>,
+        kind: &str,
+        disk: &str,
+        params: Value,
+        speed: u64,
+        body: F,
+    ) -> Result<Arc<Job>, JobControlError>
+    where
+        F: FnOnce(JobHandle) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Value, JobError>> + Send + 'static,
+    {
+        self.start_with(kind, disk, params, speed, Admission::Now, body)
+    }
+
+    fn start_with<F, Fut>(
+        self: &Arc<Self>,
+        kind: &str,
+        disk: &str,
+        params: Value,
+        speed: u64,
+        admission: Admission,
         body: F,
     ) -> Result<Arc<Job>, JobControlError>
     where
@@ -501,6 +553,10 @@ impl JobManager {
             detail: Value::Null,
         };
         let job = self.make_job(record, self.dir.join(format!("{id}.json")));
+        let admitted = self.limits.admit(admission);
+        if matches!(admitted, Admitted::Queued(_)) {
+            job.lock().state = JobState::Queued;
+        }
         job.persist();
         job.publish_state();
         jobs.insert(id.clone(), job.clone());
@@ -509,6 +565,19 @@ impl JobManager {
         let span = tracing::info_span!("job", id = %id, disk);
         self.tracker.spawn(tracing::Instrument::instrument(
             async move {
+                let _slot = match admitted {
+                    Admitted::Running(slot) => slot,
+                    Admitted::Queued(ticket) => {
+                        tracing::info!("job queued (jobs.max_running)");
+                        tokio::select! {
+                            slot = ticket.admitted() => slot,
+                            () = handle.0.cancel.cancelled() => {
+                                conclude(&handle.0, Err(JobError::Cancelled));
+                                return;
+                            }
+                        }
+                    }
+                };
                 handle.set_state(JobState::Running);
                 tracing::info!("job started");
                 let outcome = body(handle.clone()).await;
