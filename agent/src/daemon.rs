@@ -304,6 +304,7 @@ pub async fn run(config: AgentConfig) -> Result<(), DaemonError> {
         stores: disks.stores.clone(),
         scratch_dir: config.state_dir.join("scratch"),
         node: config.node.clone(),
+        mirror_reconnect_secs: config.nbd.client_reconnect_secs,
     };
     let control = Arc::new(Control::new(config.node.clone(), disks.exports.clone(), jobs.clone(), env));
     control.set_vms(vms);

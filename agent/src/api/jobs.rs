@@ -10,6 +10,7 @@ use crate::config::DiskConfig;
 use crate::export::Export;
 use crate::jobs::backup::{self, BackupParams, Group, Member, SyncMode};
 use crate::jobs::hooks;
+use crate::jobs::limits::Admission;
 use crate::jobs::mirror::{self, CopyMode, MirrorParams, MirrorSync};
 use crate::jobs::stream::{self, StreamParams};
 use crate::jobs::verify::{self, VerifyParams};
@@ -183,11 +184,8 @@ impl Control {
             let thawed = hooks.as_ref().map(|h| h.0.clone());
             let recorded = to_json(&params);
             let body = move |handle| backup::run(handle, env, export, params, group, tx, thawed);
-            let job = if now {
-                self.jobs.start_now("backup", &name, recorded, speed, body)
-            } else {
-                self.jobs.start("backup", &name, recorded, speed, body)
-            };
+            let admission = if now { Admission::Now } else { Admission::Queue };
+            let job = self.jobs.start_with("backup", &name, recorded, speed, admission, body);
             match job {
                 Ok(job) => started.push((job, rx)),
                 Err(e) => {
@@ -303,10 +301,13 @@ impl Control {
                     copy_mode: copy_mode.unwrap_or(CopyMode::Background),
                     ready_threshold,
                     expect,
+                    reconnect_secs: self.env.mirror_reconnect_secs,
                 };
-                let job = self.jobs.start("mirror", &disk, to_json(&params), speed, move |handle| {
-                    mirror::run(handle, export, params, tls, None)
-                })?;
+                // Mirrors take no slot of jobs.max_running (they live until their cut-over).
+                let job =
+                    self.jobs.start_with("mirror", &disk, to_json(&params), speed, Admission::Exempt, move |h| {
+                        mirror::run(h, export, params, tls, None)
+                    })?;
                 Ok(to_json(job.record()))
             }
             StartJob::Stream { disk, chunk, speed } => {
@@ -341,15 +342,27 @@ impl Control {
             }
             StartJob::Verify { disk, against, speed } => {
                 let speed = speed.as_ref().map(Size::bytes).transpose()?.unwrap_or(0);
-                let export = self.disk(&disk)?;
-                let params = VerifyParams { against };
-                let env = self.env.clone();
-                let job = self.jobs.start("verify", &disk, to_json(&params), speed, move |handle| {
-                    verify::run(handle, env, export, params)
-                })?;
-                Ok(to_json(job.record()))
+                self.start_verify(&disk, against, speed, Admission::Queue)
             }
         }
+    }
+
+    /// Starts a verify job admitted as `admission` says (a migration's
+    /// cut-over verify is urgent: the VM's disks are read-only meanwhile).
+    pub(super) fn start_verify(
+        &self,
+        disk: &str,
+        against: String,
+        speed: u64,
+        admission: Admission,
+    ) -> Result<Value, ApiError> {
+        let export = self.disk(disk)?;
+        let params = VerifyParams { against };
+        let env = self.env.clone();
+        let job = self.jobs.start_with("verify", disk, to_json(&params), speed, admission, move |handle| {
+            verify::run(handle, env, export, params)
+        })?;
+        Ok(to_json(job.record()))
     }
 
     /// Fences a migrated-away disk: read-only now and after restarts. Only

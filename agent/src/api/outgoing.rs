@@ -41,6 +41,7 @@ use tokio::sync::watch;
 
 use super::client::{ClientError, Endpoint};
 use super::{to_json, ApiError, Control, Size};
+use crate::jobs::limits::Admission::Exempt;
 use crate::jobs::mirror::{self, BitmapState, CopyMode, CutOverGroup, MirrorParams, MirrorSync};
 use crate::jobs::{unix_now, JobState};
 
@@ -635,10 +636,11 @@ impl Control {
                 copy_mode: req.copy_mode.unwrap_or(CopyMode::Background),
                 ready_threshold,
                 expect: chain.as_ref().and_then(|c| serde_json::from_value(c["bitmap_state"].clone()).ok()),
+                reconnect_secs: self.env.mirror_reconnect_secs,
             };
             let (tls, export, group) = (self.env.tls.client(), export.clone(), group.clone());
-            // A migration's mirrors never wait in the job queue: the VM's disks converge together.
-            match self.jobs.start_now("mirror", &name, to_json(&params), speed, move |handle| {
+            // Mirrors take no slot of jobs.max_running (they live until their cut-over).
+            match self.jobs.start_with("mirror", &name, to_json(&params), speed, Exempt, move |handle| {
                 mirror::run(handle, export, params, tls, Some(group))
             }) {
                 Ok(job) => {
@@ -756,6 +758,11 @@ impl Control {
             let in_sync = all_ready && (r.cutover == Cutover::Auto || self.all_in_sync(h));
             if in_sync && h.get().state == OutState::Mirroring {
                 if r.cutover != Cutover::Auto {
+                    // From here a mirror that loses its destination fails instead of reconnecting:
+                    // the destination serves reads as in sync.
+                    for (_, id) in Self::jobs_of(h) {
+                        let _ = self.jobs.set_setting(&id, "synced", json!(true));
+                    }
                     let id = r.id.clone().unwrap_or_default();
                     let dest: Result<Endpoint, String> = r.to.parse();
                     let told = match dest {
@@ -943,9 +950,9 @@ impl Control {
     /// Compares a source disk (read-only now) with its destination.
     async fn verify_against(&self, d: &OutDisk) -> Result<(), String> {
         let against = d.target.clone().ok_or("no target")?;
+        // Never queued nor held to the shared rate: the VM's disks are read-only until it ends.
         let started = self
-            .start_job(super::StartJob::Verify { disk: d.disk.clone(), against, speed: None })
-            .await
+            .start_verify(&d.disk, against, 0, crate::jobs::limits::Admission::Urgent)
             .map_err(|e| e.to_string())?;
         let id = started["id"].as_str().unwrap_or_default().to_owned();
         let rec = self.jobs.get(&id).map_err(|e| e.to_string())?.wait().await;
@@ -1166,11 +1173,12 @@ impl Control {
                 // the start (a backup committed after the restart) refuses, and the next
                 // attempt copies whole disks.
                 expect,
+                reconnect_secs: self.env.mirror_reconnect_secs,
             };
             let (tls, export, group) = (self.env.tls.client(), export.clone(), group.clone());
             let job = self
                 .jobs
-                .start_now("mirror", &d.disk, to_json(&params), 0, move |handle| {
+                .start_with("mirror", &d.disk, to_json(&params), 0, Exempt, move |handle| {
                     mirror::run(handle, export, params, tls, Some(group))
                 })
                 .map_err(|e| failed(&e))?;

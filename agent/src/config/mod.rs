@@ -147,6 +147,11 @@ pub struct NbdConfig {
     /// fails with EIO (default 60; 1 to 3600).
     #[serde(deserialize_with = "values::handshake_timeout")]
     pub incoming_io_timeout_secs: u64,
+    /// Seconds a mirror keeps trying to reconnect to a destination that
+    /// dropped the connection or stopped answering, resuming from its dirty
+    /// set; past that it fails (default 10; 0 = fail at once; up to 3600).
+    #[serde(deserialize_with = "values::reconnect")]
+    pub client_reconnect_secs: u64,
 }
 
 impl Default for NbdConfig {
@@ -161,6 +166,7 @@ impl Default for NbdConfig {
             idle_timeout_secs: 0,
             client_timeout_secs: 30,
             incoming_io_timeout_secs: 60,
+            client_reconnect_secs: 10,
         }
     }
 }

@@ -217,8 +217,8 @@ fn name_errors_name_line_and_key() {
 #[test]
 fn agent_errors_name_line_and_key() {
     let cases = [
-        ("nbd:\n  lisen: []\n", "2:3: nbd.lisen: unknown field `lisen`, expected one of listen, tls, max_connections, max_payload, handshake_timeout_secs, max_connections_per_export, idle_timeout_secs, client_timeout_secs, incoming_io_timeout_secs"),
-        ("colour: blue\n", "1:1: colour: unknown field `colour`, expected one of node, state_dir, vms_dir, vms, nbd, control, metrics, ceph, migration"),
+        ("nbd:\n  lisen: []\n", "2:3: nbd.lisen: unknown field `lisen`, expected one of listen, tls, max_connections, max_payload, handshake_timeout_secs, max_connections_per_export, idle_timeout_secs, client_timeout_secs, incoming_io_timeout_secs, client_reconnect_secs"),
+        ("colour: blue\n", "1:1: colour: unknown field `colour`, expected one of node, state_dir, vms_dir, vms, nbd, control, metrics, ceph, migration, jobs"),
         ("nbd:\n  listen: [\"0.0.0.0:10809\", \"foo\"]\n", r#"2:29: nbd.listen[1]: bad listen address "foo" (expected IP:PORT such as 127.0.0.1:10809 or [::1]:10809, or unix:/path)"#),
         ("nbd:\n  listen: []\n", "2:11: nbd.listen: listen needs at least one address"),
         ("nbd:\n  max_payload: 1GiB\n", "2:16: nbd.max_payload: bad max_payload 1GiB (expected 4KiB to 256MiB)"),

@@ -587,6 +587,16 @@ pub(super) fn handshake_timeout<'de, D: Deserializer<'de>>(d: D) -> Result<u64, 
     }
 }
 
+/// `deserialize_with` for `nbd.client_reconnect_secs`: 0 (off) to 3600.
+pub(super) fn reconnect<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    let secs = u64::deserialize(d)?;
+    if secs <= MAX_HANDSHAKE_TIMEOUT_SECS {
+        Ok(secs)
+    } else {
+        Err(de::Error::custom(format!("bad client_reconnect_secs {secs} (expected 0 = off to 3600)")))
+    }
+}
+
 /// `deserialize_with` for a `listen` list: at least one address.
 pub(super) fn listen_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<ListenAddr>, D::Error> {
     let list = Vec::<ListenAddr>::deserialize(d)?;

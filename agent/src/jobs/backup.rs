@@ -128,6 +128,8 @@ pub struct BackupEnv {
     pub tls: Arc<crate::nbd::tls::Tls>,
     /// `STATE_DIR/fenced`: one file per disk migrated away (served read-only).
     pub fence_dir: PathBuf,
+    /// How long a mirror tries to reconnect to its destination (`nbd.client_reconnect_secs`).
+    pub mirror_reconnect_secs: u64,
 }
 
 impl BackupEnv {

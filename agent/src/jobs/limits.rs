@@ -2,10 +2,13 @@
 //! a rate every job's copy shares, and how many jobs run at once.
 //!
 //! Admission is first come, first served: a job that finds every slot
-//! taken waits in the queue (state `queued`) until one frees. Jobs that
-//! must not wait (a migration's mirrors, the disks of a VM backup, which
-//! share one point in time) take a slot at once, over the limit if need
-//! be; they count against it all the same.
+//! taken waits in the queue (state `queued`) until one frees. The disks of
+//! a VM backup (one point in time; a frozen guest must not wait) take a
+//! slot at once, over the limit if need be, and count against it. Mirrors
+//! take none: they live until their cut-over (days, for a manual one) and
+//! would starve every other job; they draw on the shared rate like any
+//! job. A migration's verify at its cut-over takes neither (the VM's disks
+//! are read-only until it ends).
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -22,6 +25,11 @@ pub enum Admission {
     Queue,
     /// Takes a slot at once (counted, never waits).
     Now,
+    /// Takes no slot (mirrors); the shared rate applies.
+    Exempt,
+    /// Takes no slot and ignores the shared rate (work that holds a VM's
+    /// disks read-only).
+    Urgent,
 }
 
 #[derive(Debug, Default)]
@@ -118,6 +126,8 @@ impl Drop for Ticket {
 pub enum Admitted {
     /// Runs now.
     Running(Slot),
+    /// Runs now without a slot.
+    Exempt,
     /// Waits.
     Queued(Ticket),
 }
@@ -139,6 +149,9 @@ impl HostLimits {
 
     /// Admits a job (see [`Admission`]).
     pub fn admit(self: &Arc<Self>, how: Admission) -> Admitted {
+        if matches!(how, Admission::Exempt | Admission::Urgent) {
+            return Admitted::Exempt;
+        }
         let mut s = self.slots();
         if how == Admission::Now || (s.free() && s.queue.is_empty()) {
             s.running += 1;

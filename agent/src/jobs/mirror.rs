@@ -29,8 +29,9 @@ use tokio::sync::Mutex as AsyncMutex;
 use super::{JobError, JobHandle, JobState};
 use crate::bitmap::AtomicBits;
 use crate::export::{Export, WriteData, WriteHook};
-use crate::nbd::client::{NbdClient, NbdUri};
+use crate::nbd::client::{NbdClient, NbdClientError, NbdUri};
 use crate::store::{BlockStore, ExtentKind, StoreError};
+use arc_swap::ArcSwap;
 
 /// Largest piece sent in one request.
 const PIECE: u64 = 4 << 20;
@@ -85,6 +86,9 @@ pub struct MirrorParams {
     /// miss writes the destination lacks, so the mirror refuses to start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expect: Option<BitmapState>,
+    /// Seconds to keep reconnecting to a destination that went away (0: fail at once).
+    #[serde(default)]
+    pub reconnect_secs: u64,
 }
 
 /// A bitmap's identity and generation, as a backup snapshot records them.
@@ -104,7 +108,21 @@ pub struct Tracker {
     size: u64,
     locks: Vec<Arc<AsyncMutex<()>>>,
     blocking: AtomicBool,
-    client: Arc<NbdClient>,
+    /// The connection to the destination (replaced on a reconnect).
+    client: ArcSwap<NbdClient>,
+    /// The destination, for reconnects.
+    uri: NbdUri,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    /// How long a lost connection is retried (zero: the mirror fails).
+    reconnect: Duration,
+    /// Since when, and why, the connection is lost (`None`: connected).
+    lost: std::sync::Mutex<Option<(Instant, String)>>,
+    lost_flag: AtomicBool,
+    /// Granules the destination acknowledged since its last flush: after a
+    /// reconnect they are sent again (a destination that restarted may
+    /// have lost them).
+    unflushed: AtomicBits,
+    reconnects: AtomicU64,
     /// The disk's store: a forwarded write sends what it holds now.
     source: Arc<dyn BlockStore>,
     runtime: tokio::runtime::Handle,
@@ -119,6 +137,74 @@ pub struct Tracker {
 }
 
 impl Tracker {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        dirty: AtomicBits,
+        granularity: u64,
+        size: u64,
+        blocking: bool,
+        client: Arc<NbdClient>,
+        source: Arc<dyn BlockStore>,
+        uri: NbdUri,
+        tls: Option<Arc<rustls::ClientConfig>>,
+        reconnect: Duration,
+    ) -> Self {
+        let len = dirty.len();
+        Self {
+            dirty,
+            shift: granularity.trailing_zeros(),
+            size,
+            locks: (0..STRIPES).map(|_| Arc::new(AsyncMutex::new(()))).collect(),
+            blocking: AtomicBool::new(blocking),
+            align: client.min_block(),
+            client: ArcSwap::new(client),
+            uri,
+            tls,
+            reconnect,
+            lost: std::sync::Mutex::new(None),
+            lost_flag: AtomicBool::new(false),
+            unflushed: AtomicBits::new(len),
+            reconnects: AtomicU64::new(0),
+            source,
+            runtime: tokio::runtime::Handle::current(),
+            sent: AtomicU64::new(0),
+            failed: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Whether the connection is lost (a pass reconnects first).
+    fn is_lost(&self) -> bool {
+        self.lost_flag.load(SeqCst)
+    }
+
+    /// A request failed: true if the mirror reconnects (a connection-level
+    /// failure, reconnects allowed), false if it fails.
+    fn connection_lost(&self, e: &NbdClientError) -> bool {
+        let connection = matches!(e, NbdClientError::Io(..) | NbdClientError::Closed | NbdClientError::TimedOut(..));
+        if self.reconnect.is_zero() || !connection {
+            return false;
+        }
+        let mut lost = self.lost.lock().unwrap_or_else(|p| p.into_inner());
+        if lost.is_none() {
+            tracing::warn!(error = %e, secs = self.reconnect.as_secs(), "lost the mirror target; reconnecting");
+            *lost = Some((Instant::now(), e.to_string()));
+        }
+        self.lost_flag.store(true, SeqCst);
+        true
+    }
+
+    /// `start..end` was acknowledged on `client`: unflushed until the next
+    /// flush, or dirty again if `client` was replaced meanwhile (after the
+    /// set: a reconnect takes the unflushed bits after replacing it).
+    fn acked(&self, client: &Arc<NbdClient>, start: u64, end: u64) {
+        let (first, last) = self.granules(start, end - start);
+        self.unflushed.set_range(first, last);
+        if !Arc::ptr_eq(client, &self.client.load()) {
+            self.dirty.set_range(first, last);
+        }
+        self.sent.fetch_add(end - start, SeqCst);
+    }
+
     fn granules(&self, offset: u64, length: u64) -> (u64, u64) {
         (offset >> self.shift, (offset + length.max(1) - 1) >> self.shift)
     }
@@ -145,22 +231,28 @@ impl Tracker {
         for gr in start.div_ceil(g)..full_end {
             self.dirty.and_not_word(gr / 64, 1 << (gr % 64));
         }
+        let (first, last) = self.granules(start, end - start);
+        if self.is_lost() {
+            // Nothing to send to: a pass after the reconnect copies it.
+            self.dirty.set_range(first, last);
+            return;
+        }
+        let client = self.client.load_full();
         let mut now = vec![0u8; usize::try_from(end - start).unwrap_or(0)];
+        let nbd = |e: NbdClientError| (e.to_string(), self.connection_lost(&e));
         let sent = match self.source.read_at(&mut now, start) {
             Ok(()) if now.iter().all(|&b| b == 0) => {
-                self.runtime.block_on(zero(&self.client, start, end - start)).map_err(|e| e.to_string())
+                self.runtime.block_on(zero(&client, start, end - start)).map_err(nbd)
             }
-            Ok(()) => {
-                self.runtime.block_on(self.client.write(start, Bytes::from(now), false)).map_err(|e| e.to_string())
-            }
-            Err(e) => Err(format!("reading the source failed: {e}")),
+            Ok(()) => self.runtime.block_on(client.write(start, Bytes::from(now), false)).map_err(nbd),
+            Err(e) => Err((format!("reading the source failed: {e}"), false)),
         };
         match sent {
-            Ok(()) => {
-                self.sent.fetch_add(end - start, SeqCst);
+            Ok(()) => self.acked(&client, start, end),
+            Err((_, true)) => {
+                self.dirty.set_range(first, last);
             }
-            Err(e) => {
-                let (first, last) = self.granules(start, end - start);
+            Err((e, false)) => {
                 self.dirty.set_range(first, last);
                 self.blocking.store(false, SeqCst);
                 tracing::error!(offset = start, error = %e, "forwarding a write to the mirror target failed; the mirror fails");
@@ -270,13 +362,15 @@ pub async fn run(
     if client.size() != export.size() {
         return Err(JobError::Failed(format!("Mirror target has {} bytes, disk has {}", client.size(), export.size())));
     }
-    let tracker = start_tracking(&job, &export, &params, client.clone())?;
+    let tracker = start_tracking(&job, &export, &params, client, uri, tls)?;
     let result = mirror(&job, &export, &params, &tracker, member.as_mut()).await;
     export.remove_hook(&tracker);
     if let Some(bitmap) = &params.bitmap {
         export.bitmaps().abort_job(bitmap, &job.id());
     }
     let result = result?;
+    let client = tracker.client.load_full();
+    drop(tracker);
     if let Ok(c) = Arc::try_unwrap(client) {
         c.disconnect().await;
     }
@@ -289,6 +383,8 @@ fn start_tracking(
     export: &Arc<Export>,
     params: &MirrorParams,
     client: Arc<NbdClient>,
+    uri: NbdUri,
+    tls: Option<Arc<rustls::ClientConfig>>,
 ) -> Result<Arc<Tracker>, JobError> {
     let bitmaps = export.bitmaps();
     let size = export.size();
@@ -338,19 +434,17 @@ fn start_tracking(
                 bits
             }
         };
-        let tracker = Arc::new(Tracker {
+        let tracker = Arc::new(Tracker::new(
             dirty,
-            shift: granularity.trailing_zeros(),
+            granularity,
             size,
-            locks: (0..STRIPES).map(|_| Arc::new(AsyncMutex::new(()))).collect(),
-            blocking: AtomicBool::new(params.copy_mode == CopyMode::WriteBlocking),
-            client: client.clone(),
-            source: export.store().clone(),
-            runtime: tokio::runtime::Handle::current(),
-            align: client.min_block(),
-            sent: AtomicU64::new(0),
-            failed: std::sync::Mutex::new(None),
-        });
+            params.copy_mode == CopyMode::WriteBlocking,
+            client.clone(),
+            export.store().clone(),
+            uri.clone(),
+            tls.clone(),
+            Duration::from_secs(params.reconnect_secs),
+        ));
         export.add_hook(d, tracker.clone());
         Ok(tracker)
     })
@@ -368,6 +462,7 @@ async fn mirror(
     job.set_total(initial);
     let (mut passes, mut stalled, mut best) = (0u32, 0u32, u64::MAX);
     let mut switched_at = None;
+    let mut last_flush = Instant::now();
     loop {
         job.checkpoint().await?;
         if let Some(mode) =
@@ -377,14 +472,26 @@ async fn mirror(
         }
         pass(job, t, Pace::Job).await?;
         passes += 1;
+        // What the destination acknowledged is made durable there about once a second: a
+        // reconnect resends only what came after.
+        if last_flush.elapsed() >= Duration::from_secs(1) && t.unflushed.count() > 0 && !t.is_lost() {
+            last_flush = Instant::now();
+            if let Err(e) = flush_destination(t).await {
+                if !t.connection_lost(&e) {
+                    return Err(JobError::from_err("Flushing the destination failed", &e));
+                }
+            }
+        }
         let left = t.remaining();
         job.set_total(t.sent.load(SeqCst) + left);
         // In write-blocking mode with nothing left the destination holds every acknowledged
         // write, and keeps doing so (the dirty set no longer grows): "in sync".
         let blocking = t.blocking.load(SeqCst);
-        job.set_detail(
-            json!({ "remaining_bytes": left, "write_blocking": blocking, "in_sync": blocking && left == 0 }),
-        );
+        let lost = t.is_lost();
+        job.set_detail(json!({
+            "remaining_bytes": left, "write_blocking": blocking, "in_sync": blocking && left == 0 && !lost,
+            "reconnecting": lost, "reconnects": t.reconnects.load(SeqCst),
+        }));
         if left <= params.ready_threshold {
             job.set_state(JobState::Ready);
         }
@@ -418,10 +525,17 @@ async fn mirror(
     let guard = export.quiesce().await;
     let held = Instant::now();
     let sent_before = t.sent.load(SeqCst);
-    while t.remaining() > 0 {
-        pass(job, t, Pace::CutOver).await?;
+    loop {
+        while t.remaining() > 0 || t.is_lost() {
+            pass(job, t, Pace::CutOver).await?;
+        }
+        match flush_destination(t).await {
+            Ok(()) if t.remaining() == 0 && !t.is_lost() => break,
+            Ok(()) => {}
+            Err(e) if t.connection_lost(&e) => {}
+            Err(e) => return Err(JobError::from_err("Flushing the destination failed", &e)),
+        }
     }
-    t.client.flush().await.map_err(|e| JobError::from_err("Flushing the destination failed", &e))?;
     if let Some(member) = member {
         // Writes stay held until every disk of the group got here: all turn read-only, or none.
         if !member.arrive(|| job.is_cancelled()).await {
@@ -442,6 +556,7 @@ async fn mirror(
         "disk_size": export.size(),
         "passes": passes,
         "switched_to_write_blocking_after_pass": switched_at,
+        "reconnects": t.reconnects.load(SeqCst),
         "duration_ms": super::millis(started.elapsed()),
         "downtime_ms": super::millis(downtime),
         "drain_ms": super::millis(held.duration_since(cutover)),
@@ -551,6 +666,9 @@ async fn pass(job: &JobHandle, t: &Arc<Tracker>, pace: Pace) -> Result<(), JobEr
     if let Some(e) = t.failed.lock().unwrap_or_else(|p| p.into_inner()).clone() {
         return Err(JobError::Failed(e));
     }
+    if t.is_lost() {
+        reconnect(job, t).await?;
+    }
     let g = 1u64 << t.shift;
     let runs: Vec<(u64, u64)> = t.dirty.runs_from(0).collect();
     let mut tasks = tokio::task::JoinSet::new();
@@ -590,6 +708,82 @@ async fn pass(job: &JobHandle, t: &Arc<Tracker>, pace: Pace) -> Result<(), JobEr
     Ok(())
 }
 
+/// Reconnects to the destination within the reconnect window (from the
+/// moment the connection was lost), then makes every granule the old
+/// connection acknowledged but never flushed dirty again. A migration whose
+/// destination was told the disks are in sync (it serves reads as such)
+/// fails instead: its reads would miss writes made meanwhile.
+async fn reconnect(job: &JobHandle, t: &Tracker) -> Result<(), JobError> {
+    let (since, mut why) =
+        t.lost.lock().unwrap_or_else(|p| p.into_inner()).clone().unwrap_or((Instant::now(), String::new()));
+    if job.settings().get("synced") == Some(&Value::Bool(true)) {
+        return Err(JobError::Failed(format!("Lost the destination after it was told the disks are in sync: {why}")));
+    }
+    loop {
+        if job.is_cancelled() {
+            return Err(JobError::Cancelled);
+        }
+        let left = (since + t.reconnect).saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(JobError::Failed(format!(
+                "The mirror target was unreachable for more than {} s (nbd.client_reconnect_secs): {why}",
+                t.reconnect.as_secs()
+            )));
+        }
+        match tokio::time::timeout(left, NbdClient::connect(&t.uri, t.tls.as_ref())).await {
+            Ok(Ok(c)) if c.size() == t.size && c.min_block() <= t.align => {
+                // The new connection first; then the old one's unflushed granules (see `acked`).
+                t.client.store(Arc::new(c));
+                for w in 0..t.unflushed.word_count() {
+                    let bits = t.unflushed.take_word(w);
+                    if bits != 0 {
+                        t.dirty.or_word(w, bits);
+                    }
+                }
+                *t.lost.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                t.lost_flag.store(false, SeqCst);
+                t.reconnects.fetch_add(1, SeqCst);
+                tracing::info!(
+                    after_ms = super::millis(since.elapsed()),
+                    "reconnected to the mirror target; resuming from the dirty set"
+                );
+                return Ok(());
+            }
+            Ok(Ok(c)) => {
+                return Err(JobError::Failed(format!(
+                    "The mirror target came back with {} bytes and {}-byte blocks (was {} and {})",
+                    c.size(),
+                    c.min_block(),
+                    t.size,
+                    t.align
+                )))
+            }
+            Ok(Err(e)) => {
+                why = e.to_string();
+                tokio::time::sleep(left.min(Duration::from_millis(250))).await;
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// Flushes the destination: the granules acknowledged before it are
+/// durable there. On failure they are dirty again.
+async fn flush_destination(t: &Tracker) -> Result<(), NbdClientError> {
+    let client = t.client.load_full();
+    let taken: Vec<(u64, u64)> = (0..t.unflushed.word_count())
+        .filter_map(|w| Some(t.unflushed.take_word(w)).filter(|&b| b != 0).map(|b| (w, b)))
+        .collect();
+    let flushed = client.flush().await;
+    // A flush on another connection than the writes' covers nothing of theirs.
+    if flushed.is_err() || !Arc::ptr_eq(&client, &t.client.load()) {
+        for (w, bits) in taken {
+            t.dirty.or_word(w, bits);
+        }
+    }
+    flushed
+}
+
 async fn join(tasks: &mut tokio::task::JoinSet<Result<u64, JobError>>, job: &JobHandle) -> Result<(), JobError> {
     match tasks.join_next().await {
         Some(Ok(Ok(bytes))) => {
@@ -617,6 +811,13 @@ async fn copy_piece(t: Arc<Tracker>, first: u64, last: u64) -> Result<u64, JobEr
         }
     }
     let Some((&lo, &hi)) = todo.first().zip(todo.last()) else { return Ok(0) };
+    if t.is_lost() {
+        // The pass after the reconnect copies them.
+        todo.iter().for_each(|&g| {
+            t.dirty.set_range(g, g);
+        });
+        return Ok(0);
+    }
     let start = lo << t.shift;
     let end = ((hi + 1) << t.shift).min(t.size);
     let len = usize::try_from(end - start).unwrap_or(0);
@@ -636,18 +837,22 @@ async fn copy_piece(t: Arc<Tracker>, first: u64, last: u64) -> Result<u64, JobEr
             return Err(JobError::from_err("Reading the source failed", &e));
         }
     };
+    let client = t.client.load_full();
     let sent = if data.iter().all(|&b| b == 0) {
-        zero(&t.client, start, end - start).await
+        zero(&client, start, end - start).await
     } else {
-        t.client.write(start, Bytes::from(data), false).await
+        client.write(start, Bytes::from(data), false).await
     };
     if let Err(e) = sent {
         todo.iter().for_each(|&g| {
             t.dirty.set_range(g, g);
         });
+        if t.connection_lost(&e) {
+            return Ok(0);
+        }
         return Err(JobError::from_err("Writing to the destination failed", &e));
     }
-    t.sent.fetch_add(end - start, SeqCst);
+    t.acked(&client, start, end);
     drop(guards);
     Ok(end - start)
 }
@@ -710,26 +915,25 @@ mod tests {
 
     /// A write-blocking tracker of `source` with 64 KiB granules.
     fn tracker(client: &Arc<NbdClient>, source: Arc<dyn BlockStore>) -> Arc<Tracker> {
-        Arc::new(Tracker {
-            dirty: AtomicBits::new(SIZE >> 16),
-            shift: 16,
-            size: SIZE,
-            locks: (0..STRIPES).map(|_| Arc::new(AsyncMutex::new(()))).collect(),
-            blocking: AtomicBool::new(true),
-            client: client.clone(),
+        let uri: NbdUri = "nbd://127.0.0.1:1/unused".parse().unwrap();
+        Arc::new(Tracker::new(
+            AtomicBits::new(SIZE >> 16),
+            1 << 16,
+            SIZE,
+            true,
+            client.clone(),
             source,
-            runtime: tokio::runtime::Handle::current(),
-            align: client.min_block(),
-            sent: AtomicU64::new(0),
-            failed: std::sync::Mutex::new(None),
-        })
+            uri,
+            None,
+            Duration::ZERO,
+        ))
     }
 
     /// Asserts that every 64 KiB granule where the destination differs from the source is dirty
     /// (a later pass copies exactly those: anything else is lost on the destination).
     async fn assert_differences_dirty(t: &Tracker) {
-        t.client.flush().await.unwrap();
-        let got = t.client.read(0, u32::try_from(SIZE).unwrap()).await.unwrap();
+        t.client.load().flush().await.unwrap();
+        let got = t.client.load().read(0, u32::try_from(SIZE).unwrap()).await.unwrap();
         let mut want = vec![0u8; usize::try_from(SIZE).unwrap()];
         t.source.read_at(&mut want, 0).unwrap();
         for (g, (a, b)) in got.chunks(1 << 16).zip(want.chunks(1 << 16)).enumerate() {

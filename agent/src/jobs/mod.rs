@@ -173,6 +173,8 @@ pub struct Job {
     published: Mutex<Option<Instant>>,
     /// The agent's limits (the shared rate).
     host: Arc<HostLimits>,
+    /// Whether the shared rate applies ([`Admission::Urgent`] jobs: not).
+    host_rate: std::sync::atomic::AtomicBool,
 }
 
 impl Job {
@@ -278,7 +280,8 @@ impl JobHandle {
             b.take(bytes, self.0.epoch.elapsed())
         };
         // Both limits hold: the job's own speed and the agent's shared rate.
-        let wait = own.max(self.0.host.take(bytes));
+        let host = if self.0.host_rate.load(SeqCst) { self.0.host.take(bytes) } else { Duration::ZERO };
+        let wait = own.max(host);
         if !wait.is_zero() {
             tokio::select! {
                 () = tokio::time::sleep(wait) => {}
@@ -425,7 +428,11 @@ impl JobManager {
             if record.state != JobState::Concluded {
                 record.state = JobState::Concluded;
                 record.result = Some(JobResult::Failed);
-                record.error = Some("Interrupted: the agent stopped while the job was running".into());
+                let state = serde_json::to_value(record.state).ok().and_then(|v| v.as_str().map(str::to_owned));
+                record.error = Some(format!(
+                    "Interrupted: the agent stopped while the job was {}",
+                    state.unwrap_or_else(|| "running".into())
+                ));
                 record.finished_at = Some(unix_now());
                 let _ = write_atomic(&path, &record);
             }
@@ -458,6 +465,7 @@ impl JobManager {
             events: self.events.clone(),
             published: Mutex::new(None),
             host: self.limits.clone(),
+            host_rate: std::sync::atomic::AtomicBool::new(true),
         })
     }
 
@@ -497,25 +505,8 @@ impl JobManager {
         self.start_with(kind, disk, params, speed, Admission::Queue, body)
     }
 
-    /// [`start`](Self::start) for a job that must not wait in the queue (a
-    /// migration's mirror, a disk of a VM backup): it runs at once and
-    /// counts against `jobs.max_running`.
-    pub fn start_now<F, Fut>(
-        self: &Arc<Self>,
-        kind: &str,
-        disk: &str,
-        params: Value,
-        speed: u64,
-        body: F,
-    ) -> Result<Arc<Job>, JobControlError>
-    where
-        F: FnOnce(JobHandle) -> Fut + Send + 'static,
-        Fut: Future<Output = Result<Value, JobError>> + Send + 'static,
-    {
-        self.start_with(kind, disk, params, speed, Admission::Now, body)
-    }
-
-    fn start_with<F, Fut>(
+    /// [`start`](Self::start) admitted as `admission` says (see [`limits`]).
+    pub fn start_with<F, Fut>(
         self: &Arc<Self>,
         kind: &str,
         disk: &str,
@@ -554,6 +545,7 @@ impl JobManager {
         };
         let job = self.make_job(record, self.dir.join(format!("{id}.json")));
         let admitted = self.limits.admit(admission);
+        job.host_rate.store(admission != Admission::Urgent, SeqCst);
         if matches!(admitted, Admitted::Queued(_)) {
             job.lock().state = JobState::Queued;
         }
@@ -566,12 +558,19 @@ impl JobManager {
         self.tracker.spawn(tracing::Instrument::instrument(
             async move {
                 let _slot = match admitted {
-                    Admitted::Running(slot) => slot,
+                    Admitted::Running(slot) => Some(slot),
+                    Admitted::Exempt => None,
                     Admitted::Queued(ticket) => {
                         tracing::info!("job queued (jobs.max_running)");
-                        tokio::select! {
-                            slot = ticket.admitted() => slot,
-                            () = handle.0.cancel.cancelled() => {
+                        let slot = tokio::select! {
+                            biased;
+                            () = handle.0.cancel.cancelled() => None,
+                            slot = ticket.admitted() => Some(slot),
+                        };
+                        // A cancel that came with the slot still wins: the body never starts.
+                        match slot.filter(|_| !handle.0.cancel.is_cancelled()) {
+                            Some(slot) => Some(slot),
+                            None => {
                                 conclude(&handle.0, Err(JobError::Cancelled));
                                 return;
                             }

@@ -20,6 +20,10 @@ impl TokenBucket {
     /// Changes the rate (takes effect immediately).
     pub fn set_rate(&mut self, rate: u64, now: Duration) {
         self.refill(now);
+        if self.rate == 0 || rate == 0 {
+            // No debt survives a time without a limit.
+            self.tokens = self.tokens.max(0.0);
+        }
         self.rate = rate;
         self.tokens = self.tokens.min(rate as f64);
     }
