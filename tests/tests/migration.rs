@@ -828,7 +828,8 @@ fn interrupted_mirror(fault: MirrorFault, default_seed: u64) {
     let store = tempfile::tempdir().unwrap();
     let backing = Backing::File(store.path().join("backups/vm1-disk0.raw"));
     let mut rng = Rng::from_env(default_seed);
-    let (a, mut b, model, seeded) = small_setup(&backing, &mut rng, 8);
+    // The mirror reconnects to a lost destination for 2 s (nbd.client_reconnect_secs), then fails.
+    let (a, mut b, model, seeded) = small_setup_with(&backing, &mut rng, 8, "  client_reconnect_secs: 2\n");
     let scratch = a.dir().join("scratch.raw");
     let before = bitmap(&a);
     assert_eq!(u(&before["dirty_bytes"]), seeded.len() as u64 * GRANULE);

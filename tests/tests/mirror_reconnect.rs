@@ -131,7 +131,9 @@ fn a_mirror_survives_a_cut_shorter_than_the_reconnect_window_and_the_destination
     let target = format!("nbd://127.0.0.1:{}/dest", proxy.port);
     // Write-blocking: every guest write is forwarded, so the cut meets guest writes in flight.
     let args = ["mirror", "vm1/disk0", "--target", &target, "--sync", "full", "--copy-mode", "write-blocking"];
-    let started = agent.cli_json(&[&args[..], &["--speed", "8MiB"]].concat()).unwrap();
+    // 4 MiB/s: the pass the cut interrupts has longer to go than the reconnect window (it must not
+    // run out the window before reconnecting).
+    let started = agent.cli_json(&[&args[..], &["--speed", "4MiB"]].concat()).unwrap();
     let id = started["id"].as_str().unwrap().to_owned();
     std::thread::sleep(Duration::from_millis(800));
     qemu_io(&uri, &["write -P 0x11 1M 64k", "write -P 0x12 30M 128k"]).unwrap();

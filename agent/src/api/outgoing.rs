@@ -755,14 +755,23 @@ impl Control {
             }
             // Ready for a trigger once the destination holds every acknowledged write and keeps
             // doing so (it then serves reads by the disks' own names: the incoming QEMU's probes).
-            let in_sync = all_ready && (r.cutover == Cutover::Auto || self.all_in_sync(h));
+            let mut in_sync = all_ready && (r.cutover == Cutover::Auto || self.all_in_sync(h));
+            if in_sync && h.get().state == OutState::Mirroring && r.cutover != Cutover::Auto {
+                // From here a mirror that loses its destination fails instead of reconnecting: the
+                // destination serves reads as in sync. A mirror reconnecting shows it before it
+                // checks this setting, so one of the two sees the other.
+                for (_, id) in Self::jobs_of(h) {
+                    let _ = self.jobs.set_setting(&id, "synced", json!(true));
+                }
+                if !self.all_in_sync(h) {
+                    for (_, id) in Self::jobs_of(h) {
+                        let _ = self.jobs.set_setting(&id, "synced", json!(false));
+                    }
+                    in_sync = false;
+                }
+            }
             if in_sync && h.get().state == OutState::Mirroring {
                 if r.cutover != Cutover::Auto {
-                    // From here a mirror that loses its destination fails instead of reconnecting:
-                    // the destination serves reads as in sync.
-                    for (_, id) in Self::jobs_of(h) {
-                        let _ = self.jobs.set_setting(&id, "synced", json!(true));
-                    }
                     let id = r.id.clone().unwrap_or_default();
                     let dest: Result<Endpoint, String> = r.to.parse();
                     let told = match dest {

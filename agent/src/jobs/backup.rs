@@ -1000,9 +1000,18 @@ async fn finish(
     }))
 }
 
+/// Removes a backup snapshot, its record and the continuation records
+/// that name it.
 fn drop_snapshot(target: &dyn BlockStore, snap: &str) -> Result<(), StoreError> {
     target.remove_snapshot(snap)?;
-    target.remove_meta(&format!("{SNAP_KEY_PREFIX}{snap}"))
+    target.remove_meta(&format!("{SNAP_KEY_PREFIX}{snap}"))?;
+    for (key, value) in target.list_meta()? {
+        let names_it = serde_json::from_str::<Continues>(&value).is_ok_and(|c| c.snapshot == snap);
+        if key.starts_with(CONTINUES_KEY_PREFIX) && names_it {
+            target.remove_meta(&key)?;
+        }
+    }
+    Ok(())
 }
 
 /// Removes the oldest backup snapshots beyond `keep` (never `newest`).

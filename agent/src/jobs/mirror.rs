@@ -122,6 +122,11 @@ pub struct Tracker {
     /// reconnect they are sent again (a destination that restarted may
     /// have lost them).
     unflushed: AtomicBits,
+    /// When the cut-over began holding guest writes (bounds reconnects then).
+    cutover: std::sync::Mutex<Option<Instant>>,
+    /// The job, told at once when the connection is lost (a migration must
+    /// not report the disks in sync from then on).
+    job: std::sync::OnceLock<JobHandle>,
     reconnects: AtomicU64,
     /// The disk's store: a forwarded write sends what it holds now.
     source: Arc<dyn BlockStore>,
@@ -164,6 +169,8 @@ impl Tracker {
             lost: std::sync::Mutex::new(None),
             lost_flag: AtomicBool::new(false),
             unflushed: AtomicBits::new(len),
+            cutover: std::sync::Mutex::new(None),
+            job: std::sync::OnceLock::new(),
             reconnects: AtomicU64::new(0),
             source,
             runtime: tokio::runtime::Handle::current(),
@@ -177,19 +184,32 @@ impl Tracker {
         self.lost_flag.load(SeqCst)
     }
 
-    /// A request failed: true if the mirror reconnects (a connection-level
-    /// failure, reconnects allowed), false if it fails.
-    fn connection_lost(&self, e: &NbdClientError) -> bool {
-        let connection = matches!(e, NbdClientError::Io(..) | NbdClientError::Closed | NbdClientError::TimedOut(..));
+    /// A request on `client` failed (the caller made its granules dirty
+    /// again): true if the mirror goes on (reconnecting), false if it
+    /// fails. Only a connection that is gone for sure (closed, reset) is
+    /// replaced: after a timeout the old connection may still deliver its
+    /// queued writes later, over newer data sent on a new one.
+    fn connection_lost(&self, client: &Arc<NbdClient>, e: &NbdClientError) -> bool {
+        let connection = matches!(e, NbdClientError::Io(..) | NbdClientError::Closed);
         if self.reconnect.is_zero() || !connection {
             return false;
         }
+        if !Arc::ptr_eq(client, &self.client.load()) {
+            // A straggler of a connection already replaced.
+            return true;
+        }
         let mut lost = self.lost.lock().unwrap_or_else(|p| p.into_inner());
+        self.lost_flag.store(true, SeqCst);
         if lost.is_none() {
             tracing::warn!(error = %e, secs = self.reconnect.as_secs(), "lost the mirror target; reconnecting");
             *lost = Some((Instant::now(), e.to_string()));
+            if let Some(job) = self.job.get() {
+                job.set_detail(json!({
+                    "remaining_bytes": self.remaining(), "write_blocking": self.blocking.load(SeqCst),
+                    "in_sync": false, "reconnecting": true, "reconnects": self.reconnects.load(SeqCst),
+                }));
+            }
         }
-        self.lost_flag.store(true, SeqCst);
         true
     }
 
@@ -239,7 +259,7 @@ impl Tracker {
         }
         let client = self.client.load_full();
         let mut now = vec![0u8; usize::try_from(end - start).unwrap_or(0)];
-        let nbd = |e: NbdClientError| (e.to_string(), self.connection_lost(&e));
+        let nbd = |e: NbdClientError| (e.to_string(), self.connection_lost(&client, &e));
         let sent = match self.source.read_at(&mut now, start) {
             Ok(()) if now.iter().all(|&b| b == 0) => {
                 self.runtime.block_on(zero(&client, start, end - start)).map_err(nbd)
@@ -445,6 +465,7 @@ fn start_tracking(
             tls.clone(),
             Duration::from_secs(params.reconnect_secs),
         ));
+        let _ = tracker.job.set(job.clone());
         export.add_hook(d, tracker.clone());
         Ok(tracker)
     })
@@ -474,10 +495,11 @@ async fn mirror(
         passes += 1;
         // What the destination acknowledged is made durable there about once a second: a
         // reconnect resends only what came after.
-        if last_flush.elapsed() >= Duration::from_secs(1) && t.unflushed.count() > 0 && !t.is_lost() {
+        let due = last_flush.elapsed() >= Duration::from_secs(1) && !t.reconnect.is_zero();
+        if due && t.unflushed.count() > 0 && !t.is_lost() {
             last_flush = Instant::now();
-            if let Err(e) = flush_destination(t).await {
-                if !t.connection_lost(&e) {
+            if let Err((c, e)) = flush_destination(t).await {
+                if !t.connection_lost(&c, &e) {
                     return Err(JobError::from_err("Flushing the destination failed", &e));
                 }
             }
@@ -498,7 +520,7 @@ async fn mirror(
         if job.is_completion_requested() {
             break;
         }
-        if left >= best && left > params.ready_threshold && !t.blocking.load(SeqCst) {
+        if left >= best && left > params.ready_threshold && !t.blocking.load(SeqCst) && !lost {
             stalled += 1;
             if stalled >= STALLED_PASSES {
                 tracing::warn!(remaining = left, "mirror not converging; switching to write-blocking");
@@ -524,6 +546,7 @@ async fn mirror(
     let held_from = unix_ms();
     let guard = export.quiesce().await;
     let held = Instant::now();
+    *t.cutover.lock().unwrap_or_else(|p| p.into_inner()) = Some(held);
     let sent_before = t.sent.load(SeqCst);
     loop {
         while t.remaining() > 0 || t.is_lost() {
@@ -532,8 +555,8 @@ async fn mirror(
         match flush_destination(t).await {
             Ok(()) if t.remaining() == 0 && !t.is_lost() => break,
             Ok(()) => {}
-            Err(e) if t.connection_lost(&e) => {}
-            Err(e) => return Err(JobError::from_err("Flushing the destination failed", &e)),
+            Err((c, e)) if t.connection_lost(&c, &e) => {}
+            Err((_, e)) => return Err(JobError::from_err("Flushing the destination failed", &e)),
         }
     }
     if let Some(member) = member {
@@ -667,6 +690,12 @@ async fn pass(job: &JobHandle, t: &Arc<Tracker>, pace: Pace) -> Result<(), JobEr
         return Err(JobError::Failed(e));
     }
     if t.is_lost() {
+        // Shown before the reconnect (which checks whether the destination was told the
+        // disks are in sync): a migration must not tell it so meanwhile.
+        job.set_detail(json!({
+            "remaining_bytes": t.remaining(), "write_blocking": t.blocking.load(SeqCst), "in_sync": false,
+            "reconnecting": true, "reconnects": t.reconnects.load(SeqCst),
+        }));
         reconnect(job, t).await?;
     }
     let g = 1u64 << t.shift;
@@ -676,6 +705,10 @@ async fn pass(job: &JobHandle, t: &Arc<Tracker>, pace: Pace) -> Result<(), JobEr
         let mut start = first;
         while start < first + count {
             let n = (first + count - start).min(PIECE / g).max(1);
+            if t.is_lost() {
+                // The rest waits for the reconnect (the next pass), not for the speed limit.
+                break 'runs;
+            }
             match pace {
                 // Completion requested: the cut-over copies the rest at full speed; a pass that
                 // went on at the speed limit (or paused) would hold the disks of the VM that
@@ -719,18 +752,32 @@ async fn reconnect(job: &JobHandle, t: &Tracker) -> Result<(), JobError> {
     if job.settings().get("synced") == Some(&Value::Bool(true)) {
         return Err(JobError::Failed(format!("Lost the destination after it was told the disks are in sync: {why}")));
     }
+    // One window per loss, and one in all for a cut-over (guest writes are held meanwhile).
+    let mut deadline = since + t.reconnect;
+    if let Some(held) = *t.cutover.lock().unwrap_or_else(|p| p.into_inner()) {
+        deadline = deadline.min(held + t.reconnect);
+    }
+    let mut attempts = 0;
     loop {
         if job.is_cancelled() {
             return Err(JobError::Cancelled);
         }
-        let left = (since + t.reconnect).saturating_duration_since(Instant::now());
-        if left.is_zero() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() && attempts > 0 {
             return Err(JobError::Failed(format!(
                 "The mirror target was unreachable for more than {} s (nbd.client_reconnect_secs): {why}",
                 t.reconnect.as_secs()
             )));
         }
-        match tokio::time::timeout(left, NbdClient::connect(&t.uri, t.tls.as_ref())).await {
+        attempts += 1;
+        let limit = left.max(Duration::from_secs(1));
+        match tokio::time::timeout(limit, NbdClient::connect(&t.uri, t.tls.as_ref())).await {
+            Ok(Ok(c)) if job.settings().get("synced") == Some(&Value::Bool(true)) => {
+                drop(c);
+                return Err(JobError::Failed(format!(
+                    "Lost the destination while it was told the disks are in sync: {why}"
+                )));
+            }
             Ok(Ok(c)) if c.size() == t.size && c.min_block() <= t.align => {
                 // The new connection first; then the old one's unflushed granules (see `acked`).
                 t.client.store(Arc::new(c));
@@ -758,6 +805,10 @@ async fn reconnect(job: &JobHandle, t: &Tracker) -> Result<(), JobError> {
                     t.align
                 )))
             }
+            // Reachable, but the export is gone (the destination aborted): no point waiting.
+            Ok(Err(e @ NbdClientError::Handshake(..))) => {
+                return Err(JobError::from_err("The mirror target refused the reconnect", &e));
+            }
             Ok(Err(e)) => {
                 why = e.to_string();
                 tokio::time::sleep(left.min(Duration::from_millis(250))).await;
@@ -769,7 +820,7 @@ async fn reconnect(job: &JobHandle, t: &Tracker) -> Result<(), JobError> {
 
 /// Flushes the destination: the granules acknowledged before it are
 /// durable there. On failure they are dirty again.
-async fn flush_destination(t: &Tracker) -> Result<(), NbdClientError> {
+async fn flush_destination(t: &Tracker) -> Result<(), (Arc<NbdClient>, NbdClientError)> {
     let client = t.client.load_full();
     let taken: Vec<(u64, u64)> = (0..t.unflushed.word_count())
         .filter_map(|w| Some(t.unflushed.take_word(w)).filter(|&b| b != 0).map(|b| (w, b)))
@@ -781,7 +832,7 @@ async fn flush_destination(t: &Tracker) -> Result<(), NbdClientError> {
             t.dirty.or_word(w, bits);
         }
     }
-    flushed
+    flushed.map_err(|e| (client, e))
 }
 
 async fn join(tasks: &mut tokio::task::JoinSet<Result<u64, JobError>>, job: &JobHandle) -> Result<(), JobError> {
@@ -847,7 +898,7 @@ async fn copy_piece(t: Arc<Tracker>, first: u64, last: u64) -> Result<u64, JobEr
         todo.iter().for_each(|&g| {
             t.dirty.set_range(g, g);
         });
-        if t.connection_lost(&e) {
+        if t.connection_lost(&client, &e) {
             return Ok(0);
         }
         return Err(JobError::from_err("Writing to the destination failed", &e));

@@ -426,9 +426,9 @@ impl JobManager {
             };
             max = max.max(record.id.rsplit('-').next().and_then(|n| n.parse().ok()).unwrap_or(0));
             if record.state != JobState::Concluded {
+                let state = serde_json::to_value(record.state).ok().and_then(|v| v.as_str().map(str::to_owned));
                 record.state = JobState::Concluded;
                 record.result = Some(JobResult::Failed);
-                let state = serde_json::to_value(record.state).ok().and_then(|v| v.as_str().map(str::to_owned));
                 record.error = Some(format!(
                     "Interrupted: the agent stopped while the job was {}",
                     state.unwrap_or_else(|| "running".into())

@@ -162,6 +162,9 @@ struct Pending {
 #[derive(Default)]
 struct InFlight {
     map: HashMap<u64, Entry>,
+    /// The reply stream ended (or the request stream failed): no request
+    /// sent from now on can be answered.
+    closed: bool,
 }
 
 /// A request waiting for its reply.
@@ -367,7 +370,13 @@ async fn send_loop<W: AsyncWrite + Unpin>(mut w: W, mut rx: mpsc::Receiver<Pendi
                 reply: p.reply,
                 error: None,
             };
-            inflight.lock().unwrap_or_else(|e| e.into_inner()).map.insert(p.request.cookie, entry);
+            let mut m = inflight.lock().unwrap_or_else(|e| e.into_inner());
+            if m.closed {
+                // Nobody reads replies any more: fail it now, not at the request timeout.
+                let _ = entry.reply.send(Err(NbdClientError::Closed));
+                continue;
+            }
+            m.map.insert(p.request.cookie, entry);
         }
         let sent = async {
             w.write_all(&buf).await?;
@@ -476,6 +485,7 @@ fn server_error(errno: u32, offset: u64, message: String) -> NbdClientError {
 
 fn fail_all(inflight: &Mutex<InFlight>) {
     let mut m = inflight.lock().unwrap_or_else(|e| e.into_inner());
+    m.closed = true;
     for (_, entry) in m.map.drain() {
         let _ = entry.reply.send(Err(NbdClientError::Closed));
     }
