@@ -163,8 +163,10 @@ impl Control {
         let export = match opened {
             Ok(export) => export,
             Err(why) => {
-                // Only an image this restore created and nobody serves is removed.
-                if self.exports.get(disk).is_none() {
+                // The image this restore created is removed unless it is what is served now.
+                let ours_served =
+                    self.exports.get(disk).is_some() && self.disk_config(disk).is_some_and(|c| c.image == plan.image);
+                if !ours_served {
                     self.undo_restore(disk, &plan).await;
                 }
                 return Err(ApiError::Internal(format!("Cannot open the restored disk {disk}: {why}")));
@@ -263,10 +265,41 @@ impl Control {
             _ => {}
         }
         tracing::info!(disk, %from, "resuming the restore");
+        // The first attempt may have stopped before the chain was set up (the disk is still
+        // hidden: nothing wrote to it but the copy).
+        let (chain_bitmap, chain_note) = match self.resume_chain(disk, &export, from).await {
+            Ok(Some(bitmap)) => (Some(bitmap), None),
+            Ok(None) => (None, Some("resumed: the first attempt set up the chain".to_owned())),
+            Err(why) => (None, Some(why)),
+        };
         let stream = StreamParams { chunk: 4 << 20, holder: Some(format!("{}:{disk}", self.env.node)) };
-        let note = Some("resumed: the first attempt set up the chain".to_owned());
-        let params = RestoreParams { from: from.to_string(), live, stream, chain_bitmap: None, chain_note: note };
+        let params = RestoreParams { from: from.to_string(), live, stream, chain_bitmap, chain_note };
         self.run_restore(disk, export, params, speed)
+    }
+
+    /// Sets the chain up on a resumed restore if the first attempt did not:
+    /// `Some(bitmap)` if it did now, `None` if it was done already.
+    async fn resume_chain(&self, disk: &str, export: &Arc<Export>, from: &ImageUri) -> Result<Option<String>, String> {
+        let config = self.disk_config(disk).ok_or_else(|| format!("no disk {disk}"))?;
+        let snap = from.snap().ok_or("no snapshot")?.to_owned();
+        let (stores, base, snap2) = (self.env.stores.clone(), from.with_snap(None), snap.clone());
+        let (source, records) = tokio::task::spawn_blocking(move || {
+            let target = stores.open(&base, &OpenOptions { read_only: true, ..Default::default() })?;
+            let backups = backup::backup_snapshots(target.as_ref())?;
+            let latest = backups.last().is_some_and(|(n, _)| *n == snap2);
+            let meta = backups.into_iter().find(|(n, _)| *n == snap2).map(|(_, m)| m);
+            Ok::<_, StoreError>((Source { meta, latest }, target.list_meta()?))
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("cannot read the backups of {from}: {e}"))?;
+        let bitmap = chain_base(disk, &config, from, &source)?;
+        let uuid = export.bitmaps().get(&bitmap).map_err(|e| e.to_string())?.uuid();
+        if records.contains_key(&format!("{}{uuid}", backup::CONTINUES_KEY_PREFIX)) {
+            return Ok(None);
+        }
+        self.continue_chain(export, &bitmap, from, &snap, &source).await?;
+        Ok(Some(bitmap))
     }
 
     /// Serves a live restore at once, then streams; a non-live one is
