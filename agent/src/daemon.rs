@@ -305,6 +305,7 @@ pub async fn run(config: AgentConfig) -> Result<(), DaemonError> {
         scratch_dir: config.state_dir.join("scratch"),
         node: config.node.clone(),
         mirror_reconnect_secs: config.nbd.client_reconnect_secs,
+        nbd_client_timeout: Duration::from_secs(config.nbd.client_timeout_secs),
     };
     let control = Arc::new(Control::new(config.node.clone(), disks.exports.clone(), jobs.clone(), env));
     control.set_vms(vms);
@@ -439,7 +440,6 @@ fn reload_job_limits(config: &AgentConfig, jobs: &JobManager) {
 }
 
 fn server_settings(config: &AgentConfig) -> ServerSettings {
-    crate::nbd::client::set_timeout(Duration::from_secs(config.nbd.client_timeout_secs));
     let nbd = &config.nbd;
     let mut handshake = proto::HandshakeConfig::default();
     handshake.block_sizes.maximum = nbd.max_payload;

@@ -293,7 +293,7 @@ impl Control {
                     }
                 }
                 let ready_threshold = ready_threshold.as_ref().map(Size::bytes).transpose()?.unwrap_or(16 << 20);
-                let tls = self.env.tls.client();
+                let nbd = self.env.nbd_client();
                 let params = MirrorParams {
                     target,
                     sync,
@@ -306,7 +306,7 @@ impl Control {
                 // Mirrors take no slot of jobs.max_running (they live until their cut-over).
                 let job =
                     self.jobs.start_with("mirror", &disk, to_json(&params), speed, Admission::Exempt, move |h| {
-                        mirror::run(h, export, params, tls, None)
+                        mirror::run(h, export, params, nbd, None)
                     })?;
                 Ok(to_json(job.record()))
             }

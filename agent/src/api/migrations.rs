@@ -724,6 +724,7 @@ mod tests {
             tls: Arc::new(crate::nbd::tls::Tls::load(None).unwrap()),
             fence_dir: dir.join("fenced"),
             mirror_reconnect_secs: 0,
+            nbd_client_timeout: Duration::from_secs(30),
         };
         let jobs = JobManager::load(&dir.join("jobs")).unwrap();
         let control = Arc::new(Control::new("test".into(), Arc::new(Exports::default()), jobs, env));

@@ -638,10 +638,10 @@ impl Control {
                 expect: chain.as_ref().and_then(|c| serde_json::from_value(c["bitmap_state"].clone()).ok()),
                 reconnect_secs: self.env.mirror_reconnect_secs,
             };
-            let (tls, export, group) = (self.env.tls.client(), export.clone(), group.clone());
+            let (nbd, export, group) = (self.env.nbd_client(), export.clone(), group.clone());
             // Mirrors take no slot of jobs.max_running (they live until their cut-over).
             match self.jobs.start_with("mirror", &name, to_json(&params), speed, Exempt, move |handle| {
-                mirror::run(handle, export, params, tls, Some(group))
+                mirror::run(handle, export, params, nbd, Some(group))
             }) {
                 Ok(job) => {
                     let id = job.record().id;
@@ -1184,11 +1184,11 @@ impl Control {
                 expect,
                 reconnect_secs: self.env.mirror_reconnect_secs,
             };
-            let (tls, export, group) = (self.env.tls.client(), export.clone(), group.clone());
+            let (nbd, export, group) = (self.env.nbd_client(), export.clone(), group.clone());
             let job = self
                 .jobs
                 .start_with("mirror", &d.disk, to_json(&params), 0, Exempt, move |handle| {
-                    mirror::run(handle, export, params, tls, Some(group))
+                    mirror::run(handle, export, params, nbd, Some(group))
                 })
                 .map_err(|e| failed(&e))?;
             let job_id = job.record().id;

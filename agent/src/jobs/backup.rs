@@ -130,9 +130,17 @@ pub struct BackupEnv {
     pub fence_dir: PathBuf,
     /// How long a mirror tries to reconnect to its destination (`nbd.client_reconnect_secs`).
     pub mirror_reconnect_secs: u64,
+    /// How long the NBD client waits for a connect or a reply (`nbd.client_timeout_secs`).
+    pub nbd_client_timeout: std::time::Duration,
 }
 
 impl BackupEnv {
+    /// How outgoing NBD connections (mirrors, verify against `nbd://`) are made now
+    /// (the TLS client configuration as last reloaded).
+    pub fn nbd_client(&self) -> crate::nbd::client::ClientOptions {
+        crate::nbd::client::ClientOptions { tls: self.tls.client(), timeout: self.nbd_client_timeout }
+    }
+
     /// The fence file of `disk` (`VM/DISK`).
     pub fn fence(&self, disk: &str) -> PathBuf {
         fence_path(&self.fence_dir, disk)

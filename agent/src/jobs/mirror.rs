@@ -29,7 +29,7 @@ use tokio::sync::Mutex as AsyncMutex;
 use super::{JobError, JobHandle, JobState};
 use crate::bitmap::AtomicBits;
 use crate::export::{Export, WriteData, WriteHook};
-use crate::nbd::client::{NbdClient, NbdClientError, NbdUri};
+use crate::nbd::client::{ClientOptions, NbdClient, NbdClientError, NbdUri};
 use crate::store::{BlockStore, ExtentKind, StoreError};
 use arc_swap::ArcSwap;
 
@@ -112,7 +112,7 @@ pub struct Tracker {
     client: ArcSwap<NbdClient>,
     /// The destination, for reconnects.
     uri: NbdUri,
-    tls: Option<Arc<rustls::ClientConfig>>,
+    nbd: ClientOptions,
     /// How long a lost connection is retried (zero: the mirror fails).
     reconnect: Duration,
     /// Since when, and why, the connection is lost (`None`: connected).
@@ -151,7 +151,7 @@ impl Tracker {
         client: Arc<NbdClient>,
         source: Arc<dyn BlockStore>,
         uri: NbdUri,
-        tls: Option<Arc<rustls::ClientConfig>>,
+        nbd: ClientOptions,
         reconnect: Duration,
     ) -> Self {
         let len = dirty.len();
@@ -164,7 +164,7 @@ impl Tracker {
             align: client.min_block(),
             client: ArcSwap::new(client),
             uri,
-            tls,
+            nbd,
             reconnect,
             lost: std::sync::Mutex::new(None),
             lost_flag: AtomicBool::new(false),
@@ -368,21 +368,19 @@ pub async fn run(
     job: JobHandle,
     export: Arc<Export>,
     params: MirrorParams,
-    tls: Option<Arc<rustls::ClientConfig>>,
+    nbd: ClientOptions,
     group: Option<Arc<CutOverGroup>>,
 ) -> Result<Value, JobError> {
     // Dropped without arriving (a failure anywhere, a cancel): the group's cut-over fails.
     let mut member = group.map(|group| Member { group, arrived: false });
     let uri: NbdUri = params.target.parse().map_err(JobError::Failed)?;
     let client = Arc::new(
-        NbdClient::connect(&uri, tls.as_ref())
-            .await
-            .map_err(|e| JobError::from_err("Cannot reach the mirror target", &e))?,
+        NbdClient::connect(&uri, &nbd).await.map_err(|e| JobError::from_err("Cannot reach the mirror target", &e))?,
     );
     if client.size() != export.size() {
         return Err(JobError::Failed(format!("Mirror target has {} bytes, disk has {}", client.size(), export.size())));
     }
-    let tracker = start_tracking(&job, &export, &params, client, uri, tls)?;
+    let tracker = start_tracking(&job, &export, &params, client, uri, nbd)?;
     let result = mirror(&job, &export, &params, &tracker, member.as_mut()).await;
     export.remove_hook(&tracker);
     if let Some(bitmap) = &params.bitmap {
@@ -404,7 +402,7 @@ fn start_tracking(
     params: &MirrorParams,
     client: Arc<NbdClient>,
     uri: NbdUri,
-    tls: Option<Arc<rustls::ClientConfig>>,
+    nbd: ClientOptions,
 ) -> Result<Arc<Tracker>, JobError> {
     let bitmaps = export.bitmaps();
     let size = export.size();
@@ -462,7 +460,7 @@ fn start_tracking(
             client.clone(),
             export.store().clone(),
             uri.clone(),
-            tls.clone(),
+            nbd.clone(),
             Duration::from_secs(params.reconnect_secs),
         ));
         let _ = tracker.job.set(job.clone());
@@ -771,7 +769,7 @@ async fn reconnect(job: &JobHandle, t: &Tracker) -> Result<(), JobError> {
         }
         attempts += 1;
         let limit = left.max(Duration::from_secs(1));
-        match tokio::time::timeout(limit, NbdClient::connect(&t.uri, t.tls.as_ref())).await {
+        match tokio::time::timeout(limit, NbdClient::connect(&t.uri, &t.nbd)).await {
             Ok(Ok(c)) if job.settings().get("synced") == Some(&Value::Bool(true)) => {
                 drop(c);
                 return Err(JobError::Failed(format!(
@@ -946,7 +944,7 @@ mod tests {
         let uri: NbdUri = format!("nbd+unix:///?socket={}", socket.display()).parse().unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         let client = loop {
-            match NbdClient::connect(&uri, None).await {
+            match NbdClient::connect(&uri, &ClientOptions::default()).await {
                 Ok(c) => break Arc::new(c),
                 Err(e) if Instant::now() > deadline => panic!("connecting to {program}: {e}"),
                 Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
@@ -975,7 +973,7 @@ mod tests {
             client.clone(),
             source,
             uri,
-            None,
+            ClientOptions::default(),
             Duration::ZERO,
         ))
     }

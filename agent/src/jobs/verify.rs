@@ -35,7 +35,7 @@ pub struct VerifyParams {
 pub async fn run(job: JobHandle, env: BackupEnv, export: Arc<Export>, params: VerifyParams) -> Result<Value, JobError> {
     let other: Arc<dyn BlockStore> = if params.against.starts_with("nbd") {
         let uri: NbdUri = params.against.parse().map_err(JobError::Failed)?;
-        let client = NbdClient::connect(&uri, env.tls.client().as_ref())
+        let client = NbdClient::connect(&uri, &env.nbd_client())
             .await
             .map_err(|e| JobError::from_err("Cannot reach the export to verify against", &e))?;
         Arc::new(NbdReader { client, runtime: tokio::runtime::Handle::current() })

@@ -21,18 +21,22 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 /// Requests in flight per connection.
 const IN_FLIGHT: usize = 64;
 
-/// Longest a connect (with negotiation) or one request may take, in ms.
-static TIMEOUT_MS: AtomicU64 = AtomicU64::new(30_000);
-
-/// Sets the connect and per-request timeout of every client
-/// (`nbd.client_timeout_secs`): a stalled server fails the request, and
-/// the client, instead of hanging the mirror and write-blocking writes.
-pub fn set_timeout(timeout: Duration) {
-    TIMEOUT_MS.store(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX).max(1), SeqCst);
+/// How this agent's NBD client connects: TLS for `nbds://` targets and how
+/// long a connect (with negotiation) or one request may take
+/// (`nbd.client_timeout_secs`: a stalled server fails the request, and the
+/// client, instead of hanging the mirror and write-blocking writes).
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Trust roots and the client certificate (`nbds://` needs them).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// Connect and per-request limit.
+    pub timeout: Duration,
 }
 
-fn timeout() -> Duration {
-    Duration::from_millis(TIMEOUT_MS.load(SeqCst))
+impl Default for ClientOptions {
+    fn default() -> Self {
+        Self { tls: None, timeout: Duration::from_secs(30) }
+    }
 }
 
 /// Where an NBD export is: `nbd://HOST:PORT/EXPORT` or `nbd+unix:///EXPORT?socket=PATH`.
@@ -190,16 +194,20 @@ pub struct NbdClient {
     uri: NbdUri,
     /// A request timed out: the connection's state is unknown.
     broken: AtomicBool,
+    /// Per-request limit.
+    timeout: Duration,
 }
 
 impl NbdClient {
-    /// Connects and negotiates; `nbds://` URIs need `tls` (trust roots and
-    /// the client certificate to present).
-    pub async fn connect(uri: &NbdUri, tls: Option<&Arc<rustls::ClientConfig>>) -> Result<Self, NbdClientError> {
-        let limit = timeout();
-        tokio::time::timeout(limit, Self::connect_now(uri, tls))
+    /// Connects and negotiates; `nbds://` URIs need `options.tls` (trust
+    /// roots and the client certificate to present).
+    pub async fn connect(uri: &NbdUri, options: &ClientOptions) -> Result<Self, NbdClientError> {
+        let limit = options.timeout;
+        let mut client = tokio::time::timeout(limit, Self::connect_now(uri, options.tls.as_ref()))
             .await
-            .unwrap_or_else(|_| Err(NbdClientError::TimedOut(uri.to_string(), limit.as_secs())))
+            .unwrap_or_else(|_| Err(NbdClientError::TimedOut(uri.to_string(), limit.as_secs())))?;
+        client.timeout = limit;
+        Ok(client)
     }
 
     async fn connect_now(uri: &NbdUri, tls: Option<&Arc<rustls::ClientConfig>>) -> Result<Self, NbdClientError> {
@@ -271,7 +279,14 @@ impl NbdClient {
         let (tx, rx) = mpsc::channel(IN_FLIGHT);
         tokio::spawn(send_loop(w, rx, inflight.clone()));
         tokio::spawn(receive_loop(r, input, inflight));
-        Self { tx, info, slots: Arc::new(Semaphore::new(IN_FLIGHT)), uri: uri.clone(), broken: AtomicBool::new(false) }
+        Self {
+            tx,
+            info,
+            slots: Arc::new(Semaphore::new(IN_FLIGHT)),
+            uri: uri.clone(),
+            broken: AtomicBool::new(false),
+            timeout: ClientOptions::default().timeout,
+        }
     }
 
     /// Export size.
@@ -298,7 +313,7 @@ impl NbdClient {
         length: u32,
         payload: Bytes,
     ) -> Result<Bytes, NbdClientError> {
-        let limit = timeout();
+        let limit = self.timeout;
         if self.broken.load(SeqCst) {
             return Err(NbdClientError::TimedOut(self.uri.to_string(), limit.as_secs()));
         }
@@ -344,7 +359,7 @@ impl NbdClient {
     /// Sends NBD_CMD_DISC (after in-flight requests were answered).
     pub async fn disconnect(self) {
         let all = self.slots.acquire_many(u32::try_from(IN_FLIGHT).unwrap_or(1));
-        if self.broken.load(SeqCst) || tokio::time::timeout(timeout(), all).await.is_err() {
+        if self.broken.load(SeqCst) || tokio::time::timeout(self.timeout, all).await.is_err() {
             return;
         }
         let (reply, _rx) = oneshot::channel();
