@@ -234,6 +234,8 @@ pub async fn run(config: AgentConfig) -> Result<(), DaemonError> {
     std::fs::create_dir_all(&config.state_dir)
         .map_err(io_err(format!("Cannot create {}", config.state_dir.display())))?;
     let vms = config.load_vms()?;
+    // Outgoing migrations call `https://` destinations with these.
+    let mut credentials = api::client::Credentials::default();
     if let Some(m) = &config.migration {
         if m.client_cert.is_some() != m.client_key.is_some() {
             return Err(DaemonError::Io {
@@ -241,12 +243,11 @@ pub async fn run(config: AgentConfig) -> Result<(), DaemonError> {
                 source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
             });
         }
-        // Outgoing migrations call `https://` destinations with these.
-        api::client::set_credentials(api::client::Credentials {
+        credentials = api::client::Credentials {
             ca_cert: m.ca_cert.clone(),
             token_file: m.token_file.clone(),
             client_cert: m.client_cert.clone().zip(m.client_key.clone()),
-        });
+        };
     }
     // Point-in-time scratch files belong to jobs of an earlier run; those
     // jobs are concluded as interrupted below, so the files are garbage.
@@ -269,7 +270,11 @@ pub async fn run(config: AgentConfig) -> Result<(), DaemonError> {
         configs: BTreeMap::new(),
     };
     // Fences a restart must find in place before any disk is served (see `fences_due_at_start`).
-    let outgoing = api::OutgoingEnv::load(config.state_dir.join("migrations").join("outgoing"), jobs.events().clone());
+    let outgoing = api::OutgoingEnv::load(
+        config.state_dir.join("migrations").join("outgoing"),
+        jobs.events().clone(),
+        Arc::new(credentials),
+    );
     let due = outgoing.fences_due_at_start();
     for (disk, target) in &due {
         let fence = crate::jobs::backup::fence_path(&config.state_dir.join("fenced"), disk);

@@ -153,8 +153,14 @@ fn client_exit(e: &agent::api::client::ClientError) -> u8 {
     }
 }
 
-fn run_client(control: Option<&str>, json: bool, cmd: ClientCmd) -> Result<(), (u8, String, String)> {
+fn run_client(
+    control: Option<&str>,
+    credentials: &std::sync::Arc<agent::api::client::Credentials>,
+    json: bool,
+    cmd: ClientCmd,
+) -> Result<(), (u8, String, String)> {
     let endpoint = cli::resolve_endpoint(control).map_err(|e| (exit::USAGE, "usage".to_owned(), e))?;
+    let endpoint = endpoint.with_credentials(credentials);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -192,12 +198,12 @@ fn main() -> ExitCode {
             .render(&mut std::io::stdout())
             .context("Cannot write the man page"),
         Cmd::Client(cmd) => {
-            agent::api::client::set_credentials(agent::api::client::Credentials {
+            let credentials = std::sync::Arc::new(agent::api::client::Credentials {
                 ca_cert: cli.ca_cert,
                 token_file: cli.token_file,
                 client_cert: cli.client_cert.zip(cli.client_key),
             });
-            match run_client(cli.control.as_deref(), cli.json, cmd) {
+            match run_client(cli.control.as_deref(), &credentials, cli.json, cmd) {
                 Ok(()) => return ExitCode::SUCCESS,
                 Err((status, code, message)) => {
                     if cli.json {

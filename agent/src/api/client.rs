@@ -1,7 +1,7 @@
 //! HTTP client of the control API, used by the CLI.
 
 use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
@@ -16,12 +16,23 @@ pub enum Endpoint {
     Unix(PathBuf),
     /// `http://host:port`.
     Http(String),
-    /// `https://host:port` (TLS; credentials from [`set_credentials`]).
-    Https(String),
+    /// `https://host:port` (TLS, with these credentials).
+    Https(String, Arc<Credentials>),
 }
 
-/// How the CLI authenticates to a TCP control API and what it trusts.
-#[derive(Debug, Clone, Default)]
+impl Endpoint {
+    /// The same endpoint, calling with `credentials` if it is `https://`.
+    #[must_use]
+    pub fn with_credentials(self, credentials: &Arc<Credentials>) -> Self {
+        match self {
+            Endpoint::Https(addr, _) => Endpoint::Https(addr, credentials.clone()),
+            other => other,
+        }
+    }
+}
+
+/// How a client authenticates to a TCP control API and what it trusts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Credentials {
     /// CA certificate(s) (PEM) that signed the agent's certificate.
     pub ca_cert: Option<PathBuf>,
@@ -29,13 +40,6 @@ pub struct Credentials {
     pub token_file: Option<PathBuf>,
     /// Client certificate and key (PEM), if the agent checks certificates.
     pub client_cert: Option<(PathBuf, PathBuf)>,
-}
-
-static CREDENTIALS: OnceLock<Credentials> = OnceLock::new();
-
-/// Sets the credentials for `https://` endpoints (once, at start-up).
-pub fn set_credentials(credentials: Credentials) {
-    let _ = CREDENTIALS.set(credentials);
 }
 
 impl std::str::FromStr for Endpoint {
@@ -49,7 +53,7 @@ impl std::str::FromStr for Endpoint {
             return Ok(Endpoint::Http(rest.trim_end_matches('/').to_owned()));
         }
         if let Some(rest) = s.strip_prefix("https://") {
-            return Ok(Endpoint::Https(rest.trim_end_matches('/').to_owned()));
+            return Ok(Endpoint::Https(rest.trim_end_matches('/').to_owned(), Arc::default()));
         }
         Err(format!("bad control address {s:?} (expected unix:/path or https://host:port)"))
     }
@@ -153,9 +157,8 @@ async fn send(
             let s = tokio::net::TcpStream::connect(addr).await.map_err(|e| ClientError::Connect(addr.clone(), e))?;
             (TokioIo::new(Box::new(s) as Box<dyn Io>), addr.clone())
         }
-        Endpoint::Https(addr) => {
-            let credentials = CREDENTIALS.get().cloned().unwrap_or_default();
-            let (config, name) = tls_client(&credentials, addr)?;
+        Endpoint::Https(addr, credentials) => {
+            let (config, name) = tls_client(credentials, addr)?;
             let s = tokio::net::TcpStream::connect(addr).await.map_err(|e| ClientError::Connect(addr.clone(), e))?;
             let s = tokio_rustls::TlsConnector::from(config)
                 .connect(name, s)
@@ -165,7 +168,7 @@ async fn send(
         }
     };
     let token = match endpoint {
-        Endpoint::Https(_) => bearer_token()?,
+        Endpoint::Https(_, credentials) => bearer_token(credentials)?,
         _ => None,
     };
     let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.map_err(|e| http(&e))?;
@@ -183,9 +186,9 @@ async fn send(
 trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
 
-/// The token from `--token-file`, if any.
-fn bearer_token() -> Result<Option<String>, ClientError> {
-    let Some(path) = CREDENTIALS.get().and_then(|c| c.token_file.clone()) else { return Ok(None) };
+/// The token from the credentials' token file, if any.
+fn bearer_token(credentials: &Credentials) -> Result<Option<String>, ClientError> {
+    let Some(path) = credentials.token_file.clone() else { return Ok(None) };
     let text = std::fs::read_to_string(&path)
         .map_err(|e| ClientError::Http(format!("cannot read token file {}: {e}", path.display())))?;
     Ok(Some(text.lines().next().unwrap_or_default().trim().to_owned()))

@@ -39,7 +39,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
-use super::client::{ClientError, Endpoint};
+use super::client::{ClientError, Credentials, Endpoint};
 use super::{to_json, ApiError, Control, Size};
 use crate::jobs::limits::Admission::Exempt;
 use crate::jobs::mirror::{self, BitmapState, CopyMode, CutOverGroup, MirrorParams, MirrorSync};
@@ -250,11 +250,13 @@ pub struct OutgoingEnv {
     dir: PathBuf,
     map: Mutex<BTreeMap<String, Arc<Handle>>>,
     events: crate::events::Events,
+    /// How destinations' control APIs on `https://` are called (`migration:`).
+    credentials: Arc<Credentials>,
 }
 
 impl OutgoingEnv {
     /// Loads the records of `STATE_DIR/migrations/outgoing`.
-    pub fn load(dir: PathBuf, events: crate::events::Events) -> Self {
+    pub fn load(dir: PathBuf, events: crate::events::Events, credentials: Arc<Credentials>) -> Self {
         let mut map = BTreeMap::new();
         for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
             if entry.path().extension().is_none_or(|e| e != "json") {
@@ -270,7 +272,7 @@ impl OutgoingEnv {
                 }
             }
         }
-        Self { dir, map: Mutex::new(map), events }
+        Self { dir, map: Mutex::new(map), events, credentials }
     }
 
     /// Disks to fence before they are served after a restart: those of a
@@ -365,7 +367,7 @@ fn nbd_uri(prep: &Value, dest: &Endpoint, export: &str) -> Result<String, ApiErr
     let addrs: Vec<&str> = prep["nbd"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
     if let Some(tcp) = addrs.iter().find(|a| !a.starts_with("unix:")) {
         let host = match (tcp.rsplit_once(':'), dest) {
-            (Some((ip, port)), Endpoint::Http(h) | Endpoint::Https(h)) if ip == "0.0.0.0" || ip == "[::]" => {
+            (Some((ip, port)), Endpoint::Http(h) | Endpoint::Https(h, _)) if ip == "0.0.0.0" || ip == "[::]" => {
                 format!("{}:{port}", h.rsplit_once(':').map_or(h.as_str(), |x| x.0))
             }
             _ => (*tcp).to_owned(),
@@ -382,6 +384,15 @@ fn nbd_uri(prep: &Value, dest: &Endpoint, export: &str) -> Result<String, ApiErr
 impl Control {
     pub(super) fn outgoing(&self) -> Result<&OutgoingEnv, ApiError> {
         self.outgoing.get().ok_or_else(|| ApiError::Internal("migrations are not ready".into()))
+    }
+
+    /// A destination's control API, called with this agent's `migration:` credentials.
+    fn destination(&self, to: &str) -> Result<Endpoint, String> {
+        let endpoint: Endpoint = to.parse()?;
+        Ok(match self.outgoing() {
+            Ok(env) => endpoint.with_credentials(&env.credentials),
+            Err(_) => endpoint,
+        })
     }
 
     /// Whether the mirrors of `vm`'s outgoing migration may be paused or
@@ -475,7 +486,7 @@ impl Control {
     /// starts the mirrors, and leaves the rest to a task of the agent.
     pub(super) async fn start_outgoing(self: &Arc<Self>, req: StartMigration) -> Result<Value, ApiError> {
         let env = self.outgoing()?;
-        let dest: Endpoint = req.to.parse().map_err(ApiError::BadRequest)?;
+        let dest: Endpoint = self.destination(&req.to).map_err(ApiError::BadRequest)?;
         let vm = self
             .vms
             .load()
@@ -684,7 +695,7 @@ impl Control {
             let r = h.get();
             if r.cutover == Cutover::FirstIo && r.state == OutState::Ready {
                 // The destination may lack a write whose forward failed: its reads wait from now on.
-                if let (Ok(dest), Some(id)) = (r.to.parse::<Endpoint>(), &r.id) {
+                if let (Ok(dest), Some(id)) = (self.destination(&r.to), &r.id) {
                     let _ = call(&dest, "DELETE", &format!("/v1/migrations/{id}/synced"), None).await;
                 }
             }
@@ -773,7 +784,7 @@ impl Control {
             if in_sync && h.get().state == OutState::Mirroring {
                 if r.cutover != Cutover::Auto {
                     let id = r.id.clone().unwrap_or_default();
-                    let dest: Result<Endpoint, String> = r.to.parse();
+                    let dest: Result<Endpoint, String> = self.destination(&r.to);
                     let told = match dest {
                         Ok(dest) => call(&dest, "POST", &format!("/v1/migrations/{id}/synced"), None)
                             .await
@@ -790,8 +801,8 @@ impl Control {
                 }
                 tracing::info!(vm = %r.vm, "outgoing migration ready: every mirror converged, write-blocking");
                 if r.cutover == Cutover::FirstIo {
-                    let (dest, id) = (r.to.clone(), r.id.clone().unwrap_or_default());
-                    first_io = Some(tokio::spawn(async move { wait_first_io(&dest, &id).await }));
+                    let (dest, id) = (self.destination(&r.to), r.id.clone().unwrap_or_default());
+                    first_io = Some(tokio::spawn(async move { wait_first_io(dest, &id).await }));
                 }
             }
             let requested = *request.borrow_and_update();
@@ -818,9 +829,9 @@ impl Control {
                     }
                     Err(e) => tracing::warn!(vm = %r.vm, error = %e, "first-IO watcher ended"),
                 }
-                let (dest, id) = (r.to.clone(), r.id.clone().unwrap_or_default());
+                let (dest, id) = (self.destination(&r.to), r.id.clone().unwrap_or_default());
                 tokio::time::sleep(Duration::from_millis(200)).await;
-                first_io = Some(tokio::spawn(async move { wait_first_io(&dest, &id).await }));
+                first_io = Some(tokio::spawn(async move { wait_first_io(dest, &id).await }));
                 continue;
             }
             tokio::select! {
@@ -876,7 +887,7 @@ impl Control {
             return Err((OutState::Failed, format!("the cut-over failed: {}", failures.join("; "))));
         }
         // Every source disk is read-only now (all together); the destination has every write.
-        let dest: Endpoint = r.to.parse().map_err(|e: String| (OutState::Failed, e))?;
+        let dest: Endpoint = self.destination(&r.to).map_err(|e: String| (OutState::Failed, e))?;
         let id = r.id.clone().unwrap_or_default();
         if r.verify {
             for d in &r.disks {
@@ -983,7 +994,7 @@ impl Control {
             let _ = self.jobs.cancel(&id);
         }
         let mut notes = vec![error.clone()];
-        if let (Some(id), Ok(dest)) = (&r.id, r.to.parse::<Endpoint>()) {
+        if let (Some(id), Ok(dest)) = (&r.id, self.destination(&r.to)) {
             // Never hand the disks back while the destination serves them.
             let there = call(&dest, "GET", &format!("/v1/migrations/{id}"), None).await;
             if there.as_ref().is_ok_and(|m| m["state"] == "active") {
@@ -1055,7 +1066,7 @@ impl Control {
     /// does not forget it). An unreachable destination is asked again for
     /// a minute; then the answer counts as no (the migration rolls back).
     async fn destination_took_first_io(&self, r: &OutRecord) -> bool {
-        let (Ok(dest), Some(id)) = (r.to.parse::<Endpoint>(), &r.id) else { return false };
+        let (Ok(dest), Some(id)) = (self.destination(&r.to), &r.id) else { return false };
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             match call(&dest, "GET", &format!("/v1/migrations/{id}/first-io?wait=0"), None).await {
@@ -1091,7 +1102,7 @@ impl Control {
             let Err((_, e)) = self.roll_forward(h, attempts >= 2).await else { return };
             attempts += 1;
             let r = h.get();
-            if let (Ok(dest), Some(id)) = (r.to.parse::<Endpoint>(), &r.id) {
+            if let (Ok(dest), Some(id)) = (self.destination(&r.to), &r.id) {
                 if let Ok(m) = call(&dest, "GET", &format!("/v1/migrations/{id}"), None).await {
                     if m["state"] == "active" {
                         // Live there by another hand: the source stays fenced (never unfenced on a
@@ -1147,7 +1158,7 @@ impl Control {
                 r.error = Some("completing a first-io cut-over: mirroring again".into());
             })
             .map_err(|e| failed(&e))?;
-        let dest: Endpoint = r.to.parse().map_err(|e: String| failed(&e))?;
+        let dest: Endpoint = self.destination(&r.to).map_err(|e: String| failed(&e))?;
         let id = r.id.clone().unwrap_or_default();
         // The resumed VM's reads wait too until the destination has every block again.
         call(&dest, "DELETE", &format!("/v1/migrations/{id}/synced"), None)
@@ -1255,7 +1266,7 @@ impl Control {
                 // Every disk had cut over and was fenced: the destination has every write.
                 tracing::warn!(vm = %r.vm, "resuming an outgoing migration after a restart: activating the destination");
                 tokio::spawn(async move {
-                    let (dest, id) = (r.to.parse::<Endpoint>(), r.id.clone().unwrap_or_default());
+                    let (dest, id) = (me.destination(&r.to), r.id.clone().unwrap_or_default());
                     let Ok(dest) = dest else { return };
                     if let Err((state, e)) = me.activate_destination(&h, &dest, &id, Instant::now()).await {
                         me.roll_back(&h, state, e).await;
@@ -1281,8 +1292,8 @@ const FATAL: &str = "fatal: ";
 
 /// Long-polls the destination until a client sent IO on one of the
 /// migration's incoming exports.
-async fn wait_first_io(dest: &str, id: &str) -> Result<(), String> {
-    let dest: Endpoint = dest.parse()?;
+async fn wait_first_io(dest: Result<Endpoint, String>, id: &str) -> Result<(), String> {
+    let dest = dest?;
     loop {
         let asked = Instant::now();
         let answer = call(&dest, "GET", &format!("/v1/migrations/{id}/first-io?wait=20"), None)

@@ -133,7 +133,7 @@ pub fn resolve_endpoint(explicit: Option<&str>) -> Result<Endpoint, String> {
         .and_then(|c| c.control.listen.into_iter().next());
     match from_config {
         Some(ListenAddr::Unix(p)) => Ok(Endpoint::Unix(p)),
-        Some(ListenAddr::Tcp(a)) => Ok(Endpoint::Https(a.to_string())),
+        Some(ListenAddr::Tcp(a)) => Ok(Endpoint::Https(a.to_string(), Default::default())),
         None => crate::config::DEFAULT_CONTROL_LISTEN.parse(),
     }
 }
