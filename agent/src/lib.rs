@@ -37,3 +37,4 @@ pub mod store;
 pub mod systemd;
 #[cfg(test)]
 mod testkit;
+pub mod tls;

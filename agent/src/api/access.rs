@@ -24,10 +24,7 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::serve::{IncomingStream, Listener};
-use rustls::server::WebPkiClientVerifier;
-use rustls::{RootCertStore, ServerConfig};
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::ServerConfig;
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_rustls::server::TlsStream;
@@ -87,41 +84,16 @@ fn load_token(path: &Path) -> Result<String, ServeError> {
     Ok(token)
 }
 
-fn tls_err(what: &Path) -> impl Fn(String) -> ServeError + '_ {
-    move |reason| ServeError::Tls { path: what.display().to_string(), reason }
-}
-
-fn pem_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, ServeError> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .and_then(Iterator::collect::<Result<Vec<_>, _>>)
-        .map_err(|e| tls_err(path)(e.to_string()))?;
-    if certs.is_empty() {
-        return Err(tls_err(path)("no certificate in the file".into()));
-    }
-    Ok(certs)
-}
-
 /// Server TLS; with `client_ca`, client certificates are verified, and
 /// mandatory unless a token can stand in for them.
 fn server_config(c: &ControlTlsConfig, token: bool) -> Result<ServerConfig, ServeError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = ServerConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| tls_err(&c.cert)(e.to_string()))?;
-    let builder = match &c.client_ca {
-        Some(ca) => {
-            let mut roots = RootCertStore::empty();
-            for cert in pem_certs(ca)? {
-                roots.add(cert).map_err(|e| tls_err(ca)(e.to_string()))?;
-            }
-            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
-            let verifier = if token { verifier.allow_unauthenticated() } else { verifier };
-            builder.with_client_cert_verifier(verifier.build().map_err(|e| tls_err(ca)(e.to_string()))?)
-        }
-        None => builder.with_no_client_auth(),
+    use crate::tls::ClientAuth;
+    let clients = match &c.client_ca {
+        Some(ca) if token => ClientAuth::Optional(ca),
+        Some(ca) => ClientAuth::Required(ca),
+        None => ClientAuth::None,
     };
-    let key = PrivateKeyDer::from_pem_file(&c.key).map_err(|e| tls_err(&c.key)(e.to_string()))?;
-    let mut config = builder.with_single_cert(pem_certs(&c.cert)?, key).map_err(|e| tls_err(&c.cert)(e.to_string()))?;
+    let mut config = crate::tls::server_config(&c.cert, &c.key, clients)?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(config)
 }

@@ -199,46 +199,11 @@ fn tls_client(
     c: &Credentials,
     addr: &str,
 ) -> Result<(Arc<rustls::ClientConfig>, rustls_pki_types::ServerName<'static>), ClientError> {
-    use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-    let bad = |what: &std::path::Path, e: &dyn std::fmt::Display| {
-        ClientError::Http(format!("cannot load {}: {e}", what.display()))
-    };
-    let certs = |path: &std::path::Path| {
-        CertificateDer::pem_file_iter(path).and_then(Iterator::collect::<Result<Vec<_>, _>>).map_err(|e| bad(path, &e))
-    };
-    let mut roots = rustls::RootCertStore::empty();
-    match &c.ca_cert {
-        Some(ca) => {
-            for cert in certs(ca)? {
-                roots.add(cert).map_err(|e| bad(ca, &e))?;
-            }
-        }
-        None => {
-            // The platform's store (SSL_CERT_FILE / SSL_CERT_DIR first, then the system's bundle).
-            let found = rustls_native_certs::load_native_certs();
-            let (added, _unparsable) = roots.add_parsable_certificates(found.certs);
-            if added == 0 {
-                let why: Vec<String> = found.errors.iter().map(ToString::to_string).collect();
-                return Err(ClientError::Http(format!(
-                    "no CA certificates in the system store ({}); pass --ca-cert",
-                    if why.is_empty() { "it is empty".to_owned() } else { why.join("; ") }
-                )));
-            }
-        }
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| ClientError::Http(e.to_string()))?
-        .with_root_certificates(roots);
-    let mut config = match &c.client_cert {
-        Some((cert, key)) => {
-            let key = PrivateKeyDer::from_pem_file(key).map_err(|e| bad(key, &e))?;
-            builder.with_client_auth_cert(certs(cert)?, key).map_err(|e| bad(cert, &e))?
-        }
-        None => builder.with_no_client_auth(),
-    };
+    use rustls_pki_types::ServerName;
+    let bad = |e: crate::tls::TlsError| ClientError::Http(e.to_string());
+    let roots = crate::tls::roots(c.ca_cert.as_deref()).map_err(bad)?;
+    let identity = c.client_cert.as_ref().map(|(cert, key)| (cert.as_path(), key.as_path()));
+    let mut config = crate::tls::client_config(roots, identity).map_err(bad)?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     let host = match addr.rsplit_once(':') {
         Some((h, _)) => h.trim_start_matches('[').trim_end_matches(']'),

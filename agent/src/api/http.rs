@@ -392,13 +392,8 @@ pub enum ServeError {
         reason: String,
     },
     /// Certificate, key or CA unusable.
-    #[error("Control API TLS: {path}: {reason}")]
-    Tls {
-        /// File.
-        path: String,
-        /// What is wrong.
-        reason: String,
-    },
+    #[error("Control API TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
     /// The socket is served by another process.
     #[error("Socket {0} is in use by another process")]
     InUse(String),

@@ -5,33 +5,15 @@
 //! connections already running keep the configuration they started with.
 //! With `client_ca`, a client certificate signed by that CA is mandatory.
 
-use std::path::Path;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use rustls::server::WebPkiClientVerifier;
-use rustls::{RootCertStore, ServerConfig};
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::ServerConfig;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::{TlsConfig, TlsMode};
 
-/// Why TLS could not be set up.
-#[derive(Debug, thiserror::Error)]
-pub enum TlsError {
-    /// A PEM file is missing or unreadable.
-    #[error("Cannot read {path}: {message}")]
-    Pem {
-        /// File.
-        path: String,
-        /// What went wrong.
-        message: String,
-    },
-    /// rustls refused the material.
-    #[error("Invalid TLS setup: {0}")]
-    Config(String),
-}
+pub use crate::tls::TlsError;
 
 /// The listener's TLS policy and current server configuration.
 #[derive(Debug)]
@@ -91,58 +73,16 @@ impl Tls {
     }
 }
 
-fn pem_err(path: &Path) -> impl Fn(rustls_pki_types::pem::Error) -> TlsError + '_ {
-    move |e| TlsError::Pem { path: path.display().to_string(), message: e.to_string() }
-}
-
-fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(pem_err(path))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(pem_err(path))?;
-    if certs.is_empty() {
-        return Err(TlsError::Pem { path: path.display().to_string(), message: "no certificate in the file".into() });
-    }
-    Ok(certs)
-}
-
-/// Builds the client configuration used for outgoing mirrors.
+/// Builds the client configuration used for outgoing mirrors: trusts
+/// `client_ca` and presents this agent's certificate. None without `client_ca`.
 pub fn client_config(c: &TlsConfig) -> Result<Option<rustls::ClientConfig>, TlsError> {
     let Some(ca) = &c.client_ca else { return Ok(None) };
-    let mut roots = RootCertStore::empty();
-    for cert in certs(ca)? {
-        roots.add(cert).map_err(|e| TlsError::Config(format!("{}: {e}", ca.display())))?;
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| TlsError::Config(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_client_auth_cert(certs(&c.cert)?, PrivateKeyDer::from_pem_file(&c.key).map_err(pem_err(&c.key))?)
-        .map_err(|e| TlsError::Config(e.to_string()))?;
-    Ok(Some(config))
+    crate::tls::client_config(crate::tls::roots(Some(ca))?, Some((&c.cert, &c.key))).map(Some)
 }
 
-/// Builds a rustls server configuration from the config section.
+/// Builds a rustls server configuration from the config section (with
+/// `client_ca`, client certificates are mandatory).
 pub fn server_config(c: &TlsConfig) -> Result<ServerConfig, TlsError> {
-    let chain = certs(&c.cert)?;
-    let key = PrivateKeyDer::from_pem_file(&c.key).map_err(pem_err(&c.key))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = ServerConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| TlsError::Config(e.to_string()))?;
-    let builder = match &c.client_ca {
-        Some(ca) => {
-            let mut roots = RootCertStore::empty();
-            for cert in certs(ca)? {
-                roots.add(cert).map_err(|e| TlsError::Config(format!("{}: {e}", ca.display())))?;
-            }
-            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-                .build()
-                .map_err(|e| TlsError::Config(e.to_string()))?;
-            builder.with_client_cert_verifier(verifier)
-        }
-        None => builder.with_no_client_auth(),
-    };
-    builder.with_single_cert(chain, key).map_err(|e| TlsError::Config(e.to_string()))
+    let clients = c.client_ca.as_deref().map_or(crate::tls::ClientAuth::None, crate::tls::ClientAuth::Required);
+    crate::tls::server_config(&c.cert, &c.key, clients)
 }
