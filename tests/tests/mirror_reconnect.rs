@@ -138,6 +138,7 @@ fn a_mirror_survives_a_cut_shorter_than_the_reconnect_window_and_the_destination
     std::thread::sleep(Duration::from_millis(800));
     qemu_io(&uri, &["write -P 0x11 1M 64k", "write -P 0x12 30M 128k"]).unwrap();
     // The cut: 2 s, within the 4 s window; the guest writes through it.
+    let cut = Instant::now();
     let cutter = std::thread::spawn(move || {
         proxy.cut(Duration::from_secs(2));
         proxy
@@ -149,6 +150,15 @@ fn a_mirror_survives_a_cut_shorter_than_the_reconnect_window_and_the_destination
     let running = job(&agent, &id);
     assert_ne!(running["state"], "concluded", "the mirror ended at the cut: {running:#}\n{}", agent.log());
     let _proxy = cutter.join().unwrap();
+    // Reconnected within the window (not after the rest of the throttled pass).
+    loop {
+        let j = job(&agent, &id);
+        if j["detail"]["reconnects"].as_u64().unwrap_or(0) >= 1 {
+            break;
+        }
+        assert!(cut.elapsed() < Duration::from_secs(4), "no reconnect within the 4 s window: {j:#}\n{}", agent.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
     qemu_io(&uri, &["write -P 0x15 9M 64k"]).unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {

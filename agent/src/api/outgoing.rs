@@ -718,7 +718,12 @@ impl Control {
 
     /// Whether every mirror reports the destination in sync.
     fn all_in_sync(&self, h: &Handle) -> bool {
-        Self::jobs_of(h).iter().all(|(_, id)| self.jobs.get(id).is_ok_and(|j| j.record().detail["in_sync"] == true))
+        Self::jobs_of(h).iter().all(|(_, id)| {
+            self.jobs.get(id).is_ok_and(|j| {
+                let r = j.record();
+                r.state != JobState::Concluded && r.detail["in_sync"] == true
+            })
+        })
     }
 
     fn jobs_of(h: &Handle) -> Vec<(String, String)> {

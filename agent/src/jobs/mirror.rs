@@ -203,14 +203,22 @@ impl Tracker {
         if lost.is_none() {
             tracing::warn!(error = %e, secs = self.reconnect.as_secs(), "lost the mirror target; reconnecting");
             *lost = Some((Instant::now(), e.to_string()));
-            if let Some(job) = self.job.get() {
-                job.set_detail(json!({
-                    "remaining_bytes": self.remaining(), "write_blocking": self.blocking.load(SeqCst),
-                    "in_sync": false, "reconnecting": true, "reconnects": self.reconnects.load(SeqCst),
-                }));
-            }
+            self.show_unsynced(true);
         }
         true
+    }
+
+    /// Shows the job out of sync at once (called under `lost`, which the
+    /// main loop holds for its own report, so a stale "in sync" cannot
+    /// follow): a migration must not tell its destination the disks are in
+    /// sync from now on.
+    fn show_unsynced(&self, reconnecting: bool) {
+        if let Some(job) = self.job.get() {
+            job.set_detail(json!({
+                "remaining_bytes": self.remaining(), "write_blocking": self.blocking.load(SeqCst),
+                "in_sync": false, "reconnecting": reconnecting, "reconnects": self.reconnects.load(SeqCst),
+            }));
+        }
     }
 
     /// `start..end` was acknowledged on `client`: unflushed until the next
@@ -278,6 +286,9 @@ impl Tracker {
                 tracing::error!(offset = start, error = %e, "forwarding a write to the mirror target failed; the mirror fails");
                 let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
                 failed.get_or_insert_with(|| format!("Forwarding a write to the destination failed: {e}"));
+                drop(failed);
+                let lost = self.lost.lock().unwrap_or_else(|p| p.into_inner());
+                self.show_unsynced(lost.is_some());
             }
         }
     }
@@ -506,12 +517,20 @@ async fn mirror(
         job.set_total(t.sent.load(SeqCst) + left);
         // In write-blocking mode with nothing left the destination holds every acknowledged
         // write, and keeps doing so (the dirty set no longer grows): "in sync".
-        let blocking = t.blocking.load(SeqCst);
-        let lost = t.is_lost();
-        job.set_detail(json!({
-            "remaining_bytes": left, "write_blocking": blocking, "in_sync": blocking && left == 0 && !lost,
-            "reconnecting": lost, "reconnects": t.reconnects.load(SeqCst),
-        }));
+        // Under `lost`: a loss (or a failed forward) shows itself after this report, never
+        // before it (see `show_unsynced`).
+        let (left, lost) = {
+            let held = t.lost.lock().unwrap_or_else(|p| p.into_inner());
+            let lost = held.is_some();
+            let failed = t.failed.lock().unwrap_or_else(|p| p.into_inner()).is_some();
+            let (left, blocking) = (t.remaining(), t.blocking.load(SeqCst));
+            job.set_detail(json!({
+                "remaining_bytes": left, "write_blocking": blocking,
+                "in_sync": blocking && left == 0 && !lost && !failed,
+                "reconnecting": lost, "reconnects": t.reconnects.load(SeqCst),
+            }));
+            (left, lost)
+        };
         if left <= params.ready_threshold {
             job.set_state(JobState::Ready);
         }
@@ -761,7 +780,8 @@ async fn reconnect(job: &JobHandle, t: &Tracker) -> Result<(), JobError> {
             return Err(JobError::Cancelled);
         }
         let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() && attempts > 0 {
+        let cutting_over = t.cutover.lock().unwrap_or_else(|p| p.into_inner()).is_some();
+        if left.is_zero() && (attempts > 0 || cutting_over) {
             return Err(JobError::Failed(format!(
                 "The mirror target was unreachable for more than {} s (nbd.client_reconnect_secs): {why}",
                 t.reconnect.as_secs()
@@ -769,7 +789,12 @@ async fn reconnect(job: &JobHandle, t: &Tracker) -> Result<(), JobError> {
         }
         attempts += 1;
         let limit = left.max(Duration::from_secs(1));
-        match tokio::time::timeout(limit, NbdClient::connect(&t.uri, &t.nbd)).await {
+        let connect = tokio::time::timeout(limit, NbdClient::connect(&t.uri, &t.nbd));
+        let connected = tokio::select! {
+            c = connect => c,
+            () = job.cancelled() => return Err(JobError::Cancelled),
+        };
+        match connected {
             Ok(Ok(c)) if job.settings().get("synced") == Some(&Value::Bool(true)) => {
                 drop(c);
                 return Err(JobError::Failed(format!(
@@ -785,9 +810,13 @@ async fn reconnect(job: &JobHandle, t: &Tracker) -> Result<(), JobError> {
                         t.dirty.or_word(w, bits);
                     }
                 }
-                *t.lost.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                let mut lost = t.lost.lock().unwrap_or_else(|p| p.into_inner());
+                *lost = None;
                 t.lost_flag.store(false, SeqCst);
                 t.reconnects.fetch_add(1, SeqCst);
+                // Still out of sync (the dirty set is being copied again), no longer reconnecting.
+                t.show_unsynced(false);
+                drop(lost);
                 tracing::info!(
                     after_ms = super::millis(since.elapsed()),
                     "reconnected to the mirror target; resuming from the dirty set"
@@ -804,7 +833,12 @@ async fn reconnect(job: &JobHandle, t: &Tracker) -> Result<(), JobError> {
                 )))
             }
             // Reachable, but the export is gone (the destination aborted): no point waiting.
-            Ok(Err(e @ NbdClientError::Handshake(..))) => {
+            Ok(Err(
+                e @ NbdClientError::Handshake(
+                    _,
+                    proto::client::ClientError::Refused { code: proto::consts::rep::ERR_UNKNOWN, .. },
+                ),
+            )) => {
                 return Err(JobError::from_err("The mirror target refused the reconnect", &e));
             }
             Ok(Err(e)) => {

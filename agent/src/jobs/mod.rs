@@ -350,6 +350,11 @@ impl JobHandle {
         self.0.cancel.is_cancelled()
     }
 
+    /// Resolves when the job is cancelled.
+    pub async fn cancelled(&self) {
+        self.0.cancel.cancelled().await;
+    }
+
     /// Job-specific settings changed at runtime (e.g. a mirror's copy mode).
     pub fn settings(&self) -> Value {
         self.0.settings.borrow().clone()

@@ -110,6 +110,10 @@ pub enum NbdClientError {
     /// The connection is closed.
     #[error("NBD connection closed")]
     Closed,
+    /// The reply stream broke (garbage, a TLS error): the connection's state
+    /// is unknown, requests sent on it may still be carried out.
+    #[error("NBD connection broken: its state is unknown")]
+    Broken,
     /// The server did not answer in time; the client is unusable.
     #[error("NBD server {0} did not answer within {1} s")]
     TimedOut(String, u64),
@@ -166,9 +170,21 @@ struct Pending {
 #[derive(Default)]
 struct InFlight {
     map: HashMap<u64, Entry>,
-    /// The reply stream ended (or the request stream failed): no request
-    /// sent from now on can be answered.
-    closed: bool,
+    /// The connection ended (no request sent from now on can be answered):
+    /// `Some(true)` if it is gone for sure (end of stream, reset), `Some(false)`
+    /// if its state is unknown (garbage or a TLS error on the reply stream:
+    /// requests already sent may still be carried out).
+    closed: Option<bool>,
+}
+
+impl InFlight {
+    fn closed_error(gone: bool) -> NbdClientError {
+        if gone {
+            NbdClientError::Closed
+        } else {
+            NbdClientError::Broken
+        }
+    }
 }
 
 /// A request waiting for its reply.
@@ -386,9 +402,13 @@ async fn send_loop<W: AsyncWrite + Unpin>(mut w: W, mut rx: mpsc::Receiver<Pendi
                 error: None,
             };
             let mut m = inflight.lock().unwrap_or_else(|e| e.into_inner());
-            if m.closed {
-                // Nobody reads replies any more: fail it now, not at the request timeout.
-                let _ = entry.reply.send(Err(NbdClientError::Closed));
+            if let Some(gone) = m.closed {
+                // Nobody reads replies any more: fail it now, not at the request timeout, and
+                // send nothing more on a connection whose state is unknown.
+                let _ = entry.reply.send(Err(InFlight::closed_error(gone)));
+                if !gone {
+                    break;
+                }
                 continue;
             }
             m.map.insert(p.request.cookie, entry);
@@ -404,7 +424,8 @@ async fn send_loop<W: AsyncWrite + Unpin>(mut w: W, mut rx: mpsc::Receiver<Pendi
             break;
         }
     }
-    fail_all(&inflight);
+    // A write error: the connection was reset (or we hung up).
+    fail_all(&inflight, true);
 }
 
 async fn receive_loop<R: AsyncRead + Unpin>(mut r: R, mut buf: BytesMut, inflight: Arc<Mutex<InFlight>>) {
@@ -422,15 +443,19 @@ async fn receive_loop<R: AsyncRead + Unpin>(mut r: R, mut buf: BytesMut, infligh
             Ok(ev) => complete(&inflight, ev),
             Err(proto::DecodeError::Incomplete) => match r.read_buf(&mut buf).await {
                 Ok(n) if n > 0 => {}
-                _ => break,
+                Ok(_) => break fail_all(&inflight, true),
+                Err(e) => {
+                    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
+                    let gone = matches!(e.kind(), ConnectionReset | ConnectionAborted | BrokenPipe);
+                    break fail_all(&inflight, gone);
+                }
             },
             Err(e) => {
                 tracing::error!(error = %e, "NBD client: bad reply stream");
-                break;
+                break fail_all(&inflight, false);
             }
         }
     }
-    fail_all(&inflight);
 }
 
 fn complete(inflight: &Mutex<InFlight>, ev: ReplyEvent) {
@@ -498,11 +523,12 @@ fn server_error(errno: u32, offset: u64, message: String) -> NbdClientError {
     NbdClientError::Server { errno, offset, message }
 }
 
-fn fail_all(inflight: &Mutex<InFlight>) {
+fn fail_all(inflight: &Mutex<InFlight>, gone: bool) {
     let mut m = inflight.lock().unwrap_or_else(|e| e.into_inner());
-    m.closed = true;
+    let gone = m.closed.unwrap_or(true) && gone;
+    m.closed = Some(gone);
     for (_, entry) in m.map.drain() {
-        let _ = entry.reply.send(Err(NbdClientError::Closed));
+        let _ = entry.reply.send(Err(InFlight::closed_error(gone)));
     }
 }
 
