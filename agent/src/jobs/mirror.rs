@@ -122,6 +122,8 @@ pub struct Tracker {
     /// reconnect they are sent again (a destination that restarted may
     /// have lost them).
     unflushed: AtomicBits,
+    /// When the destination was last flushed (see [`flush_if_due`]).
+    last_flush: std::sync::Mutex<Instant>,
     /// When the cut-over began holding guest writes (bounds reconnects then).
     cutover: std::sync::Mutex<Option<Instant>>,
     /// The job, told at once when the connection is lost (a migration must
@@ -170,6 +172,7 @@ impl Tracker {
             lost_flag: AtomicBool::new(false),
             unflushed: AtomicBits::new(len),
             cutover: std::sync::Mutex::new(None),
+            last_flush: std::sync::Mutex::new(Instant::now()),
             job: std::sync::OnceLock::new(),
             reconnects: AtomicU64::new(0),
             source,
@@ -492,7 +495,6 @@ async fn mirror(
     job.set_total(initial);
     let (mut passes, mut stalled, mut best) = (0u32, 0u32, u64::MAX);
     let mut switched_at = None;
-    let mut last_flush = Instant::now();
     loop {
         job.checkpoint().await?;
         if let Some(mode) =
@@ -502,17 +504,7 @@ async fn mirror(
         }
         pass(job, t, Pace::Job).await?;
         passes += 1;
-        // What the destination acknowledged is made durable there about once a second: a
-        // reconnect resends only what came after.
-        let due = last_flush.elapsed() >= Duration::from_secs(1) && !t.reconnect.is_zero();
-        if due && t.unflushed.count() > 0 && !t.is_lost() {
-            last_flush = Instant::now();
-            if let Err((c, e)) = flush_destination(t).await {
-                if !t.connection_lost(&c, &e) {
-                    return Err(JobError::from_err("Flushing the destination failed", &e));
-                }
-            }
-        }
+        flush_if_due(t).await?;
         let left = t.remaining();
         job.set_total(t.sent.load(SeqCst) + left);
         // In write-blocking mode with nothing left the destination holds every acknowledged
@@ -748,6 +740,9 @@ async fn pass(job: &JobHandle, t: &Arc<Tracker>, pace: Pace) -> Result<(), JobEr
             while tasks.len() >= PARALLEL {
                 join(&mut tasks, job).await?;
             }
+            if pace == Pace::Job {
+                flush_if_due(t).await?;
+            }
             tasks.spawn(copy_piece(t.clone(), start, start + n - 1));
             start += n;
         }
@@ -848,6 +843,31 @@ async fn reconnect(job: &JobHandle, t: &Tracker) -> Result<(), JobError> {
             Err(_) => {}
         }
     }
+}
+
+/// What the destination acknowledged is made durable there about once a
+/// second (between passes and between the pieces of a long one): a
+/// reconnect resends only what came after. Not without reconnects.
+async fn flush_if_due(t: &Tracker) -> Result<(), JobError> {
+    let due = {
+        let mut last = t.last_flush.lock().unwrap_or_else(|p| p.into_inner());
+        let due = last.elapsed() >= Duration::from_secs(1)
+            && !t.reconnect.is_zero()
+            && !t.is_lost()
+            && t.unflushed.count() > 0;
+        if due {
+            *last = Instant::now();
+        }
+        due
+    };
+    if due {
+        if let Err((c, e)) = flush_destination(t).await {
+            if !t.connection_lost(&c, &e) {
+                return Err(JobError::from_err("Flushing the destination failed", &e));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Flushes the destination: the granules acknowledged before it are
