@@ -72,7 +72,7 @@ pub fn roots(ca: Option<&Path>) -> Result<RootCertStore, TlsError> {
             if added == 0 {
                 let why: Vec<String> = found.errors.iter().map(ToString::to_string).collect();
                 return Err(TlsError::Config(format!(
-                    "no CA certificates in the system store ({}); name a CA file",
+                    "no CA certificates in the system store ({}); name a CA file (--ca-cert)",
                     if why.is_empty() { "it is empty".to_owned() } else { why.join("; ") }
                 )));
             }
@@ -107,7 +107,9 @@ pub fn server_config(cert: &Path, key_file: &Path, clients: ClientAuth<'_>) -> R
             builder.with_client_cert_verifier(verifier.build().map_err(config_err)?)
         }
     };
-    builder.with_single_cert(chain, key).map_err(config_err)
+    builder
+        .with_single_cert(chain, key)
+        .map_err(|e| TlsError::Config(format!("{} with {}: {e}", cert.display(), key_file.display())))
 }
 
 /// A client configuration: trust roots, and the certificate and key to
@@ -118,7 +120,9 @@ pub fn client_config(roots: RootCertStore, identity: Option<(&Path, &Path)>) -> 
         .map_err(config_err)?
         .with_root_certificates(roots);
     match identity {
-        Some((cert, key_file)) => builder.with_client_auth_cert(certs(cert)?, key(key_file)?).map_err(config_err),
+        Some((cert, key_file)) => builder
+            .with_client_auth_cert(certs(cert)?, key(key_file)?)
+            .map_err(|e| TlsError::Config(format!("{} with {}: {e}", cert.display(), key_file.display()))),
         None => Ok(builder.with_no_client_auth()),
     }
 }

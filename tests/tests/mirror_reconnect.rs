@@ -17,14 +17,41 @@ use tests::{capture, qemu_io, run, Agent, AgentBuilder, Rng};
 
 const MIB: u64 = 1 << 20;
 
-/// A TCP-to-Unix proxy that can be cut.
+/// Where a proxy forwards to.
+#[derive(Clone)]
+enum Upstream {
+    Unix(PathBuf),
+    Tcp(std::net::SocketAddr),
+}
+
+type Halves = (Box<dyn std::io::Read + Send>, Box<dyn std::io::Write + Send>, Box<dyn Fn() + Send>);
+
+impl Upstream {
+    /// Reader, writer, and a hang-up of the connection.
+    fn connect(&self) -> std::io::Result<Halves> {
+        match self {
+            Upstream::Unix(p) => {
+                let s = UnixStream::connect(p)?;
+                let (r, w, h) = (s.try_clone()?, s.try_clone()?, s);
+                Ok((Box::new(r), Box::new(w), Box::new(move || drop(h.shutdown(Shutdown::Both)))))
+            }
+            Upstream::Tcp(a) => {
+                let s = TcpStream::connect(a)?;
+                let (r, w, h) = (s.try_clone()?, s.try_clone()?, s);
+                Ok((Box::new(r), Box::new(w), Box::new(move || drop(h.shutdown(Shutdown::Both)))))
+            }
+        }
+    }
+}
+
+/// A TCP proxy that can be cut.
 struct Proxy {
     port: u16,
     state: Arc<Mutex<(bool, Vec<TcpStream>)>>,
 }
 
 impl Proxy {
-    fn start(upstream: PathBuf) -> Proxy {
+    fn start(upstream: Upstream) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let state = Arc::new(Mutex::new((true, Vec::new())));
@@ -37,15 +64,15 @@ impl Proxy {
                     drop(conn.shutdown(Shutdown::Both));
                     continue;
                 }
-                let Ok(up) = UnixStream::connect(&upstream) else { continue };
+                let Ok((mut u_read, mut u_write, hang_up)) = upstream.connect() else { continue };
                 s.1.push(conn.try_clone().unwrap());
-                let (mut c1, mut c2, mut u1, mut u2) = (conn.try_clone().unwrap(), conn, up.try_clone().unwrap(), up);
+                let (mut c1, mut c2) = (conn.try_clone().unwrap(), conn);
                 std::thread::spawn(move || {
-                    let _ = std::io::copy(&mut c1, &mut u1);
-                    let _ = u1.shutdown(Shutdown::Both);
+                    let _ = std::io::copy(&mut c1, &mut u_write);
+                    hang_up();
                 });
                 std::thread::spawn(move || {
-                    let _ = std::io::copy(&mut u2, &mut c2);
+                    let _ = std::io::copy(&mut u_read, &mut c2);
                     let _ = c2.shutdown(Shutdown::Both);
                 });
             }
@@ -118,7 +145,7 @@ fn setup(dir: &Path, rng: &mut Rng) -> (Agent, QemuNbd, Proxy, PathBuf) {
     let dest = dir.join("dest.raw");
     std::fs::File::create(&dest).unwrap().set_len(32 * MIB).unwrap();
     let nbd = QemuNbd::start(&dest, &dir.join("dest.sock"));
-    let proxy = Proxy::start(dir.join("dest.sock"));
+    let proxy = Proxy::start(Upstream::Unix(dir.join("dest.sock")));
     (agent, nbd, proxy, dest)
 }
 
@@ -203,4 +230,66 @@ fn a_mirror_cut_off_longer_than_the_reconnect_window_fails_and_keeps_every_bit()
     assert!(done["error"].as_str().unwrap_or_default().contains("unreachable"), "{done:#}");
     assert!(after >= Duration::from_secs(4), "failed after {after:?}, before the reconnect window ended");
     assert!(dirty_bytes(&agent) >= before, "bits were lost: {} < {before}", dirty_bytes(&agent));
+}
+
+/// Over `nbds://` (the source and the destination are agents with TLS): a
+/// destination that vanishes without TLS's close message (a cut, a crash)
+/// is reconnected too, and the destination ends equal to the source.
+#[test]
+fn a_tls_mirror_survives_a_cut_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = tests::Pki::new(&dir.path().join("pki"));
+    let both = "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\nbasicConstraints=CA:FALSE\n";
+    pki.ca("ca").leaf("node", "ca", both, "2");
+    let tls = |mode: &str| {
+        format!(
+            "  tls: {{mode: {mode}, cert: {}, key: {}, client_ca: {}}}\n  client_reconnect_secs: 4\n",
+            pki.cert("node").display(),
+            pki.key("node").display(),
+            pki.cert("ca").display()
+        )
+    };
+    let disk = |vm: &str| {
+        format!("name: {vm}\ndisks:\n  - name: disk0\n    image: file:../images/{vm}-disk0.raw\n    size: 32MiB\n")
+    };
+    let source = AgentBuilder::new().vm("vm1", &disk("vm1")).start_with_nbd(&tls("optional")).unwrap();
+    let dest = AgentBuilder::new().vm("vm2", &disk("vm2")).start_with_nbd(&tls("required")).unwrap();
+    let mut rng = Rng::from_env(0x7e57_0005);
+    let mut data = vec![0u8; 24 * MIB as usize];
+    rng.fill(&mut data);
+    let seed = dir.path().join("seed.raw");
+    std::fs::write(&seed, &data).unwrap();
+    let uri = source.unix_uri("vm1/disk0");
+    run("qemu-img", &["convert", "-n", "-f", "raw", "-O", "raw", &seed.to_string_lossy(), &uri]).unwrap();
+    let proxy = Proxy::start(Upstream::Tcp(dest.tcp));
+    let target = format!("nbds://localhost:{}/vm2/disk0", proxy.port);
+    let args = ["mirror", "vm1/disk0", "--target", &target, "--sync", "full", "--copy-mode", "write-blocking"];
+    let started = source.cli_json(&[&args[..], &["--speed", "4MiB"]].concat()).unwrap();
+    let id = started["id"].as_str().unwrap().to_owned();
+    std::thread::sleep(Duration::from_millis(800));
+    let cutter = std::thread::spawn(move || {
+        proxy.cut(Duration::from_secs(2));
+        proxy
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    qemu_io(&uri, &["write -P 0x21 3M 64k"]).unwrap();
+    let _proxy = cutter.join().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let j = job(&source, &id);
+        assert_ne!(j["state"], "concluded", "the TLS mirror failed at the cut: {j:#}\n{}", source.log());
+        if j["state"] == "ready" && j["detail"]["remaining_bytes"] == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the mirror did not converge: {j:#}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    source.cli_json(&["job", "complete", &id]).unwrap();
+    let done = source.wait_job(&id, Duration::from_secs(30)).unwrap();
+    assert_eq!(done["result"], "success", "{done:#}");
+    assert!(done["summary"]["reconnects"].as_u64().unwrap_or(0) >= 1, "{done:#}");
+    let (a, b) = (dir.path().join("a.raw"), dir.path().join("b.raw"));
+    capture(&uri, &a).unwrap();
+    capture(&dest.unix_uri("vm2/disk0"), &b).unwrap();
+    assert!(std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap(), "the destination differs from the source");
 }

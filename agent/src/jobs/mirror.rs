@@ -396,6 +396,11 @@ pub async fn run(
     }
     let tracker = start_tracking(&job, &export, &params, client, uri, nbd)?;
     let result = mirror(&job, &export, &params, &tracker, member.as_mut()).await;
+    if result.is_err() {
+        // Out of sync from now on, before the job concludes (a migration reads this).
+        let lost = tracker.lost.lock().unwrap_or_else(|p| p.into_inner());
+        tracker.show_unsynced(lost.is_some());
+    }
     export.remove_hook(&tracker);
     if let Some(bitmap) = &params.bitmap {
         export.bitmaps().abort_job(bitmap, &job.id());

@@ -392,6 +392,9 @@ async fn send_loop<W: AsyncWrite + Unpin>(mut w: W, mut rx: mpsc::Receiver<Pendi
         buf.clear();
         p.request.encode(&mut buf);
         let disc = p.request.command == Command::Disc;
+        if disc && inflight.lock().unwrap_or_else(|e| e.into_inner()).closed.is_some() {
+            break;
+        }
         if !disc {
             let entry = Entry {
                 request: p.request,
@@ -405,10 +408,8 @@ async fn send_loop<W: AsyncWrite + Unpin>(mut w: W, mut rx: mpsc::Receiver<Pendi
             if let Some(gone) = m.closed {
                 // Nobody reads replies any more: fail it now, not at the request timeout, and
                 // send nothing more on a connection whose state is unknown.
+                // Queued requests get the same answer (leaving the loop would answer them Closed).
                 let _ = entry.reply.send(Err(InFlight::closed_error(gone)));
-                if !gone {
-                    break;
-                }
                 continue;
             }
             m.map.insert(p.request.cookie, entry);
@@ -420,11 +421,13 @@ async fn send_loop<W: AsyncWrite + Unpin>(mut w: W, mut rx: mpsc::Receiver<Pendi
             }
             w.flush().await
         };
-        if sent.await.is_err() || disc {
-            break;
+        match sent.await {
+            // Later requests are answered by the check above (never Closed by a dropped channel).
+            Err(e) => fail_all(&inflight, gone_for_sure(&e)),
+            Ok(()) if disc => break,
+            Ok(()) => {}
         }
     }
-    // A write error: the connection was reset (or we hung up).
     fail_all(&inflight, true);
 }
 
@@ -444,11 +447,7 @@ async fn receive_loop<R: AsyncRead + Unpin>(mut r: R, mut buf: BytesMut, infligh
             Err(proto::DecodeError::Incomplete) => match r.read_buf(&mut buf).await {
                 Ok(n) if n > 0 => {}
                 Ok(_) => break fail_all(&inflight, true),
-                Err(e) => {
-                    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
-                    let gone = matches!(e.kind(), ConnectionReset | ConnectionAborted | BrokenPipe);
-                    break fail_all(&inflight, gone);
-                }
+                Err(e) => break fail_all(&inflight, gone_for_sure(&e)),
             },
             Err(e) => {
                 tracing::error!(error = %e, "NBD client: bad reply stream");
@@ -521,6 +520,14 @@ fn place(entry: &mut Entry, offset: u64, length: u64, data: Option<&[u8]>) {
 
 fn server_error(errno: u32, offset: u64, message: String) -> NbdClientError {
     NbdClientError::Server { errno, offset, message }
+}
+
+/// Whether a socket error means the connection is gone (reset, or ended
+/// without TLS's close message: a peer that died), not merely in an
+/// unknown state.
+fn gone_for_sure(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
+    matches!(e.kind(), ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof)
 }
 
 fn fail_all(inflight: &Mutex<InFlight>, gone: bool) {
