@@ -127,6 +127,25 @@ fn job(agent: &Agent, id: &str) -> Value {
     agent.cli_json(&["job", "show", id]).unwrap()
 }
 
+/// Waits (at most 60 s) until mirror `id` is ready with nothing left,
+/// completes it, and checks that it succeeded after at least one reconnect.
+fn converge_and_complete(agent: &Agent, id: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let j = job(agent, id);
+        assert_ne!(j["state"], "concluded", "the mirror failed: {j:#}\n{}", agent.log());
+        if j["state"] == "ready" && j["detail"]["remaining_bytes"] == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the mirror did not converge: {j:#}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    agent.cli_json(&["job", "complete", id]).unwrap();
+    let done = agent.wait_job(id, Duration::from_secs(30)).unwrap();
+    assert_eq!(done["result"], "success", "{done:#}");
+    assert!(done["summary"]["reconnects"].as_u64().unwrap_or(0) >= 1, "no reconnect counted: {done:#}");
+}
+
 fn dirty_bytes(agent: &Agent) -> u64 {
     let list = agent.cli_json(&["bitmap", "list", "vm1/disk0"]).unwrap();
     list[0]["dirty_bytes"].as_u64().unwrap_or_else(|| panic!("{list:#}"))
@@ -187,20 +206,7 @@ fn a_mirror_survives_a_cut_shorter_than_the_reconnect_window_and_the_destination
         std::thread::sleep(Duration::from_millis(50));
     }
     qemu_io(&uri, &["write -P 0x15 9M 64k"]).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let j = job(&agent, &id);
-        assert_ne!(j["state"], "concluded", "the mirror failed: {j:#}\n{}", agent.log());
-        if j["state"] == "ready" && j["detail"]["remaining_bytes"] == 0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the mirror did not converge: {j:#}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    agent.cli_json(&["job", "complete", &id]).unwrap();
-    let done = agent.wait_job(&id, Duration::from_secs(30)).unwrap();
-    assert_eq!(done["result"], "success", "{done:#}");
-    assert!(done["summary"]["reconnects"].as_u64().unwrap_or(0) >= 1, "no reconnect counted: {done:#}");
+    converge_and_complete(&agent, &id);
     let source = dir.path().join("source.raw");
     capture(&uri, &source).unwrap();
     let (a, b) = (std::fs::read(&source).unwrap(), std::fs::read(&dest).unwrap());
@@ -274,20 +280,7 @@ fn a_tls_mirror_survives_a_cut_too() {
     std::thread::sleep(Duration::from_millis(300));
     qemu_io(&uri, &["write -P 0x21 3M 64k"]).unwrap();
     let _proxy = cutter.join().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let j = job(&source, &id);
-        assert_ne!(j["state"], "concluded", "the TLS mirror failed at the cut: {j:#}\n{}", source.log());
-        if j["state"] == "ready" && j["detail"]["remaining_bytes"] == 0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the mirror did not converge: {j:#}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    source.cli_json(&["job", "complete", &id]).unwrap();
-    let done = source.wait_job(&id, Duration::from_secs(30)).unwrap();
-    assert_eq!(done["result"], "success", "{done:#}");
-    assert!(done["summary"]["reconnects"].as_u64().unwrap_or(0) >= 1, "{done:#}");
+    converge_and_complete(&source, &id);
     let (a, b) = (dir.path().join("a.raw"), dir.path().join("b.raw"));
     capture(&uri, &a).unwrap();
     capture(&dest.unix_uri("vm2/disk0"), &b).unwrap();
