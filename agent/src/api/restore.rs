@@ -62,7 +62,22 @@ struct Source {
     latest: bool,
 }
 
+impl Source {
+    /// What `target`'s backup records say about its snapshot `snap`.
+    fn read(target: &dyn crate::store::BlockStore, snap: &str) -> Result<Self, StoreError> {
+        let backups = backup::backup_snapshots(target)?;
+        let latest = backups.last().is_some_and(|(n, _)| n == snap);
+        let meta = backups.into_iter().find(|(n, _)| n == snap).map(|(_, m)| m);
+        Ok(Self { meta, latest })
+    }
+}
+
 impl Control {
+    /// The stream that copies a restored disk's data (its hold is `NODE:VM/DISK`).
+    fn restore_stream(&self, disk: &str) -> StreamParams {
+        StreamParams { chunk: 4 << 20, holder: Some(format!("{}:{disk}", self.env.node)) }
+    }
+
     /// Starts (or resumes) the restore of `disk` from `from` (`URI@SNAP`).
     pub(super) async fn start_restore(
         &self,
@@ -184,7 +199,7 @@ impl Control {
             None => (None, chain_note),
         };
         tracing::info!(disk, from, live, chain_bitmap = ?chain_bitmap, "restore: disk created");
-        let stream = StreamParams { chunk: 4 << 20, holder: Some(format!("{}:{disk}", self.env.node)) };
+        let stream = self.restore_stream(disk);
         let params = RestoreParams { from: from.to_owned(), live, stream, chain_bitmap, chain_note };
         self.run_restore(disk, export, params, speed)
     }
@@ -272,7 +287,7 @@ impl Control {
             Ok(None) => (None, Some("resumed: the first attempt set up the chain".to_owned())),
             Err(why) => (None, Some(why)),
         };
-        let stream = StreamParams { chunk: 4 << 20, holder: Some(format!("{}:{disk}", self.env.node)) };
+        let stream = self.restore_stream(disk);
         let params = RestoreParams { from: from.to_string(), live, stream, chain_bitmap, chain_note };
         self.run_restore(disk, export, params, speed)
     }
@@ -285,10 +300,7 @@ impl Control {
         let (stores, base, snap2) = (self.env.stores.clone(), from.with_snap(None), snap.clone());
         let (source, records) = tokio::task::spawn_blocking(move || {
             let target = stores.open(&base, &OpenOptions { read_only: true, ..Default::default() })?;
-            let backups = backup::backup_snapshots(target.as_ref())?;
-            let latest = backups.last().is_some_and(|(n, _)| *n == snap2);
-            let meta = backups.into_iter().find(|(n, _)| *n == snap2).map(|(_, m)| m);
-            Ok::<_, StoreError>((Source { meta, latest }, target.list_meta()?))
+            Ok::<_, StoreError>((Source::read(target.as_ref(), &snap2)?, target.list_meta()?))
         })
         .await
         .map_err(|e| e.to_string())?
@@ -370,11 +382,8 @@ impl Control {
             if !snaps.iter().any(|s| s.name == snap) {
                 return Err(ApiError::NotFound(format!("{base} has no snapshot {snap:?}")));
             }
-            let backups = backup::backup_snapshots(target.as_ref())
-                .map_err(|e| ApiError::Internal(format!("Cannot read the backups of {base}: {e}")))?;
-            let latest = backups.last().is_some_and(|(n, _)| *n == snap);
-            let meta = backups.into_iter().find(|(n, _)| *n == snap).map(|(_, m)| m);
-            Ok(Source { meta, latest })
+            Source::read(target.as_ref(), &snap)
+                .map_err(|e| ApiError::Internal(format!("Cannot read the backups of {base}: {e}")))
         })
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?
