@@ -3,7 +3,7 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
@@ -117,6 +117,49 @@ impl Bitmap {
             consistent: AtomicBool::new(true),
             meta: Mutex::new(meta),
             file: Mutex::new(None),
+        }
+    }
+
+    /// This bitmap over a disk grown to `disk_size` bytes, taking over its
+    /// file (the grown range clean). Only while writes are drained, so that
+    /// no bit is set meanwhile: the copies are exact.
+    fn grown(&self, disk_size: u64) -> Self {
+        let len = disk_size.div_ceil(self.granularity);
+        let copy = |bits: &AtomicBits| AtomicBits::from_words(len, &bits.snapshot());
+        let meta = {
+            let m = self.meta();
+            Meta { generation: m.generation, uuid: m.uuid, busy: m.busy.clone(), reason: m.reason.clone() }
+        };
+        let suspect = suspect::SuspectBits::default();
+        self.suspect.with(|set| {
+            for (w, v) in set.map(AtomicBits::snapshot).unwrap_or_default().into_iter().enumerate() {
+                suspect.or_word(len, w as u64, v);
+            }
+        });
+        let successor = ArcSwapOption::empty();
+        successor.store(self.successor.load_full().map(|s| Arc::new(copy(&s))));
+        Self {
+            name: self.name.clone(),
+            granularity: self.granularity,
+            shift: self.shift,
+            disk_size,
+            identity: self.identity.clone(),
+            bits: copy(&self.bits),
+            persisted: copy(&self.persisted),
+            suspect,
+            successor,
+            enabled: AtomicBool::new(self.enabled.load(SeqCst)),
+            consistent: AtomicBool::new(self.is_consistent()),
+            meta: Mutex::new(meta),
+            file: Mutex::new(self.file.lock().unwrap_or_else(|p| p.into_inner()).take()),
+        }
+    }
+
+    /// Lengthens the file's body for a disk of `disk_size` bytes (see [`BitmapFile::grow`]).
+    fn grow_file(&self, disk_size: u64) -> std::io::Result<()> {
+        match self.file.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            Some(f) => f.grow(disk_size.div_ceil(self.granularity).div_ceil(64)),
+            None => Ok(()),
         }
     }
 
@@ -317,10 +360,12 @@ impl Bitmap {
 pub struct DiskBitmaps {
     disk: String,
     dir: PathBuf,
-    size: u64,
+    /// Grows with the disk ([`grow`](Self::grow)), under the drain.
+    size: AtomicU64,
     identity: Identity,
     list: Arc<ArcSwap<Vec<Arc<Bitmap>>>>,
-    intent: Option<Arc<Intent>>,
+    /// Replaced by a log of the new size when the disk grows.
+    intent: Arc<ArcSwapOption<Intent>>,
     gate: Arc<Gate>,
     ops: Mutex<()>,
     persister: Persister,
@@ -366,9 +411,11 @@ impl DiskBitmaps {
             }
         };
         let list = Arc::new(ArcSwap::from_pointee(loaded));
-        let checkpoint = intent.clone().map(|intent| {
-            let (list, disk) = (list.clone(), disk.to_owned());
+        let intent = Arc::new(ArcSwapOption::new(intent));
+        let checkpoint = intent.load().is_some().then(|| {
+            let (intent, list, disk) = (intent.clone(), list.clone(), disk.to_owned());
             Box::new(move || {
+                let Some(intent) = intent.load_full() else { return };
                 if let Err(e) = intent.checkpoint(&list) {
                     tracing::error!(%disk, error = %e, "bitmap checkpoint failed; write-intent regions kept");
                 }
@@ -377,7 +424,7 @@ impl DiskBitmaps {
         let me = Self {
             disk: disk.to_owned(),
             dir: dir.to_owned(),
-            size,
+            size: AtomicU64::new(size),
             identity,
             list,
             intent,
@@ -405,6 +452,77 @@ impl DiskBitmaps {
     /// Disk name (`VM/DISK`).
     pub fn disk(&self) -> &str {
         &self.disk
+    }
+
+    /// Disk size the bitmaps cover.
+    pub fn size(&self) -> u64 {
+        self.size.load(SeqCst)
+    }
+
+    /// Online resize: grows the disk to `size` bytes, every bitmap with it.
+    /// With writes drained: every bit is written to its file and the files
+    /// are lengthened; `grow_store` grows the image; the bitmaps are
+    /// replaced by grown copies (the new range clean: it reads as zeroes
+    /// here as on a grown backup target), their headers record the new
+    /// size, and the write-intent log starts over at the new size (empty:
+    /// every bit is in the files). A crash at any step loads bitmaps that
+    /// are a superset of the acknowledged writes: a file longer than its
+    /// header loads as the header says, and a bitmap of an unclean stop
+    /// whose header has the old size loads with the new range dirty.
+    /// Shrinking is refused.
+    pub fn grow<E: From<BitmapError>>(&self, size: u64, grow_store: impl FnOnce() -> Result<(), E>) -> Result<(), E> {
+        let _ops = self.ops();
+        let _gate = self.exclusive();
+        let old = self.size();
+        if size < old {
+            return Err(BitmapError::Invalid(format!("cannot shrink {} from {old} to {size} bytes", self.disk)).into());
+        }
+        if self.closed.load(SeqCst) {
+            return Err(BitmapError::Invalid(format!("{} is closing", self.disk)).into());
+        }
+        let list = self.list.load_full();
+        for b in list.iter() {
+            let persist = |source| BitmapError::Persist { name: b.name.clone(), source };
+            let done = if b.is_consistent() { b.write_changed_pages() } else { Ok(()) };
+            match done.and_then(|()| b.grow_file(size)) {
+                Err(e) if b.is_consistent() => return Err(persist(e).into()),
+                Err(e) => {
+                    tracing::warn!(disk = %self.disk, bitmap = %b.name, error = %e, "cannot lengthen an inconsistent bitmap's file")
+                }
+                Ok(()) => {}
+            }
+        }
+        #[cfg(test)]
+        crate::testkit::at("bitmap.grow.before_store", &self.disk);
+        grow_store()?;
+        #[cfg(test)]
+        crate::testkit::at("bitmap.grow.after_store", &self.disk);
+        let grown: Vec<Arc<Bitmap>> = list.iter().map(|b| Arc::new(b.grown(size))).collect();
+        for b in &grown {
+            // The old header and the longer file still load as a superset (see above).
+            if let Err(e) = b.write_header(false, 0) {
+                tracing::warn!(disk = %self.disk, bitmap = %b.name, error = %e, "cannot record the new size in the bitmap file");
+            }
+        }
+        let intent = self.intent.load_full().and_then(|log| {
+            match Intent::create(&self.dir, size, &self.identity, log.region()) {
+                Ok(new) => Some(Arc::new(new)),
+                Err(e) => {
+                    // Safe without: every first write into a clean granule syncs the bitmap files.
+                    tracing::error!(disk = %self.disk, error = %e, "cannot recreate the write-intent log; bitmap files synced on every first write");
+                    None
+                }
+            }
+        });
+        self.list.store(Arc::new(grown));
+        self.intent.store(intent);
+        self.size.store(size, SeqCst);
+        drop(_gate);
+        for b in self.list.load().iter() {
+            self.save_suspect(b);
+        }
+        tracing::info!(disk = %self.disk, from = old, to = size, "disk grown; bitmaps grown with it");
+        Ok(())
     }
 
     /// Held by every write request across marking and the store write
@@ -472,7 +590,7 @@ impl DiskBitmaps {
         if pending.is_empty() {
             return Ok(true);
         }
-        let requests = match &self.intent {
+        let requests = match self.intent.load().as_ref() {
             Some(intent) => match intent.note(offset, length) {
                 None => return Ok(true),
                 Some(request) => vec![request],
@@ -514,7 +632,7 @@ impl DiskBitmaps {
     /// Runs a write-intent checkpoint now (tests; the persister runs them periodically).
     #[cfg(test)]
     pub(super) fn checkpoint(&self) {
-        if let Some(intent) = &self.intent {
+        if let Some(intent) = self.intent.load().as_ref() {
             intent.checkpoint(&self.list).unwrap();
         }
     }
@@ -522,7 +640,7 @@ impl DiskBitmaps {
     /// Whether every recording bitmap already has `offset..offset+length`
     /// durably dirty (a write there would not wait for a bitmap sync).
     pub fn all_durable(&self, offset: u64, length: u64) -> bool {
-        self.intent.as_ref().is_some_and(|intent| intent.covers(offset, length))
+        self.intent.load().as_ref().is_some_and(|intent| intent.covers(offset, length))
             || self.list.load().iter().filter(|b| b.enabled.load(SeqCst) && b.is_consistent()).all(|b| {
                 let (first, last) = b.granules(offset, length);
                 b.persisted.all_set(first, last)
@@ -550,7 +668,7 @@ impl DiskBitmaps {
             return Err(BitmapError::Exists(name.to_owned()));
         }
         let meta = Meta { generation: 1, uuid: *uuid::Uuid::new_v4().as_bytes(), busy: None, reason: None };
-        let b = Bitmap::new(name, granularity, self.size, &self.identity, meta);
+        let b = Bitmap::new(name, granularity, self.size(), &self.identity, meta);
         b.enabled.store(enabled, SeqCst);
         // A file left by a bitmap of the same name removed before a crash is not this one's.
         suspect::forget(&self.dir, name);
@@ -706,7 +824,7 @@ impl DiskBitmaps {
         }
         let _gate = self.exclusive();
         for s in &sources {
-            for (offset, length) in Bitmap::dirty_ranges(&s.bits, s.granularity, self.size) {
+            for (offset, length) in Bitmap::dirty_ranges(&s.bits, s.granularity, self.size()) {
                 let (first, last) = t.granules(offset, length);
                 t.bits.set_range(first, last);
             }
@@ -806,7 +924,7 @@ impl DiskBitmaps {
             // After the clean header: a hint that is not saved costs reads, nothing else.
             self.save_suspect(b);
         }
-        if self.intent.is_some() && saved {
+        if self.intent.load().is_some() && saved {
             if let Err(e) = std::fs::remove_file(self.dir.join(INTENT_FILE)) {
                 tracing::error!(disk = %self.disk, error = %e, "cannot remove the write-intent log");
             }
@@ -839,6 +957,18 @@ fn load(path: &Path, size: u64, identity: &Identity) -> (Bitmap, bool) {
         b.bits.or_word(w as u64, v);
         b.persisted.or_word(w as u64, v);
     }
+    if header.disk_size < size {
+        // A grow stopped by a crash after the image grew (see `DiskBitmaps::grow`): whatever
+        // the new range holds counts as written.
+        let (first, last) = b.granules(header.disk_size, size - header.disk_size);
+        b.bits.set_range(first, last);
+        let pages = (0..=page_of(b.bits.word_count().saturating_sub(1))).collect();
+        if let Err(e) = b.grow_file(size).and_then(|()| b.write_pages(&pages)) {
+            b.set_inconsistent(format!("cannot grow to the disk's new size: {e}"));
+            return (b, header.clean);
+        }
+        tracing::warn!(bitmap = %name, from = header.disk_size, to = size, "disk grew before an unclean stop; the new range counts as dirty");
+    }
     suspect::load(path.parent().unwrap_or(Path::new(".")), &b);
     if let Err(e) = b.write_header(false, 0) {
         b.set_inconsistent(format!("cannot mark in use: {e}"));
@@ -854,7 +984,9 @@ fn distrust(name: &str, h: &Header, body: &[u64], size: u64, identity: &Identity
     if h.inconsistent {
         return Some("marked inconsistent before the agent stopped (a bitmap writeback had failed)".into());
     }
-    if h.disk_size != size {
+    // Grown while running (an online resize that a crash interrupted) is
+    // recoverable; shrunk, or changed while the agent was stopped, is not.
+    if h.disk_size > size || (h.disk_size < size && h.clean) {
         return Some(format!("disk size changed from {} to {} bytes", h.disk_size, size));
     }
     if h.identity != identity.id {
@@ -863,7 +995,7 @@ fn distrust(name: &str, h: &Header, body: &[u64], size: u64, identity: &Identity
     if h.clean && h.image_mtime_ns != identity.modified_ns {
         return Some("image modified while the agent was not running".into());
     }
-    let len = size.div_ceil(h.granularity);
+    let len = h.disk_size.div_ceil(h.granularity);
     if body.iter().enumerate().any(|(w, &v)| v & !valid_mask(len, w as u64) != 0) {
         return Some("bits set past the end of the disk".into());
     }

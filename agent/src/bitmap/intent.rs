@@ -59,6 +59,11 @@ impl Intent {
         Ok(Self { log: Arc::new(log), hot })
     }
 
+    /// Bytes per region.
+    pub fn region(&self) -> u64 {
+        self.log.granularity()
+    }
+
     /// Notes a write to `offset..offset+length` whose bitmap bits are set in
     /// memory but not durable. `None`: its regions are durable, the write
     /// may proceed; otherwise the log pages to sync first.

@@ -115,12 +115,18 @@ impl BitmapFile {
             return Err(corrupt(format!("no valid header ({why})")));
         };
         let words = header.disk_size.div_ceil(header.granularity).div_ceil(64);
-        if len != BODY + words * 8 {
+        // Longer is a grow that stopped before its header (see `grow`): the tail is zeroes.
+        if len < BODY + words * 8 || !(len - BODY).is_multiple_of(8) {
             return Err(corrupt(format!("body has {} bytes, expected {}", len - BODY, words * 8)));
         }
-        let mut raw = vec![0u8; usize::try_from(words * 8).map_err(|_| corrupt("body too large".into()))?];
+        let mut raw = vec![0u8; usize::try_from(len - BODY).map_err(|_| corrupt("body too large".into()))?];
         file.read_exact_at(&mut raw, BODY).map_err(io_err)?;
-        let body: Vec<u64> = raw.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect();
+        let mut body: Vec<u64> =
+            raw.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect();
+        if body.iter().skip(usize::try_from(words).unwrap_or(usize::MAX)).any(|&w| w != 0) {
+            return Err(corrupt("bits set past the body its header describes".into()));
+        }
+        body.truncate(usize::try_from(words).unwrap_or(usize::MAX));
         Ok((Self { file, path: path.to_owned(), seq }, header, body))
     }
 
@@ -136,6 +142,18 @@ impl BitmapFile {
         let slot = if self.seq % 2 == 1 { 0 } else { PAGE };
         self.file.write_all_at(&page, slot)?;
         self.file.sync_data()
+    }
+
+    /// Lengthens the body to `words` words of zeroes, durably; the header
+    /// still describes the old size until [`write_header`](Self::write_header)
+    /// says otherwise, and a file left longer than its header by a crash
+    /// loads as the header describes.
+    pub fn grow(&self, words: u64) -> io::Result<()> {
+        let len = BODY + words * 8;
+        if self.file.metadata()?.len() < len {
+            self.file.set_len(len)?;
+        }
+        self.file.sync_all()
     }
 
     /// Writes whole body page `page` (words `page*512..`), not yet durable.

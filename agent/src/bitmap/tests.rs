@@ -450,3 +450,130 @@ fn a_mark_after_close_with_intent_leaves_no_consistent_bitmap_without_its_bit() 
     let has_bit = dirty(&disk, "late").iter().any(|&(o, l)| o <= late && late < o + l);
     assert!(!b.is_consistent() || has_bit, "bitmap loads consistent without the late write's bit");
 }
+
+/// Dirty byte ranges of a bitmap over a disk of `size` bytes.
+fn dirty_in(b: &DiskBitmaps, name: &str, size: u64) -> Vec<(u64, u64)> {
+    let mut pos = 0;
+    let mut out = Vec::new();
+    for (len, d) in b.get(name).unwrap().extents(0, size) {
+        if d {
+            out.push((pos, len));
+        }
+        pos += len;
+    }
+    out
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    for entry in std::fs::read_dir(from).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, to.join(path.file_name().unwrap())).unwrap();
+    }
+}
+
+/// Online resize: every bit stays, the grown range starts clean, writes past the old end are
+/// recorded (in the job's successor too), durably, and the files load at the new size.
+#[test]
+fn growing_keeps_every_bit_and_records_writes_past_the_old_end() {
+    const GROWN: u64 = SIZE * 2 + 3 * 512;
+    for region in [0, 1 << 20] {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = open_with(dir.path(), &[("a", 65536), ("b", 1 << 20)], region);
+        disk.mark(0, 4096).unwrap();
+        disk.mark(SIZE - 1, 1).unwrap();
+        let frozen = disk.drained(|d| disk.begin_job(d, "a", "job-1")).unwrap();
+        disk.mark(3 << 20, 100).unwrap();
+        let mut grew = false;
+        disk.grow(GROWN, || -> Result<(), BitmapError> {
+            grew = true;
+            Ok(())
+        })
+        .unwrap();
+        assert!(grew && disk.size() == GROWN);
+        for (o, l) in [(SIZE, 1), (GROWN - 1, 1), (SIZE + (5 << 20), 70_000)] {
+            disk.mark(o, l).unwrap();
+        }
+        let a = vec![
+            (0, 65536),
+            (3 << 20, 65536),
+            (SIZE - 65536, 2 * 65536),
+            (SIZE + (5 << 20), 2 * 65536),
+            (GROWN - 512 * 3, 512 * 3),
+        ];
+        assert_eq!(dirty_in(&disk, "a", GROWN), a, "intent region {region}");
+        let b = vec![(0, 1 << 20), (3 << 20, 1 << 20), (SIZE - (1 << 20), 2 << 20), (SIZE + (5 << 20), 1 << 20)];
+        let b = [b, vec![(GROWN - 512 * 3, 512 * 3)]].concat();
+        assert_eq!(dirty_in(&disk, "b", GROWN), b);
+        // The job froze the old bits; what it did not see stays dirty after its commit.
+        disk.drained(|d| disk.commit_job(d, "a", &frozen)).unwrap();
+        let after: Vec<_> = a.iter().copied().filter(|&(o, _)| o != 0).collect();
+        let after = [vec![(3 << 20, 65536), (SIZE, 65536)], after[2..].to_vec()].concat();
+        assert_eq!(dirty_in(&disk, "a", GROWN), after);
+        assert!(matches!(disk.grow(SIZE, || Ok::<(), BitmapError>(())), Err(BitmapError::Invalid(_))));
+        // After kill -9 (no close) the files load at the new size with every bit (plus, with
+        // a write-intent log, the regions written since).
+        drop(disk);
+        let disk = DiskBitmaps::open(dir.path(), "vm/disk", GROWN, identity(), &[], region).unwrap();
+        assert!(disk.list().iter().all(|b| b.consistent), "{:?}", disk.list());
+        for (name, g, want) in [("a", 65536, &after), ("b", 1 << 20, &b)] {
+            let (loaded, want) = (granule_set(&dirty_in(&disk, name, GROWN), g), granule_set(want, g));
+            assert!(loaded.is_superset(&want), "{name}: {loaded:?} lacks some of {want:?}");
+            if region == 0 {
+                assert_eq!(loaded, want, "{name}");
+            }
+        }
+    }
+}
+
+/// A crash in the middle of a grow loads bitmaps that still hold every acknowledged write:
+/// before the image grew, at the old size; after, with the new range dirty.
+#[test]
+fn a_crash_during_a_grow_loads_a_superset() {
+    const GROWN: u64 = SIZE + (4 << 20);
+    for (point, store_size) in [("bitmap.grow.before_store", SIZE), ("bitmap.grow.after_store", GROWN)] {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = DiskBitmaps::open(
+            dir.path(),
+            "vm/crash",
+            SIZE,
+            identity(),
+            &[BitmapConfig::new("a", 65536, true).unwrap()],
+            1 << 20,
+        )
+        .unwrap();
+        disk.mark(1 << 20, 4096).unwrap();
+        let crashed = tempfile::tempdir().unwrap();
+        let to = crashed.path().to_owned();
+        let from = dir.path().to_owned();
+        crate::testkit::set(point, "vm/crash", move || copy_dir(&from, &to));
+        disk.grow(GROWN, || Ok::<(), BitmapError>(())).unwrap();
+        let loaded = DiskBitmaps::open(crashed.path(), "vm/crash", store_size, identity(), &[], 1 << 20).unwrap();
+        assert!(loaded.get("a").unwrap().is_consistent(), "{point}: {:?}", loaded.list());
+        let mut want = vec![(1 << 20, 65536)];
+        if store_size > SIZE {
+            want.push((SIZE, GROWN - SIZE));
+        }
+        let got = granule_set(&dirty_in(&loaded, "a", store_size), 65536);
+        assert!(got.is_superset(&granule_set(&want, 65536)), "{point}: {got:?}");
+        // Nothing beyond the write's intent region (1 MiB) and the grown range.
+        let bound = granule_set(&[(1 << 20, 1 << 20), (SIZE, store_size - SIZE)], 65536);
+        assert!(got.is_subset(&bound), "{point}: {got:?}");
+    }
+}
+
+/// A failed image grow leaves the bitmaps as they were, at the old size.
+#[test]
+fn a_failed_store_grow_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = open(dir.path(), &[("a", 65536)]);
+    disk.mark(0, 1).unwrap();
+    let failed = disk.grow(SIZE * 2, || Err(BitmapError::Invalid("no space".into())));
+    assert!(matches!(failed, Err(BitmapError::Invalid(m)) if m == "no space"));
+    assert_eq!(disk.size(), SIZE);
+    disk.mark(SIZE - 1, 1).unwrap();
+    assert_eq!(dirty(&disk, "a"), vec![(0, 65536), (SIZE - 65536, 65536)]);
+    drop(disk);
+    let disk = open(dir.path(), &[]);
+    assert!(disk.get("a").unwrap().is_consistent());
+    assert_eq!(dirty(&disk, "a"), vec![(0, 65536), (SIZE - 65536, 65536)]);
+}
