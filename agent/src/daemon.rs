@@ -102,6 +102,18 @@ impl Disks {
             .collect();
         let wanted: BTreeMap<String, DiskConfig> =
             vms.iter().flat_map(|vm| vm.disks.iter().map(|d| (format!("{}/{}", vm.name, d.name), d.clone()))).collect();
+        // A `size:` brought in step with an online resize changes nothing: the disk stays open
+        // (its clients connected). A larger one does not resize: that is `rbdsync disk resize`.
+        for (name, config) in &mut self.configs {
+            let Some(want) = wanted.get(name) else { continue };
+            let served = self.exports.get(name).map_or(0, |e| e.size());
+            if want.size != config.size && (DiskConfig { size: config.size, ..want.clone() }) == *config {
+                if want.size.is_some_and(|s| s > served) {
+                    tracing::warn!(disk = %name, configured = ?want.size, served, "size: is larger than the disk; grow it online with `rbdsync disk resize`");
+                }
+                config.size = want.size;
+            }
+        }
         let stale: Vec<String> =
             self.configs.iter().filter(|(k, c)| wanted.get(*k) != Some(*c)).map(|(k, _)| k.clone()).collect();
         for name in stale {
@@ -218,6 +230,9 @@ async fn open_disk(
     })
     .await;
     let (store, tracked) = opened.unwrap_or_else(|e| Err(DaemonError::Panic(e.to_string())))?;
+    if let Some(configured) = disk.size.filter(|&s| s < store.size()) {
+        tracing::warn!(disk = name, configured, actual = store.size(), "image is larger than the configured size (grown by `rbdsync disk resize`?); serving it at its size: update size: in the VM file");
+    }
     // Clients see the disk's name only: the image location (paths, pools)
     // is the operator's business, not every NBD client's.
     let description = format!("disk {name}");

@@ -49,6 +49,7 @@ pub fn router(control: Arc<Control>, shutdown: CancellationToken) -> Router {
             get(|s: Ctl, Path((vm, d)): Path<(String, String)>| run(s, Command::Backups(format!("{vm}/{d}")))),
         )
         .route("/v1/disks/{vm}/{disk}/fence", post(fence).delete(unfence))
+        .route("/v1/disks/{vm}/{disk}/resize", post(resize))
         .route("/v1/disks/{vm}/{disk}/bitmaps/{name}", get(get_bitmap).delete(remove_bitmap))
         // Actions with a body have a route (and an OpenAPI operation) of their own.
         .route("/v1/disks/{vm}/{disk}/bitmaps/{name}/merge", post(merge_bitmap))
@@ -221,6 +222,13 @@ struct FenceBody {
 async fn fence(s: Ctl, Path((vm, disk)): Path<(String, String)>, body: Result<Bytes, BytesRejection>) -> Response {
     match body_of(body).and_then(|b| parse::<FenceBody>(&b)) {
         Ok(f) => run(s, Command::Fence(format!("{vm}/{disk}"), f.target)).await,
+        Err(e) => error(e),
+    }
+}
+
+async fn resize(s: Ctl, Path((vm, disk)): Path<(String, String)>, body: Result<Bytes, BytesRejection>) -> Response {
+    match body_of(body).and_then(|b| parse::<super::resize::ResizeBody>(&b)) {
+        Ok(r) => run(s, Command::Resize(format!("{vm}/{disk}"), r.size)).await,
         Err(e) => error(e),
     }
 }

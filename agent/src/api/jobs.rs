@@ -437,6 +437,7 @@ impl Control {
             "matches": reason.is_none(),
             "reason": reason,
             "size": export.size(),
+            "latest_size": latest.as_ref().map(|(_, m)| m.size),
         }))
     }
 

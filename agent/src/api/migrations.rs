@@ -640,8 +640,16 @@ pub(super) fn create_children(
         } else if let Some(backing) = &p.backing {
             stores
                 .clone_image(backing, image)
-                .map(drop)
                 .map_err(|e| format!("Cannot create {image} over {backing}: {e}"))
+                .and_then(|child| match child.size() {
+                    // The source sends its size: a backing older than a resize is not its image.
+                    n if p.size != 0 && n != p.size => {
+                        drop(child);
+                        let _ = stores.remove(image);
+                        Err(format!("Backing {backing} has {n} bytes but the disk has {}; back the disk up first", p.size))
+                    }
+                    _ => Ok(()),
+                })
                 .and_then(|()| {
                     holds::hold(stores, backing, &holder, "migration destination layered on it").map_err(|e| {
                         let _ = stores.remove(image);

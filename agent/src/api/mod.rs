@@ -11,6 +11,7 @@ pub mod http;
 mod jobs;
 pub mod migrations;
 pub mod outgoing;
+mod resize;
 pub mod restore;
 
 pub use jobs::{JobAction, StartJob};
@@ -95,6 +96,8 @@ pub enum Command {
     Fence(String, String),
     /// Remove a disk's fence.
     Unfence(String),
+    /// Grow a disk online.
+    Resize(String, Size),
 }
 
 /// Body of `POST /v1/disks/{vm}/{disk}/bitmaps`.
@@ -345,6 +348,7 @@ impl Control {
             Command::OutgoingCutover(vm) => self.cutover_outgoing(&vm),
             Command::OutgoingAbort(vm) => self.abort_outgoing(&vm),
             Command::Fence(disk, target) => self.fence(&disk, &target),
+            Command::Resize(disk, size) => self.resize(&disk, &size).await,
             Command::Unfence(disk) => {
                 let export = self.exports.get(&disk).ok_or_else(|| ApiError::DiskNotFound(disk.clone()))?;
                 drop(export);

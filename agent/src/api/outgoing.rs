@@ -539,6 +539,15 @@ impl Control {
                         chain["reason"].as_str().unwrap_or("?")
                     )));
                 }
+                // The destination layers on the snapshot, which has the size the disk had then.
+                if chain["latest_size"].as_u64() != Some(export.size()) {
+                    return Err(ApiError::BadRequest(format!(
+                        "{name}: cannot mirror incrementally: the disk grew to {} bytes since backup {} ({} bytes); back it up first (rbdsync backup {name}), or migrate --full",
+                        export.size(),
+                        chain["latest"].as_str().unwrap_or("?"),
+                        chain["latest_size"]
+                    )));
+                }
                 Some(chain)
             };
             disks.push((d.clone(), export, chain));

@@ -26,6 +26,9 @@ pub enum ClientCmd {
     /// Dirty bitmaps of a disk.
     #[command(subcommand)]
     Bitmap(BitmapCmd),
+    /// Act on a served disk: resize.
+    #[command(subcommand)]
+    Disk(DiskCmd),
     /// Back up a disk (VM/DISK) or all disks of a VM (VM) as one group.
     Backup(jobs::BackupArgs),
     /// Restore points of a disk: the backup snapshots on its target, oldest first.
@@ -120,6 +123,19 @@ pub enum BitmapCmd {
     },
 }
 
+/// `rbdsync disk ...`
+#[derive(Debug, Subcommand)]
+pub enum DiskCmd {
+    /// Grow a disk while it is served (NBD clients see the new size when they reconnect).
+    Resize {
+        /// Disk as VM/DISK.
+        disk: String,
+        /// New size (bytes or 30GiB and the like; grow only, a multiple of 512).
+        #[arg(value_parser = parse_size)]
+        size: u64,
+    },
+}
+
 /// The control endpoint: `--control`, else `RBDSYNC_CONTROL` (clap), else
 /// the first control listener of `/etc/rbdsync/agent.yaml`, else the default socket.
 pub fn resolve_endpoint(explicit: Option<&str>) -> Result<Endpoint, String> {
@@ -155,6 +171,13 @@ pub async fn run(endpoint: &Endpoint, json_out: bool, cmd: ClientCmd) -> Result<
         ClientCmd::Status => (call(endpoint, "GET", "/v1/status", None).await?, render_status),
         ClientCmd::Disks => (call(endpoint, "GET", "/v1/disks", None).await?, render_disks),
         ClientCmd::Bitmap(b) => bitmap(endpoint, b).await?,
+        ClientCmd::Disk(DiskCmd::Resize { disk, size }) => {
+            let path = format!("{}/resize", disk_path(&disk)?);
+            (call(endpoint, "POST", &path, Some(json!({ "size": size }))).await?, |v| {
+                let table = render_disks(&json!([v]));
+                format!("{table}Connected NBD clients see the new size when they reconnect.\n")
+            })
+        }
         ClientCmd::Backup(args) => return jobs::backup(endpoint, json_out, args).await,
         ClientCmd::Backups { disk } => {
             (call(endpoint, "GET", &format!("{}/backups", disk_path(&disk)?), None).await?, render_backups)

@@ -332,7 +332,7 @@ fn open_target(env: &BackupEnv, disk: &str, size: u64, uri: &ImageUri) -> Result
         t.set_meta(DISK_KEY, disk).map_err(store_err("Cannot label the backup target"))?;
         (t, true)
     };
-    if target.size() != size {
+    if target.size() > size {
         return Err(JobError::Failed(format!(
             "Backup target {uri} has {} bytes but disk {disk} has {size}; refusing",
             target.size()
@@ -354,6 +354,13 @@ fn open_target(env: &BackupEnv, disk: &str, size: u64, uri: &ImageUri) -> Result
             }
             target.set_meta(DISK_KEY, disk).map_err(store_err("Cannot label the backup target"))?;
         }
+    }
+    if target.size() < size {
+        // The disk grew (`disk resize`): so does its target. The grown range reads as zeroes
+        // on both sides, the chain's snapshots keep their sizes, and the bitmap has every write
+        // since, so the next backup stays incremental.
+        tracing::info!(disk, target = %uri, from = target.size(), to = size, "growing the backup target with its disk");
+        target.resize(size).map_err(store_err("Cannot grow the backup target"))?;
     }
     let backups = backup_snapshots(target.as_ref()).map_err(store_err("Cannot read the backup chain"))?;
     let meta = target.list_meta().map_err(store_err("Cannot read target metadata"))?;
@@ -565,6 +572,13 @@ fn freeze_drained(
 ) -> Result<Frozen2, JobError> {
     let bitmaps = export.bitmaps();
     let failed = |e: &dyn std::fmt::Display| JobError::Failed(e.to_string());
+    if export.size() != chain.target.size() {
+        return Err(JobError::Failed(format!(
+            "Disk {disk} was resized while the backup started ({} bytes, target {}); start it again",
+            export.size(),
+            chain.target.size()
+        )));
+    }
     {
         let (mut mode, mut note) = (params.sync, None);
         if let (SyncMode::Incremental, Some(name)) = (mode, &params.bitmap) {

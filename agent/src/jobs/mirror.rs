@@ -439,6 +439,13 @@ fn start_tracking(
         )));
     }
     bitmaps.drained(|d| {
+        if export.size() != size {
+            return Err(JobError::Failed(format!(
+                "Disk {} was resized while the mirror started ({size} -> {} bytes); start it again",
+                export.name(),
+                export.size()
+            )));
+        }
         let seed = match (&params.bitmap, params.sync) {
             (Some(name), MirrorSync::Incremental) => {
                 let frozen = bitmaps.begin_job(d, name, &job.id()).map_err(|e| err("Bitmap")(&e))?;

@@ -111,7 +111,7 @@ pub enum StoreError {
         /// Image size.
         size: u64,
     },
-    /// The image exists with another size than configured.
+    /// The image exists, smaller than configured (larger is accepted: grown online).
     #[error("Image {path} has {actual} bytes, configuration says {expected}")]
     SizeMismatch {
         /// Image path.
@@ -364,7 +364,8 @@ impl Stores {
                     }
                 }
                 let store = ceph.open(pool, image, snap.as_deref(), options.read_only || snap.is_some())?;
-                if let Some(expected) = options.create_size.filter(|&s| s != store.size()) {
+                // Larger is an image grown online (`disk resize`); smaller is not this disk's.
+                if let Some(expected) = options.create_size.filter(|&s| s > store.size()) {
                     return Err(StoreError::SizeMismatch {
                         path: uri.to_string().into(),
                         expected,

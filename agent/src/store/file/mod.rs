@@ -58,7 +58,8 @@ impl FileStore {
             return if options.read_only { Self::open(path, options, stores) } else { Ok(me) };
         }
         let me = Self::open_file(path, path, None, options.read_only, stores)?;
-        if let Some(expected) = options.create_size.filter(|&s| s != me.size()) {
+        // Larger is an image grown online (`disk resize`) whose VM file still has the old size.
+        if let Some(expected) = options.create_size.filter(|&s| s > me.size()) {
             return Err(StoreError::SizeMismatch { path: path.to_owned(), expected, actual: me.size() });
         }
         Ok(me)
