@@ -646,7 +646,10 @@ pub(super) fn create_children(
                     n if p.size != 0 && n != p.size => {
                         drop(child);
                         let _ = stores.remove(image);
-                        Err(format!("Backing {backing} has {n} bytes but the disk has {}; back the disk up first", p.size))
+                        Err(format!(
+                            "Backing {backing} has {n} bytes but the disk has {}; back the disk up first",
+                            p.size
+                        ))
                     }
                     _ => Ok(()),
                 })

@@ -80,7 +80,12 @@ impl Control {
         })
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))??;
-        tracing::info!(disk, from = current, to = size, "disk resized online; NBD clients see the new size when they reconnect");
+        tracing::info!(
+            disk,
+            from = current,
+            to = size,
+            "disk resized online; NBD clients see the new size when they reconnect"
+        );
         Ok(to_json(Self::disk_info_of(&export)))
     }
 }
