@@ -332,13 +332,15 @@ fn open_target(env: &BackupEnv, disk: &str, size: u64, uri: &ImageUri) -> Result
         t.set_meta(DISK_KEY, disk).map_err(store_err("Cannot label the backup target"))?;
         (t, true)
     };
-    if target.size() > size {
+    let owner = target.get_meta(DISK_KEY).map_err(store_err("Cannot read target metadata"))?;
+    // Only this disk's own target grows with it (`disk resize`); any other size is refused.
+    let grown = owner.as_deref() == Some(disk) && target.size() < size;
+    if target.size() != size && !grown {
         return Err(JobError::Failed(format!(
             "Backup target {uri} has {} bytes but disk {disk} has {size}; refusing",
             target.size()
         )));
     }
-    let owner = target.get_meta(DISK_KEY).map_err(store_err("Cannot read target metadata"))?;
     match owner.as_deref() {
         Some(d) if d == disk => {}
         Some(other) => {
@@ -355,7 +357,7 @@ fn open_target(env: &BackupEnv, disk: &str, size: u64, uri: &ImageUri) -> Result
             target.set_meta(DISK_KEY, disk).map_err(store_err("Cannot label the backup target"))?;
         }
     }
-    if target.size() < size {
+    if grown {
         // The disk grew (`disk resize`): so does its target. The grown range reads as zeroes
         // on both sides, the chain's snapshots keep their sizes, and the bitmap has every write
         // since, so the next backup stays incremental.
