@@ -329,7 +329,7 @@ impl Control {
                         "{disk} is read-only here (fenced, or read_only): a stream would modify it"
                     )));
                 }
-                let params = StreamParams { chunk, holder: Some(format!("{}:{disk}", self.env.node)) };
+                let params = StreamParams::for_disk(&self.env.node, &disk, chunk);
                 let stores = self.env.stores.clone();
                 let job = self.jobs.start("stream", &disk, to_json(&params), speed, move |handle| {
                     stream::run(handle, export, params, stores)

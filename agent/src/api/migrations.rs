@@ -316,7 +316,7 @@ impl Control {
         let vm = req.vm.as_str();
         let stores = self.env.stores.clone();
         let created = {
-            let (plan, holder) = (plan.to_vec(), format!("{}:{vm}/", self.env.node));
+            let (plan, holder) = (plan.to_vec(), holds::vm_holders(&self.env.node, vm));
             tokio::task::spawn_blocking(move || create_children(&stores, &plan, &holder))
                 .await
                 .unwrap_or_else(|e| Err(e.to_string()))
@@ -378,7 +378,7 @@ impl Control {
             }
         }
         let stores = self.env.stores.clone();
-        let holder = format!("{}:{vm}/", self.env.node);
+        let holder = holds::vm_holders(&self.env.node, vm);
         let plan = plan.to_vec();
         let _ = tokio::task::spawn_blocking(move || {
             for p in &plan {
@@ -437,7 +437,7 @@ impl Control {
         tracing::info!(migration = %id, "incoming migration activated");
         let (mut jobs, mut stream_errors) = (Vec::new(), Vec::new());
         for (disk, export) in disks.iter().zip(exports).filter(|_| req.stream.unwrap_or(true)) {
-            let params = StreamParams { chunk: 4 << 20, holder: Some(format!("{}:{disk}", self.env.node)) };
+            let params = StreamParams::for_disk(&self.env.node, &disk, 4 << 20);
             let stores = self.env.stores.clone();
             match self
                 .jobs

@@ -75,7 +75,7 @@ impl Source {
 impl Control {
     /// The stream that copies a restored disk's data (its hold is `NODE:VM/DISK`).
     fn restore_stream(&self, disk: &str) -> StreamParams {
-        StreamParams { chunk: 4 << 20, holder: Some(format!("{}:{disk}", self.env.node)) }
+        StreamParams::for_disk(&self.env.node, disk, 4 << 20)
     }
 
     /// Starts (or resumes) the restore of `disk` from `from` (`URI@SNAP`).
@@ -148,7 +148,7 @@ impl Control {
             size: 0,
             image: config.image.clone(),
         };
-        let (stores, holder) = (self.env.stores.clone(), format!("{}:{vm}/", self.env.node));
+        let (stores, holder) = (self.env.stores.clone(), crate::jobs::holds::vm_holders(&self.env.node, vm));
         let plan2 = plan.clone();
         let created =
             tokio::task::spawn_blocking(move || super::migrations::create_children(&stores, &[plan2], &holder))
@@ -392,7 +392,7 @@ impl Control {
     /// Removes what a failed restore created (the disk never opened).
     async fn undo_restore(&self, disk: &str, plan: &super::migrations::Planned) {
         let (stores, plan) = (self.env.stores.clone(), plan.clone());
-        let holder = format!("{}:{disk}", self.env.node);
+        let holder = crate::jobs::holds::holder(&self.env.node, disk);
         // The image first: while the marker and token stand, a reload cannot serve it.
         let _ = tokio::task::spawn_blocking(move || {
             drop(stores.remove(&plan.image));

@@ -17,6 +17,16 @@ use crate::store::{OpenOptions, StoreError, Stores};
 /// Metadata key prefix of holds.
 pub const HOLD_PREFIX: &str = "rbdsync.hold.";
 
+/// The holder of disk `disk`'s hold on the snapshot it is layered on: `NODE:VM/DISK`.
+pub fn holder(node: &str, disk: &str) -> String {
+    format!("{node}:{disk}")
+}
+
+/// The prefix of the holders of VM `vm`'s disks (`NODE:VM/`; each adds its disk's name).
+pub fn vm_holders(node: &str, vm: &str) -> String {
+    format!("{node}:{vm}/")
+}
+
 fn key(snap: &str, holder: &str) -> String {
     format!("{HOLD_PREFIX}{snap}/{holder}")
 }

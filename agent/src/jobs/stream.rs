@@ -28,6 +28,13 @@ pub struct StreamParams {
     pub holder: Option<String>,
 }
 
+impl StreamParams {
+    /// Streaming `disk` on node `node` in chunks of `chunk` bytes, dropping its hold once detached.
+    pub fn for_disk(node: &str, disk: &str, chunk: u64) -> Self {
+        Self { chunk, holder: Some(super::holds::holder(node, disk)) }
+    }
+}
+
 /// Streams the parent's data into the disk and detaches the parent; the
 /// summary says how long that took (`duration_ms`).
 pub async fn run(
