@@ -437,7 +437,7 @@ impl Control {
         tracing::info!(migration = %id, "incoming migration activated");
         let (mut jobs, mut stream_errors) = (Vec::new(), Vec::new());
         for (disk, export) in disks.iter().zip(exports).filter(|_| req.stream.unwrap_or(true)) {
-            let params = StreamParams::for_disk(&self.env.node, &disk, 4 << 20);
+            let params = StreamParams::for_disk(&self.env.node, disk, 4 << 20);
             let stores = self.env.stores.clone();
             match self
                 .jobs
