@@ -17,7 +17,8 @@ use tests::{capture, map_extents, qemu_io, run, stdout, AgentBuilder, Rng};
 
 const MIB: u64 = 1 << 20;
 const GRAN: u64 = 64 << 10;
-const OLD: u64 = 32 * MIB;
+/// Not granule-aligned: the last granule lies partly past the old end.
+const OLD: u64 = 32 * MIB + 8192;
 const NEW: u64 = 48 * MIB;
 
 /// A child process killed if the test fails before it ends.
@@ -45,7 +46,7 @@ fn a_disk_grows_under_a_connected_client_and_a_running_backup_and_the_chain_stay
     let mut rng = Rng::from_env(0x7e57_0012);
     let scratch = tempfile::tempdir().unwrap();
     let vm = format!(
-        "name: vm1\ndisks:\n  - name: disk0\n    image: file:../images/vm1-disk0.raw\n    size: 32MiB\n    \
+        "name: vm1\ndisks:\n  - name: disk0\n    image: file:../images/vm1-disk0.raw\n    size: {OLD}\n    \
          bitmaps: [{{name: backup, granularity: 64KiB}}]\n    backup: {{target: \"{target}\", bitmap: backup}}\n"
     );
     let agent = AgentBuilder::new().extra(&rbd.agent_yaml()).vm("vm1", &vm).start().unwrap();
@@ -98,9 +99,17 @@ fn a_disk_grows_under_a_connected_client_and_a_running_backup_and_the_chain_stay
     std::fs::write(&go, b"").unwrap();
     assert_eq!(lines.next().unwrap().unwrap(), format!("size {OLD}"));
     assert!(client.0.wait().unwrap().success());
-    // A new client sees the new size and writes past the old end.
+    // A new client sees the new size and writes past the old end, first inside the last old
+    // granule, which the running backup still has to copy.
     assert_eq!(stdout("nbdinfo", &["--size", &uri]).unwrap().trim(), NEW.to_string());
-    qemu_io(&uri, &["write -P 0x77 40M 64k", &format!("write -P 0x78 {} 4k", NEW - 4096)]).unwrap();
+    let writes = [
+        format!("write -P 0x76 {} 4k", OLD + 8192),
+        "write -P 0x77 40M 64k".into(),
+        format!("write -P 0x78 {} 4k", NEW - 4096),
+    ];
+    qemu_io(&uri, &writes.iter().map(String::as_str).collect::<Vec<_>>()).unwrap();
+    let still = agent.cli_json(&["job", "show", &id]).unwrap();
+    assert_eq!(still["state"], "running", "the backup must still run after the writes past the old end: {still:#}");
 
     let done = agent.wait_job(&id, Duration::from_secs(120)).unwrap();
     assert_eq!(done["result"], "success", "{done:#}\nagent log:\n{}", agent.log());
@@ -109,20 +118,22 @@ fn a_disk_grows_under_a_connected_client_and_a_running_backup_and_the_chain_stay
     let s1_file = scratch.path().join("s1.raw");
     rbd.export(&format!("{image}@{s1}"), &s1_file);
     assert!(std::fs::read(&s1_file).unwrap() == content, "the full backup is not the disk as it was at its start");
+    let record: Value = serde_json::from_str(&rbd.meta(&image)[&format!("rbdsync.snap.{s1}")]).unwrap();
+    assert_eq!(record["size"], OLD, "the snapshot record has the point in time's size: {record:#}");
 
     // Exactly the writes since the point in time are dirty, past the old end too.
-    let want = vec![(2 * MIB, GRAN), (40 * MIB, GRAN), (NEW - GRAN, GRAN)];
+    let want = vec![(2 * MIB, GRAN), (32 * MIB, GRAN), (40 * MIB, GRAN), (NEW - GRAN, GRAN)];
     assert_eq!(dirty(&uri, "qemu:dirty-bitmap:backup"), want);
     let bitmaps = agent.cli_json(&["bitmap", "list", "vm1/disk0"]).unwrap();
     assert_eq!(bitmaps[0]["consistent"], true, "{bitmaps:#}");
-    assert_eq!(bitmaps[0]["dirty_bytes"], 3 * GRAN, "{bitmaps:#}");
+    assert_eq!(bitmaps[0]["dirty_bytes"], 4 * GRAN, "{bitmaps:#}");
 
     // The next backup grows the target and stays incremental.
     let incr = agent.cli_json(&["backup", "vm1/disk0"]).unwrap();
     let incr = agent.wait_job(incr["id"].as_str().unwrap(), Duration::from_secs(120)).unwrap();
     assert_eq!(incr["result"], "success", "{incr:#}\nagent log:\n{}", agent.log());
     assert_eq!(incr["summary"]["sync"], "incremental", "{incr:#}");
-    assert!(incr["summary"]["bytes_written"].as_u64().unwrap() <= 3 * GRAN, "{incr:#}");
+    assert!(incr["summary"]["bytes_written"].as_u64().unwrap() <= 4 * GRAN, "{incr:#}");
     assert_eq!(rbd.size(&image), NEW);
     let s2 = incr["summary"]["snapshot"].as_str().unwrap().to_owned();
     let (disk_file, s2_file) = (scratch.path().join("disk.raw"), scratch.path().join("s2.raw"));
@@ -138,4 +149,39 @@ fn a_disk_grows_under_a_connected_client_and_a_running_backup_and_the_chain_stay
     let bitmaps: Value = agent.cli_json(&["bitmap", "list", "vm1/disk0"]).unwrap();
     assert_eq!(bitmaps[0]["consistent"], true, "{bitmaps:#}\n{}", agent.log());
     assert_eq!(dirty(&uri, "qemu:dirty-bitmap:backup"), vec![(44 * MIB, GRAN)]);
+}
+
+/// After a resize the target of an incremental backup must read as the disk does past the
+/// latest snapshot's size, whatever its head holds there (an unfinished backup of a copy of
+/// the disk, say, left data past that size): the backup zeroes that range first.
+#[test]
+fn the_first_backup_after_a_resize_zeroes_what_the_target_head_holds_past_the_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("target.raw");
+    let vm = format!(
+        "name: vm1\ndisks:\n  - name: disk0\n    image: file:../images/vm1-disk0.raw\n    size: 8MiB\n    \
+         bitmaps: [{{name: backup, granularity: 64KiB}}]\n    backup: {{target: \"file:{}\", bitmap: backup}}\n",
+        target.display()
+    );
+    let agent = AgentBuilder::new().vm("vm1", &vm).start().unwrap();
+    let uri = agent.unix_uri("vm1/disk0");
+    qemu_io(&uri, &["write -P 0x11 0 1M"]).unwrap();
+    let full = agent.cli_json(&["backup", "vm1/disk0", "--sync", "full", "--wait"]).unwrap();
+    assert_eq!(full["result"], "success", "{full:#}");
+    agent.cli_json(&["disk", "resize", "vm1/disk0", "12MiB"]).unwrap();
+    qemu_io(&uri, &["write -P 0x22 9M 4k"]).unwrap();
+    // The head of the target grown and written behind the agent's back past the snapshot's size.
+    {
+        use std::os::unix::fs::FileExt;
+        let head = std::fs::OpenOptions::new().write(true).open(&target).unwrap();
+        head.set_len(12 * MIB).unwrap();
+        head.write_all_at(&[0xee; 65536], 10 * MIB).unwrap();
+    }
+    let incr = agent.cli_json(&["backup", "vm1/disk0", "--wait"]).unwrap();
+    assert_eq!(incr["result"], "success", "{incr:#}\n{}", agent.log());
+    assert_eq!(incr["summary"]["sync"], "incremental", "{incr:#}");
+    let snap = incr["summary"]["snapshot"].as_str().unwrap();
+    let against = format!("file:{}@{snap}", target.display());
+    let v = agent.cli_json(&["verify", "vm1/disk0", "--against", &against, "--wait"]).unwrap();
+    assert_eq!(v["result"], "success", "the backup differs from the disk: {v:#}");
 }

@@ -239,8 +239,13 @@ impl Control {
             let changed = target
                 .changed_extents(Some(&snap), 0, size)
                 .map_err(|e| format!("cannot compare the head of {base} with {snap}: {e}"))?;
-            for (offset, length) in &changed {
-                export.bitmaps().mark(*offset, *length).map_err(|e| e.to_string())?;
+            // Past the disk's size (a target grown after that snapshot) the next backup zeroes
+            // the target (the range past its latest snapshot's size).
+            for &(offset, length) in &changed {
+                let length = (offset + length).min(export.size()).saturating_sub(offset);
+                if length > 0 {
+                    export.bitmaps().mark(offset, length).map_err(|e| e.to_string())?;
+                }
             }
             if !changed.is_empty() {
                 let bytes: u64 = changed.iter().map(|c| c.1).sum();

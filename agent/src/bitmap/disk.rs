@@ -483,7 +483,10 @@ impl DiskBitmaps {
         let list = self.list.load_full();
         for b in list.iter() {
             let persist = |source| BitmapError::Persist { name: b.name.clone(), source };
-            let done = if b.is_consistent() { b.write_changed_pages() } else { Ok(()) };
+            // Every page, not only those that differ from `persisted`: a lazy writeback queued
+            // before (a job's commit, a clear) would reach the old bitmap, which has no file then.
+            let pages = (0..=page_of(b.bits.word_count().saturating_sub(1))).collect();
+            let done = if b.is_consistent() { b.write_pages(&pages) } else { Ok(()) };
             match done.and_then(|()| b.grow_file(size)) {
                 Err(e) if b.is_consistent() => return Err(persist(e).into()),
                 Err(e) => {
@@ -499,7 +502,8 @@ impl DiskBitmaps {
         crate::testkit::at("bitmap.grow.after_store", &self.disk);
         let grown: Vec<Arc<Bitmap>> = list.iter().map(|b| Arc::new(b.grown(size))).collect();
         for b in &grown {
-            // The old header and the longer file still load as a superset (see above).
+            // Without it the file still loads as a superset: an unclean header of the old size
+            // over a longer body loads at the disk's size with every bit of the body.
             if let Err(e) = b.write_header(false, 0) {
                 tracing::warn!(disk = %self.disk, bitmap = %b.name, error = %e, "cannot record the new size in the bitmap file");
             }
@@ -560,6 +564,15 @@ impl DiskBitmaps {
     }
 
     fn mark_with(&self, offset: u64, length: u64, wait: bool) -> Result<bool, BitmapError> {
+        // Never a silent loss: past the end the bitmaps would drop the bits (the image grew
+        // behind the agent's back, say). The write fails instead.
+        if offset.saturating_add(length) > self.size() {
+            return Err(BitmapError::Invalid(format!(
+                "write {offset}+{length} past the {} bytes the bitmaps of {} cover",
+                self.size(),
+                self.disk
+            )));
+        }
         let list = self.list.load();
         let mut pending = Vec::new();
         for b in list.iter() {
@@ -958,16 +971,15 @@ fn load(path: &Path, size: u64, identity: &Identity) -> (Bitmap, bool) {
         b.persisted.or_word(w as u64, v);
     }
     if header.disk_size < size {
-        // A grow stopped by a crash after the image grew (see `DiskBitmaps::grow`): whatever
-        // the new range holds counts as written.
-        let (first, last) = b.granules(header.disk_size, size - header.disk_size);
-        b.bits.set_range(first, last);
-        let pages = (0..=page_of(b.bits.word_count().saturating_sub(1))).collect();
-        if let Err(e) = b.grow_file(size).and_then(|()| b.write_pages(&pages)) {
+        // A grow that a crash interrupted after the image grew, or whose header write failed
+        // (see `DiskBitmaps::grow`): no write past the old end was acknowledged before the
+        // grown bitmaps were in place, and every one after has its bits in the longer body
+        // (read above) or in the write-intent log. The file only needs its full length.
+        if let Err(e) = b.grow_file(size) {
             b.set_inconsistent(format!("cannot grow to the disk's new size: {e}"));
             return (b, header.clean);
         }
-        tracing::warn!(bitmap = %name, from = header.disk_size, to = size, "disk grew before an unclean stop; the new range counts as dirty");
+        tracing::warn!(bitmap = %name, from = header.disk_size, to = size, "bitmap of a disk grown before an unclean stop: grown with it");
     }
     suspect::load(path.parent().unwrap_or(Path::new(".")), &b);
     if let Err(e) = b.write_header(false, 0) {
@@ -995,7 +1007,8 @@ fn distrust(name: &str, h: &Header, body: &[u64], size: u64, identity: &Identity
     if h.clean && h.image_mtime_ns != identity.modified_ns {
         return Some("image modified while the agent was not running".into());
     }
-    let len = h.disk_size.div_ceil(h.granularity);
+    // The body may be longer than its header says (a grow); past the disk nothing may be set.
+    let len = size.div_ceil(h.granularity);
     if body.iter().enumerate().any(|(w, &v)| v & !valid_mask(len, w as u64) != 0) {
         return Some("bits set past the end of the disk".into());
     }

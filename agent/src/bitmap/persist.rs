@@ -121,12 +121,9 @@ impl BitmapFile {
         }
         let mut raw = vec![0u8; usize::try_from(len - BODY).map_err(|_| corrupt("body too large".into()))?];
         file.read_exact_at(&mut raw, BODY).map_err(io_err)?;
-        let mut body: Vec<u64> =
-            raw.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect();
-        if body.iter().skip(usize::try_from(words).unwrap_or(usize::MAX)).any(|&w| w != 0) {
-            return Err(corrupt("bits set past the body its header describes".into()));
-        }
-        body.truncate(usize::try_from(words).unwrap_or(usize::MAX));
+        // Every word, the tail too: bits a grown disk's writes set there before the header
+        // recorded the new size (the loader decides whether the tail may hold any).
+        let body: Vec<u64> = raw.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect();
         Ok((Self { file, path: path.to_owned(), seq }, header, body))
     }
 

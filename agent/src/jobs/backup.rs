@@ -367,7 +367,17 @@ fn open_target(env: &BackupEnv, disk: &str, size: u64, uri: &ImageUri) -> Result
     let backups = backup_snapshots(target.as_ref()).map_err(store_err("Cannot read the backup chain"))?;
     let meta = target.list_meta().map_err(store_err("Cannot read target metadata"))?;
     let continues = meta.into_iter().filter(|(k, _)| k.starts_with(CONTINUES_KEY_PREFIX)).collect();
-    Ok(Chain { target, fresh, latest: backups.last().cloned(), continues })
+    let latest = backups.last().cloned();
+    if let Some((snap, m)) = latest.as_ref().filter(|(_, m)| m.size < size) {
+        // Past the latest snapshot's size the disk grew: it reads as zeroes there, and so must
+        // the target, whatever an unfinished backup (of this disk or of an older copy of it)
+        // left in the head; the bitmap then has every write there since.
+        tracing::info!(disk, target = %uri, %snap, from = m.size, to = size, "zeroing the target past the latest snapshot's size");
+        target
+            .write_zeroes(m.size, size - m.size, true)
+            .map_err(store_err("Cannot zero the grown range of the backup target"))?;
+    }
+    Ok(Chain { target, fresh, latest, continues })
 }
 
 /// Target metadata key prefix of continuation records: `PREFIX + UUID` =
@@ -949,7 +959,8 @@ async fn finish(
         generation: state.frozen.as_ref().map(|f| f.generation + 1),
         previous: chain.latest.as_ref().map(|(n, _)| n.clone()),
         point_in_time: started,
-        size: export.size(),
+        // The point in time's size (the disk may have grown since).
+        size: chain.target.size(),
         bytes_written: written,
     };
     let target = chain.target.clone();

@@ -137,8 +137,12 @@ impl PointInTime {
             if !self.needed.get(g) {
                 continue;
             }
-            let (u0, u1) = ((offset >> self.unit).max(g << per), (end >> self.unit).min(((g + 1) << per) - 1));
-            if (u0..=u1).all(|u| self.saved.get(u)) {
+            // Clamped to the view's size: past it (a disk grown since the moment) there is no old
+            // content to save.
+            let last_unit = self.saved.len().saturating_sub(1);
+            let (u0, u1) =
+                ((offset >> self.unit).max(g << per), (end >> self.unit).min(((g + 1) << per) - 1).min(last_unit));
+            if u0 > u1 || (u0..=u1).all(|u| self.saved.get(u)) {
                 continue;
             }
             let _lock = self.lock(g);
@@ -327,6 +331,28 @@ mod tests {
                 (x >> 24) as u8
             })
             .collect()
+    }
+
+    /// A disk grown while a view is open (online resize): a write past the view's end inside
+    /// its last granule has no old content to save, and must neither fail nor panic.
+    #[test]
+    fn a_write_past_the_views_end_in_its_last_granule_saves_nothing() {
+        const G: u64 = 64 << 10;
+        let dir = tempfile::tempdir().unwrap();
+        let stores = Stores::new(None);
+        let old = 4 * G + 8192; // not granule-aligned: the last granule is partly past the end
+        let store: Arc<dyn BlockStore> = Arc::new(FileStore::create(&dir.path().join("d.raw"), old, &stores).unwrap());
+        let before = pattern(old as usize, 11);
+        store.write_at(&before, 0).unwrap();
+        let view = PointInTime::whole(store.clone(), G, &dir.path().join("scratch")).unwrap();
+        store.resize(8 * G).unwrap();
+        for (offset, len) in [(old + 8192, 4096usize), (old - 4096, 16384), (6 * G, 4096)] {
+            view.before_write(offset, len as u64).unwrap();
+            store.write_at(&vec![0xee; len], offset).unwrap();
+        }
+        let mut seen = vec![0u8; old as usize];
+        view.read(&mut seen, 0).unwrap();
+        assert!(seen == before, "the view lost its old content");
     }
 
     #[test]

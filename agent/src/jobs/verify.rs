@@ -55,6 +55,11 @@ pub async fn run(job: JobHandle, env: BackupEnv, export: Arc<Export>, params: Ve
     let pit = export
         .bitmaps()
         .drained(|d| {
+            if export.size() != size {
+                return Err(StoreError::Unsupported(
+                    "verifying a disk resized while the verify started; start it again",
+                ));
+            }
             let pit = Arc::new(PointInTime::whole(export.store().clone(), UNIT as u64, &scratch)?);
             export.add_hook(d, pit.clone());
             Ok::<_, StoreError>(pit)
