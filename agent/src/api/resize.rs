@@ -61,6 +61,7 @@ impl Control {
             )));
         }
         let (control, name, exp) = (self.clone(), disk.to_owned(), export.clone());
+        let started = std::time::Instant::now();
         tokio::task::spawn_blocking(move || {
             exp.bitmaps().grow(size, || {
                 // Under the drain: a job that starts now begins after the grow and sees the new size.
@@ -84,7 +85,8 @@ impl Control {
             disk,
             from = current,
             to = size,
-            "disk resized online; NBD clients see the new size when they reconnect"
+            held_ms = started.elapsed().as_millis(),
+            "disk resized online (writes waited at most held_ms); NBD clients see the new size when they reconnect"
         );
         Ok(to_json(Self::disk_info_of(&export)))
     }
