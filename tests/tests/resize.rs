@@ -89,6 +89,10 @@ fn a_disk_grows_under_a_connected_client_and_a_running_backup_and_the_chain_stay
     assert!(shrink.contains("shrinking is not supported"), "{shrink}");
     let odd = agent.cli_fails(&["disk", "resize", "vm1/disk0", "40000100"]).unwrap();
     assert!(odd.contains("multiple of 512"), "{odd}");
+    let huge = agent.cli_fails(&["disk", "resize", "vm1/disk0", &(1u64 << 59).to_string()]).unwrap();
+    assert!(huge.contains("MiB of memory"), "{huge}");
+    let absurd = agent.cli_fails(&["disk", "resize", "vm1/disk0", &(1u64 << 62).to_string()]).unwrap();
+    assert!(absurd.contains("larger than"), "{absurd}");
 
     let resized = agent.cli_json(&["disk", "resize", "vm1/disk0", "48MiB"]).unwrap();
     assert_eq!(resized["size"], NEW, "{resized:#}");

@@ -29,6 +29,13 @@ pub struct ResizeBody {
 /// point in time it fixed, at the size it had then.
 const COMPATIBLE: &[&str] = &["backup"];
 
+/// Largest size accepted (1 EiB; images and file systems stop well before).
+const MAX_SIZE: u64 = 1 << 60;
+
+/// Most memory the grown bitmaps of one disk may take (each bit set is
+/// held twice: the bits and what is durable of them).
+const MAX_BITMAP_MEMORY: u64 = 1 << 30;
+
 impl Control {
     /// Grows `disk` to `size` bytes (the same size again is a no-op).
     pub(super) async fn resize(self: &Arc<Self>, disk: &str, size: &Size) -> Result<Value, ApiError> {
@@ -37,6 +44,16 @@ impl Control {
         let current = export.size();
         if size == 0 || !size.is_multiple_of(512) {
             return Err(ApiError::BadRequest(format!("Size {size} is not a positive multiple of 512 bytes")));
+        }
+        if size > MAX_SIZE {
+            return Err(ApiError::BadRequest(format!("Size {size} is larger than {MAX_SIZE} bytes")));
+        }
+        let memory: u64 = export.bitmaps().list().iter().map(|b| size.div_ceil(b.granularity).div_ceil(64) * 16).sum();
+        if memory > MAX_BITMAP_MEMORY {
+            return Err(ApiError::BadRequest(format!(
+                "{disk}'s bitmaps would take {} MiB of memory at {size} bytes; use coarser granularities",
+                memory >> 20
+            )));
         }
         if size < current {
             return Err(ApiError::BadRequest(format!(
