@@ -289,6 +289,16 @@ pub fn stdout(program: &str, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8(run(program, args)?.stdout)?)
 }
 
+/// A finished command's exit status and output, for assertion messages.
+pub fn show(out: &Output) -> String {
+    format!(
+        "exit {}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
 /// Runs an nbdsh script under the system Python (python3-libnbd).
 pub fn nbdsh(uri: &str, script: &str) -> Result<String> {
     let out = Command::new("/usr/bin/python3")
@@ -464,6 +474,33 @@ impl Agent {
             bail!("rbdsync {args:?} succeeded but must fail: {}", String::from_utf8_lossy(&out.stdout));
         }
         Ok(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+
+    /// [`cli_json`](Self::cli_json) for tests: panics with the agent's log tail if it fails.
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        self.cli_json(args).unwrap_or_else(|e| panic!("{e:#}\nagent log:\n{}", self.log_tail()))
+    }
+
+    /// `rbdsync --json ARGS`, which must fail and say why on stderr: its
+    /// JSON output (a job that failed prints its record), if any, and stderr.
+    pub fn refused(&self, args: &[&str]) -> (Option<serde_json::Value>, String) {
+        let out = self.cli().arg("--json").args(args).output().expect("spawn rbdsync");
+        assert!(!out.status.success(), "rbdsync {args:?} succeeded but must fail: {}", show(&out));
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!stderr.trim().is_empty(), "rbdsync {args:?} failed without saying why: {}", show(&out));
+        (serde_json::from_slice(&out.stdout).ok(), stderr)
+    }
+
+    /// [`wait_job`](Self::wait_job) for tests: panics with the agent's log tail.
+    pub fn concluded(&self, id: &str, limit: Duration) -> serde_json::Value {
+        self.wait_job(id, limit).unwrap_or_else(|e| panic!("{e:#}\nagent log:\n{}", self.log_tail()))
+    }
+
+    /// The last 40 lines of the agent's log, NBD connection chatter left out.
+    pub fn log_tail(&self) -> String {
+        let log = self.log();
+        let lines: Vec<&str> = log.lines().filter(|l| !l.contains("agent::nbd")).collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
     }
 
     /// Polls job `id` until it concludes (at most `limit`); its record.

@@ -11,7 +11,7 @@
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -20,92 +20,32 @@ use bytes::{BufMut, BytesMut};
 use proto::consts::{opt, rep, IHAVEOPT, SIMPLE_REPLY_MAGIC};
 use serde_json::Value;
 use tests::ceph::{ceph_exclusive, ceph_shared, StoppedOsd, TestCeph};
-use tests::{agent_bin, run, Agent, AgentBuilder, Rng};
+use tests::{run, show, Agent, AgentBuilder, Rng};
 
 const MIB: u64 = 1 << 20;
 const GRANULE: u64 = 64 << 10;
 
 // ---------------------------------------------------------------- client CLI
 
-fn cli(agent: &Agent, args: &[&str]) -> Output {
-    let control = format!("unix:{}", agent.dir().join("control.sock").display());
-    Command::new(agent_bin())
-        .arg("--control")
-        .arg(control)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("spawn rbdsync")
-}
-
-fn log_tail(agent: &Agent) -> String {
-    let log = agent.log();
-    let lines: Vec<&str> = log.lines().filter(|l| !l.contains("agent::nbd")).collect();
-    lines[lines.len().saturating_sub(40)..].join("\n")
-}
-
-fn show(out: &Output) -> String {
-    format!(
-        "exit {}\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-/// `rbdsync --json ARGS`, which must succeed; its JSON output.
-fn cli_json(agent: &Agent, args: &[&str]) -> Value {
-    let out = cli(agent, &[&["--json"][..], args].concat());
-    assert!(out.status.success(), "rbdsync {args:?} failed: {}\nagent log:\n{}", show(&out), log_tail(agent));
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("rbdsync {args:?}: bad JSON ({e}): {}", show(&out)))
-}
-
-/// `rbdsync --json ARGS`, which must fail; its output (JSON on stdout, if
-/// any, and the error on stderr).
-fn cli_fails(agent: &Agent, args: &[&str]) -> (Option<Value>, String) {
-    let out = cli(agent, &[&["--json"][..], args].concat());
-    assert!(!out.status.success(), "rbdsync {args:?} succeeded but must fail: {}", show(&out));
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!stderr.trim().is_empty(), "rbdsync {args:?} failed without saying why: {}", show(&out));
-    (serde_json::from_slice(&out.stdout).ok(), stderr)
-}
-
 fn id(record: &Value) -> String {
     record["id"].as_str().unwrap_or_else(|| panic!("no job id in {record}")).to_owned()
 }
 
-/// Polls a job until it concludes.
-fn wait_job(agent: &Agent, id: &str, limit: Duration) -> Value {
-    let deadline = Instant::now() + limit;
-    loop {
-        let j = cli_json(agent, &["job", "show", id]);
-        if j["state"] == "concluded" {
-            return j;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "job {id} not concluded after {limit:?}: {j}\nagent log:\n{}",
-            log_tail(agent)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 fn assert_success(agent: &Agent, job: &Value) {
-    assert_eq!(job["result"], "success", "job failed: {job:#}\nagent log:\n{}", log_tail(agent));
+    assert_eq!(job["result"], "success", "job failed: {job:#}\nagent log:\n{}", agent.log_tail());
 }
 
 /// Starts a backup (`args` = `backup ...`; the command returns once the disk
 /// is frozen) and waits for it to succeed.
 fn backup_ok(agent: &Agent, args: &[&str]) -> Value {
-    let started = cli_json(agent, args);
-    let done = wait_job(agent, &id(&started), Duration::from_secs(60));
+    let started = agent.json(args);
+    let done = agent.concluded(&id(&started), Duration::from_secs(60));
     assert_success(agent, &done);
     done
 }
 
 fn bitmap(agent: &Agent, disk: &str, name: &str) -> Value {
-    let list = cli_json(agent, &["bitmap", "list", disk]);
+    let list = agent.json(&["bitmap", "list", disk]);
     list.as_array()
         .and_then(|l| l.iter().find(|b| b["name"] == name))
         .cloned()
@@ -439,11 +379,11 @@ fn chain_under_writes(target: &Target, agent: &Agent, seed: u64) {
         if let Some(s) = speed {
             args.extend(["--speed", s]);
         }
-        let started = cli_json(agent, &args);
+        let started = agent.json(&args);
         let before = writer.writes();
         writer.resume(window(round + 1));
         let t0 = Instant::now();
-        let job = wait_job(agent, &id(&started), Duration::from_secs(60));
+        let job = agent.concluded(&id(&started), Duration::from_secs(60));
         assert_success(agent, &job);
         let s = &job["summary"];
         eprintln!(
@@ -497,7 +437,7 @@ fn chain_under_writes(target: &Target, agent: &Agent, seed: u64) {
     assert!(scratch_total > 0, "the writer never hit a granule a backup still needed (copy-before-write untested)");
     // The disk moved on since the last backup: verify against it must say so ...
     let last = format!("{}@{}", target.uri(), snaps.last().unwrap());
-    let (job, err) = cli_fails(agent, &["verify", disk, "--against", &last, "--wait"]);
+    let (job, err) = agent.refused(&["verify", disk, "--against", &last, "--wait"]);
     let job = job.expect("verify prints its job");
     assert_eq!(job["result"], "failed", "{job:#}");
     assert!(job["error"].as_str().unwrap().contains("differ"), "{job:#}\n{err}");
@@ -505,7 +445,7 @@ fn chain_under_writes(target: &Target, agent: &Agent, seed: u64) {
     let job = backup_ok(agent, &["backup", disk, "--sync", "incremental"]);
     assert_eq!(u(&job["summary"]["bitmap_generation"]), generation.unwrap() + 1);
     let against = format!("{}@{}", target.uri(), snapshot_of(&job));
-    let v = cli_json(agent, &["verify", disk, "--against", &against, "--wait"]);
+    let v = agent.json(&["verify", disk, "--against", &against, "--wait"]);
     assert_eq!(v["result"], "success", "{v:#}");
     assert_eq!(v["summary"]["equal"], true, "{v:#}");
     let writes = writer.stop();
@@ -579,8 +519,8 @@ fn two_agents_backing_up_to_one_target_in_the_same_second_never_collide() {
     let mut names = std::collections::BTreeSet::new();
     for round in 0..5 {
         for agent in [&a, &b] {
-            let done = cli_json(agent, &["backup", "vm1/disk0", "--sync", "full", "--wait"]);
-            assert_eq!(done["result"], "success", "round {round}: {done:#}\n{}", log_tail(agent));
+            let done = agent.json(&["backup", "vm1/disk0", "--sync", "full", "--wait"]);
+            assert_eq!(done["result"], "success", "round {round}: {done:#}\n{}", agent.log_tail());
             assert!(names.insert(snapshot_of(&done)), "round {round}: snapshot name reused: {done:#}");
         }
     }
@@ -607,7 +547,7 @@ fn full_backup_to_a_full_filesystem_fails_cleanly_and_succeeds_once_there_is_roo
     let mut rng = Rng::from_env(0xb0c4_0003);
     write_random(&agent, disk, &mut rng, &[(0, 12 * MIB)]);
     let before = bitmap(&agent, disk, "backup");
-    let (job, err) = cli_fails(&agent, &["backup", disk, "--sync", "full", "--wait"]);
+    let (job, err) = agent.refused(&["backup", disk, "--sync", "full", "--wait"]);
     let job = job.expect("backup --wait prints its job");
     assert_eq!(job["result"], "failed", "{job:#}");
     let error = job["error"].as_str().unwrap();
@@ -629,7 +569,7 @@ fn full_backup_to_a_full_filesystem_fails_cleanly_and_succeeds_once_there_is_roo
     let snap = snapshot_of(&job);
     let file = Target::File(target.clone()).snapshot_file(&snap, Path::new("/nonexistent"));
     assert_same_content("snapshot after the retry", &reference, &file);
-    let v = cli_json(&agent, &["verify", disk, "--against", &format!("{uri}@{snap}"), "--wait"]);
+    let v = agent.json(&["verify", disk, "--against", &format!("{uri}@{snap}"), "--wait"]);
     assert_eq!(v["result"], "success", "{v:#}");
     assert_eq!(bitmap(&agent, disk, "backup")["dirty_bytes"], 0);
     agent.stop().unwrap();
@@ -659,10 +599,10 @@ fn incremental_backup_fails_when_the_osd_hangs_and_the_next_one_succeeds() {
     let before = bitmap(&agent, disk, "backup");
     let snaps = rbd.snaps(&image);
 
-    let started = cli_json(&agent, &["backup", disk, "--sync", "incremental", "--speed", "4MiB"]);
+    let started = agent.json(&["backup", disk, "--sync", "incremental", "--speed", "4MiB"]);
     let osd = StoppedOsd::stop(&rbd);
     let t0 = Instant::now();
-    let job = wait_job(&agent, &id(&started), Duration::from_secs(200));
+    let job = agent.concluded(&id(&started), Duration::from_secs(200));
     let took = t0.elapsed();
     eprintln!("job concluded {took:?} after the OSD stopped: {}", job["error"]);
     assert_eq!(job["result"], "failed", "{job:#}");
@@ -695,13 +635,13 @@ fn agent_killed_mid_backup_reports_the_job_interrupted_and_the_next_incremental_
     write_random(&agent, disk, &mut rng, &[(0, 24 * MIB)]);
     let before = bitmap(&agent, disk, "backup");
 
-    let started = cli_json(&agent, &["backup", disk, "--sync", "incremental", "--speed", "8MiB"]);
+    let started = agent.json(&["backup", disk, "--sync", "incremental", "--speed", "8MiB"]);
     let job_id = id(&started);
     // Rewrite the end of the dirty region, which the job has not copied yet.
     write_random(&agent, disk, &mut rng, &[(20 * MIB, 4 * MIB)]);
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let j = cli_json(&agent, &["job", "show", &job_id]);
+        let j = agent.json(&["job", "show", &job_id]);
         assert_ne!(j["state"], "concluded", "the job ended before it could be killed: {j:#}");
         if u(&j["bytes_done"]) > 0 {
             break;
@@ -712,7 +652,7 @@ fn agent_killed_mid_backup_reports_the_job_interrupted_and_the_next_incremental_
     agent.kill9().unwrap();
     let agent = agent.respawn().unwrap();
 
-    let jobs = cli_json(&agent, &["jobs", "--all"]);
+    let jobs = agent.json(&["jobs", "--all"]);
     let job = jobs.as_array().unwrap().iter().find(|j| j["id"] == job_id.as_str()).expect("the job survives restarts");
     assert_eq!(job["state"], "concluded", "{job:#}");
     assert_eq!(job["result"], "failed", "{job:#}");
@@ -730,7 +670,7 @@ fn agent_killed_mid_backup_reports_the_job_interrupted_and_the_next_incremental_
     let snap = snapshot_of(&job);
     let file = Target::File(target).snapshot_file(&snap, Path::new("/nonexistent"));
     assert_same_content("incremental after the kill", &reference, &file);
-    let v = cli_json(&agent, &["verify", disk, "--against", &format!("{uri}@{snap}"), "--wait"]);
+    let v = agent.json(&["verify", disk, "--against", &format!("{uri}@{snap}"), "--wait"]);
     assert_eq!(v["result"], "success", "{v:#}");
     // The killed job's copy-before-write scratch file must not live forever.
     let stale = agent.dir().join(format!("state/scratch/{job_id}.pit"));
@@ -810,7 +750,7 @@ fn verify_of_a_sparse_disk_reads_only_its_data_and_still_finds_every_difference(
     let data = [(0, 128 << 10), (300 * MIB, 128 << 10), (1023 * MIB, 128 << 10)];
     write_random(&agent, disk, &mut rng, &data);
     let against = format!("{uri}@{}", snapshot_of(&backup_ok(&agent, &["backup", disk, "--sync", "full"])));
-    let v = cli_json(&agent, &["verify", disk, "--against", &against, "--wait"]);
+    let v = agent.json(&["verify", disk, "--against", &against, "--wait"]);
     assert_eq!(v["result"], "success", "{v:#}");
     let read = u(&v["summary"]["bytes_read"]);
     assert!(read <= 8 * MIB, "verify read {read} bytes of two images holding 384 KiB each: {v:#}");
@@ -818,7 +758,7 @@ fn verify_of_a_sparse_disk_reads_only_its_data_and_still_finds_every_difference(
     // Data changed; data over a hole; a hole (punched) over data.
     write_random(&agent, disk, &mut rng, &[(300 * MIB + GRANULE, GRANULE), (700 * MIB, GRANULE)]);
     tests::qemu_io(&agent.unix_uri(disk), &["write -z -u 1023M 64k"]).unwrap();
-    let (job, err) = cli_fails(&agent, &["verify", disk, "--against", &against, "--wait"]);
+    let (job, err) = agent.refused(&["verify", disk, "--against", &against, "--wait"]);
     let job = job.expect("verify prints its job");
     assert_eq!(job["result"], "failed", "{job:#}\n{err}");
     assert_eq!(
@@ -916,7 +856,7 @@ fn backups_lists_the_restore_points_and_the_base_of_the_next_incremental() {
     let (agent, _, uri) = file_target_agent("16MiB");
     let disk = "vm1/disk0";
     // Before the first backup the target does not exist: no restore points, the next backup is full.
-    let none = cli_json(&agent, &["backups", disk]);
+    let none = agent.json(&["backups", disk]);
     assert_eq!(
         (&none["restore_points"], &none["incremental_possible"]),
         (&Value::Array(vec![]), &Value::Bool(false)),
@@ -929,7 +869,7 @@ fn backups_lists_the_restore_points_and_the_base_of_the_next_incremental() {
         write_random(&agent, disk, &mut rng, &[range]);
         jobs.push(backup_ok(&agent, &["backup", disk, "--sync", sync]));
     }
-    let list = cli_json(&agent, &["backups", disk]);
+    let list = agent.json(&["backups", disk]);
     assert_eq!(list["incremental_possible"], true, "{list:#}");
     let points = list["restore_points"].as_array().expect("restore points");
     assert_eq!(points.len(), 3, "{list:#}");
@@ -944,18 +884,18 @@ fn backups_lists_the_restore_points_and_the_base_of_the_next_incremental() {
         assert_eq!(p["previous"], if i == 0 { Value::Null } else { points[i - 1]["snapshot"].clone() });
     }
     assert_eq!(u(&points[2]["bytes_written"]), GRANULE);
-    let out = cli(&agent, &["backups", disk]);
+    let out = agent.cli().args(["backups", disk]).output().unwrap();
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && table.contains(&snapshot_of(&jobs[2])) && table.contains("yes"), "{table}");
     // A restore point is a verifiable URI.
-    let v = cli_json(&agent, &["verify", disk, "--against", points[2]["uri"].as_str().unwrap(), "--wait"]);
+    let v = agent.json(&["verify", disk, "--against", points[2]["uri"].as_str().unwrap(), "--wait"]);
     assert_eq!(v["result"], "success", "{v:#}");
     // After a clear, no restore point is the base of an incremental, and the table says why.
-    cli_json(&agent, &["bitmap", "clear", disk, "backup"]);
-    let list = cli_json(&agent, &["backups", disk]);
+    agent.json(&["bitmap", "clear", disk, "backup"]);
+    let list = agent.json(&["backups", disk]);
     assert_eq!(list["incremental_possible"], false, "{list:#}");
     assert!(list["restore_points"].as_array().unwrap().iter().all(|p| p["base_of_next_incremental"] == false));
-    let table = String::from_utf8_lossy(&cli(&agent, &["backups", disk]).stdout).into_owned();
+    let table = String::from_utf8_lossy(&agent.cli().args(["backups", disk]).output().unwrap().stdout).into_owned();
     assert!(table.contains("next backup: full"), "{table}");
 }
 
@@ -999,31 +939,31 @@ fn backup_requests_that_cannot_work_are_refused_with_a_reason() {
     write_random(&agent, "vm1/plain", &mut rng, &[(0, MIB)]);
 
     // Incremental without any bitmap.
-    let (_, err) = cli_fails(&agent, &["backup", "vm1/plain", "--sync", "incremental", "--target", &t("plain")]);
+    let (_, err) = agent.refused(&["backup", "vm1/plain", "--sync", "incremental", "--target", &t("plain")]);
     assert!(err.contains("needs a bitmap"), "{err}");
     // A bitmap that does not exist.
-    let (_, err) = cli_fails(&agent, &["backup", disk, "--bitmap", "nosuch"]);
+    let (_, err) = agent.refused(&["backup", disk, "--bitmap", "nosuch"]);
     assert!(err.contains("nosuch"), "{err}");
     assert!(err.to_lowercase().contains("no bitmap") || err.contains("not found"), "{err}");
     // A disk that does not exist.
-    let (_, err) = cli_fails(&agent, &["backup", "vm1/nosuch"]);
+    let (_, err) = agent.refused(&["backup", "vm1/nosuch"]);
     assert!(err.contains("vm1/nosuch"), "{err}");
     // No target anywhere.
-    let (_, err) = cli_fails(&agent, &["backup", "vm1/plain"]);
+    let (_, err) = agent.refused(&["backup", "vm1/plain"]);
     assert!(err.contains("No backup target"), "{err}");
 
     // A second backup while one runs: busy.
     let before = bitmap(&agent, disk, "backup");
-    let slow = cli_json(&agent, &["backup", disk, "--speed", "1MiB"]);
+    let slow = agent.json(&["backup", disk, "--speed", "1MiB"]);
     let busy = bitmap(&agent, disk, "backup");
     assert_eq!(busy["busy"], true, "{busy}");
     assert_eq!(busy["busy_job"], slow["id"], "{busy}");
     for args in [&["backup", disk][..], &["backup", disk, "--sync", "full", "--target", &t("other")][..]] {
-        let (_, err) = cli_fails(&agent, args);
+        let (_, err) = agent.refused(args);
         assert!(err.contains("busy"), "{args:?}: {err}");
     }
-    cli_json(&agent, &["job", "cancel", &id(&slow)]);
-    let job = wait_job(&agent, &id(&slow), Duration::from_secs(20));
+    agent.json(&["job", "cancel", &id(&slow)]);
+    let job = agent.concluded(&id(&slow), Duration::from_secs(20));
     assert_eq!(job["result"], "cancelled", "{job:#}");
     let after = bitmap(&agent, disk, "backup");
     assert_eq!(after["busy"], false, "{after}");
@@ -1038,9 +978,9 @@ fn backup_requests_that_cannot_work_are_refused_with_a_reason() {
     let mut agent = agent.respawn().unwrap();
     let b = bitmap(&agent, disk, "backup");
     assert_eq!(b["consistent"], false, "{b}");
-    let (_, err) = cli_fails(&agent, &["backup", disk]);
+    let (_, err) = agent.refused(&["backup", disk]);
     assert!(err.contains("inconsistent"), "{err}");
-    let (_, err) = cli_fails(&agent, &["backup", disk, "--sync", "full"]);
+    let (_, err) = agent.refused(&["backup", disk, "--sync", "full"]);
     assert!(err.contains("inconsistent"), "{err}");
     assert!(Target::File(tdir.join("disk0.raw")).snaps().is_empty(), "a refused backup left a snapshot");
     agent.stop().unwrap();
@@ -1069,7 +1009,7 @@ fn backup_refuses_rbd_targets_that_do_not_fit_and_leaves_them_alone() {
     let b_before = bitmap(&agent, "vm1/b", "backup");
     for sync in ["full", "incremental"] {
         let (job, err) =
-            cli_fails(&agent, &["backup", "vm1/b", "--sync", sync, "--target", &format!("rbd:{ta}"), "--wait"]);
+            agent.refused(&["backup", "vm1/b", "--sync", sync, "--target", &format!("rbd:{ta}"), "--wait"]);
         let error = job.map(|j| j["error"].as_str().unwrap_or_default().to_owned()).unwrap_or_default();
         assert!(error.contains("belongs to disk vm1/a"), "{sync}: {error}\n{err}");
     }
@@ -1092,7 +1032,7 @@ fn backup_refuses_rbd_targets_that_do_not_fit_and_leaves_them_alone() {
     rbd.rbd(&["bench", "--io-type", "write", "--io-size", "64K", "--io-total", "1M", &foreign]).unwrap();
     for (image, expect) in [(&small, "8388608 bytes"), (&large, "33554432 bytes"), (&foreign, "not written by rbdsync")]
     {
-        let (job, err) = cli_fails(&agent, &["backup", "vm1/b", "--target", &format!("rbd:{image}"), "--wait"]);
+        let (job, err) = agent.refused(&["backup", "vm1/b", "--target", &format!("rbd:{image}"), "--wait"]);
         let error = job.map(|j| j["error"].as_str().unwrap_or_default().to_owned()).unwrap_or_default();
         assert!(error.contains(expect) && error.contains("refusing"), "{image}: {error}\n{err}");
         assert!(rbd.snaps(image).is_empty(), "{image} got a snapshot");
@@ -1116,11 +1056,11 @@ fn incremental_after_the_chain_broke_is_refused_and_auto_falls_back_to_full() {
     write_random(&agent, disk, &mut rng, &[(0, 8 * MIB)]);
     backup_ok(&agent, &["backup", disk, "--sync", "full"]);
     write_random(&agent, disk, &mut rng, &[(2 * MIB, MIB)]);
-    cli_json(&agent, &["bitmap", "clear", disk, "backup"]);
+    agent.json(&["bitmap", "clear", disk, "backup"]);
     let cleared = bitmap(&agent, disk, "backup");
     let snaps = Target::File(path.clone()).snaps();
 
-    let (job, err) = cli_fails(&agent, &["backup", disk, "--sync", "incremental", "--wait"]);
+    let (job, err) = agent.refused(&["backup", disk, "--sync", "incremental", "--wait"]);
     let error = job.map(|j| j["error"].as_str().unwrap_or_default().to_owned()).unwrap_or_default();
     assert!(error.contains("Cannot back up incrementally") && error.contains("generation"), "{error}\n{err}");
     assert_eq!(Target::File(path.clone()).snaps(), snaps);
@@ -1152,7 +1092,7 @@ fn a_backup_refused_before_the_freeze_fails_the_command_even_without_wait() {
         b.vm("vm1", &vm_yaml("vm1", &[disk_yaml("vm1", "disk0", "16MiB", Some(&uri), None)])).start().unwrap();
     // `backup` returns once the point in time is fixed; a backup whose target
     // is refused never gets there, so the command must not report success.
-    let out = cli(&agent, &["--json", "backup", "vm1/disk0"]);
+    let out = agent.cli().args(["--json", "backup", "vm1/disk0"]).output().unwrap();
     let record: Option<Value> = serde_json::from_slice(&out.stdout).ok();
     assert!(
         !out.status.success(),
@@ -1165,7 +1105,7 @@ fn a_backup_refused_before_the_freeze_fails_the_command_even_without_wait() {
 
 /// Backs up all disks of VM `g` and checks each snapshot against `refs`.
 fn group_backup(agent: &Agent, rbd: &TestCeph, images: &[&str; 2], refs: &[PathBuf; 2]) -> Vec<Value> {
-    let out = cli_json(agent, &["backup", "g", "--wait"]);
+    let out = agent.json(&["backup", "g", "--wait"]);
     let jobs = out.as_array().unwrap_or_else(|| panic!("a VM backup returns one job per disk: {out:#}")).clone();
     assert_eq!(jobs.len(), 2, "{out:#}");
     for (i, disk) in ["g/d1", "g/d2"].iter().enumerate() {
@@ -1206,7 +1146,7 @@ fn vm_backup_commits_all_disks_together_or_none() {
     rbd.create(&t2, "8M");
     let d1 = bitmap(&agent, "g/d1", "backup");
     let (snaps1, meta1) = (rbd.snaps(&t1), rbd.meta(&t1));
-    let (out, err) = cli_fails(&agent, &["backup", "g", "--wait"]);
+    let (out, err) = agent.refused(&["backup", "g", "--wait"]);
     let out = out.expect("backup --wait prints the jobs");
     let jobs = out.as_array().unwrap_or_else(|| panic!("{out:#}"));
     let by_disk = |d: &str| jobs.iter().find(|j| j["disk"] == d).unwrap_or_else(|| panic!("no job for {d}: {out:#}"));
@@ -1243,24 +1183,24 @@ fn vm_backup_with_one_disk_busy_leaves_no_job_behind() {
     let mut rng = Rng::from_env(0xb0c4_000a);
     write_random(&agent, "h/a", &mut rng, &[(0, 4 * MIB)]);
     write_random(&agent, "h/b", &mut rng, &[(0, 16 * MIB)]);
-    let jobs = cli_json(&agent, &["backup", "h", "--wait"]);
+    let jobs = agent.json(&["backup", "h", "--wait"]);
     let snap_b = jobs.as_array().unwrap().iter().find(|j| j["disk"] == "h/b").map(snapshot_of).unwrap();
     write_random(&agent, "h/a", &mut rng, &[(0, MIB)]);
     // A slow verify occupies disk b (it does not use the bitmap).
-    let verify = cli_json(&agent, &["verify", "h/b", "--against", &format!("{}@{snap_b}", t("b")), "--speed", "1MiB"]);
-    let (_, err) = cli_fails(&agent, &["backup", "h"]);
+    let verify = agent.json(&["verify", "h/b", "--against", &format!("{}@{snap_b}", t("b")), "--speed", "1MiB"]);
+    let (_, err) = agent.refused(&["backup", "h"]);
     assert!(err.contains("busy"), "{err}");
     // Whatever the agent did with disk a, nothing may stay running there.
     std::thread::sleep(Duration::from_secs(2));
-    let running = cli_json(&agent, &["jobs"]);
+    let running = agent.json(&["jobs"]);
     let stuck: Vec<&Value> = running.as_array().unwrap().iter().filter(|j| j["disk"] == "h/a").collect();
     let a = bitmap(&agent, "h/a", "backup");
     assert!(
         stuck.is_empty() && a["busy"] == false,
         "a refused VM backup left a job on h/a: {stuck:#?}\nbitmap: {a}\nagent log:\n{}",
-        log_tail(&agent)
+        agent.log_tail()
     );
-    cli_json(&agent, &["job", "cancel", &id(&verify)]);
+    agent.json(&["job", "cancel", &id(&verify)]);
     agent.stop().expect("the agent must stop on SIGTERM");
 }
 
@@ -1324,16 +1264,16 @@ fn incremental_backup_never_misses_writes_made_while_the_bitmap_was_disabled() {
     let mut rng = Rng::from_env(0xb0c4_000c);
     write_random(&agent, disk, &mut rng, &[(0, 4 * MIB)]);
     backup_ok(&agent, &["backup", disk, "--sync", "full"]);
-    cli_json(&agent, &["bitmap", "disable", disk, "backup"]);
+    agent.json(&["bitmap", "disable", disk, "backup"]);
     write_random(&agent, disk, &mut rng, &[(8 * MIB, MIB)]);
-    cli_json(&agent, &["bitmap", "enable", disk, "backup"]);
+    agent.json(&["bitmap", "enable", disk, "backup"]);
     write_random(&agent, disk, &mut rng, &[(MIB, MIB)]);
     let reference = agent.dir().join("ref.raw");
     capture(&agent, disk, &reference);
     // The bitmap missed the write at 8 MiB: an incremental backup may be
     // refused, but if it succeeds its snapshot must still be the disk.
     let exact_or_refused = |what: &str, reference: &Path| {
-        let out = cli(&agent, &["--json", "backup", disk, "--sync", "incremental", "--wait"]);
+        let out = agent.cli().args(["--json", "backup", disk, "--sync", "incremental", "--wait"]).output().unwrap();
         if out.status.success() {
             let job: Value = serde_json::from_slice(&out.stdout).unwrap();
             let file = Target::File(path.clone()).snapshot_file(&snapshot_of(&job), Path::new("/nonexistent"));
@@ -1343,12 +1283,12 @@ fn incremental_backup_never_misses_writes_made_while_the_bitmap_was_disabled() {
     exact_or_refused("incremental after a disable/enable cycle", &reference);
     // A chain based while the bitmap is disabled: the full backup is exact,
     // but the bitmap records nothing after it.
-    cli_json(&agent, &["bitmap", "disable", disk, "backup"]);
+    agent.json(&["bitmap", "disable", disk, "backup"]);
     backup_ok(&agent, &["backup", disk, "--sync", "full"]);
     write_random(&agent, disk, &mut rng, &[(12 * MIB, MIB)]);
     capture(&agent, disk, &reference);
     exact_or_refused("incremental on a chain based while the bitmap was disabled", &reference);
-    cli_json(&agent, &["bitmap", "enable", disk, "backup"]);
+    agent.json(&["bitmap", "enable", disk, "backup"]);
     exact_or_refused("incremental on a chain based while the bitmap was disabled, re-enabled", &reference);
     agent.stop().unwrap();
 }
@@ -1362,12 +1302,12 @@ fn agent_stopped_mid_backup_concludes_the_job_and_keeps_the_bits() {
     backup_ok(&agent, &["backup", disk, "--sync", "full"]);
     write_random(&agent, disk, &mut rng, &[(0, 24 * MIB)]);
     let before = bitmap(&agent, disk, "backup");
-    let started = cli_json(&agent, &["backup", disk, "--sync", "incremental", "--speed", "4MiB"]);
+    let started = agent.json(&["backup", disk, "--sync", "incremental", "--speed", "4MiB"]);
     std::thread::sleep(Duration::from_millis(500));
     let status = agent.stop().expect("SIGTERM stops the agent while a backup runs");
     assert!(status.success(), "{status}");
     let agent = agent.respawn().unwrap();
-    let job = cli_json(&agent, &["job", "show", &id(&started)]);
+    let job = agent.json(&["job", "show", &id(&started)]);
     assert_eq!(job["state"], "concluded", "{job:#}");
     assert_ne!(job["result"], "success", "{job:#}");
     let after = bitmap(&agent, disk, "backup");
@@ -1393,8 +1333,11 @@ fn backup_target_that_is_a_served_disk_is_refused() {
     write_random(&agent, "vm1/disk0", &mut rng, &[(0, 4 * MIB)]);
     // vm1/fresh is a new, still empty disk of a VM: a backup of vm1/disk0
     // must not take it as its target and overwrite it.
-    let out =
-        cli(&agent, &["--json", "backup", "vm1/disk0", "--target", &format!("file:{}", other.display()), "--wait"]);
+    let out = agent
+        .cli()
+        .args(["--json", "backup", "vm1/disk0", "--target", &format!("file:{}", other.display()), "--wait"])
+        .output()
+        .unwrap();
     let seen = agent.dir().join("fresh.raw");
     capture(&agent, "vm1/fresh", &seen);
     let content = std::fs::read(&seen).unwrap();
@@ -1475,7 +1418,7 @@ print(n)
     };
     std::thread::sleep(Duration::from_millis(300));
     for round in 0..8 {
-        let out = cli_json(&agent, &["backup", "g", "--wait"]);
+        let out = agent.json(&["backup", "g", "--wait"]);
         let jobs = out.as_array().unwrap_or_else(|| panic!("{out:#}"));
         let snap = |disk: &str, target: &Path| {
             let job = jobs.iter().find(|j| j["disk"] == disk).unwrap_or_else(|| panic!("no job for {disk}: {out:#}"));

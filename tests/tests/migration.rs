@@ -26,7 +26,7 @@ use bytes::{BufMut, BytesMut};
 use proto::consts::{errno, info, opt, rep, tflags, IHAVEOPT, SIMPLE_REPLY_MAGIC};
 use serde_json::Value;
 use tests::ceph::{ceph_exclusive, ceph_shared, StoppedOsd, TestCeph};
-use tests::{agent_bin, run, Agent, AgentBuilder, Rng};
+use tests::{agent_bin, run, show, Agent, AgentBuilder, Rng};
 
 const MIB: u64 = 1 << 20;
 const GRANULE: u64 = 64 << 10;
@@ -44,31 +44,8 @@ fn rbdsync(agent: &Agent) -> Command {
     cmd
 }
 
-fn show(out: &Output) -> String {
-    format!(
-        "exit {}\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-/// The last lines of an agent's log (NBD connection chatter left out).
-fn log_tail(agent: &Agent) -> String {
-    let log = agent.log();
-    let lines: Vec<&str> = log.lines().filter(|l| !l.contains("agent::nbd")).collect();
-    lines[lines.len().saturating_sub(40)..].join("\n")
-}
-
 fn logs(a: &Agent, b: &Agent) -> String {
-    format!("\n--- source log:\n{}\n--- destination log:\n{}", log_tail(a), log_tail(b))
-}
-
-/// `rbdsync --json ARGS`, which must succeed; its JSON output.
-fn cli_json(agent: &Agent, args: &[&str]) -> Value {
-    let out = rbdsync(agent).arg("--json").args(args).output().expect("spawn rbdsync");
-    assert!(out.status.success(), "rbdsync {args:?} failed: {}\nagent log:\n{}", show(&out), log_tail(agent));
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("rbdsync {args:?}: bad JSON ({e}): {}", show(&out)))
+    format!("\n--- source log:\n{}\n--- destination log:\n{}", a.log_tail(), b.log_tail())
 }
 
 /// Runs a command, killing it after `limit`.
@@ -186,39 +163,22 @@ fn migration_states(agent: &Agent) -> Vec<String> {
     states
 }
 
-fn job(agent: &Agent, id: &str) -> Value {
-    cli_json(agent, &["job", "show", id])
-}
-
-/// Polls a job until it concludes.
-fn wait_job(agent: &Agent, id: &str, limit: Duration) -> Value {
-    let deadline = Instant::now() + limit;
-    loop {
-        let j = job(agent, id);
-        if j["state"] == "concluded" {
-            return j;
-        }
-        assert!(Instant::now() < deadline, "job {id} not concluded after {limit:?}: {j}\nlog:\n{}", log_tail(agent));
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// The jobs of `kind` on an agent, oldest first.
 fn jobs_of(agent: &Agent, kind: &str) -> Vec<Value> {
-    let all = cli_json(agent, &["jobs", "--all"]);
+    let all = agent.json(&["jobs", "--all"]);
     all.as_array().unwrap().iter().filter(|j| j["kind"] == kind).cloned().collect()
 }
 
 /// Backs up vm1/disk0 (full the first time, incremental after) and waits.
 fn backup(agent: &Agent) -> Value {
-    let out = cli_json(agent, &["backup", DISK, "--wait"]);
+    let out = agent.json(&["backup", DISK, "--wait"]);
     let job = if out.is_array() { out[0].clone() } else { out };
-    assert_eq!(job["result"], "success", "backup failed: {job:#}\nlog:\n{}", log_tail(agent));
+    assert_eq!(job["result"], "success", "backup failed: {job:#}\nlog:\n{}", agent.log_tail());
     job
 }
 
 fn bitmap(agent: &Agent) -> Value {
-    let list = cli_json(agent, &["bitmap", "list", DISK]);
+    let list = agent.json(&["bitmap", "list", DISK]);
     list.as_array()
         .and_then(|l| l.iter().find(|b| b["name"] == "backup"))
         .cloned()
@@ -226,7 +186,7 @@ fn bitmap(agent: &Agent) -> Value {
 }
 
 fn disk_info(agent: &Agent) -> Value {
-    let list = cli_json(agent, &["disks"]);
+    let list = agent.json(&["disks"]);
     list.as_array()
         .and_then(|l| l.iter().find(|d| d["name"] == DISK))
         .cloned()
@@ -725,7 +685,7 @@ fn lifecycle(backing: &Backing, default_seed: u64) {
     // The stream copies the rest from the backup and detaches it.
     let streams: Vec<Value> = jobs_of(&b, "stream").iter().map(|j| j["id"].clone()).collect();
     assert_eq!(streams, stream_jobs, "`jobs --all` on the destination");
-    let stream = wait_job(&b, stream_jobs[0].as_str().unwrap(), Duration::from_secs(60));
+    let stream = b.concluded(stream_jobs[0].as_str().unwrap(), Duration::from_secs(60));
     assert_eq!(stream["result"], "success", "stream failed: {stream:#}{}", logs(&a, &b));
     assert_eq!(stream["kind"], "stream");
     let latest = snaps.last().unwrap();
@@ -765,8 +725,8 @@ fn lifecycle(backing: &Backing, default_seed: u64) {
     conn.flush().unwrap();
     drop(conn);
     assert_model("destination after writes", &b.unix_uri(DISK), &model, &scratch);
-    assert!(b.stop().unwrap().success(), "destination did not stop cleanly:\n{}", log_tail(&b));
-    assert!(a.stop().unwrap().success(), "source did not stop cleanly:\n{}", log_tail(&a));
+    assert!(b.stop().unwrap().success(), "destination did not stop cleanly:\n{}", b.log_tail());
+    assert!(a.stop().unwrap().success(), "source did not stop cleanly:\n{}", a.log_tail());
 }
 
 #[test]
@@ -880,7 +840,7 @@ fn interrupted_mirror(fault: MirrorFault, default_seed: u64) {
         "migrate must say why it failed and that the source is unchanged: {stderr}"
     );
     assert!(failed_after < Duration::from_secs(10), "migrate took {failed_after:?} to notice the fault");
-    let mirror = wait_job(&a, &id, Duration::from_secs(10));
+    let mirror = a.concluded(&id, Duration::from_secs(10));
     assert_eq!(mirror["result"], "failed", "{mirror:#}");
     eprintln!("mirror error: {}", mirror["error"]);
 
@@ -952,7 +912,7 @@ fn source_killed_during_the_cut_over_stays_authoritative_and_the_destination_sta
         // SIGKILL the source the moment migrate says it reached `trigger`
         // (from the thread reading migrate's stderr, so it lands within
         // microseconds: in the cut-over, or during the verification).
-        let pid = libc::pid_t::try_from(u(&cli_json(&a, &["status"])["pid"])).unwrap();
+        let pid = libc::pid_t::try_from(u(&a.json(&["status"])["pid"])).unwrap();
         let killed = Arc::new(AtomicBool::new(false));
         let k = killed.clone();
         let child = migrate_cmd(&a, &b, false, extra).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
@@ -1067,7 +1027,7 @@ fn destination_reads_fail_with_eio_while_the_backup_cluster_hangs_during_the_str
     assert_eq!(read, Err(errno::EIO), "the read must fail with EIO");
     assert!(took < Duration::from_secs(45), "the read took {took:?} to fail");
     // The stream hits the same wall: it must end (failed) rather than hang or finish.
-    let stream = wait_job(&b, &stream_id, Duration::from_secs(45));
+    let stream = b.concluded(&stream_id, Duration::from_secs(45));
     eprintln!("stream with the OSD stopped: {} {}", stream["result"], stream["error"]);
     assert_eq!(stream["result"], "failed", "{stream:#}");
     drop(osd);
@@ -1083,7 +1043,7 @@ fn destination_reads_fail_with_eio_while_the_backup_cluster_hangs_during_the_str
 
     // The failed stream is restartable: `rbdsync stream` copies what is
     // left (not what the first one did) and detaches the backing.
-    let restarted = cli_json(&b, &["stream", DISK, "--wait"]);
+    let restarted = b.json(&["stream", DISK, "--wait"]);
     let restarted = restarted.as_array().and_then(|a| a.first()).cloned().unwrap_or(restarted);
     assert_eq!(restarted["result"], "success", "{restarted:#}");
     eprintln!("restarted stream: {}", restarted["summary"]);
@@ -1167,7 +1127,7 @@ fn a_copy_mode_set_by_hand_does_not_keep_undoing_the_switch_to_write_blocking() 
         std::thread::sleep(Duration::from_millis(20));
     };
     let child = child.take().unwrap();
-    let set = cli_json(&a, &["job", "set-copy-mode", &id, "background"]);
+    let set = a.json(&["job", "set-copy-mode", &id, "background"]);
     eprintln!("set-copy-mode background: {set}");
     let out = finish_within(child, Duration::from_secs(90), |_| {});
     assert!(out.status.success(), "migrate failed: {}{}", show(&out), logs(&a, &b));
@@ -1340,7 +1300,7 @@ fn a_mirror_seeded_from_a_bitmap_that_moved_on_since_the_chain_check_is_refused(
     });
     let (code, started) = api_with(&a, "POST", "/v1/jobs", Some(&mirror));
     assert!((200..300).contains(&code), "starting the mirror: {code} {started}");
-    let job = wait_job(&a, started["id"].as_str().unwrap(), Duration::from_secs(30));
+    let job = a.concluded(started["id"].as_str().unwrap(), Duration::from_secs(30));
     assert_eq!(job["result"], "failed", "a mirror seeded from a newer bitmap state ran: {job:#}");
     assert!(
         job["error"].as_str().unwrap_or_default().contains("changed since the backup chain was checked"),
@@ -1476,7 +1436,7 @@ fn a_stalled_destination_fails_the_mirror_within_the_client_timeout_and_guest_wr
     };
     b.signal(libc::SIGSTOP);
     let stalled_at = Instant::now();
-    let mirror = wait_job(&a, &id, Duration::from_secs(20));
+    let mirror = a.concluded(&id, Duration::from_secs(20));
     let noticed = stalled_at.elapsed();
     // Guest writes go on while the destination is still frozen.
     let acked = writer.acked();
@@ -1517,7 +1477,7 @@ fn the_backup_snapshot_a_destination_reads_from_is_held_until_the_stream_detache
     let snap = backing.snaps().pop().unwrap();
     // The destination ("test" node) holds the snapshot its disk is layered on.
     assert_eq!(file_holds(&path), [format!("rbdsync.hold.{snap}/test:vm1/disk0")]);
-    let streamed = cli_json(&b, &["stream", DISK, "--wait"]);
+    let streamed = b.json(&["stream", DISK, "--wait"]);
     let streamed = streamed.as_array().and_then(|a| a.first()).cloned().unwrap_or(streamed);
     assert_eq!(streamed["result"], "success", "{streamed:#}");
     assert!(file_holds(&path).is_empty(), "the hold outlived the detach: {:?}", file_holds(&path));
@@ -1546,7 +1506,7 @@ fn migration_to_an_rbd_clone_destination_flattens_it_and_drops_the_hold() {
     assert_identical("source vs RBD clone destination", &a.unix_uri(DISK), &b.unix_uri(DISK));
     let snap = backing.snaps().pop().unwrap();
     assert_eq!(holds(), [format!("rbdsync.hold.{snap}/test:vm1/disk0")], "the destination holds its backing");
-    let stream = cli_json(&b, &["stream", DISK, "--wait"]);
+    let stream = b.json(&["stream", DISK, "--wait"]);
     let stream = stream.as_array().and_then(|a| a.first()).cloned().unwrap_or(stream);
     assert_eq!(stream["result"], "success", "{stream:#}{}", logs(&a, &b));
     assert_eq!(stream["summary"]["flattened"], true, "{stream:#}");
@@ -1593,10 +1553,18 @@ fn a_deep_queue_writer_through_a_write_blocking_mirror_keeps_going_and_the_agent
         std::thread::sleep(Duration::from_millis(20));
     }
     let target = format!("nbd+unix:///?socket={}", sock.display());
-    let started = cli_json(
-        &a,
-        &["mirror", DISK, "--target", &target, "--sync", "full", "--copy-mode", "write-blocking", "--speed", "8MiB"],
-    );
+    let started = a.json(&[
+        "mirror",
+        DISK,
+        "--target",
+        &target,
+        "--sync",
+        "full",
+        "--copy-mode",
+        "write-blocking",
+        "--speed",
+        "8MiB",
+    ]);
     let id = started["id"].as_str().unwrap().to_owned();
     let fio = Command::new("fio")
         .args([
@@ -1622,10 +1590,10 @@ fn a_deep_queue_writer_through_a_write_blocking_mirror_keeps_going_and_the_agent
     let writes: u64 = fields.get(48).and_then(|f| f.parse().ok()).unwrap_or(0);
     eprintln!("deep queue: fio wrote {writes} times in 6 s through the write-blocking mirror");
     assert!(writes > 256, "fio made no progress ({writes} writes): {}", show(&out));
-    let job = cli_json(&a, &["job", "show", &id]);
+    let job = a.json(&["job", "show", &id]);
     assert_ne!(job["state"], "concluded", "the mirror ended under the writes: {job:#}");
-    cli_json(&a, &["job", "cancel", &id]);
-    let job = wait_job(&a, &id, Duration::from_secs(20));
+    a.json(&["job", "cancel", &id]);
+    let job = a.concluded(&id, Duration::from_secs(20));
     assert_eq!(job["result"], "cancelled", "{job:#}");
     let stopped = a.stop();
     assert!(stopped.is_ok(), "the agent did not stop on SIGTERM: {stopped:?}");
@@ -1646,7 +1614,7 @@ fn output_of_within(mut child: Child, limit: Duration) -> Option<Output> {
 }
 
 fn log_tail_of(a: &Agent) -> String {
-    format!("\n--- agent log:\n{}", log_tail(a))
+    format!("\n--- agent log:\n{}", a.log_tail())
 }
 
 /// States an outgoing migration ends in.

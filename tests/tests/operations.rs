@@ -18,11 +18,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{SocketAddr, TcpListener};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
-use tests::{agent_bin, run, Agent, AgentBuilder};
+use tests::{agent_bin, run, show, Agent, AgentBuilder};
 
 const KIB: u64 = 1024;
 
@@ -48,37 +48,8 @@ fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("bind 127.0.0.1:0").port()
 }
 
-fn show(out: &Output) -> String {
-    format!(
-        "exit {}\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn log_tail(agent: &Agent) -> String {
-    let log = agent.log();
-    let lines: Vec<&str> = log.lines().filter(|l| !l.contains("agent::nbd")).collect();
-    lines[lines.len().saturating_sub(30)..].join("\n")
-}
-
 fn control(agent: &Agent) -> PathBuf {
     agent.dir().join("control.sock")
-}
-
-/// `rbdsync --control unix:DIR/control.sock --json ARGS`, which must succeed.
-fn cli_json(agent: &Agent, args: &[&str]) -> Value {
-    let out = Command::new(agent_bin())
-        .arg("--control")
-        .arg(format!("unix:{}", control(agent).display()))
-        .arg("--json")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("spawn rbdsync");
-    assert!(out.status.success(), "rbdsync {args:?} failed: {}\nagent log:\n{}", show(&out), log_tail(agent));
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("rbdsync {args:?}: bad JSON ({e}): {}", show(&out)))
 }
 
 fn job_id(record: &Value) -> String {
@@ -89,11 +60,11 @@ fn job_id(record: &Value) -> String {
 fn wait_concluded(agent: &Agent, id: &str, limit: Duration) -> Value {
     let deadline = Instant::now() + limit;
     loop {
-        let j = cli_json(agent, &["job", "show", id]);
+        let j = agent.json(&["job", "show", id]);
         if j["state"] == "concluded" {
             return j;
         }
-        assert!(Instant::now() < deadline, "job {id} not concluded after {limit:?}: {j}\n{}", log_tail(agent));
+        assert!(Instant::now() < deadline, "job {id} not concluded after {limit:?}: {j}\n{}", agent.log_tail());
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -304,12 +275,10 @@ fn metrics_pass_promtool_and_count_the_io_and_the_backup() {
     // A full backup that takes the bitmap along: afterwards the bitmap is clean.
     let started = now_secs().floor();
     let target = format!("file:{}", agent.dir().join("bk").display());
-    let done = cli_json(
-        &agent,
-        &["backup", "vm1/disk0", "--target", &target, "--bitmap", "backup", "--sync", "full", "--wait"],
-    );
+    let done =
+        agent.json(&["backup", "vm1/disk0", "--target", &target, "--bitmap", "backup", "--sync", "full", "--wait"]);
     let done = if done.is_array() { done[0].clone() } else { done };
-    assert_eq!(done["result"], "success", "backup: {done:#}\n{}", log_tail(&agent));
+    assert_eq!(done["result"], "success", "backup: {done:#}\n{}", agent.log_tail());
 
     let after = scrape(addr, false);
     promtool_check_metrics(&after.body);
@@ -342,7 +311,7 @@ fn metrics_pass_promtool_and_count_the_io_and_the_backup() {
 fn metrics_pass_promtool_while_a_job_runs() {
     let (agent, addr) = metrics_agent(&["vm1"]);
     let target = format!("file:{}", agent.dir().join("bk").display());
-    let job = cli_json(&agent, &["backup", "vm1/disk0", "--target", &target, "--sync", "full", "--speed", "1MiB"]);
+    let job = agent.json(&["backup", "vm1/disk0", "--target", &target, "--sync", "full", "--speed", "1MiB"]);
     let id = job_id(&job);
     let body = scrape(addr, false).body;
     let (s, _) = parse_exposition(&body);
@@ -494,7 +463,7 @@ fn a_prometheus_server_scrapes_the_agent_and_runs_the_rules_and_dashboard_querie
     guest_io(&agent, "vm1/disk0");
     // A job that runs while Prometheus scrapes (its `job_id` label beside Prometheus' `job`).
     let target = format!("file:{}", agent.dir().join("bk").display());
-    let job = cli_json(&agent, &["backup", "vm1/disk0", "--target", &target, "--sync", "full", "--speed", "1MiB"]);
+    let job = agent.json(&["backup", "vm1/disk0", "--target", &target, "--sync", "full", "--speed", "1MiB"]);
     let id = job_id(&job);
     let version = api(&agent, "GET", "/v1/status", None).json()["version"].as_str().expect("version").to_owned();
 
@@ -753,20 +722,19 @@ fn dashboard_and_alerts_use_only_metrics_the_agent_exports() {
     let (agent, addr) = metrics_agent(&["vm1", "vm2"]);
     guest_io(&agent, "vm1/disk0");
     let bk1 = format!("file:{}", agent.dir().join("bk1").display());
-    let b =
-        cli_json(&agent, &["backup", "vm1/disk0", "--target", &bk1, "--bitmap", "backup", "--sync", "full", "--wait"]);
+    let b = agent.json(&["backup", "vm1/disk0", "--target", &bk1, "--bitmap", "backup", "--sync", "full", "--wait"]);
     let b = if b.is_array() { b[0].clone() } else { b };
     assert_eq!(b["result"], "success", "backup: {b:#}");
     let mirror_target = agent.unix_uri("vm2/disk0");
-    let m = cli_json(&agent, &["mirror", "vm1/disk0", "--target", &mirror_target, "--sync", "full", "--wait"]);
-    assert_eq!(m["state"], "ready", "mirror: {m:#}\n{}", log_tail(&agent));
+    let m = agent.json(&["mirror", "vm1/disk0", "--target", &mirror_target, "--sync", "full", "--wait"]);
+    assert_eq!(m["state"], "ready", "mirror: {m:#}\n{}", agent.log_tail());
     let mid = job_id(&m);
-    cli_json(&agent, &["job", "complete", &mid]);
+    agent.json(&["job", "complete", &mid]);
     let m = wait_concluded(&agent, &mid, Duration::from_secs(20));
-    assert_eq!(m["result"], "success", "mirror: {m:#}\n{}", log_tail(&agent));
+    assert_eq!(m["result"], "success", "mirror: {m:#}\n{}", agent.log_tail());
     let mut scrapes = vec![scrape(addr, false).body];
     let bk2 = format!("file:{}", agent.dir().join("bk2").display());
-    let slow = cli_json(&agent, &["backup", "vm2/disk0", "--target", &bk2, "--sync", "full", "--speed", "1MiB"]);
+    let slow = agent.json(&["backup", "vm2/disk0", "--target", &bk2, "--sync", "full", "--speed", "1MiB"]);
     scrapes.push(scrape(addr, false).body);
     assert_eq!(api(&agent, "POST", &format!("/v1/jobs/{}/cancel", job_id(&slow)), None).status, 200);
 
@@ -919,7 +887,7 @@ fn control_api_status_codes_and_error_bodies_per_error_class() {
     // 409
     assert_error(&api(&agent, "POST", bitmaps, Some(r#"{"name": "backup"}"#)), 409, "bitmap_exists", "bitmap exists");
     let target = format!("file:{}", agent.dir().join("bk").display());
-    let first = cli_json(&agent, &["backup", "vm1/disk0", "--target", &target, "--sync", "full", "--speed", "1MiB"]);
+    let first = agent.json(&["backup", "vm1/disk0", "--target", &target, "--sync", "full", "--speed", "1MiB"]);
     let id = job_id(&first);
     assert_eq!(first["state"], "running", "the throttled backup must still run: {first}");
     let second = format!(r#"{{"kind": "backup", "disk": "vm1/disk0", "sync": "full", "target": "{target}2"}}"#);
@@ -1004,7 +972,7 @@ fn openapi_document_is_served_and_matches_live_answers() {
     assert_eq!(keys(&disk), schema_keys("Disk"), "Disk: {disk}");
     assert_eq!(keys(&disk["bitmaps"][0]), schema_keys("BitmapInfo"), "BitmapInfo: {disk}");
     let target = format!("file:{}", agent.dir().join("bk").display());
-    let job = cli_json(&agent, &["backup", "vm1/disk0", "--target", &target, "--sync", "full", "--wait"]);
+    let job = agent.json(&["backup", "vm1/disk0", "--target", &target, "--sync", "full", "--wait"]);
     let job = if job.is_array() { job[0].clone() } else { job };
     assert_eq!(keys(&job), schema_keys("Job"), "Job: {job}");
     let states = &doc["components"]["schemas"]["JobState"]["enum"];

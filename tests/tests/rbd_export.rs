@@ -220,21 +220,6 @@ fn removing_an_rbd_disk_with_requests_in_flight_closes_the_image() {
     assert!(!agent.log().contains("panicked"), "{}", agent.log());
 }
 
-/// `rbdsync --json ARGS` against `agent`; must succeed; its JSON.
-fn cli_json(agent: &Agent, args: &[&str]) -> serde_json::Value {
-    let out = std::process::Command::new(tests::agent_bin())
-        .arg("--control")
-        .arg(format!("unix:{}", agent.dir().join("control.sock").display()))
-        .arg("--json")
-        .args(args)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "rbdsync {args:?}: {text}{}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("rbdsync {args:?}: bad JSON ({e}): {text}"))
-}
-
 /// Backups of an `rbd:` disk while a client keeps 16 writes in flight: the
 /// writes take the asynchronous path between jobs and the blocking path
 /// while a job's hook is installed, and every hand-off (freeze, commit)
@@ -280,13 +265,13 @@ fn backups_of_an_rbd_disk_under_many_writes_in_flight_miss_nothing() {
             "fio ended after only {rounds} backups: the machine is too slow for this test"
         );
         let sync = if rounds == 0 { "full" } else { "incremental" };
-        let job = cli_json(&agent, &["backup", "vm1/disk0", "--sync", sync, "--wait"]);
+        let job = agent.json(&["backup", "vm1/disk0", "--sync", sync, "--wait"]);
         assert_eq!(job["result"], "success", "{job:#}");
         rounds += 1;
     }
     let status = fio.wait().unwrap();
     assert!(status.success(), "fio failed: {status}");
-    let last = cli_json(&agent, &["backup", "vm1/disk0", "--sync", "incremental", "--wait"]);
+    let last = agent.json(&["backup", "vm1/disk0", "--sync", "incremental", "--wait"]);
     assert_eq!(last["result"], "success", "{last:#}");
     let snap = last["summary"]["snapshot"].as_str().unwrap_or_else(|| panic!("no snapshot: {last:#}")).to_owned();
     let disk = agent.dir().join("disk.raw");
