@@ -356,14 +356,19 @@ impl Rng {
 
 /// qemu-io on `uri` (raw) with one `-c` per command; fails if qemu-io
 /// failed or reported a failed command or pattern verification.
-pub fn qemu_io(uri: &str, cmds: &[&str]) -> Result<String> {
-    let mut args = vec!["-f", "raw"];
+pub fn qemu_io(uri: &str, cmds: &[impl AsRef<str>]) -> Result<String> {
+    qemu_io_on("raw", uri, cmds)
+}
+
+/// qemu-io on `target` opened with `format`, one `-c` per command; fails if any command failed.
+pub fn qemu_io_on(format: &str, target: &str, cmds: &[impl AsRef<str>]) -> Result<String> {
+    let mut args = vec!["-f", format];
     for c in cmds {
-        args.extend(["-c", c]);
+        args.extend(["-c", c.as_ref()]);
     }
-    args.push(uri);
+    args.push(target);
     let out = stdout("qemu-io", &args)?;
-    anyhow::ensure!(!out.contains("Pattern verification failed") && !out.contains("failed:"), "qemu-io: {out}");
+    anyhow::ensure!(!out.contains("failed"), "qemu-io on {target}: {out}");
     Ok(out)
 }
 

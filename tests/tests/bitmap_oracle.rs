@@ -24,23 +24,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use tests::{export_contexts, map_extents, run, stdout, AgentBuilder, Rng};
+use tests::{export_contexts, map_extents, qemu_io_on, run, AgentBuilder, Rng};
 
 const MIB: u64 = 1 << 20;
 const BACKUP: u64 = 64 << 10;
 const FINE: u64 = 4 << 10;
-
-/// qemu-io with one `-c` per command; fails if any command failed.
-fn qemu_io(format: &str, target: &str, cmds: &[String]) -> Result<()> {
-    let mut args = vec!["-f", format];
-    for c in cmds {
-        args.extend(["-c", c.as_str()]);
-    }
-    args.push(target);
-    let out = stdout("qemu-io", &args)?;
-    ensure!(!out.contains("failed"), "qemu-io on {target}: {out}");
-    Ok(())
-}
 
 /// A qcow2 image of `size` bytes with persistent bitmaps `backup` (64 KiB) and `fine` (4 KiB).
 fn qcow2_with_bitmaps(dir: &Path, size: u64) -> Result<PathBuf> {
@@ -203,14 +191,14 @@ fn dirty_maps_match_qemu_for_random_writes_zeroes_and_discards_at_4k_and_64k() {
     // A fresh bitmap is all clean on both sides.
     assert_eq!(map_extents(&uri, "qemu:dirty-bitmap:backup").unwrap(), vec![(0, size, 0)]);
     let cmds: Vec<String> = ops.iter().map(|o| o.cmd.clone()).collect();
-    qemu_io("qcow2", qcow2.to_str().unwrap(), &cmds).unwrap();
+    qemu_io_on("qcow2", qcow2.to_str().unwrap(), &cmds).unwrap();
     // Over NBD in two connections, TCP and Unix, to the same bitmaps.
-    qemu_io("raw", &agent.tcp_uri("vm1/disk0"), &cmds[..30]).unwrap();
-    qemu_io("raw", &uri, &cmds[30..]).unwrap();
+    qemu_io_on("raw", &agent.tcp_uri("vm1/disk0"), &cmds[..30]).unwrap();
+    qemu_io_on("raw", &uri, &cmds[30..]).unwrap();
     let all: Vec<&Op> = ops.iter().collect();
     compare(&uri, &qcow2, &all, size).unwrap();
     // Reads do not dirty anything.
-    qemu_io("raw", &uri, &["read 0 4M".to_owned(), "read 40M 8M".to_owned()]).unwrap();
+    qemu_io_on("raw", &uri, &["read 0 4M".to_owned(), "read 40M 8M".to_owned()]).unwrap();
     compare(&uri, &qcow2, &all, size).unwrap();
 }
 
@@ -229,8 +217,8 @@ fn clean_restart_keeps_the_exact_bitmap_and_recording_continues() {
     let (first, second) = ops.split_at(ops.len() / 2);
     let cmds = |ops: &[Op]| ops.iter().map(|o| o.cmd.clone()).collect::<Vec<_>>();
 
-    qemu_io("qcow2", qcow2.to_str().unwrap(), &cmds(first)).unwrap();
-    qemu_io("raw", &agent.unix_uri("vm1/disk0"), &cmds(first)).unwrap();
+    qemu_io_on("qcow2", qcow2.to_str().unwrap(), &cmds(first)).unwrap();
+    qemu_io_on("raw", &agent.unix_uri("vm1/disk0"), &cmds(first)).unwrap();
     let before = compare(&agent.unix_uri("vm1/disk0"), &qcow2, &first.iter().collect::<Vec<_>>(), size).unwrap();
 
     // SIGTERM and start again on the same directory: the exact same maps.
@@ -243,8 +231,8 @@ fn clean_restart_keeps_the_exact_bitmap_and_recording_continues() {
     assert_eq!(maps(&uri), before, "maps changed across a clean restart");
 
     // The restarted agent keeps recording on top of the loaded bits.
-    qemu_io("qcow2", qcow2.to_str().unwrap(), &cmds(second)).unwrap();
-    qemu_io("raw", &uri, &cmds(second)).unwrap();
+    qemu_io_on("qcow2", qcow2.to_str().unwrap(), &cmds(second)).unwrap();
+    qemu_io_on("raw", &uri, &cmds(second)).unwrap();
     compare(&uri, &qcow2, &ops.iter().collect::<Vec<_>>(), size).unwrap();
 
     // A second clean restart (now of a bitmap that was loaded, not created) is exact too.
@@ -286,7 +274,7 @@ fn block_status_at_unaligned_offsets_and_with_req_one_agrees_with_the_whole_map(
     let uri = agent.unix_uri("vm1/disk0");
     let mut rng = Rng::from_env(0x0bac_0003);
     let cmds: Vec<String> = random_ops(&mut rng, 40, size).into_iter().map(|o| o.cmd).collect();
-    qemu_io("raw", &uri, &cmds).unwrap();
+    qemu_io_on("raw", &uri, &cmds).unwrap();
     for (name, g) in [("backup", BACKUP), ("fine", FINE)] {
         let context = format!("qemu:dirty-bitmap:{name}");
         // Per-512-byte-sector flags from the whole-disk map (itself checked against qemu above).
