@@ -16,6 +16,7 @@ use anyhow::{bail, Context, Result};
 pub mod ceph;
 pub mod fusefs;
 pub mod guest;
+pub mod nbd;
 mod pki;
 pub use pki::Pki;
 

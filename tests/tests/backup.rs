@@ -8,19 +8,15 @@
 //! `deploy/dev/ceph-cluster.sh`, pools `rbd` and `backup`); without it they
 //! fail. Random content is seeded (`TEST_SEED=N` replays a run).
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{ensure, Context, Result};
-use bytes::{BufMut, BytesMut};
-use proto::consts::{opt, rep, IHAVEOPT, SIMPLE_REPLY_MAGIC};
+use anyhow::Result;
 use serde_json::Value;
 use tests::ceph::{ceph_exclusive, ceph_shared, StoppedOsd, TestCeph};
-use tests::{run, show, Agent, AgentBuilder, Rng};
+use tests::{nbd::NbdConn, run, show, Agent, AgentBuilder, Rng};
 
 const MIB: u64 = 1 << 20;
 const GRANULE: u64 = 64 << 10;
@@ -90,65 +86,6 @@ fn file_target_agent(size: &str) -> (Agent, PathBuf, String) {
 
 // ------------------------------------------------------------ raw NBD writes
 
-/// A minimal NBD client on the Unix socket: GO, simple replies, one request at a time.
-struct NbdConn {
-    s: UnixStream,
-    cookie: u64,
-}
-
-impl NbdConn {
-    fn connect(socket: &Path, export: &str) -> Result<Self> {
-        let mut s = UnixStream::connect(socket).with_context(|| format!("connect {}", socket.display()))?;
-        s.set_read_timeout(Some(Duration::from_secs(60)))?;
-        let mut greeting = [0u8; 18];
-        s.read_exact(&mut greeting)?;
-        let mut out = BytesMut::new();
-        out.put_u32(3); // FIXED_NEWSTYLE | NO_ZEROES
-        out.put_u64(IHAVEOPT);
-        out.put_u32(opt::GO);
-        out.put_u32(4 + export.len() as u32 + 2);
-        out.put_u32(export.len() as u32);
-        out.put_slice(export.as_bytes());
-        out.put_u16(0);
-        s.write_all(&out)?;
-        loop {
-            let mut head = [0u8; 20];
-            s.read_exact(&mut head)?;
-            let ty = u32::from_be_bytes(head[12..16].try_into()?);
-            let len = u32::from_be_bytes(head[16..20].try_into()?) as usize;
-            let mut body = vec![0u8; len];
-            s.read_exact(&mut body)?;
-            ensure!(ty & (1 << 31) == 0, "option error {ty:#x}: {}", String::from_utf8_lossy(&body));
-            if ty == rep::ACK {
-                return Ok(Self { s, cookie: 1 });
-            }
-        }
-    }
-
-    fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
-        self.cookie += 1;
-        let mut out = BytesMut::with_capacity(28 + data.len());
-        proto::Request {
-            cookie: self.cookie,
-            command: proto::Command::Write,
-            flags: 0,
-            offset,
-            length: data.len() as u32,
-        }
-        .encode(&mut out);
-        out.put_slice(data);
-        self.s.write_all(&out)?;
-        let mut reply = [0u8; 16];
-        self.s.read_exact(&mut reply)?;
-        let magic = u32::from_be_bytes(reply[0..4].try_into()?);
-        let errno = u32::from_be_bytes(reply[4..8].try_into()?);
-        let cookie = u64::from_be_bytes(reply[8..16].try_into()?);
-        ensure!(magic == SIMPLE_REPLY_MAGIC && cookie == self.cookie, "bad reply {reply:?}");
-        ensure!(errno == 0, "write of {} bytes at {offset} failed: NBD errno {errno}", data.len());
-        Ok(())
-    }
-}
-
 /// Writes random data over `ranges` of an export (through NBD, so bitmaps see it).
 fn write_random(agent: &Agent, export: &str, rng: &mut Rng, ranges: &[(u64, u64)]) {
     let mut conn = NbdConn::connect(&agent.socket(), export).unwrap();
@@ -158,7 +95,7 @@ fn write_random(agent: &Agent, export: &str, rng: &mut Rng, ranges: &[(u64, u64)
         while pos < offset + length {
             let n = MIB.min(offset + length - pos) as usize;
             rng.fill(&mut buf[..n]);
-            conn.write(pos, &buf[..n]).unwrap();
+            conn.write_ok(pos, &buf[..n]).unwrap();
             pos += n as u64;
         }
     }
@@ -240,7 +177,7 @@ impl Writer {
             let n = 4096 * (1 + rng.below(16));
             let offset = start + 4096 * rng.below((len - n) / 4096 + 1);
             rng.fill(&mut buf[..n as usize]);
-            conn.write(offset, &buf[..n as usize])?;
+            conn.write_ok(offset, &buf[..n as usize])?;
             shared.0.lock().unwrap().writes += 1;
             std::thread::sleep(Duration::from_micros(500));
         }
@@ -1413,7 +1350,7 @@ print(n)
         .unwrap();
     let counter = |path: &Path| {
         let mut word = [0u8; 8];
-        std::fs::File::open(path).unwrap().read_exact(&mut word).unwrap();
+        std::io::Read::read_exact(&mut std::fs::File::open(path).unwrap(), &mut word).unwrap();
         u64::from_le_bytes(word)
     };
     std::thread::sleep(Duration::from_millis(300));

@@ -13,20 +13,18 @@
 //! `deploy/dev/ceph-cluster.sh`, pool `backup`); without it they fail. Random
 //! content is seeded (printed; `TEST_SEED=N` replays a run).
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::UnixStream;
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{ensure, Context, Result};
-use bytes::{BufMut, BytesMut};
-use proto::consts::{errno, info, opt, rep, tflags, IHAVEOPT, SIMPLE_REPLY_MAGIC};
+use anyhow::Result;
+use proto::consts::errno;
 use serde_json::Value;
 use tests::ceph::{ceph_exclusive, ceph_shared, StoppedOsd, TestCeph};
-use tests::{agent_bin, run, show, Agent, AgentBuilder, Rng};
+use tests::{agent_bin, nbd::NbdConn, run, show, Agent, AgentBuilder, Rng};
 
 const MIB: u64 = 1 << 20;
 const GRANULE: u64 = 64 << 10;
@@ -273,92 +271,6 @@ fn dest_sidecar(b: &Agent) -> Value {
 
 // ------------------------------------------------------------------ NBD I/O
 
-/// A minimal NBD client on the Unix socket: GO, simple replies, one request
-/// at a time, so the outcome of every request is known exactly.
-struct Nbd {
-    s: UnixStream,
-    cookie: u64,
-    size: u64,
-    flags: u16,
-}
-
-impl Nbd {
-    fn connect(socket: &Path, export: &str) -> Result<Nbd> {
-        let mut s = UnixStream::connect(socket).with_context(|| format!("connect {}", socket.display()))?;
-        s.set_read_timeout(Some(Duration::from_secs(90)))?;
-        let mut greeting = [0u8; 18];
-        s.read_exact(&mut greeting)?;
-        let mut out = BytesMut::new();
-        out.put_u32(3); // FIXED_NEWSTYLE | NO_ZEROES
-        out.put_u64(IHAVEOPT);
-        out.put_u32(opt::GO);
-        out.put_u32(4 + export.len() as u32 + 2);
-        out.put_u32(export.len() as u32);
-        out.put_slice(export.as_bytes());
-        out.put_u16(0);
-        s.write_all(&out)?;
-        let (mut size, mut flags) = (0, 0);
-        loop {
-            let mut head = [0u8; 20];
-            s.read_exact(&mut head)?;
-            let ty = u32::from_be_bytes(head[12..16].try_into()?);
-            let len = u32::from_be_bytes(head[16..20].try_into()?) as usize;
-            let mut body = vec![0u8; len];
-            s.read_exact(&mut body)?;
-            ensure!(ty & rep::ERR_BIT == 0, "option error {ty:#x}: {}", String::from_utf8_lossy(&body));
-            if ty == rep::INFO && body.len() >= 12 && u16::from_be_bytes([body[0], body[1]]) == info::EXPORT {
-                size = u64::from_be_bytes(body[2..10].try_into()?);
-                flags = u16::from_be_bytes(body[10..12].try_into()?);
-            }
-            if ty == rep::ACK {
-                return Ok(Nbd { s, cookie: 1, size, flags });
-            }
-        }
-    }
-
-    fn read_only(&self) -> bool {
-        self.flags & tflags::READ_ONLY != 0
-    }
-
-    /// Sends one request; returns the reply's NBD errno.
-    fn request(&mut self, command: proto::Command, offset: u64, length: u32, payload: &[u8]) -> Result<u32> {
-        self.cookie += 1;
-        let mut out = BytesMut::with_capacity(28 + payload.len());
-        proto::Request { cookie: self.cookie, command, flags: 0, offset, length }.encode(&mut out);
-        out.put_slice(payload);
-        self.s.write_all(&out)?;
-        let mut reply = [0u8; 16];
-        self.s.read_exact(&mut reply)?;
-        let magic = u32::from_be_bytes(reply[0..4].try_into()?);
-        let err = u32::from_be_bytes(reply[4..8].try_into()?);
-        let cookie = u64::from_be_bytes(reply[8..16].try_into()?);
-        ensure!(magic == SIMPLE_REPLY_MAGIC && cookie == self.cookie, "bad reply {reply:?}");
-        Ok(err)
-    }
-
-    /// Writes; returns the NBD errno (0 = acknowledged).
-    fn write(&mut self, offset: u64, data: &[u8]) -> Result<u32> {
-        self.request(proto::Command::Write, offset, data.len() as u32, data)
-    }
-
-    /// Reads; the data, or the NBD errno.
-    fn read(&mut self, offset: u64, length: u32) -> Result<std::result::Result<Vec<u8>, u32>> {
-        let err = self.request(proto::Command::Read, offset, length, &[])?;
-        if err != 0 {
-            return Ok(Err(err));
-        }
-        let mut buf = vec![0u8; length as usize];
-        self.s.read_exact(&mut buf)?;
-        Ok(Ok(buf))
-    }
-
-    fn flush(&mut self) -> Result<()> {
-        let err = self.request(proto::Command::Flush, 0, 0, &[])?;
-        ensure!(err == 0, "flush failed: NBD errno {err}");
-        Ok(())
-    }
-}
-
 /// What the disk must contain: every acknowledged write, in order.
 type Model = Arc<Mutex<Vec<u8>>>;
 
@@ -367,7 +279,7 @@ fn new_model(size: u64) -> Model {
 }
 
 /// Writes random data over `ranges` (in pieces of at most 1 MiB); each must be acknowledged.
-fn write_ranges(conn: &mut Nbd, model: &Model, rng: &mut Rng, ranges: &[(u64, u64)]) {
+fn write_ranges(conn: &mut NbdConn, model: &Model, rng: &mut Rng, ranges: &[(u64, u64)]) {
     let mut buf = vec![0u8; MIB as usize];
     for &(offset, length) in ranges {
         let mut pos = offset;
@@ -493,7 +405,7 @@ impl Writer {
         acked: &AtomicU64,
         log: &mut WriterLog,
     ) -> Result<()> {
-        let mut conn = Nbd::connect(socket, DISK)?;
+        let mut conn = NbdConn::connect(socket, DISK)?;
         let mut rng = Rng::new(seed);
         let mut buf = vec![0u8; piece as usize];
         let interval = Duration::from_secs_f64(piece as f64 / rate as f64);
@@ -566,7 +478,7 @@ impl Drop for Writer {
 /// Data, a full backup and two incrementals with writes in between, then
 /// more writes; returns the granules dirtied since the last backup.
 fn build_backup_chain(a: &Agent, model: &Model, rng: &mut Rng, size: u64) -> std::collections::BTreeSet<u64> {
-    let mut conn = Nbd::connect(&a.socket(), DISK).unwrap();
+    let mut conn = NbdConn::connect(&a.socket(), DISK).unwrap();
     let chunks = size / MIB;
     // Every other MiB, some more at random, and always the last one.
     let data: Vec<(u64, u64)> =
@@ -673,7 +585,7 @@ fn lifecycle(backing: &Backing, default_seed: u64) {
     // The source is read-only now; the destination serves the disk, equal to
     // the source and to every acknowledged write, before anything writes to it.
     assert_eq!(disk_info(&a)["read_only"], true, "the source disk must be read-only after the cut-over");
-    assert!(Nbd::connect(&a.socket(), DISK).unwrap().read_only(), "the source export must advertise READ_ONLY");
+    assert!(NbdConn::connect(&a.socket(), DISK).unwrap().read_only(), "the source export must advertise READ_ONLY");
     assert!(listed_exports(&b).contains(&DISK.to_owned()), "{DISK} not listed on the destination");
     assert_identical("source vs destination after the cut-over", &a.unix_uri(DISK), &b.unix_uri(DISK));
     assert_model("destination after the cut-over", &b.unix_uri(DISK), &model, &scratch);
@@ -717,7 +629,7 @@ fn lifecycle(backing: &Backing, default_seed: u64) {
     assert_model("destination restarted without its backups", &b.unix_uri(DISK), &model, &scratch);
 
     // The destination is an ordinary writable disk.
-    let mut conn = Nbd::connect(&b.socket(), DISK).unwrap();
+    let mut conn = NbdConn::connect(&b.socket(), DISK).unwrap();
     assert!(!conn.read_only());
     assert_eq!(conn.size, size);
     let ranges = random_ranges(&mut rng, size, 8);
@@ -764,7 +676,7 @@ fn small_setup_with(
     let a = source_with(backing, size, nbd_keys);
     let b = destination(backing);
     let model = new_model(size);
-    let mut conn = Nbd::connect(&a.socket(), DISK).unwrap();
+    let mut conn = NbdConn::connect(&a.socket(), DISK).unwrap();
     let data: Vec<(u64, u64)> = (0..size / MIB).filter(|_| rng.below(4) != 0).map(|i| (i * MIB, MIB)).collect();
     write_ranges(&mut conn, &model, rng, &data);
     backup(&a);
@@ -960,7 +872,7 @@ fn source_killed_during_the_cut_over_stays_authoritative_and_the_destination_sta
         );
         assert!(bm["consistent"] == true && bm["busy"] == false, "round {round}: bitmap after the kill: {bm}");
         assert!(u(&bm["dirty_bytes"]) >= dirty_before, "round {round}: the bitmap lost bits: {bm}");
-        let mut conn = Nbd::connect(&a.socket(), DISK).unwrap();
+        let mut conn = NbdConn::connect(&a.socket(), DISK).unwrap();
         write_ranges(&mut conn, &model, &mut rng, &[(20 * MIB + round * MIB, MIB)]);
         drop(conn);
         assert_model(&format!("round {round}: source after the kill"), &a.unix_uri(DISK), &model, &scratch);
@@ -999,7 +911,7 @@ fn destination_reads_fail_with_eio_while_the_backup_cluster_hangs_during_the_str
     let a = source(&backing, size);
     let b = destination(&backing);
     let model = new_model(size);
-    let mut conn = Nbd::connect(&a.socket(), DISK).unwrap();
+    let mut conn = NbdConn::connect(&a.socket(), DISK).unwrap();
     write_ranges(&mut conn, &model, &mut rng, &[(0, size)]);
     backup(&a);
     write_ranges(&mut conn, &model, &mut rng, &[(0, MIB)]);
@@ -1010,7 +922,7 @@ fn destination_reads_fail_with_eio_while_the_backup_cluster_hangs_during_the_str
     let summary = migrate_ok(&a, &b, &["--speed", "1MiB"], Duration::from_secs(60));
     let stream_id = summary["stream_jobs"][0].as_str().unwrap().to_owned();
     let osd = StoppedOsd::stop(&ceph);
-    let mut conn = Nbd::connect(&b.socket(), DISK).unwrap();
+    let mut conn = NbdConn::connect(&b.socket(), DISK).unwrap();
     let offset = size - 4 * MIB;
     let started = Instant::now();
     let read = conn.read(offset, GRANULE as u32).unwrap();
@@ -1056,7 +968,7 @@ fn destination_reads_fail_with_eio_while_the_backup_cluster_hangs_during_the_str
 /// a writer that rewrites it at 4 MiB/s (the tests let the mirror send 2 MiB/s).
 fn outpacing_writer(a: &Agent, model: &Model, rng: &mut Rng) -> Writer {
     let hot: Vec<u64> = (0..48).map(|i| 64 + 2 * i).collect();
-    let mut conn = Nbd::connect(&a.socket(), DISK).unwrap();
+    let mut conn = NbdConn::connect(&a.socket(), DISK).unwrap();
     let ranges: Vec<(u64, u64)> = hot.iter().map(|&g| (g * GRANULE, GRANULE)).collect();
     write_ranges(&mut conn, model, rng, &ranges);
     drop(conn);
@@ -1171,7 +1083,7 @@ fn fencing_a_writable_disk_is_refused() {
     assert!(text.ends_with("\n409"), "fencing a writable disk: {text}");
     assert_eq!(disk_info(&a)["read_only"], false, "a refused fence changed the disk");
     assert!(!a.dir().join("state/fenced").join("vm1__disk0.json").exists(), "a refused fence left a fence file");
-    let mut conn = Nbd::connect(&a.socket(), DISK).unwrap();
+    let mut conn = NbdConn::connect(&a.socket(), DISK).unwrap();
     assert_eq!(conn.write(0, &vec![0x11; GRANULE as usize]).unwrap(), 0, "the disk is not writable");
     drop(model);
 }
@@ -1189,7 +1101,7 @@ fn source_stays_read_only_after_a_restart_following_a_completed_migration() {
     assert!(a.stop().unwrap().success());
     let a = a.respawn().unwrap();
     let info = disk_info(&a);
-    let mut conn = Nbd::connect(&a.socket(), DISK).unwrap();
+    let mut conn = NbdConn::connect(&a.socket(), DISK).unwrap();
     let err = conn.write(0, &vec![0xee; GRANULE as usize]).unwrap();
     assert!(
         info["read_only"] == true && err == errno::EPERM,
@@ -1204,7 +1116,7 @@ fn source_stays_read_only_after_a_restart_following_a_completed_migration() {
     let (code, answer) = api_with(&a, "DELETE", "/v1/disks/vm1/disk0/fence", None);
     assert_eq!(code, 200, "unfence after a restart: {answer}");
     assert_eq!(disk_info(&a)["read_only"], false, "still read-only after the unfence: {}", disk_info(&a));
-    let mut conn = Nbd::connect(&a.socket(), DISK).unwrap();
+    let mut conn = NbdConn::connect(&a.socket(), DISK).unwrap();
     assert_eq!(conn.write(0, &vec![0xee; GRANULE as usize]).unwrap(), 0, "unfenced after a restart, yet not writable");
     drop(model);
 }
@@ -1228,7 +1140,7 @@ fn a_fence_that_cannot_be_written_never_leaves_two_writable_copies() {
     assert!(a.stop().unwrap().success());
     let a = a.respawn().unwrap();
     let info = disk_info(&a);
-    let mut conn = Nbd::connect(&a.socket(), DISK).unwrap();
+    let mut conn = NbdConn::connect(&a.socket(), DISK).unwrap();
     let err = conn.write(0, &vec![0xee; GRANULE as usize]).unwrap();
     let source_writable = err == 0;
     assert!(
@@ -1756,7 +1668,7 @@ fn a_first_io_migration_whose_destination_went_live_elsewhere_fences_the_source(
     let info = disk_info(&a);
     assert_eq!(info["read_only"], true, "the source stayed writable beside a live destination: {info}");
     assert!(a.dir().join("state/fenced/vm1__disk0.json").exists(), "read-only without a fence");
-    let mut conn = Nbd::connect(&a.socket(), DISK).unwrap();
+    let mut conn = NbdConn::connect(&a.socket(), DISK).unwrap();
     assert_eq!(conn.write(0, &vec![0x5a; GRANULE as usize]).unwrap(), errno::EPERM, "the source took a write");
     drop(conn);
     // Fenced across restarts; once the operator takes the disk back, it stays writable.
@@ -1795,7 +1707,7 @@ fn a_source_killed_after_the_first_io_trigger_rolls_forward_and_the_held_write_s
     let socket = b.socket();
     let payload = data.clone();
     let first_write = std::thread::spawn(move || {
-        let mut conn = Nbd::connect(&socket, DISK)?;
+        let mut conn = NbdConn::connect(&socket, DISK)?;
         conn.write(offset, &payload)
     });
     outgoing_when(&a, &b, "the cut-over after the first write", |m| m["state"] == "cutting-over");
@@ -1848,7 +1760,7 @@ fn a_first_io_cut_over_that_fails_is_retried_and_the_held_write_succeeds() {
     let data: Vec<u8> = (0..GRANULE).map(|i| (i % 241) as u8 ^ 0xa5).collect();
     let (socket, payload) = (b.socket(), data.clone());
     let first_write = std::thread::spawn(move || {
-        let mut conn = Nbd::connect(&socket, DISK)?;
+        let mut conn = NbdConn::connect(&socket, DISK)?;
         conn.write(offset, &payload)
     });
     // The cut-over fails at the fence and is retried: never back to the source.
@@ -1869,7 +1781,7 @@ fn a_first_io_cut_over_that_fails_is_retried_and_the_held_write_succeeds() {
     // Reads by the disk's own name wait as well while the destination is mirrored again.
     let socket = b.socket();
     let reader = std::thread::spawn(move || {
-        let mut conn = Nbd::connect(&socket, DISK)?;
+        let mut conn = NbdConn::connect(&socket, DISK)?;
         conn.read(0, 4096)
     });
     std::thread::sleep(Duration::from_millis(300));
@@ -1900,7 +1812,7 @@ fn migrate_without_a_backup_refuses_and_full_mirrors_the_whole_disk() {
     let b = destination(&backing);
     let scratch = b.dir().join("scratch.raw");
     let model = new_model(size);
-    let mut conn = Nbd::connect(&a.socket(), DISK).unwrap();
+    let mut conn = NbdConn::connect(&a.socket(), DISK).unwrap();
     let data: Vec<(u64, u64)> = (0..size / MIB).filter(|_| rng.below(3) != 0).map(|i| (i * MIB, MIB)).collect();
     write_ranges(&mut conn, &model, &mut rng, &data);
     drop(conn);
