@@ -189,3 +189,44 @@ fn the_first_backup_after_a_resize_zeroes_what_the_target_head_holds_past_the_sn
     let v = agent.cli_json(&["verify", "vm1/disk0", "--against", &against, "--wait"]).unwrap();
     assert_eq!(v["result"], "success", "the backup differs from the disk: {v:#}");
 }
+
+/// A disk back at a size from before a resize (restored from an older snapshot) backs up into
+/// its own, larger target: the head is sized to the disk, the older snapshots stay.
+#[test]
+fn a_disk_smaller_than_its_own_target_backs_up_into_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("target.raw");
+    let vm = |size: &str, image: &str| {
+        format!(
+            "name: vm1\ndisks:\n  - name: disk0\n    image: file:{image}\n    size: {size}\n    \
+             bitmaps: [{{name: backup, granularity: 64KiB}}]\n    backup: {{target: \"file:{}\", bitmap: backup}}\n",
+            target.display()
+        )
+    };
+    let disk = dir.path().join("disk0.raw");
+    let agent = AgentBuilder::new().vm("vm1", &vm("8MiB", &disk.to_string_lossy())).start().unwrap();
+    let uri = agent.unix_uri("vm1/disk0");
+    qemu_io(&uri, &["write -P 0x11 0 1M"]).unwrap();
+    agent.json(&["backup", "vm1/disk0", "--sync", "full", "--wait"]);
+    agent.json(&["disk", "resize", "vm1/disk0", "12MiB"]);
+    qemu_io(&uri, &["write -P 0x22 10M 64k"]).unwrap();
+    let s2 = agent.json(&["backup", "vm1/disk0", "--wait"]);
+    assert_eq!(s2["summary"]["sync"], "incremental", "{s2:#}");
+
+    // The disk back at its old size (as restored from the first snapshot).
+    let mut agent = agent;
+    agent.stop().unwrap();
+    std::fs::OpenOptions::new().write(true).open(&disk).unwrap().set_len(8 * MIB).unwrap();
+    let agent = agent.respawn().unwrap();
+    // Its bitmap starts afresh, as a restored disk's does.
+    agent.json(&["bitmap", "remove", "vm1/disk0", "backup"]);
+    agent.json(&["bitmap", "add", "vm1/disk0", "backup"]);
+    let full = agent.json(&["backup", "vm1/disk0", "--sync", "full", "--wait"]);
+    assert_eq!(full["result"], "success", "{full:#}\n{}", agent.log_tail());
+    assert_eq!(std::fs::metadata(&target).unwrap().len(), 8 * MIB, "the target's head follows the disk");
+    let snap = full["summary"]["snapshot"].as_str().unwrap();
+    let v = agent.json(&["verify", "vm1/disk0", "--against", &format!("file:{}@{snap}", target.display()), "--wait"]);
+    assert_eq!(v["result"], "success", "{v:#}");
+    let points = agent.json(&["backups", "vm1/disk0"]);
+    assert_eq!(points["restore_points"].as_array().unwrap().len(), 3, "{points:#}");
+}

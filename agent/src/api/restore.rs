@@ -239,8 +239,8 @@ impl Control {
             let changed = target
                 .changed_extents(Some(&snap), 0, size)
                 .map_err(|e| format!("cannot compare the head of {base} with {snap}: {e}"))?;
-            // Past the disk's size (a target grown after that snapshot) the next backup zeroes
-            // the target (the range past its latest snapshot's size).
+            // Past the disk's size (a target grown after that snapshot): the next backup sizes
+            // the target's head to the disk.
             for &(offset, length) in &changed {
                 let length = (offset + length).min(export.size()).saturating_sub(offset);
                 if length > 0 {

@@ -460,19 +460,21 @@ impl DiskBitmaps {
     }
 
     /// Online resize: grows the disk to `size` bytes, every bitmap with it.
-    /// With writes drained: every bit is written to its file and the files
-    /// are lengthened; `grow_store` grows the image; the bitmaps are
-    /// replaced by grown copies (the new range clean: it reads as zeroes
-    /// here as on a grown backup target), their headers record the new
-    /// size, and the write-intent log starts over at the new size (empty:
-    /// every bit is in the files). A crash at any step loads bitmaps that
-    /// are a superset of the acknowledged writes: a file longer than its
-    /// header loads as the header says, and a bitmap of an unclean stop
-    /// whose header has the old size loads with the new range dirty.
-    /// Shrinking is refused.
+    /// Every page of every bitmap is written first, while writes go on (a
+    /// lazy writeback queued before, by a job's commit or a clear, would
+    /// reach the old bitmap, which has no file then; control operations
+    /// wait on `ops`). Then, with writes drained: the pages changed since
+    /// are written and the files lengthened; `grow_store` grows the image;
+    /// the bitmaps are replaced by grown copies (the new range clean: it
+    /// reads as zeroes here, and a backup makes its target read so), their
+    /// headers record the new size, and the write-intent log starts over at
+    /// the new size (empty: every bit is in the files). No write past the
+    /// old end is acknowledged before that, so a crash at any step loads a
+    /// superset of the acknowledged writes: a header that still has the old
+    /// size (unclean) loads at the disk's size with every bit of its longer
+    /// body. Shrinking is refused.
     pub fn grow<E: From<BitmapError>>(&self, size: u64, grow_store: impl FnOnce() -> Result<(), E>) -> Result<(), E> {
         let _ops = self.ops();
-        let _gate = self.exclusive();
         let old = self.size();
         if size < old {
             return Err(BitmapError::Invalid(format!("cannot shrink {} from {old} to {size} bytes", self.disk)).into());
@@ -481,12 +483,14 @@ impl DiskBitmaps {
             return Err(BitmapError::Invalid(format!("{} is closing", self.disk)).into());
         }
         let list = self.list.load_full();
+        for b in list.iter().filter(|b| b.is_consistent()) {
+            let pages = (0..=page_of(b.bits.word_count().saturating_sub(1))).collect();
+            b.write_pages(&pages).map_err(|source| BitmapError::Persist { name: b.name.clone(), source })?;
+        }
+        let _gate = self.exclusive();
         for b in list.iter() {
             let persist = |source| BitmapError::Persist { name: b.name.clone(), source };
-            // Every page, not only those that differ from `persisted`: a lazy writeback queued
-            // before (a job's commit, a clear) would reach the old bitmap, which has no file then.
-            let pages = (0..=page_of(b.bits.word_count().saturating_sub(1))).collect();
-            let done = if b.is_consistent() { b.write_pages(&pages) } else { Ok(()) };
+            let done = if b.is_consistent() { b.write_changed_pages() } else { Ok(()) };
             match done.and_then(|()| b.grow_file(size)) {
                 Err(e) if b.is_consistent() => return Err(persist(e).into()),
                 Err(e) => {

@@ -115,7 +115,8 @@ impl BitmapFile {
             return Err(corrupt(format!("no valid header ({why})")));
         };
         let words = header.disk_size.div_ceil(header.granularity).div_ceil(64);
-        // Longer is a grow that stopped before its header (see `grow`): the tail is zeroes.
+        // Longer is a grow (see `grow`) whose header still has the old size: the loader reads
+        // the tail's bits when the disk did grow, and refuses any there when it did not.
         if len < BODY + words * 8 || !(len - BODY).is_multiple_of(8) {
             return Err(corrupt(format!("body has {} bytes, expected {}", len - BODY, words * 8)));
         }
@@ -143,8 +144,7 @@ impl BitmapFile {
 
     /// Lengthens the body to `words` words of zeroes, durably; the header
     /// still describes the old size until [`write_header`](Self::write_header)
-    /// says otherwise, and a file left longer than its header by a crash
-    /// loads as the header describes.
+    /// says otherwise; [`open`](Self::open) returns the longer body whole.
     pub fn grow(&self, words: u64) -> io::Result<()> {
         let len = BODY + words * 8;
         if self.file.metadata()?.len() < len {

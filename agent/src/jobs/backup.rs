@@ -307,6 +307,8 @@ struct Chain {
     latest: Option<(String, SnapMeta)>,
     /// Continuation records (see [`CONTINUES_KEY_PREFIX`]).
     continues: std::collections::BTreeMap<String, String>,
+    /// Where the head must be zeroed up to the disk's size before the copy.
+    zero_from: Option<u64>,
 }
 
 /// Backup snapshots of a target with their metadata, oldest first.
@@ -333,9 +335,10 @@ fn open_target(env: &BackupEnv, disk: &str, size: u64, uri: &ImageUri) -> Result
         (t, true)
     };
     let owner = target.get_meta(DISK_KEY).map_err(store_err("Cannot read target metadata"))?;
-    // Only this disk's own target grows with it (`disk resize`); any other size is refused.
-    let grown = owner.as_deref() == Some(disk) && target.size() < size;
-    if target.size() != size && !grown {
+    // Only this disk's own target follows its size (`disk resize`; a disk restored from a
+    // snapshot older than a resize); any other size is refused.
+    let resized = owner.as_deref() == Some(disk) && target.size() != size;
+    if target.size() != size && !resized {
         return Err(JobError::Failed(format!(
             "Backup target {uri} has {} bytes but disk {disk} has {size}; refusing",
             target.size()
@@ -357,27 +360,32 @@ fn open_target(env: &BackupEnv, disk: &str, size: u64, uri: &ImageUri) -> Result
             target.set_meta(DISK_KEY, disk).map_err(store_err("Cannot label the backup target"))?;
         }
     }
-    if grown {
-        // The disk grew (`disk resize`): so does its target. The grown range reads as zeroes
-        // on both sides, the chain's snapshots keep their sizes, and the bitmap has every write
-        // since, so the next backup stays incremental.
-        tracing::info!(disk, target = %uri, from = target.size(), to = size, "growing the backup target with its disk");
-        target.resize(size).map_err(store_err("Cannot grow the backup target"))?;
+    let was = target.size();
+    if resized {
+        // Only the head changes size: the chain's snapshots keep theirs. Grown, the new range
+        // reads as zeroes, as on the disk; shrunk (a disk restored from a snapshot older than
+        // the resize), what goes is past every snapshot the disk can build on.
+        tracing::info!(disk, target = %uri, from = was, to = size, "resizing the backup target's head to its disk");
+        target.resize(size).map_err(store_err("Cannot resize the backup target"))?;
     }
     let backups = backup_snapshots(target.as_ref()).map_err(store_err("Cannot read the backup chain"))?;
     let meta = target.list_meta().map_err(store_err("Cannot read target metadata"))?;
     let continues = meta.into_iter().filter(|(k, _)| k.starts_with(CONTINUES_KEY_PREFIX)).collect();
     let latest = backups.last().cloned();
-    if let Some((snap, m)) = latest.as_ref().filter(|(_, m)| m.size < size) {
-        // Past the latest snapshot's size the disk grew: it reads as zeroes there, and so must
-        // the target, whatever an unfinished backup (of this disk or of an older copy of it)
-        // left in the head; the bitmap then has every write there since.
-        tracing::info!(disk, target = %uri, %snap, from = m.size, to = size, "zeroing the target past the latest snapshot's size");
-        target
-            .write_zeroes(m.size, size - m.size, true)
-            .map_err(store_err("Cannot zero the grown range of the backup target"))?;
-    }
-    Ok(Chain { target, fresh, latest, continues })
+    // Past the latest snapshot's own size (from the store, not its record) the disk grew: it
+    // reads as zeroes there, and so must the target, whatever an unfinished backup left in the
+    // head (a head just grown from exactly there reads as zeroes already).
+    let snap_size = match &latest {
+        Some((snap, _)) => target
+            .list_snapshots()
+            .map_err(store_err("Cannot list target snapshots"))?
+            .into_iter()
+            .find(|s| &s.name == snap)
+            .map(|s| s.size),
+        None => None,
+    };
+    let zero_from = snap_size.filter(|&s| s < size && !(resized && was == s));
+    Ok(Chain { target, fresh, latest, continues, zero_from })
 }
 
 /// Target metadata key prefix of continuation records: `PREFIX + UUID` =
@@ -779,6 +787,21 @@ async fn copy(job: &JobHandle, state: &Frozen2, chain: &Chain, size: u64) -> Res
     result
 }
 
+/// Zeroes the target's head in `from..size` (past the latest snapshot's size, see
+/// `Chain::zero_from`), in pieces the job can pause or cancel between.
+async fn zero_past(job: &JobHandle, chain: &Chain, from: u64, size: u64) -> Result<(), JobError> {
+    const PIECE: u64 = 1 << 30;
+    tracing::info!(job = %job.id(), from, to = size, "zeroing the backup target past the latest snapshot's size");
+    let mut at = from;
+    while at < size {
+        job.checkpoint().await?;
+        let (target, n) = (chain.target.clone(), PIECE.min(size - at));
+        blocking(move || target.write_zeroes(at, n, true).map_err(store_err("Cannot zero the backup target"))).await?;
+        at += n;
+    }
+    Ok(())
+}
+
 async fn copy_chunks(
     job: &JobHandle,
     state: &Frozen2,
@@ -786,6 +809,9 @@ async fn copy_chunks(
     size: u64,
     tasks: &mut tokio::task::JoinSet<Result<ChunkDone, StoreError>>,
 ) -> Result<Copied, JobError> {
+    if let Some(from) = chain.zero_from {
+        zero_past(job, chain, from, size).await?;
+    }
     let chunks = plan(state, size);
     job.set_total(chunks.iter().map(|c| c.1).sum());
     let mut copied = Copied::default();
