@@ -25,7 +25,8 @@ use std::hint::black_box;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use agent::bitmap::{AtomicBits, Bitmap};
+use agent::bitmap::Bitmap;
+use agent::bits::AtomicBits;
 
 /// Seeded, dependency-free PRNG (SplitMix64).
 struct SplitMix64(u64);

@@ -22,6 +22,7 @@
 //! last connection to finish drops the store.
 pub mod api;
 pub mod bitmap;
+pub mod bits;
 pub mod cli;
 pub mod config;
 pub mod daemon;

@@ -9,13 +9,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use arc_swap::{ArcSwap, ArcSwapOption};
 use serde::Serialize;
 
-use super::atomic::{valid_mask, AtomicBits};
 use super::gate::{Exclusive, Gate, OwnedShared};
 use super::intent::{self, Intent, INTENT_FILE};
 use super::persist::{BitmapFile, Header, LoadError, WORDS_PER_PAGE};
 use super::persister::{page_of, PageRequest, Persister, STOPPED};
 use super::suspect;
 use super::BitmapError;
+use crate::bits::{valid_mask, AtomicBits};
 use crate::config::{check_granularity, check_name, BitmapConfig};
 use crate::store::Identity;
 

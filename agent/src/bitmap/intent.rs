@@ -28,11 +28,11 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
-use super::atomic::AtomicBits;
 use super::disk::Bitmap;
 use super::persist::{BitmapFile, LoadError};
 use super::persister::{page_of, PageRequest};
 use super::suspect;
+use crate::bits::AtomicBits;
 use crate::store::Identity;
 
 /// File name of the log, next to the bitmap files (not a valid bitmap name).

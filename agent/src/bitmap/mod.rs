@@ -30,7 +30,6 @@
 //! Order: `ops` → `gate` → `file`. The hot path takes only `gate` (read)
 //! and atomics; it waits on the persister only after a first write.
 
-mod atomic;
 mod disk;
 mod gate;
 mod intent;
@@ -38,7 +37,6 @@ pub mod persist;
 mod persister;
 mod suspect;
 
-pub use atomic::AtomicBits;
 pub use disk::{Bitmap, BitmapInfo, DiskBitmaps, Drained, Frozen};
 pub use gate::OwnedShared;
 

@@ -19,8 +19,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
-use super::atomic::AtomicBits;
 use super::disk::Bitmap;
+use crate::bits::AtomicBits;
 use crate::durable;
 
 const MAGIC: &[u8; 8] = b"RBDSUSP1";

@@ -24,7 +24,8 @@ use tokio::sync::watch;
 
 use super::pit::PointInTime;
 use super::{unix_now, JobError, JobHandle};
-use crate::bitmap::{AtomicBits, Frozen};
+use crate::bitmap::Frozen;
+use crate::bits::AtomicBits;
 use crate::config::ImageUri;
 use crate::export::Export;
 use crate::store::{BlockStore, OpenOptions, StoreError, Stores};

@@ -27,7 +27,7 @@ use serde_json::{json, Value};
 use tokio::sync::Mutex as AsyncMutex;
 
 use super::{JobError, JobHandle, JobState};
-use crate::bitmap::AtomicBits;
+use crate::bits::AtomicBits;
 use crate::export::{Export, WriteData, WriteHook};
 use crate::nbd::client::{ClientOptions, NbdClient, NbdClientError, NbdUri};
 use crate::store::{BlockStore, ExtentKind, StoreError};

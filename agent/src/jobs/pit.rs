@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::bitmap::AtomicBits;
+use crate::bits::AtomicBits;
 use crate::store::{BlockStore, Extent, ExtentKind, StoreError};
 
 const STRIPES: u64 = 256;

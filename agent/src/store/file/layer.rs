@@ -19,7 +19,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::bitmap::AtomicBits;
+use crate::bits::AtomicBits;
 use crate::config::ImageUri;
 use crate::store::{BlockStore, Extent, StoreError};
 

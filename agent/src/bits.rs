@@ -1,5 +1,7 @@
 //! A two-level atomic bit set: one bit per granule, plus a summary bit per
-//! 64-bit word, so scans skip clean regions 4096 granules at a time.
+//! 64-bit word, so scans skip clean regions 4096 granules at a time. Used
+//! by the dirty bitmaps ([`crate::bitmap`]), the layered `file:` store and
+//! the jobs; it depends on nothing of theirs.
 //!
 //! Writers only ever set bits (`fetch_or`, word first, then summary), so a
 //! set summary bit is a superset hint: a summary bit may be set over a zero
