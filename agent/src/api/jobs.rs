@@ -221,79 +221,13 @@ impl Control {
     }
 
     pub(super) async fn start_job(&self, start: StartJob) -> Result<Value, ApiError> {
+        let bytes = |s: &Option<Size>| s.as_ref().map(Size::bytes).transpose().map(Option::unwrap_or_default);
         match start {
             StartJob::Backup { disk, sync, bitmap, target, speed, auto } => {
-                let speed = speed.as_ref().map(Size::bytes).transpose()?.unwrap_or(0);
-                let disks: Vec<String> = if disk.contains('/') {
-                    vec![disk.clone()]
-                } else {
-                    let vms = self.vms.load();
-                    let vm = vms.iter().find(|v| v.name == disk).ok_or_else(|| ApiError::DiskNotFound(disk.clone()))?;
-                    vm.disks.iter().map(|d| format!("{}/{}", vm.name, d.name)).collect()
-                };
-                if disks.len() > 1 && (target.is_some()) {
-                    return Err(ApiError::BadRequest(
-                        "--target applies to one disk; back up the disks one by one".into(),
-                    ));
-                }
-                let mut plans = Vec::new();
-                for disk in &disks {
-                    if let Some(job) = self.jobs.active_on(disk) {
-                        return Err(crate::jobs::JobControlError::Busy { disk: disk.clone(), job }.into());
-                    }
-                    plans.push(self.backup_plan(disk, sync, bitmap.clone(), target.clone(), auto)?);
-                }
-                let vm = disks[0].split('/').next().unwrap_or_default().to_owned();
-                let hooks = self.vms.load().iter().find(|v| v.name == vm).and_then(|v| v.hooks.clone());
-                let Some(hooks) = hooks else { return self.start_backups(plans, speed, None).await };
-                let lock = {
-                    let mut locks = self.hook_locks.lock().unwrap_or_else(|p| p.into_inner());
-                    locks.entry(vm.clone()).or_default().clone()
-                };
-                // Another backup of this VM between its freeze and its thaw would thaw the guest
-                // under it (or fail to freeze a frozen one).
-                let _one_at_a_time = lock.lock().await;
-                // Quiesce the guest before any disk is drained; resume it once every point in time
-                // is fixed, whatever happened (see jobs::hooks). The jobs learn how the thaw went
-                // before they report whether the backup is application-consistent.
-                let freeze = match hooks::run("freeze", &hooks.freeze, &vm, hooks.timeout).await {
-                    Ok(()) => backup::FROZEN.to_owned(),
-                    Err(e) => {
-                        tracing::warn!(%vm, error = %e, "freeze failed; the backup is crash-consistent");
-                        e
-                    }
-                };
-                for (_, params) in &mut plans {
-                    params.freeze = Some(freeze.clone());
-                }
-                let (thawed_tx, thawed) = tokio::sync::watch::channel(backup::ThawState::default());
-                // Past the hook timeout the guest is thawed first and the backups go on crash-consistent.
-                let started = self.start_backups(plans, speed, Some((thawed, hooks.timeout))).await;
-                thawed_tx.send_modify(|s| s.started = true);
-                let thaw = hooks::run("thaw", &hooks.thaw, &vm, hooks.timeout).await;
-                if let Err(e) = &thaw {
-                    tracing::error!(%vm, error = %e, "thaw failed: the guest may still be frozen");
-                }
-                thawed_tx.send_modify(|s| s.outcome = Some(thaw));
-                started
+                self.start_backup_request(&disk, sync, bitmap, target, bytes(&speed)?, auto).await
             }
             StartJob::Mirror { disk, target, sync, bitmap, copy_mode, ready_threshold, speed, expect } => {
-                let speed = speed.as_ref().map(Size::bytes).transpose()?.unwrap_or(0);
-                if sync == MirrorSync::Incremental && bitmap.is_none() {
-                    return Err(ApiError::BadRequest(
-                        "Incremental mode must specify the bitmap name (--bitmap)".into(),
-                    ));
-                }
-                target.parse::<NbdUri>().map_err(ApiError::BadRequest)?;
-                let export = self.disk(&disk)?;
-                if let Some(name) = &bitmap {
-                    self.check_bitmap(&export, name)?;
-                    if sync == MirrorSync::Incremental && !export.bitmaps().is_enabled(name)? {
-                        return Err(crate::bitmap::BitmapError::Disabled(name.clone()).into());
-                    }
-                }
                 let ready_threshold = ready_threshold.as_ref().map(Size::bytes).transpose()?.unwrap_or(16 << 20);
-                let nbd = self.env.nbd_client();
                 let params = MirrorParams {
                     target,
                     sync,
@@ -303,48 +237,127 @@ impl Control {
                     expect,
                     reconnect_secs: self.env.mirror_reconnect_secs,
                 };
-                // Mirrors take no slot of jobs.max_running (they live until their cut-over).
-                let job =
-                    self.jobs.start_with("mirror", &disk, to_json(&params), speed, Admission::Exempt, move |h| {
-                        mirror::run(h, export, params, nbd, None)
-                    })?;
-                Ok(to_json(job.record()))
+                self.start_mirror(&disk, params, bytes(&speed)?)
             }
             StartJob::Stream { disk, chunk, speed } => {
-                let speed = speed.as_ref().map(Size::bytes).transpose()?.unwrap_or(0);
                 let chunk = chunk.as_ref().map(Size::bytes).transpose()?.unwrap_or(4 << 20);
-                if !(64 << 10..=64 << 20).contains(&chunk) {
-                    return Err(ApiError::BadRequest(format!("chunk must be 64KiB to 64MiB, not {chunk}")));
-                }
-                let export = self.disk(&disk)?;
-                if export.incoming().is_some() {
-                    return Err(ApiError::Conflict(format!(
-                        "{disk} is an incoming migration target; complete it first"
-                    )));
-                }
-                // A stream writes to the store (copy, flatten, detach) and drops holds: never on
-                // a disk that is read-only here (fenced after a migration, or by configuration).
-                if export.read_only() {
-                    return Err(ApiError::Conflict(format!(
-                        "{disk} is read-only here (fenced, or read_only): a stream would modify it"
-                    )));
-                }
-                let params = StreamParams::for_disk(&self.env.node, &disk, chunk);
-                let stores = self.env.stores.clone();
-                let job = self.jobs.start("stream", &disk, to_json(&params), speed, move |handle| {
-                    stream::run(handle, export, params, stores)
-                })?;
-                Ok(to_json(job.record()))
+                self.start_stream(&disk, chunk, bytes(&speed)?)
             }
             StartJob::Restore { disk, from, live, speed } => {
-                let speed = speed.as_ref().map(Size::bytes).transpose()?.unwrap_or(0);
-                self.start_restore(&disk, &from, live, speed).await
+                self.start_restore(&disk, &from, live, bytes(&speed)?).await
             }
             StartJob::Verify { disk, against, speed } => {
-                let speed = speed.as_ref().map(Size::bytes).transpose()?.unwrap_or(0);
-                self.start_verify(&disk, against, speed, Admission::Queue)
+                self.start_verify(&disk, against, bytes(&speed)?, Admission::Queue)
             }
         }
+    }
+
+    /// A backup of one disk (`VM/DISK`) or of every disk of a VM (`VM`, one
+    /// point in time, around the VM's freeze and thaw hooks if it has them).
+    async fn start_backup_request(
+        &self,
+        disk: &str,
+        sync: Option<SyncMode>,
+        bitmap: Option<String>,
+        target: Option<String>,
+        speed: u64,
+        auto: bool,
+    ) -> Result<Value, ApiError> {
+        let disks: Vec<String> = if disk.contains('/') {
+            vec![disk.to_owned()]
+        } else {
+            let vms = self.vms.load();
+            let vm = vms.iter().find(|v| v.name == disk).ok_or_else(|| ApiError::DiskNotFound(disk.to_owned()))?;
+            vm.disks.iter().map(|d| format!("{}/{}", vm.name, d.name)).collect()
+        };
+        if disks.len() > 1 && (target.is_some()) {
+            return Err(ApiError::BadRequest("--target applies to one disk; back up the disks one by one".into()));
+        }
+        let mut plans = Vec::new();
+        for disk in &disks {
+            if let Some(job) = self.jobs.active_on(disk) {
+                return Err(crate::jobs::JobControlError::Busy { disk: disk.clone(), job }.into());
+            }
+            plans.push(self.backup_plan(disk, sync, bitmap.clone(), target.clone(), auto)?);
+        }
+        let vm = disks[0].split('/').next().unwrap_or_default().to_owned();
+        let hooks = self.vms.load().iter().find(|v| v.name == vm).and_then(|v| v.hooks.clone());
+        let Some(hooks) = hooks else { return self.start_backups(plans, speed, None).await };
+        let lock = {
+            let mut locks = self.hook_locks.lock().unwrap_or_else(|p| p.into_inner());
+            locks.entry(vm.clone()).or_default().clone()
+        };
+        // Another backup of this VM between its freeze and its thaw would thaw the guest
+        // under it (or fail to freeze a frozen one).
+        let _one_at_a_time = lock.lock().await;
+        // Quiesce the guest before any disk is drained; resume it once every point in time
+        // is fixed, whatever happened (see jobs::hooks). The jobs learn how the thaw went
+        // before they report whether the backup is application-consistent.
+        let freeze = match hooks::run("freeze", &hooks.freeze, &vm, hooks.timeout).await {
+            Ok(()) => backup::FROZEN.to_owned(),
+            Err(e) => {
+                tracing::warn!(%vm, error = %e, "freeze failed; the backup is crash-consistent");
+                e
+            }
+        };
+        for (_, params) in &mut plans {
+            params.freeze = Some(freeze.clone());
+        }
+        let (thawed_tx, thawed) = tokio::sync::watch::channel(backup::ThawState::default());
+        // Past the hook timeout the guest is thawed first and the backups go on crash-consistent.
+        let started = self.start_backups(plans, speed, Some((thawed, hooks.timeout))).await;
+        thawed_tx.send_modify(|s| s.started = true);
+        let thaw = hooks::run("thaw", &hooks.thaw, &vm, hooks.timeout).await;
+        if let Err(e) = &thaw {
+            tracing::error!(%vm, error = %e, "thaw failed: the guest may still be frozen");
+        }
+        thawed_tx.send_modify(|s| s.outcome = Some(thaw));
+        started
+    }
+
+    /// A mirror of `disk` to another agent's NBD export.
+    fn start_mirror(&self, disk: &str, params: MirrorParams, speed: u64) -> Result<Value, ApiError> {
+        if params.sync == MirrorSync::Incremental && params.bitmap.is_none() {
+            return Err(ApiError::BadRequest("Incremental mode must specify the bitmap name (--bitmap)".into()));
+        }
+        params.target.parse::<NbdUri>().map_err(ApiError::BadRequest)?;
+        let export = self.disk(disk)?;
+        if let Some(name) = &params.bitmap {
+            self.check_bitmap(&export, name)?;
+            if params.sync == MirrorSync::Incremental && !export.bitmaps().is_enabled(name)? {
+                return Err(crate::bitmap::BitmapError::Disabled(name.clone()).into());
+            }
+        }
+        let nbd = self.env.nbd_client();
+        // Mirrors take no slot of jobs.max_running (they live until their cut-over).
+        let job = self.jobs.start_with("mirror", disk, to_json(&params), speed, Admission::Exempt, move |h| {
+            mirror::run(h, export, params, nbd, None)
+        })?;
+        Ok(to_json(job.record()))
+    }
+
+    /// A stream of a layered `disk` from its backing, then its detach.
+    fn start_stream(&self, disk: &str, chunk: u64, speed: u64) -> Result<Value, ApiError> {
+        if !(64 << 10..=64 << 20).contains(&chunk) {
+            return Err(ApiError::BadRequest(format!("chunk must be 64KiB to 64MiB, not {chunk}")));
+        }
+        let export = self.disk(disk)?;
+        if export.incoming().is_some() {
+            return Err(ApiError::Conflict(format!("{disk} is an incoming migration target; complete it first")));
+        }
+        // A stream writes to the store (copy, flatten, detach) and drops holds: never on
+        // a disk that is read-only here (fenced after a migration, or by configuration).
+        if export.read_only() {
+            return Err(ApiError::Conflict(format!(
+                "{disk} is read-only here (fenced, or read_only): a stream would modify it"
+            )));
+        }
+        let params = StreamParams::for_disk(&self.env.node, disk, chunk);
+        let stores = self.env.stores.clone();
+        let job = self.jobs.start("stream", disk, to_json(&params), speed, move |handle| {
+            stream::run(handle, export, params, stores)
+        })?;
+        Ok(to_json(job.record()))
     }
 
     /// Starts a verify job admitted as `admission` says (a migration's
