@@ -102,8 +102,8 @@ impl Control {
             disk,
             from = current,
             to = size,
-            held_ms = started.elapsed().as_millis(),
-            "disk resized online (writes waited at most held_ms); NBD clients see the new size when they reconnect"
+            took_ms = started.elapsed().as_millis(),
+            "disk resized online; NBD clients see the new size when they reconnect"
         );
         Ok(to_json(Self::disk_info_of(&export)))
     }

@@ -488,6 +488,7 @@ impl DiskBitmaps {
             b.write_pages(&pages).map_err(|source| BitmapError::Persist { name: b.name.clone(), source })?;
         }
         let _gate = self.exclusive();
+        let drained = std::time::Instant::now();
         for b in list.iter() {
             let persist = |source| BitmapError::Persist { name: b.name.clone(), source };
             let done = if b.is_consistent() { b.write_changed_pages() } else { Ok(()) };
@@ -525,11 +526,12 @@ impl DiskBitmaps {
         self.list.store(Arc::new(grown));
         self.intent.store(intent);
         self.size.store(size, SeqCst);
+        let drained_ms = drained.elapsed().as_millis();
         drop(_gate);
         for b in self.list.load().iter() {
             self.save_suspect(b);
         }
-        tracing::info!(disk = %self.disk, from = old, to = size, "disk grown; bitmaps grown with it");
+        tracing::info!(disk = %self.disk, from = old, to = size, drained_ms, "disk grown; bitmaps grown with it (writes waited drained_ms)");
         Ok(())
     }
 
