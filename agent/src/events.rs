@@ -1,5 +1,6 @@
 //! Pushed events (`GET /v1/events`, `rbdsync events`): job and migration
-//! state changes and job progress, so orchestrators need not poll.
+//! state changes, job progress and disk changes (a resize), so
+//! orchestrators need not poll.
 //!
 //! One broadcast channel per agent. A subscriber that falls behind by more
 //! than [`BACKLOG`] events is told how many it missed (`lagged`) and goes

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use tests::ceph::{ceph_shared, TestCeph};
-use tests::{capture, map_extents, qemu_io, run, stdout, AgentBuilder, Rng};
+use tests::{capture, map_extents, qemu_io, run, stdout, AgentBuilder, EventLog, Rng};
 
 const MIB: u64 = 1 << 20;
 const GRAN: u64 = 64 << 10;
@@ -94,8 +94,19 @@ fn a_disk_grows_under_a_connected_client_and_a_running_backup_and_the_chain_stay
     let absurd = agent.cli_fails(&["disk", "resize", "vm1/disk0", &(1u64 << 62).to_string()]).unwrap();
     assert!(absurd.contains("larger than"), "{absurd}");
 
+    let events = EventLog::follow(&agent).unwrap();
     let resized = agent.cli_json(&["disk", "resize", "vm1/disk0", "48MiB"]).unwrap();
     assert_eq!(resized["size"], NEW, "{resized:#}");
+    events
+        .wait_for(Duration::from_secs(10), |e| {
+            e["type"] == "disk"
+                && e["disk"] == "vm1/disk0"
+                && e["change"] == "resized"
+                && e["from"] == OLD
+                && e["size"] == NEW
+        })
+        .unwrap();
+    drop(events.stop());
     let during = agent.cli_json(&["job", "show", &id]).unwrap();
     assert_eq!(during["state"], "running", "the backup must still run across the resize: {during:#}");
 

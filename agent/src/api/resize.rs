@@ -98,6 +98,8 @@ impl Control {
         })
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))??;
+        self.events()
+            .publish("disk", serde_json::json!({ "disk": disk, "change": "resized", "from": current, "size": size }));
         tracing::info!(
             disk,
             from = current,

@@ -348,6 +348,7 @@ fn render_event(e: &Value) -> String {
             format!("{when} job {} {} {}/{}", s("id"), s("disk"), size(&e["bytes_done"]), size(&e["bytes_total"]))
         }
         "migration" => format!("{when} migration {} ({}) {}", s("vm"), s("role"), s("state")),
+        "disk" => format!("{when} disk {} {} {} -> {}", s("disk"), s("change"), size(&e["from"]), size(&e["size"])),
         "lagged" => format!("{when} missed {} events (too slow)", e["missed"]),
         "subscribed" => "following the agent's events".to_owned(),
         other => format!("{when} {other} {e}"),
