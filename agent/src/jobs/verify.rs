@@ -52,19 +52,20 @@ pub async fn run(job: JobHandle, env: BackupEnv, export: Arc<Export>, params: Ve
         return Err(JobError::Failed(format!("{} has {} bytes, disk has {size}", params.against, other.size())));
     }
     let scratch = env.scratch_dir.join(format!("{}.pit", job.id()));
-    let pit = export
-        .bitmaps()
-        .drained(|d| {
-            if export.size() != size {
-                return Err(StoreError::Unsupported(
-                    "verifying a disk resized while the verify started; start it again",
-                ));
-            }
-            let pit = Arc::new(PointInTime::whole(export.store().clone(), UNIT as u64, &scratch)?);
-            export.add_hook(d, pit.clone());
-            Ok::<_, StoreError>(pit)
-        })
-        .map_err(|e| JobError::from_err("Cannot freeze the disk", &e))?;
+    let pit = export.bitmaps().drained(|d| {
+        if export.size() != size {
+            return Err(JobError::Failed(format!(
+                "Disk {} was resized while the verify started ({size} -> {} bytes); start it again",
+                export.name(),
+                export.size()
+            )));
+        }
+        let pit = PointInTime::whole(export.store().clone(), UNIT as u64, &scratch)
+            .map_err(|e| JobError::from_err("Cannot freeze the disk", &e))?;
+        let pit = Arc::new(pit);
+        export.add_hook(d, pit.clone());
+        Ok(pit)
+    })?;
     let mut read = 0;
     let result = compare(&job, &pit, &other, size, &mut read).await;
     export.remove_hook(&pit);
